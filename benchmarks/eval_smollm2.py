@@ -1,0 +1,164 @@
+"""WikiText-2 perplexity and speed of SmolLM2-135M and Gemma-3-270M in float32 and bfloat16.
+
+One process, side by side: for each model, float32 weights, bfloat16 weights, and float32
+weights under bfloat16 autocast, on the WikiText-2 test set (``../shared/data/wikitext2/
+test.txt``, whole file as one document, non-overlapping windows of ``--seq-len``), with
+eval throughput and prefill/decode tokens/s (batch 1, KV cache). A last pair of rows uses
+the peers' anchor protocol (SmolLM2, first 16,384 tokens, 32 windows of 512, bf16
+autocast; the anchor quotes 28.15) so the two protocols can be compared.
+
+Usage::
+
+    python benchmarks/eval_smollm2.py                  # default --max-tokens (about 10 minutes)
+    python benchmarks/eval_smollm2.py --max-tokens 0   # the whole test set (~302k SmolLM2 tokens; hours)
+
+Writes ``benchmarks/out/eval_smollm2.json`` and prints a rich table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minicompress.config import DataConfig, ModelConfig
+from minicompress.data import bos_token_id, load_token_stream
+from minicompress.evaluate import eval_windows, evaluate_perplexity, measure_speed
+from minicompress.measure import PeakMemory
+from minicompress.models import load_model
+from minicompress.outputs import versions, write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "test.txt"
+# (weights dtype, autocast)
+VARIANTS = (("float32", "none"), ("bfloat16", "none"), ("float32", "bfloat16"))
+
+
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages (other processes sharing the CPU skew timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_one(model, tokenizer, *, name: str, weights: str, autocast: str, stream: torch.Tensor, seq_len: int,
+            protocol: str, speed: bool, prefill: int, decode: int, batch_size: int) -> dict:
+    """Perplexity (and speed) of one model variant on one protocol."""
+    windows = eval_windows(stream, seq_len, None, bos_token_id(tokenizer))
+    start = time.perf_counter()
+    with PeakMemory("cpu") as mem:
+        ppl = evaluate_perplexity(model, windows, batch_size=batch_size, autocast=autocast)
+    row = {
+        "model": name, "weights": weights, "autocast": autocast, "protocol": protocol,
+        "seq_len": seq_len, "windows": ppl["windows"], "tokens": ppl["tokens"],
+        "perplexity": ppl["perplexity"], "eval_tokens_per_s": ppl["tokens_per_s"],
+        "eval_peak_mib": mem.peak / 2**20, "eval_seconds": time.perf_counter() - start,
+    }
+    if speed:
+        s = measure_speed(model, model.config.vocab_size, prefill_tokens=prefill, decode_tokens=decode,
+                          autocast=autocast, repeats=2)
+        row.update({"prefill_tokens_per_s": s["prefill_tokens_per_s"], "decode_tokens_per_s": s["decode_tokens_per_s"]})
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(WIKITEXT), help="evaluation text (default: WikiText-2 test)")
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    parser.add_argument("--max-tokens", type=int, default=8192,
+                        help="tokens of the test set per model (0: all; default 8192 keeps the run near 10 min)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--anchor-tokens", type=int, default=16384,
+                        help="tokens of the anchor protocol rows (0: skip them)")
+    parser.add_argument("--prefill-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--no-speed", action="store_true", help="skip prefill/decode timing")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "eval_smollm2.json"))
+    args = parser.parse_args(argv)
+    if not args.progress:
+        os.environ["MINICOMPRESS_PROGRESS"] = "0"
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not Path(args.data).is_file():
+        console.print(f"error: --data: {args.data} not found", style="red")
+        return 2
+    started = time.perf_counter()
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "loadavg_start": loadavg(), "versions": versions(), "argv": sys.argv,
+            "data": args.data, "max_tokens": args.max_tokens or None}
+    rows = []
+    for name in args.models:
+        fp32_model, tokenizer = load_model(ModelConfig(source=name, dtype="float32"))
+        data = DataConfig(source=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens or None,
+                          documents="file", shuffle=False)
+        stream = load_token_stream(data, tokenizer)
+        protocol = f"first {stream.numel():,} tok" if args.max_tokens else "full test set"
+        for weights, autocast in VARIANTS:
+            model = fp32_model if weights == "float32" else load_model(ModelConfig(source=name, dtype=weights))[0]
+            row = run_one(model, tokenizer, name=name, weights=weights, autocast=autocast, stream=stream,
+                          seq_len=args.seq_len, protocol=protocol, speed=not args.no_speed,
+                          prefill=args.prefill_tokens, decode=args.decode_tokens, batch_size=args.batch_size)
+            rows.append(row)
+            console.log(f"{name} {weights} autocast={autocast}: ppl {row['perplexity']:.3f}, "
+                        f"{row['eval_tokens_per_s']:.1f} tok/s, {row['eval_seconds']:.0f} s")
+            del model
+            gc.collect()
+        if args.anchor_tokens and name == "smollm2-135m":
+            anchor = DataConfig(source=args.data, seq_len=512, max_tokens=args.anchor_tokens, documents="file",
+                                shuffle=False)
+            anchor_stream = load_token_stream(anchor, tokenizer)
+            for autocast in ("none", "bfloat16"):
+                row = run_one(fp32_model, tokenizer, name=name, weights="float32", autocast=autocast,
+                              stream=anchor_stream, seq_len=512,
+                              protocol=f"anchor: first {anchor_stream.numel():,} tok", speed=False, prefill=0,
+                              decode=0, batch_size=args.batch_size)
+                rows.append(row)
+                console.log(f"{name} anchor autocast={autocast}: ppl {row['perplexity']:.3f}, "
+                            f"{row['eval_seconds']:.0f} s")
+        del fp32_model
+        gc.collect()
+    info["loadavg_end"] = loadavg()
+    info["total_seconds"] = time.perf_counter() - started
+
+    table = Table(title=f"WikiText-2 test perplexity and speed ({info['cpu']}, {info['torch_threads']} threads)")
+    for col in ("model", "weights", "autocast", "protocol", "seq", "windows", "ppl", "eval tok/s", "prefill tok/s",
+                "decode tok/s", "peak MiB", "s"):
+        table.add_column(col, justify="left" if col in ("model", "weights", "autocast", "protocol") else "right")
+    fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        table.add_row(r["model"], r["weights"], r["autocast"], r["protocol"], str(r["seq_len"]), str(r["windows"]),
+                      f"{r['perplexity']:.3f}", f"{r['eval_tokens_per_s']:.1f}",
+                      fmt(r.get("prefill_tokens_per_s"), ".1f"), fmt(r.get("decode_tokens_per_s"), ".2f"),
+                      f"{r['eval_peak_mib']:.0f}", f"{r['eval_seconds']:.0f}")
+    console.print(table)
+    out = write_json_atomic(args.output, {"benchmark": "eval_smollm2", **info, "rows": rows})
+    console.print(f"wrote {out} in {info['total_seconds']:.0f} s (load average {info['loadavg_start']} -> "
+                  f"{info['loadavg_end']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

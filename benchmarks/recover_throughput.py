@@ -1,0 +1,327 @@
+"""Recovery step throughput and extra peak memory: ours vs naive vs Liger-Kernel (issue 4).
+
+One optimizer step of logit distillation (forward KL, temperature 1, AdamW) on the same
+batch, side by side in one process, for
+
+* SmolLM2-135M (vocab 49,152) teacher with a student that is a copy of it (or ``--student``);
+* Gemma-3-270M (vocab 262,144) teacher with a copy of it as the student.
+
+Variants:
+
+* ``ours``: final hidden states of both models + :func:`minicompress.losses.chunked_distill_loss`
+  (fused lm_head + KL, chunks of 1024 tokens, never ``[N, V]``), timed per part;
+* ``naive``: HF forward of both models with full logits,
+  ``F.kl_div(log_softmax(student), log_softmax(teacher), log_target=True, reduction="batchmean")``;
+The student copy gets ``--perturb`` relative Gaussian noise so the KL is not zero.
+Threads default to 1: on this machine's 2 cores shared with other jobs, two OpenMP
+threads ran the same forward up to 10x slower than one (barrier waits on a descheduled
+thread).
+
+* ``liger eager`` / ``liger compiled``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``
+  with ``beta=0`` (forward KL), ``weight_soft_loss=1``, ``weight_hard_loss=0``, chunk 1024,
+  ``compiled=False`` / ``True`` (its pure-PyTorch chunked loss; no triton needed).
+
+A step is: zero grads, teacher forward (no grad), student forward, loss, backward, AdamW
+step (lr 0, so every variant sees identical weights and the losses must agree). Each
+variant runs one warm-up step (compilation for ``liger compiled``), then ``--repeats``
+timed steps interleaved across variants (robust to load from other processes); the median
+time and the largest extra peak are reported. Extra peak memory is the peak RSS above the
+RSS before the step (:class:`minicompress.measure.PeakMemory`); the script re-executes
+itself with ``MALLOC_MMAP_THRESHOLD_=131072`` so glibc returns freed blocks to the OS and
+RSS follows live memory.
+
+Run: ``nohup python benchmarks/recover_throughput.py > /tmp/recover_throughput.log 2>&1 &``
+Prints a rich table; writes ``benchmarks/out/recover_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # make RSS track live memory (see docstring)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from minicompress import arch
+from minicompress.config import DataConfig
+from minicompress.data import load_sequences
+from minicompress.distill import _make_optimizer, shift_labels
+from minicompress.evaluate import autocast_context
+from minicompress.losses import chunked_distill_loss
+from minicompress.measure import PeakMemory
+from minicompress.models import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+OUT = ROOT / "benchmarks" / "out" / "recover_throughput.json"
+GIB = 1024**3
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--student", help="student HF folder for the SmolLM2 pair (default: a copy of the teacher)")
+    p.add_argument("--models", default="smollm2-135m,gemma3-270m", help="comma-separated built-in teachers")
+    p.add_argument("--smollm-batch", type=int, default=8, help="sequences per step for SmolLM2 (8 x 512 = 4096 tokens)")
+    p.add_argument("--gemma-batch", type=int, default=4, help="sequences per step for Gemma-3 (4 x 512 = 2048 tokens)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--variants", default="ours,naive,liger-eager,liger-compiled")
+    p.add_argument("--bf16", action="store_true", help="also run ours and naive under bf16 autocast (slow without AMX)")
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on 2 cores shared with other jobs, 2 OpenMP threads run up to 10x slower)")
+    p.add_argument("--perturb", type=float, default=0.05,
+                   help="relative noise added to a copied student so the KL is not 0 (the variants must agree)")
+    p.add_argument("--output", default=str(OUT))
+    return p.parse_args()
+
+
+# ----------------------------------------------------------------------------------------
+# One optimizer step per variant; each returns {"total", parts..., "loss"}
+
+
+def step_ours(student, teacher, ids, optimizer, chunk_size, autocast="none") -> dict:
+    """Hidden states of both models + the chunked fused lm_head/KL loss, timed per part."""
+    labels = shift_labels(ids)
+    t = {}
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad(), autocast_context("cpu", autocast):
+        t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+    t1 = time.perf_counter()
+    with autocast_context("cpu", autocast):
+        hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
+    t2 = time.perf_counter()
+    loss = chunked_distill_loss(hidden, arch.lm_head_weight(student), t_hidden, arch.lm_head_weight(teacher),
+                                labels=labels, kl_weight=1.0, ce_weight=0.0, kind="forward_kl",
+                                chunk_size=chunk_size)
+    t3 = time.perf_counter()
+    loss.backward()
+    t4 = time.perf_counter()
+    optimizer.step()
+    t5 = time.perf_counter()
+    t.update(teacher_forward=t1 - t0, student_forward=t2 - t1, loss=t3 - t2, student_backward=t4 - t3,
+             optimizer=t5 - t4, total=t5 - t0, value=float(loss))
+    return t
+
+
+def step_naive(student, teacher, ids, optimizer, chunk_size, autocast="none") -> dict:
+    """HF forward with full logits for both models, F.kl_div on full log-softmaxes."""
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad(), autocast_context("cpu", autocast):
+        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    with autocast_context("cpu", autocast):
+        s_logits = student(input_ids=ids, use_cache=False).logits
+    vocab = s_logits.shape[-1]
+    # the last position has no next token: score the same N = B * (L - 1) targets as the others
+    s_logp = F.log_softmax(s_logits[:, :-1].float().reshape(-1, vocab), dim=-1)
+    t_logp = F.log_softmax(t_logits[:, :-1].float().reshape(-1, vocab), dim=-1)
+    loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+    loss.backward()
+    optimizer.step()
+    return {"total": time.perf_counter() - t0, "value": float(loss)}
+
+
+def make_liger_step(compiled: bool, chunk_size: int):
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=1.0,
+                                      compiled=compiled, chunk_size=chunk_size)
+
+    def step_liger(student, teacher, ids, optimizer, _chunk_size, autocast="none") -> dict:
+        labels = shift_labels(ids)[:, :-1].reshape(-1)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state
+        hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        th = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])
+        loss = loss_fn(h, arch.lm_head_weight(student), th, arch.lm_head_weight(teacher), labels)
+        loss.backward()
+        optimizer.step()
+        return {"total": time.perf_counter() - t0, "value": float(loss)}
+
+    return step_liger
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def load_pair(name: str, student_path: str | None, perturb: float):
+    teacher, tokenizer = load_model(name)
+    if student_path:
+        student, _ = load_model(student_path, for_training=True)
+    else:
+        student = copy.deepcopy(teacher)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * perturb * p.float().std().nan_to_num(0.0))
+    teacher.eval().requires_grad_(False)
+    student.train().requires_grad_(True)
+    return teacher, student, tokenizer
+
+
+def bench_model(name: str, args, console: Console) -> dict:
+    batch = args.smollm_batch if name.startswith("smollm") else args.gemma_batch
+    teacher, student, tokenizer = load_pair(name, args.student if name.startswith("smollm") else None, args.perturb)
+    ids = load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
+                                    max_tokens=batch * args.seq_len * 4), tokenizer)[:batch]
+    optimizer = _make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
+    variants = {}
+    wanted = args.variants.split(",")
+    if "ours" in wanted:
+        variants["ours"] = (step_ours, "none")
+    if "naive" in wanted:
+        variants["naive"] = (step_naive, "none")
+    liger_error = None
+    for compiled in (False, True):
+        key = "liger-compiled" if compiled else "liger-eager"
+        if key in wanted:
+            try:
+                variants[key] = (make_liger_step(compiled, args.chunk_size), "none")
+            except Exception as err:  # report exactly why Liger cannot run here
+                liger_error = f"{type(err).__name__}: {err}"
+    if args.bf16:
+        variants["ours bf16"] = (step_ours, "bfloat16")
+        variants["naive bf16"] = (step_naive, "bfloat16")
+
+    results = {k: {"times": [], "peaks": [], "parts": []} for k in variants}
+    console.log(f"{name}: batch {batch} x {args.seq_len}, variants {list(variants)}")
+    for key, (fn, autocast) in list(variants.items()):  # warm-up (and compilation)
+        gc.collect()
+        t0 = time.perf_counter()
+        try:
+            fn(student, teacher, ids, optimizer, args.chunk_size, autocast)
+        except Exception as err:
+            results[key]["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            console.log(f"{name} {key}: failed: {results[key]['error']}")
+            del variants[key]
+            continue
+        results[key]["warmup_s"] = time.perf_counter() - t0
+        console.log(f"{name} {key}: warm-up {results[key]['warmup_s']:.1f}s")
+    for rep in range(args.repeats):
+        for key, (fn, autocast) in variants.items():
+            gc.collect()
+            with PeakMemory("cpu") as mem:
+                parts = fn(student, teacher, ids, optimizer, args.chunk_size, autocast)
+            results[key]["times"].append(parts["total"])
+            results[key]["peaks"].append(mem.peak)
+            results[key]["parts"].append(parts)
+            console.log(f"{name} {key} rep {rep}: {parts['total']:.1f}s, extra peak {mem.peak / GIB:.2f} GiB, "
+                        f"loss {parts['value']:.5f}")
+
+    tokens = ids.numel()
+    rows = {}
+    for key, res in results.items():
+        if not res["times"]:
+            rows[key] = {"error": res.get("error", "not run")}
+            continue
+        step_s = statistics.median(res["times"])
+        row = {"step_s": step_s, "tokens_per_s": tokens / step_s, "extra_peak_bytes": max(res["peaks"]),
+               "extra_peak_gib": max(res["peaks"]) / GIB, "loss": res["parts"][-1]["value"],
+               "warmup_s": res.get("warmup_s"), "times": res["times"], "peaks": res["peaks"]}
+        if key.startswith("ours"):
+            share = {}
+            for part in ("teacher_forward", "student_forward", "loss", "student_backward", "optimizer"):
+                share[part] = statistics.median(p[part] for p in res["parts"]) / step_s
+            row["share"] = share
+        rows[key] = row
+    if liger_error:
+        rows.setdefault("liger-eager", {"error": liger_error})
+        rows.setdefault("liger-compiled", {"error": liger_error})
+    out = {"model": name, "student": args.student if (args.student and name.startswith("smollm")) else "copy of teacher",
+           "batch": batch, "seq_len": args.seq_len, "tokens": tokens,
+           "vocab_size": arch.lm_head_weight(teacher).shape[0], "variants": rows}
+    if "ours" in rows and "naive" in rows and "step_s" in rows["ours"] and "step_s" in rows["naive"]:
+        out["ours_vs_naive_throughput"] = rows["ours"]["tokens_per_s"] / rows["naive"]["tokens_per_s"]
+        out["ours_vs_naive_memory"] = rows["ours"]["extra_peak_bytes"] / max(rows["naive"]["extra_peak_bytes"], 1)
+    if "ours" in rows and "step_s" in rows.get("liger-compiled", {}):
+        out["ours_vs_liger_compiled_memory"] = (rows["ours"]["extra_peak_bytes"]
+                                                / max(rows["liger-compiled"]["extra_peak_bytes"], 1))
+    del teacher, student, optimizer
+    gc.collect()
+    return out
+
+
+def render(results: list[dict]) -> Table:
+    table = Table(title="Recovery step: one AdamW step of forward-KL distillation, float32, CPU")
+    for col in ("model", "tokens", "variant", "tokens/s", "x naive", "extra peak GiB", "x naive mem", "loss"):
+        table.add_column(col, justify="right" if col not in ("model", "variant") else "left")
+    for res in results:
+        naive = res["variants"].get("naive", {})
+        for key, row in res["variants"].items():
+            if "error" in row:
+                table.add_row(res["model"], str(res["tokens"]), key, "-", "-", "-", "-", row["error"][:60])
+                continue
+            x_tp = f"{row['tokens_per_s'] / naive['tokens_per_s']:.2f}" if "tokens_per_s" in naive else "-"
+            x_mem = f"{row['extra_peak_bytes'] / max(naive['extra_peak_bytes'], 1):.2f}" if "extra_peak_bytes" in naive else "-"
+            table.add_row(res["model"], str(res["tokens"]), key, f"{row['tokens_per_s']:.0f}", x_tp,
+                          f"{row['extra_peak_gib']:.2f}", x_mem, f"{row['loss']:.5f}")
+    return table
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| model (vocab) | tokens/step | variant | tokens/s | x naive | extra peak GiB | x naive mem | loss |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for res in results:
+        naive = res["variants"].get("naive", {})
+        for key, row in res["variants"].items():
+            label = f"{res['model']} ({res['vocab_size']:,})"
+            if "error" in row:
+                lines.append(f"| {label} | {res['tokens']} | {key} | - | - | - | - | {row['error'][:80]} |")
+                continue
+            x_tp = f"{row['tokens_per_s'] / naive['tokens_per_s']:.2f}" if "tokens_per_s" in naive else "-"
+            x_mem = f"{row['extra_peak_bytes'] / max(naive['extra_peak_bytes'], 1):.2f}" if "extra_peak_bytes" in naive else "-"
+            lines.append(f"| {label} | {res['tokens']} | {key} | {row['tokens_per_s']:.0f} | {x_tp} | "
+                         f"{row['extra_peak_gib']:.2f} | {x_mem} | {row['loss']:.5f} |")
+    shares = []
+    for res in results:
+        ours = res["variants"].get("ours", {})
+        if "share" in ours:
+            s = ours["share"]
+            shares.append(f"- {res['model']}, ours: teacher forward {s['teacher_forward']:.0%}, student forward "
+                          f"{s['student_forward']:.0%} + backward {s['student_backward']:.0%}, fused loss "
+                          f"(lm_head + KL + its gradients) {s['loss']:.0%}, AdamW {s['optimizer']:.0%}")
+    return "\n".join(lines) + ("\n\nShare of our step:\n" + "\n".join(shares) if shares else "") + "\n"
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console(stderr=False)
+    torch.manual_seed(0)
+    results = []
+    started = time.perf_counter()
+    for name in args.models.split(","):
+        results.append(bench_model(name, args, console))
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        record = {"date": dt.date.today().isoformat(), "argv": sys.argv, "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                  "seconds": time.perf_counter() - started, "results": results}
+        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+    console.print(render(results))
+    console.print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

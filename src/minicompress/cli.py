@@ -1,0 +1,669 @@
+"""The ``minicompress`` command line: one registry of subcommands and shared flag helpers.
+
+Every subcommand is one function registered with :func:`subcommand`; its ``setup``
+callable adds flags with the shared helpers (:func:`add_common`, :func:`add_model_flags`,
+:func:`add_data_flags`, :func:`config_flag`). Flags that set a config key store under a
+``cfg:<dotted.key>`` destination, so :func:`flags_to_overrides` can turn whatever the user
+typed into the nested override dict of :func:`~minicompress.config.build_config`.
+
+Priority, lowest to highest: the dataclass defaults, ``--config file.yaml``, convenience
+flags (``--seq-len 512``), explicit ``key.sub=value`` overrides (trailing, or ``--set``).
+
+A subcommand returns an exit status; :func:`run_command` turns a
+:class:`~minicompress.errors.MinicompressError` into ``error: <message>`` on stderr and
+exit status 2. Tables are printed with :func:`render_table`, results written as JSON with
+:func:`write_result` (atomically, never over an existing file without ``--overwrite``).
+
+Adding a subcommand::
+
+    def _prune_setup(p):
+        add_common(p)
+        add_model_flags(p, "model")
+        add_data_flags(p)
+        config_flag(p, "--target-params", key="target.target_params", help="...")
+
+    @subcommand("prune", help="prune a model", setup=_prune_setup)
+    def prune_command(args):
+        cfg = build_from_args(PruneConfig, args)
+        check_output(cfg.output, cfg.overwrite)
+        ...
+        render_table("prune", result)
+        return 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, MinicompressError
+
+log = logging.getLogger("minicompress")
+
+CFG_PREFIX = "cfg:"
+_OVERRIDE_RE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+# ----------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A registered subcommand.
+
+    Attributes:
+        name: the word after ``minicompress``.
+        help: one line shown by ``minicompress --help``.
+        setup: adds the subcommand's flags to its parser.
+        run: takes the parsed namespace, returns an exit status.
+    """
+
+    name: str
+    help: str
+    setup: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, *, help: str, setup: Callable[[argparse.ArgumentParser], None]):
+    """Decorator registering ``fn(args) -> int`` as ``minicompress <name>``.
+
+    Args:
+        name: the subcommand word.
+        help: one-line description.
+        setup: ``setup(parser)`` adds the flags.
+    """
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        SUBCOMMANDS[name] = Subcommand(name, help, setup, fn)
+        return fn
+
+    return register
+
+
+class _UsageError(Exception):
+    """An argparse usage error, reported as one line like a MinicompressError."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+# ----------------------------------------------------------------------------------------
+# Shared flag helpers
+
+
+def config_flag(parser: argparse.ArgumentParser, *flags: str, key: str, **kwargs: Any) -> argparse.Action:
+    """Add a flag that sets the config key ``key`` (dotted) when given.
+
+    The value is kept as typed (a string unless ``action`` says otherwise); the config
+    coerces and validates it, so ``--max-tokens 16k`` works and a bad value is reported
+    as ``--flag (key): ...``.
+
+    Args:
+        parser: the subcommand parser.
+        *flags: option strings, e.g. ``"--seq-len"``.
+        key: dotted config key, e.g. ``"data.seq_len"``.
+        **kwargs: passed to ``add_argument`` (``help``, ``action``, ``choices``, ``const``...).
+    """
+    kwargs.setdefault("default", argparse.SUPPRESS)
+    if kwargs.get("action") not in ("store_true", "store_false", "store_const") and "choices" not in kwargs:
+        kwargs.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
+    return parser.add_argument(*flags, dest=CFG_PREFIX + key, **kwargs)
+
+
+def add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose`` (debug logs) and ``-q/--quiet`` (warnings only, no progress bars)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="show debug log messages")
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+
+
+def add_common(parser: argparse.ArgumentParser, output_help: str = "write results as JSON to this file") -> None:
+    """``--config``, ``--set key=value``, ``--output``, ``--overwrite`` and the logging flags.
+
+    Trailing ``key.sub=value`` words are overrides too (they need no flag).
+    """
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of config keys (flags win over it)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set data.seq_len=512 (also accepted as trailing KEY=VALUE)")
+    config_flag(parser, "--output", "-o", key="output", metavar="PATH", help=output_help)
+    config_flag(parser, "--overwrite", key="overwrite", action="store_const", const=True,
+                help="replace an existing output")
+    add_logging_flags(parser)
+
+
+def add_model_flags(parser: argparse.ArgumentParser, prefix: str = "model", key: str | None = None,
+                    default_help: str = "") -> None:
+    """Model source flags: ``--<prefix>``, and dtype/device/trust-remote-code.
+
+    For ``prefix="model"`` the flags are ``--model --dtype --device --trust-remote-code``;
+    for any other prefix (``teacher``) they are ``--teacher --teacher-dtype
+    --teacher-device --teacher-trust-remote-code``.
+
+    Args:
+        parser: the subcommand parser.
+        prefix: ``model`` or e.g. ``teacher``.
+        key: the config section (default: ``prefix``; ``student`` for recovery).
+        default_help: appended to the source flag's help.
+    """
+    from .config import DEVICES, DTYPES
+
+    key = key or prefix
+    dash = "" if prefix == "model" else f"{prefix}-"
+    what = "model" if prefix == "model" else prefix
+    config_flag(parser, f"--{prefix}", key=f"{key}.source", metavar="SOURCE",
+                help=f"{what}: HF folder, .gguf file, Hub id or built-in (smollm2-135m, gemma3-270m){default_help}")
+    config_flag(parser, f"--{dash}dtype", key=f"{key}.dtype", choices=DTYPES, help=f"{what} weight dtype")
+    config_flag(parser, f"--{dash}device", key=f"{key}.device", choices=DEVICES, help=f"{what} device")
+    config_flag(parser, f"--{dash}trust-remote-code", key=f"{key}.trust_remote_code", action="store_const",
+                const=True, help=f"allow custom code from the {what} repository (off by default)")
+
+
+def add_data_flags(parser: argparse.ArgumentParser, key: str = "data") -> None:
+    """``--data --text-field --seq-len --max-tokens --seed --documents`` onto config section ``key``."""
+    from .config import DOCUMENT_MODES
+
+    config_flag(parser, "--data", key=f"{key}.source", metavar="SOURCE",
+                help=".txt/.jsonl/.json/.parquet file, a folder of them, or a Hub dataset name[:config][@split]")
+    config_flag(parser, "--text-field", key=f"{key}.text_field", help="field holding the text (default: text)")
+    config_flag(parser, "--seq-len", key=f"{key}.seq_len", help="tokens per sequence / window")
+    config_flag(parser, "--max-tokens", key=f"{key}.max_tokens", help="read at most this many tokens (e.g. 16k)")
+    config_flag(parser, "--seed", key=f"{key}.seed", help="seed of the data shuffle")
+    config_flag(parser, "--documents", key=f"{key}.documents", choices=DOCUMENT_MODES,
+                help="split: blank-line separated documents in .txt; file: one document per file")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def flags_to_overrides(args: argparse.Namespace) -> dict:
+    """The nested override dict of the given flags, with ``key=value`` overrides on top.
+
+    Only flags the user actually typed appear (their default is ``SUPPRESS``).
+
+    Raises:
+        ConfigError: a malformed ``key=value`` override.
+    """
+    from .config import parse_overrides
+
+    tree: dict = {}
+    for dest, value in sorted(vars(args).items()):
+        if dest.startswith(CFG_PREFIX):
+            _set_dotted(tree, dest[len(CFG_PREFIX):], value)
+    return _deep_merge(tree, parse_overrides(getattr(args, "overrides", None) or []))
+
+
+def _flag_names(args: argparse.Namespace) -> dict[str, str]:
+    return getattr(args, "_flag_names", {})
+
+
+def build_from_args(cls: type, args: argparse.Namespace):
+    """Build config ``cls`` from ``--config``, the given flags and ``key=value`` overrides.
+
+    A :class:`ConfigError` about a key that came from a flag names the flag too
+    (``--seq-len (data.seq_len): ...``).
+    """
+    from .config import build_config
+
+    try:
+        return build_config(cls, getattr(args, "config", None), flags_to_overrides(args))
+    except ConfigError as err:
+        key, sep, rest = str(err).partition(":")
+        flag = _flag_names(args).get(key)
+        typed = CFG_PREFIX + key in vars(args)
+        overridden = any(o.startswith(key + "=") for o in getattr(args, "overrides", None) or [])
+        if flag and sep and typed and not overridden:
+            raise ConfigError(f"{flag} ({key}):{rest}") from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------
+# Output helpers
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=False, width=max(100, _terminal_width()))
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size().columns
+    except OSError:
+        return 100
+
+
+def format_value(value: Any) -> str:
+    """Human formatting for table cells: thousands separators, 4 significant digits."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        if value == 0:
+            return "0"
+        if abs(value) >= 1e5:
+            return f"{value:,.0f}"
+        if abs(value) >= 1e-3:
+            return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+        return f"{value:.3e}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={format_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_value(v) for v in value)
+    return str(value)
+
+
+def render_table(title: str, rows: dict | list[dict], *, columns: list[str] | None = None,
+                 console=None) -> None:
+    """Print a rich table to stdout.
+
+    Args:
+        title: table title.
+        rows: a dict (printed as two columns, key and value) or a list of dicts
+            (one row each; columns are the union of their keys, in first-seen order).
+        columns: column order for a list of dicts (default: first-seen order).
+        console: a ``rich.console.Console`` (default: stdout).
+    """
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=False)
+    if isinstance(rows, dict):
+        table.add_column("key", style="bold")
+        table.add_column("value", justify="right")
+        for key, value in rows.items():
+            table.add_row(str(key), format_value(value))
+    else:
+        if columns is None:
+            columns = []
+            for row in rows:
+                columns.extend(k for k in row if k not in columns)
+        for i, col in enumerate(columns):
+            table.add_column(str(col), justify="left" if i == 0 else "right", style="bold" if i == 0 else None)
+        for row in rows:
+            table.add_row(*(format_value(row.get(c, "")) for c in columns))
+    (console or _console()).print(table)
+
+
+def write_result(path: str | Path | None, record: dict) -> Path | None:
+    """Write ``record`` as JSON to ``path`` atomically (no-op for None).
+
+    Call :func:`~minicompress.outputs.check_output` before doing the work; this only writes.
+    """
+    from .outputs import write_json_atomic
+
+    if path is None:
+        return None
+    out = write_json_atomic(Path(path).expanduser(), record)
+    log.info("wrote %s", out)
+    return out
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Show ``minicompress`` log messages on stderr through a rich handler.
+
+    Default level INFO; ``verbose`` DEBUG; ``quiet`` WARNING.
+    """
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("minicompress")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_minicompress", False):
+            logger.removeHandler(handler)
+    handler = RichHandler(console=_console(stderr=True), show_path=False, show_time=False, markup=False,
+                          rich_tracebacks=False)
+    handler._minicompress = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a subcommand; a :class:`MinicompressError` becomes ``error: <msg>`` on stderr, exit 2."""
+    try:
+        return int(fn(args) or 0)
+    except MinicompressError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------------------
+# Model loading with the flag named in errors
+
+
+def load_for_flag(model_config, flag: str = "--model"):
+    """:func:`~minicompress.models.load_model`, with errors naming ``flag`` (``--teacher``)."""
+    from .models import load_model
+
+    try:
+        return load_model(model_config)
+    except MinicompressError as err:
+        message = str(err)
+        if message.startswith("--model"):
+            message = flag + message[len("--model"):]
+        elif not message.startswith("--"):
+            message = f"{flag} {model_config.source}: {message}"
+        raise MinicompressError(message) from None
+
+
+def _model_config_of(source: str, trust_remote_code: bool = False):
+    """The transformers config of a model source without loading weights (None for GGUF)."""
+    from transformers import AutoConfig
+
+    from .models import resolve_source
+
+    target, extra = resolve_source(source)
+    if extra.get("gguf"):
+        return None
+    try:
+        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if extra.get("hub"):
+            return None  # load_model gives the one-line offline error
+        raise MinicompressError(f"--model {source}: {str(err).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------------
+# info
+
+
+PARAM_COMPONENTS = ("embedding", "lm_head", "attention", "mlp", "norms", "total", "non_embedding")
+
+
+def model_info(source: str, *, trust_remote_code: bool = False, count: bool = True) -> dict:
+    """Architecture summary and parameter breakdown of a model source.
+
+    Args:
+        source: model folder, ``.gguf`` file, Hub id or built-in name.
+        trust_remote_code: allow custom model code.
+        count: also load the weights and count unique parameters.
+
+    Returns:
+        ``{"source", "architecture", "parameters": [{component, count, percent}],
+        "closed_form_total", "counted_total", "counted_matches_closed_form"}``.
+    """
+    from .arch import count_parameters, describe, get_adapter
+    from .config import ModelConfig
+
+    model_config = ModelConfig(source=source, trust_remote_code=trust_remote_code)
+    config = _model_config_of(source, trust_remote_code)
+    model = None
+    if config is not None:
+        try:
+            get_adapter(config)
+        except MinicompressError as err:
+            raise MinicompressError(f"--model {source}: {err}") from None
+    if config is None or count:
+        model, _ = load_for_flag(model_config, "--model")
+        config = model.config
+    summary = describe(config)
+    closed = summary.pop("parameters")
+    total = closed["total"]
+    rows = [{"component": k, "count": closed[k], "percent": 100.0 * closed[k] / total if total else 0.0}
+            for k in PARAM_COMPONENTS]
+    out = {"source": source, "architecture": summary, "parameters": rows, "closed_form_total": total}
+    if model is not None:
+        seen, counted = set(), 0
+        for p in model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                counted += p.numel()
+        out["counted_total"] = counted
+        out["counted_matches_closed_form"] = counted == total
+    return out
+
+
+def _info_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="HF folder, .gguf file, Hub id or built-in name (default: smollm2-135m)")
+    p.add_argument("--json", "--output", "-o", dest="output", metavar="PATH", help="also write the summary as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON file")
+    p.add_argument("--config-only", action="store_true",
+                   help="read only the config (no weights; skips the counted total)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+    add_logging_flags(p)
+
+
+@subcommand("info", help="architecture and parameter breakdown of a model", setup=_info_setup)
+def info_command(args: argparse.Namespace) -> int:
+    """``minicompress info MODEL``: architecture table and parameter breakdown."""
+    from .outputs import check_output, provenance
+
+    if args.output:
+        check_output(args.output, args.overwrite)
+    result = model_info(args.model, trust_remote_code=args.trust_remote_code, count=not args.config_only)
+    arch = dict(result["architecture"])
+    render_table(f"{args.model}: architecture", arch)
+    rows = [{"component": r["component"], "parameters": r["count"], "% of total": f"{r['percent']:.2f}"}
+            for r in result["parameters"]]
+    if "counted_total" in result:
+        rows.append({"component": "counted (unique tensors)", "parameters": result["counted_total"],
+                     "% of total": "match" if result["counted_matches_closed_form"] else "MISMATCH"})
+    render_table(f"{args.model}: parameters (closed form; tied lm_head counted once)", rows)
+    if args.output:
+        write_result(args.output, provenance("info", {"model": args.model}, results=result))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# eval
+
+
+def run_eval(cfg) -> dict:
+    """Run ``minicompress eval`` for a resolved :class:`~minicompress.config.EvalConfig`.
+
+    Returns:
+        A flat results dict: perplexity (and teacher agreement), parameters, size on
+        disk, peak memory of the perplexity run, and prefill/decode speed.
+    """
+    from . import data as data_mod
+    from .evaluate import eval_windows, evaluate_perplexity, measure_speed, model_device, parameter_summary
+    from .measure import PeakMemory
+    from .models import size_on_disk
+
+    model, tokenizer = load_for_flag(cfg.model, "--model")
+    teacher = None
+    if cfg.teacher is not None:
+        teacher, _ = load_for_flag(cfg.teacher, "--teacher")
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise MinicompressError(
+                f"--teacher: vocabulary size {teacher.config.vocab_size} differs from the model's "
+                f"{model.config.vocab_size}; KL needs the same tokenizer")
+    stream = data_mod.load_token_stream(cfg.data, tokenizer)
+    bos = data_mod.bos_token_id(tokenizer)
+    windows = eval_windows(stream, cfg.data.seq_len, cfg.stride, bos)
+    if not windows:
+        raise MinicompressError(
+            f"--seq-len: the text has only {stream.numel()} tokens, fewer than one window of {cfg.data.seq_len}")
+    log.info("evaluating %s on %d tokens: %d windows of %d", cfg.model.source, stream.numel(), len(windows),
+             cfg.data.seq_len)
+    device = model_device(model)
+    with PeakMemory(device) as mem:
+        ppl = evaluate_perplexity(model, windows, teacher=teacher, batch_size=cfg.batch_size,
+                                  autocast=cfg.autocast)
+    params = parameter_summary(model)
+    results: dict[str, Any] = {
+        "perplexity": ppl["perplexity"],
+        "nll": ppl["nll"],
+        "tokens": ppl["tokens"],
+        "windows": ppl["windows"],
+        "eval_tokens_per_s": ppl["tokens_per_s"],
+    }
+    for key in ("kl_to_teacher", "top1_agreement", "teacher_perplexity", "teacher_nll"):
+        if key in ppl:
+            results[key] = ppl[key]
+    results.update({
+        "parameters": params["total"],
+        "non_embedding_parameters": params["non_embedding"],
+        "closed_form_parameters": params["closed_form_total"],
+        "size_on_disk_bytes": size_on_disk(cfg.model.source),
+        "eval_peak_memory_bytes": mem.peak,
+        "model_type": model.config.model_type,
+    })
+    if cfg.speed:
+        speed = measure_speed(model, model.config.vocab_size, prefill_tokens=cfg.prefill_tokens,
+                              decode_tokens=cfg.decode_tokens, autocast=cfg.autocast)
+        results.update({
+            "prefill_tokens_per_s": speed["prefill_tokens_per_s"],
+            "decode_tokens_per_s": speed["decode_tokens_per_s"],
+            "speed_peak_memory_bytes": speed["peak_memory_bytes"],
+        })
+    return results
+
+
+def _eval_setup(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    add_model_flags(p, "model", default_help="; default smollm2-135m")
+    add_model_flags(p, "teacher")
+    add_data_flags(p)
+    config_flag(p, "--stride", key="stride", help="sliding-window stride in tokens (default: non-overlapping)")
+    config_flag(p, "--batch-size", key="batch_size", help="windows per forward pass (default 4)")
+    config_flag(p, "--autocast", key="autocast", choices=("none", "bfloat16"),
+                help="bf16 autocast (slower than float32 on CPUs without AMX)")
+    config_flag(p, "--no-speed", key="speed", action="store_const", const=False,
+                help="skip the prefill/decode speed test")
+    config_flag(p, "--prefill-tokens", key="prefill_tokens", help="prompt length of the speed test")
+    config_flag(p, "--decode-tokens", key="decode_tokens", help="generated tokens of the speed test")
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+@subcommand("eval", help="perplexity, teacher agreement, size and speed of a model", setup=_eval_setup)
+def eval_command(args: argparse.Namespace) -> int:
+    """``minicompress eval``: WikiText-style perplexity plus size and speed."""
+    from .config import EvalConfig
+    from .outputs import check_output, provenance
+
+    teacher_flags = flags_to_overrides(args).get("teacher")
+    if isinstance(teacher_flags, dict) and "source" not in teacher_flags and not args.config:
+        raise ConfigError("--teacher: --teacher-dtype, --teacher-device and --teacher-trust-remote-code "
+                          "need --teacher SOURCE")
+    cfg = build_from_args(EvalConfig, args)
+    if cfg.output is not None:
+        check_output(cfg.output, cfg.overwrite)
+    results = run_eval(cfg)
+    shown = dict(results)
+    for key in ("size_on_disk_bytes", "eval_peak_memory_bytes", "speed_peak_memory_bytes"):
+        if key in shown:
+            shown[key.replace("_bytes", "")] = _mib(shown.pop(key))
+    title = f"eval {cfg.model.source} on {cfg.data.source} (seq_len {cfg.data.seq_len}"
+    title += f", stride {cfg.stride})" if cfg.stride else ")"
+    render_table(title, shown)
+    if cfg.output is not None:
+        write_result(cfg.output, provenance("eval", cfg, results=results))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per registered subcommand."""
+    from . import __version__
+
+    parser = _Parser(prog="minicompress",
+                     description="Minitron-style pruning and distillation of Hugging Face causal LMs.",
+                     epilog="Config keys can be set with --config FILE.yaml, flags, and trailing key.sub=value "
+                            "overrides (highest priority).")
+    parser.add_argument("--version", action="version", version=f"minicompress {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, sub in SUBCOMMANDS.items():
+        p = subs.add_parser(name, help=sub.help, description=sub.help,
+                            epilog="Trailing key.sub=value words override config keys "
+                                   "(defaults < --config < flags < key=value).")
+        sub.setup(p)
+        p.set_defaults(_subcommand=name, _flag_names={
+            a.dest[len(CFG_PREFIX):]: a.option_strings[0] for a in p._actions if a.dest.startswith(CFG_PREFIX)})
+    return parser
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' own tqdm bars ("Loading weights") when minicompress progress bars are off."""
+    from .progress import progress_enabled
+
+    if progress_enabled():
+        return
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``minicompress`` console script.
+
+    Args:
+        argv: arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        Exit status: 0 on success, 2 on a user error.
+    """
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if getattr(args, "command", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
+        overrides = [a for a in extra if _OVERRIDE_RE.match(a)]
+        unknown = [a for a in extra if not _OVERRIDE_RE.match(a)]
+        if unknown:
+            raise _UsageError(f"minicompress {args.command}: unrecognized arguments: {' '.join(unknown)} "
+                              f"(see minicompress {args.command} --help)")
+        if overrides:
+            if not hasattr(args, "overrides"):
+                raise _UsageError(f"minicompress {args.command}: takes no key=value overrides: {' '.join(overrides)}")
+            args.overrides = list(args.overrides) + overrides
+    except _UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    previous = os.environ.get("MINICOMPRESS_PROGRESS")
+    if getattr(args, "quiet", False):
+        os.environ["MINICOMPRESS_PROGRESS"] = "0"
+    _quiet_transformers()
+    try:
+        return run_command(SUBCOMMANDS[args._subcommand].run, args)
+    finally:
+        if getattr(args, "quiet", False):
+            if previous is None:
+                os.environ.pop("MINICOMPRESS_PROGRESS", None)
+            else:
+                os.environ["MINICOMPRESS_PROGRESS"] = previous
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

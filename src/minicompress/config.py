@@ -1,0 +1,622 @@
+"""Frozen, validated configuration for every minicompress command.
+
+Every command is driven by one frozen dataclass built from (in increasing priority) its
+defaults, an optional YAML file, and ``key.sub=value`` overrides. Each dataclass checks
+its own fields once in ``__post_init__``; :func:`build_config` adds the dotted path of the
+offending key to the one-line :class:`~minicompress.errors.ConfigError`. The resolved
+config is written next to every output (see :mod:`minicompress.outputs`).
+
+Knobs use Hugging Face vocabulary (``hidden_size``, ``intermediate_size``,
+``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "auto")
+AUTOCAST = ("none", "bfloat16")
+DOCUMENT_MODES = ("split", "file")
+AGGREGATIONS = ("mean", "l2", "var")
+LAYER_METRICS = ("bi", "loss", "contiguous")
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}: must be a number {bound}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where a model comes from and how it is materialised.
+
+    Attributes:
+        source: a Hugging Face folder, a ``.gguf`` file, a Hub id, or a built-in name
+            (``smollm2-135m``, ``gemma3-270m``).
+        dtype: weight dtype after loading (``float32``, ``bfloat16``, ``float16``).
+        device: ``cpu``, ``cuda`` or ``auto`` (cuda when available).
+        trust_remote_code: passed to transformers; off unless the user asks.
+    """
+
+    source: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if not self.source or not str(self.source).strip():
+            raise ConfigError("source: must name a model folder, .gguf file, Hub id or built-in name")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A text source, tokenised, EOS-joined and packed into fixed-length sequences.
+
+    Attributes:
+        source: ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` file, a folder of them,
+            or a Hub dataset ``name[:config][@split]``.
+        text_field: the field holding the text in json/jsonl/parquet/Hub rows.
+        seq_len: tokens per packed sequence.
+        max_tokens: cap on the number of tokens read (None: all).
+        seed: seed of the deterministic shuffle of sequences.
+        shuffle: shuffle packed sequences (evaluation keeps file order).
+        documents: ``split`` treats blank-line separated blocks of a ``.txt`` file as
+            documents (EOS between them); ``file`` keeps each file as one document, the
+            standard protocol for WikiText perplexity.
+    """
+
+    source: str | None = None
+    text_field: str = "text"
+    seq_len: int = 1024
+    max_tokens: int | None = None
+    seed: int = 0
+    shuffle: bool = True
+    documents: str = "split"
+
+    def __post_init__(self):
+        _check_positive("seq_len", self.seq_len)
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len: must be at least 2, got {self.seq_len}")
+        _check_positive("max_tokens", self.max_tokens, allow_none=True)
+        _check_choice("documents", self.documents, DOCUMENT_MODES)
+        if not self.text_field:
+            raise ConfigError("text_field: must be a non-empty field name")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``minicompress eval``: perplexity, teacher agreement, size and speed.
+
+    Attributes:
+        model: the model to evaluate.
+        data: the evaluation text (default: whole files, no shuffle).
+        teacher: optional reference model for KL(teacher || student) and top-1 agreement.
+        stride: sliding-window stride in tokens (None: non-overlapping windows).
+        batch_size: windows per forward pass.
+        autocast: ``bfloat16`` runs matmuls under bf16 autocast (fast on AMX CPUs).
+        speed: also measure prefill and decode tokens/s.
+        prefill_tokens: prompt length for the speed test.
+        decode_tokens: generated tokens for the speed test.
+        output: JSON file for the results (None: print only).
+        overwrite: replace an existing output.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False, documents="file"))
+    teacher: ModelConfig | None = None
+    stride: int | None = None
+    batch_size: int = 4
+    autocast: str = "none"
+    speed: bool = True
+    prefill_tokens: int = 256
+    decode_tokens: int = 32
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.data.source is None:
+            raise ConfigError("data.source: eval needs a text to evaluate on (--data PATH)")
+        _check_positive("stride", self.stride, allow_none=True)
+        if self.stride is not None and self.stride > self.data.seq_len:
+            raise ConfigError(f"stride: must be <= data.seq_len ({self.data.seq_len}), got {self.stride}")
+        _check_positive("batch_size", self.batch_size)
+        _check_choice("autocast", self.autocast, AUTOCAST)
+        _check_positive("prefill_tokens", self.prefill_tokens)
+        _check_positive("decode_tokens", self.decode_tokens)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """``minicompress score``: activation importance on calibration data (Minitron sec. 2).
+
+    Attributes:
+        model: the model to score (never modified).
+        data: calibration text (never the evaluation split).
+        num_samples: calibration sequences.
+        batch_size: sequences per forward.
+        batch_aggregation: how per-sequence scores combine (``mean``, ``l2``, ``var``).
+        sequence_aggregation: how per-token activations combine (``mean``, ``l2``, ``var``).
+        layer_scores: also compute Block Importance and per-layer loss increase.
+        loss_samples: calibration sequences used for the per-layer loss-drop score.
+        autocast: ``bfloat16`` runs the forward under bf16 autocast.
+        output: folder for scores (safetensors + JSON).
+        overwrite: replace an existing output.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
+    num_samples: int = 1024
+    batch_size: int = 8
+    batch_aggregation: str = "l2"
+    sequence_aggregation: str = "mean"
+    layer_scores: bool = True
+    loss_samples: int = 32
+    autocast: str = "none"
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check_positive("num_samples", self.num_samples)
+        _check_positive("batch_size", self.batch_size)
+        _check_choice("batch_aggregation", self.batch_aggregation, AGGREGATIONS)
+        _check_choice("sequence_aggregation", self.sequence_aggregation, AGGREGATIONS)
+        _check_positive("loss_samples", self.loss_samples, allow_zero=True)
+        _check_choice("autocast", self.autocast, AUTOCAST)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The size a pruned model should have.
+
+    Either explicit HF sizes (any subset; the rest stay as they are), and/or layers to
+    drop, or ``target_params`` (an absolute count > 1, or a ratio in (0, 1]) that lets the
+    pruner search uniform architectures near that size.
+
+    Attributes:
+        hidden_size: new embedding width.
+        intermediate_size: new FFN width (every layer).
+        num_attention_heads: new query heads per layer.
+        num_key_value_heads: new KV heads per layer.
+        num_hidden_layers: new depth (layers chosen by ``layer_metric``).
+        drop_layers: explicit layer indices to drop.
+        target_params: parameter budget: count (> 1) or ratio of the original (<= 1).
+        layer_metric: how layers are chosen for dropping: ``bi`` (Block Importance),
+            ``loss`` (LM-loss increase when dropped), ``contiguous`` (best block of k).
+        norm_correction: rescale kept norm weights so each RMSNorm output keeps its
+            calibration scale after embedding channels are removed.
+    """
+
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    num_hidden_layers: int | None = None
+    drop_layers: tuple[int, ...] = ()
+    target_params: float | None = None
+    layer_metric: str = "bi"
+    norm_correction: bool = True
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                     "num_hidden_layers"):
+            _check_positive(name, getattr(self, name), allow_none=True)
+        _check_positive("target_params", self.target_params, allow_none=True)
+        _check_choice("layer_metric", self.layer_metric, LAYER_METRICS)
+        if any(i < 0 for i in self.drop_layers):
+            raise ConfigError(f"drop_layers: layer indices must be >= 0, got {list(self.drop_layers)}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """``minicompress prune``: score (or reuse scores), plan, rewrite, save.
+
+    Attributes:
+        model: the model to prune.
+        data: calibration text (used for scoring and for ranking candidates).
+        scores: folder written by ``minicompress score`` to reuse (None: score now).
+        score: scoring settings when scoring now.
+        target: the size to reach.
+        search_batches: calibration batches for ranking candidate architectures.
+        output: folder for the pruned HF model.
+        overwrite: replace an existing output.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
+    scores: str | None = None
+    score: ScoreConfig = field(default_factory=lambda: ScoreConfig(num_samples=256))
+    target: TargetConfig = field(default_factory=TargetConfig)
+    search_batches: int = 4
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check_positive("search_batches", self.search_batches)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Distillation loss: weighted sum of logit KL, label CE and intermediate states.
+
+    Attributes:
+        kind: logit divergence (``forward_kl``, ``reverse_kl``, ``jsd``, ``topk_kl``).
+        temperature: softmax temperature tau (the KL is scaled by tau^2).
+        beta: the generalised JSD interpolation weight.
+        kl_weight: weight of the logit divergence.
+        ce_weight: weight of cross-entropy on the labels.
+        intermediate_weight: weight of the Minitron intermediate-state cosine loss
+            (0: off). It scales the paper's dynamic weight: the total is
+            ``L_logits + intermediate_weight * (L_logits / L_is) * L_is`` (1.0: the paper).
+        chunk_size: tokens per chunk of the fused vocabulary loss.
+    """
+
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    intermediate_weight: float = 0.0
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        _check_choice("kind", self.kind, LOSS_KINDS)
+        _check_positive("temperature", self.temperature)
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"beta: must be in [0, 1], got {self.beta}")
+        for name in ("kl_weight", "ce_weight", "intermediate_weight"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ConfigError("kl_weight: kl_weight and ce_weight cannot both be 0")
+        _check_positive("chunk_size", self.chunk_size)
+
+
+@dataclass(frozen=True)
+class RecoverConfig:
+    """``minicompress recover``: knowledge distillation from a frozen teacher.
+
+    Attributes:
+        student: the (pruned) model to train.
+        teacher: the frozen teacher (None with ``teacher_cache``, or for CE-only).
+        teacher_cache: folder written by ``minicompress teacher-cache``.
+        data: training text.
+        tokens: training budget in tokens.
+        global_batch_tokens: tokens per optimizer step (gradient accumulation fills it).
+        micro_batch_size: sequences per forward.
+        lr: peak learning rate.
+        min_lr: final learning rate of the cosine decay.
+        warmup_steps: linear warmup steps.
+        weight_decay: AdamW weight decay.
+        grad_clip: max gradient norm (0: off).
+        loss: the distillation loss.
+        autocast: ``bfloat16`` autocast for both models.
+        teacher_dtype: dtype of the frozen teacher's weights.
+        teacher_device: device of the teacher (None: the student's).
+        eval_every: optimizer steps between evaluations (0: only at the end).
+        eval_tokens: held-out tokens for evaluation.
+        save_every: optimizer steps between checkpoints (0: only at the end).
+        checkpoint_keep: checkpoints kept in the working folder ``<output>.partial``.
+        log_every: optimizer steps between log lines (``metrics.jsonl`` gets every step).
+        eval_batch_size: held-out sequences per evaluation forward.
+        resume: continue from the last checkpoint in ``<output>.partial`` (a fresh
+            start when there is none).
+        seed: seeds data order, init of projections and RNG.
+        output: folder for the recovered HF model.
+        overwrite: replace an existing output.
+    """
+
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig | None = None
+    teacher_cache: str | None = None
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
+    tokens: int = 1_000_000
+    global_batch_tokens: int = 8192
+    micro_batch_size: int = 8
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    autocast: str = "none"
+    teacher_dtype: str = "float32"
+    teacher_device: str | None = None
+    eval_every: int = 0
+    eval_tokens: int = 16384
+    save_every: int = 0
+    checkpoint_keep: int = 1
+    log_every: int = 10
+    eval_batch_size: int = 4
+    resume: bool = False
+    seed: int = 0
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check_positive("tokens", self.tokens)
+        _check_positive("eval_tokens", self.eval_tokens, allow_zero=True)
+        _check_positive("checkpoint_keep", self.checkpoint_keep)
+        _check_positive("log_every", self.log_every)
+        _check_positive("eval_batch_size", self.eval_batch_size)
+        _check_positive("global_batch_tokens", self.global_batch_tokens)
+        _check_positive("micro_batch_size", self.micro_batch_size)
+        _check_positive("lr", self.lr)
+        _check_positive("min_lr", self.min_lr, allow_zero=True)
+        _check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("grad_clip", self.grad_clip, allow_zero=True)
+        _check_choice("autocast", self.autocast, AUTOCAST)
+        _check_choice("teacher_dtype", self.teacher_dtype, DTYPES)
+        if self.teacher_device is not None:
+            _check_choice("teacher_device", self.teacher_device, DEVICES)
+        _check_positive("eval_every", self.eval_every, allow_zero=True)
+        _check_positive("save_every", self.save_every, allow_zero=True)
+        if self.loss.kl_weight > 0 and self.teacher is None and self.teacher_cache is None:
+            raise ConfigError("teacher: KL recovery needs --teacher or --teacher-cache (or set loss.kl_weight=0)")
+        if self.loss.intermediate_weight > 0 and self.teacher is None:
+            raise ConfigError("loss.intermediate_weight: the intermediate-state loss needs --teacher")
+        if self.loss.kl_weight > 0 and self.loss.kind == "topk_kl" and self.teacher_cache is None:
+            raise ConfigError("loss.kind: topk_kl needs --teacher-cache; use forward_kl with a live teacher")
+        if self.teacher_cache is not None:
+            if self.loss.kind not in ("forward_kl", "topk_kl"):
+                raise ConfigError(f"loss.kind: {self.loss.kind} needs full teacher logits; "
+                                  "--teacher-cache supports forward_kl / topk_kl only")
+            if self.loss.intermediate_weight > 0:
+                raise ConfigError("loss.intermediate_weight: needs a live --teacher, not --teacher-cache")
+        tokens_per_micro = self.micro_batch_size * self.data.seq_len
+        if self.global_batch_tokens % tokens_per_micro:
+            raise ConfigError(
+                f"global_batch_tokens: must be a multiple of micro_batch_size * data.seq_len ({tokens_per_micro}), "
+                f"got {self.global_batch_tokens}"
+            )
+        if self.tokens < self.global_batch_tokens:
+            raise ConfigError(
+                f"tokens: the budget ({self.tokens}) is less than one optimizer step "
+                f"(global_batch_tokens={self.global_batch_tokens})"
+            )
+
+
+@dataclass(frozen=True)
+class TeacherCacheConfig:
+    """``minicompress teacher-cache``: the teacher's top-k logits for a dataset, offline.
+
+    Attributes:
+        teacher: the teacher model.
+        data: the text to run the teacher on (same settings as the later ``recover``).
+        tokens: number of tokens to cache.
+        top_k: logits kept per token.
+        micro_batch_size: sequences per forward.
+        shard_tokens: tokens per safetensors shard.
+        values_dtype: dtype of the stored top-k logit values (``bfloat16`` or ``float32``);
+            indices are always int32.
+        autocast: ``bfloat16`` autocast for the teacher forward.
+        output: folder for the shards.
+        overwrite: replace an existing output.
+    """
+
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
+    tokens: int = 1_000_000
+    top_k: int = 64
+    micro_batch_size: int = 8
+    shard_tokens: int = 262144
+    values_dtype: str = "bfloat16"
+    autocast: str = "none"
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check_positive("tokens", self.tokens)
+        _check_positive("top_k", self.top_k)
+        _check_choice("values_dtype", self.values_dtype, ("bfloat16", "float32"))
+        _check_positive("micro_batch_size", self.micro_batch_size)
+        _check_positive("shard_tokens", self.shard_tokens)
+        _check_choice("autocast", self.autocast, AUTOCAST)
+
+
+# ----------------------------------------------------------------------------------------
+# Building configs from YAML + overrides
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert ``value`` (from YAML or a ``key=value`` string) to the field type ``tp``."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{path}: must not be empty")
+    if _is_dataclass_type(inner):
+        if isinstance(value, inner):
+            return value
+        if isinstance(value, str) and "source" in {f.name for f in dataclasses.fields(inner)}:
+            value = {"source": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {inner.__name__} keys, got {value!r}")
+        return _build(inner, value, path)
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if inner is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            text = str(value).replace("_", "").strip()
+            mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(text[-1:].lower())
+            if mult:
+                return int(float(text[:-1]) * mult)
+            return int(text)
+        if inner is float:
+            if isinstance(value, bool):
+                raise ValueError
+            text = str(value).replace("_", "").strip()
+            mult = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(text[-1:].lower())
+            if mult:
+                return float(text[:-1]) * mult
+            return float(text)
+        if inner is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(inner) is tuple:
+            (item_tp, *_rest) = typing.get_args(inner)
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            return tuple(_coerce(v, item_tp, path) for v in value)
+    except (TypeError, ValueError):
+        name = getattr(inner, "__name__", str(inner))
+        raise ConfigError(f"{path}: expected {name}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key; allowed keys{' of ' + prefix if prefix else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}" if prefix else name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if prefix:
+            raise ConfigError(f"{prefix}.{err}") from None
+        raise
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _defaults_as_dict(cls: type) -> dict:
+    """The defaults of ``cls`` as a nested dict, so overrides of a nested key keep the
+    other defaults of that nested dataclass (e.g. eval's ``data.shuffle=False``)."""
+    return to_dict(_instantiate_defaults(cls))
+
+
+def _instantiate_defaults(cls: type):
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            values[f.name] = f.default_factory()  # type: ignore[misc]
+    obj = object.__new__(cls)
+    for key, value in values.items():
+        object.__setattr__(obj, key, value)
+    return obj
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """Turn ``["a.b=1", "c=x"]`` into ``{"a": {"b": "1"}, "c": "x"}``.
+
+    Raises:
+        ConfigError: an item has no ``=`` or an empty key.
+    """
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is both a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(cls: type, config_file: str | Path | None = None, overrides: dict | list[str] | None = None):
+    """Build a frozen config from defaults, an optional YAML file and overrides.
+
+    Args:
+        cls: the config dataclass (e.g. :class:`EvalConfig`).
+        config_file: YAML file with a (nested) mapping of keys.
+        overrides: nested dict, or ``key.sub=value`` strings; they win over the file.
+
+    Returns:
+        An instance of ``cls``, validated.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or invalid value.
+    """
+    data = _defaults_as_dict(cls)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config: {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        data = _merge(data, overrides)
+    return _build(cls, data)
+
+
+def to_dict(config: Any) -> Any:
+    """A JSON/YAML-ready nested dict of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (tuple, list)):
+        return [to_dict(v) for v in config]
+    return config

@@ -1,0 +1,854 @@
+"""Recovery of a pruned causal LM by knowledge distillation from its frozen teacher.
+
+Minitron (Muralidharan et al., arXiv 2407.14679; Sreenivas et al., arXiv 2408.11796)
+retrains a pruned student on a small token budget with the forward KL divergence between
+the teacher's and the student's next-token distributions (optionally plus cross-entropy on
+the labels and the intermediate-state cosine loss). This module is that retraining as one
+explicit loop that reads top to bottom, in the spirit of nanoGPT's ``train.py``:
+
+* data: :func:`minicompress.data.load_sequences` packs and shuffles the text (seeded by
+  ``data.seed``); the first ``ceil(eval_tokens / seq_len)`` sequences are held out for
+  evaluation and never trained on; training reads the rest in that order during the first
+  epoch and in a seeded permutation during later epochs (:func:`batch_indices`, a pure
+  function of the step, so resuming and sharding over ranks need no data state).
+* step: AdamW (weight decay only on matrices), linear warmup then cosine decay
+  (:func:`lr_at`), gradient accumulation of micro batches to ``global_batch_tokens``,
+  gradient clipping, optional bf16 autocast.
+* loss (:func:`micro_batch_loss`): the student's and the teacher's final post-norm hidden
+  states go into :func:`minicompress.losses.chunked_distill_loss`, which never builds
+  the ``[N, V]`` logits; each micro batch is weighted by its share of the step's target
+  tokens, so accumulation equals one big batch.
+* evaluation on the held-out sequences (perplexity, KL to the teacher) before training,
+  every ``eval_every`` steps and at the end; ``metrics.jsonl`` and ``curves.png``.
+* checkpoints in the working folder ``<output>.partial`` (``resume=True`` continues
+  bit-exactly); the final student is written atomically to ``output`` as a stock Hugging
+  Face folder whose ``minicompress.json`` gains a ``recovery`` record.
+
+:func:`write_teacher_cache` stores the teacher's top-k logits of the same sequences offline
+(safetensors shards holding ``input_ids`` too), and ``recover(teacher_cache=...)`` trains
+from them with the top-k forward KL without loading the teacher.
+
+Nothing here knows about ranks: :func:`batch_indices` takes ``rank``/``world_size`` and
+the loss is normalised by the token count it is given, so torchrun + FSDP2 can slot in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import arch, losses
+from .config import DataConfig, LossConfig, ModelConfig, RecoverConfig, TeacherCacheConfig, to_dict
+from .data import load_sequences
+from .errors import MinicompressError
+from .evaluate import autocast_context, evaluate_perplexity, final_hidden, model_device
+from .measure import synchronize
+from .models import TORCH_DTYPES, load_model
+from .outputs import atomic_folder, check_output, provenance, read_provenance, write_json_atomic, write_provenance
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+CACHE_INDEX_FILE = "teacher_cache.json"
+CACHE_FORMAT = "minicompress-teacher-cache"
+LATEST_FILE = "latest.json"
+# Keys that may change between an interrupted run and its resumption.
+RESUME_FREE_KEYS = ("resume", "overwrite", "eval_every", "save_every", "checkpoint_keep", "log_every",
+                    "eval_batch_size")
+
+
+# ----------------------------------------------------------------------------------------
+# Schedule and data order (pure functions of the step)
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay.
+
+    ``lr * (step + 1) / warmup_steps`` for ``step < warmup_steps``; afterwards
+    ``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2`` with
+    ``p = (step - warmup_steps) / (total_steps - warmup_steps)``, so the first step after
+    warmup runs at ``lr`` and the last one just above ``min_lr``.
+
+    Args:
+        step: 0-based optimizer step.
+        lr: peak learning rate.
+        min_lr: learning rate the cosine decays to.
+        warmup_steps: steps of linear warmup.
+        total_steps: optimizer steps of the whole run.
+
+    Returns:
+        The learning rate.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def batch_indices(num_sequences: int, step: int, micro_step: int, *, micro_batch_size: int,
+                  accum_steps: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """Training-sequence indices of one micro batch, a pure function of its position.
+
+    The stream of sequences is epoch 0 in order (``load_sequences`` already shuffled them
+    with ``data.seed``, and this keeps a teacher cache of the first tokens aligned with
+    the sequences trained on), then a fresh seeded permutation per later epoch. Micro
+    batch ``(step, micro_step)`` of ``rank`` takes the ``micro_batch_size`` consecutive
+    stream positions starting at ``((step * accum_steps + micro_step) * world_size + rank)
+    * micro_batch_size``.
+
+    Args:
+        num_sequences: training sequences ``N``.
+        step: 0-based optimizer step.
+        micro_step: 0-based micro batch within the step (``< accum_steps``).
+        micro_batch_size: sequences per micro batch.
+        accum_steps: micro batches per optimizer step per rank.
+        seed: seed of the permutations of epochs >= 1.
+        rank: this process's rank.
+        world_size: number of ranks.
+
+    Returns:
+        ``[micro_batch_size]`` int64 indices in ``[0, N)``.
+    """
+    micro = (step * accum_steps + micro_step) * world_size + rank
+    positions = torch.arange(micro * micro_batch_size, (micro + 1) * micro_batch_size)
+    epochs, within = positions // num_sequences, positions % num_sequences
+    out = within.clone()
+    for epoch in epochs.unique().tolist():
+        if epoch == 0:
+            continue
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+        perm = torch.randperm(num_sequences, generator=gen)
+        sel = epochs == epoch
+        out[sel] = perm[within[sel]]
+    return out
+
+
+def shift_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token labels ``[B, L]``: ``input_ids`` shifted left, the last position ignored."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+def count_targets(input_ids: torch.Tensor) -> int:
+    """Number of scored next-token targets in a ``[B, L]`` batch (``B * (L - 1)``)."""
+    return int((shift_labels(input_ids) != IGNORE_INDEX).sum())
+
+
+def num_held_out(num_sequences: int, eval_tokens: int, seq_len: int) -> int:
+    """Held-out sequences at the front: ``ceil(eval_tokens / seq_len)``.
+
+    Raises:
+        MinicompressError: nothing would be left to train on.
+    """
+    n_eval = math.ceil(eval_tokens / seq_len) if eval_tokens else 0
+    if n_eval >= num_sequences:
+        raise MinicompressError(
+            f"eval_tokens: holding out {n_eval} of {num_sequences} sequences leaves none to train on; "
+            "lower eval_tokens or add data"
+        )
+    return n_eval
+
+
+# ----------------------------------------------------------------------------------------
+# Teacher cache: top-k logits of the teacher, offline
+
+
+class TeacherCache:
+    """Read access to a folder written by :func:`write_teacher_cache`.
+
+    Attributes:
+        folder: the cache folder.
+        index: the parsed ``teacher_cache.json``.
+        input_ids: ``[R, L]`` int64 token ids of every cached row, in order.
+        seq_len: ``L``.
+        top_k: ``k``.
+        vocab_size: the teacher's vocabulary size.
+    """
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder).expanduser()
+        index_path = self.folder / CACHE_INDEX_FILE
+        if not index_path.is_file():
+            raise MinicompressError(f"--teacher-cache: {self.folder} has no {CACHE_INDEX_FILE}; "
+                                    "write one with minicompress teacher-cache")
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("format") != CACHE_FORMAT:
+            raise MinicompressError(f"--teacher-cache: {index_path} is not a {CACHE_FORMAT} index")
+        self.seq_len = int(self.index["seq_len"])
+        self.top_k = int(self.index["top_k"])
+        self.vocab_size = int(self.index["vocab_size"])
+        self._handles, self._starts = [], []
+        ids = []
+        for shard in self.index["shards"]:
+            path = self.folder / shard["file"]
+            if not path.is_file():
+                raise MinicompressError(f"--teacher-cache: shard {path} is missing")
+            handle = safe_open(str(path), framework="pt")
+            self._handles.append(handle)
+            self._starts.append(int(shard["start"]))
+            ids.append(handle.get_tensor("input_ids").long())
+        self.input_ids = torch.cat(ids)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def topk(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached top-k logits of some rows.
+
+        Args:
+            rows: ``[B]`` row indices into the cache.
+
+        Returns:
+            ``(values [B, L, k]`` in the stored dtype, ``indices [B, L, k]`` int64).
+        """
+        values, indices = [], []
+        for row in rows.tolist():
+            shard = max(i for i, start in enumerate(self._starts) if start <= row)
+            local = row - self._starts[shard]
+            handle = self._handles[shard]
+            values.append(handle.get_slice("topk_values")[local:local + 1])
+            indices.append(handle.get_slice("topk_indices")[local:local + 1])
+        return torch.cat(values), torch.cat(indices).long()
+
+
+@torch.no_grad()
+def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module | None = None,
+                        tokenizer: Any = None) -> dict:
+    """Run the teacher over the data and store its top-k logits per token, atomically.
+
+    The rows are the first ``tokens // seq_len`` sequences of
+    ``data.load_sequences(config.data)`` -- the same order :func:`recover` reads with the
+    same ``data`` settings: its held-out sequences are rows ``[0, n_eval)`` and its first
+    epoch trains on rows ``n_eval, n_eval + 1, ...``. So a cache of
+    ``eval_tokens + tokens`` tokens covers a whole single-epoch recovery. Each shard
+    ``shard-XXXXX.safetensors`` holds ``input_ids [r, L]`` int32, ``topk_values [r, L, k]``
+    (``values_dtype``; the teacher's final logits, soft-capping applied) and
+    ``topk_indices [r, L, k]`` int32; ``teacher_cache.json`` indexes them.
+
+    Args:
+        config: the cache settings (``output`` required).
+        teacher: an in-memory teacher (else loaded from ``config.teacher``).
+        tokenizer: its tokenizer (required with an in-memory teacher).
+
+    Returns:
+        ``{"output", "rows", "tokens", "top_k", "shards", "seconds", "tokens_per_s"}``.
+
+    Raises:
+        MinicompressError: an existing output without ``overwrite``, too little data, or
+            ``top_k`` larger than the vocabulary.
+    """
+    out = check_output(config.output, config.overwrite)
+    if teacher is None:
+        teacher, tokenizer = load_model(config.teacher)
+    elif tokenizer is None:
+        raise MinicompressError("tokenizer: pass tokenizer= together with an in-memory teacher")
+    teacher.eval()
+    device = model_device(teacher)
+    vocab = arch.lm_head_weight(teacher).shape[0]
+    if config.top_k > vocab:
+        raise MinicompressError(f"top_k: {config.top_k} exceeds the teacher's vocabulary ({vocab})")
+    sequences = load_sequences(config.data, tokenizer)
+    seq_len = sequences.shape[1]
+    rows = min(sequences.shape[0], max(config.tokens // seq_len, 1))
+    if rows * seq_len < config.tokens:
+        log.warning("teacher-cache: the data holds %d sequences; caching %d tokens, not %d",
+                    sequences.shape[0], rows * seq_len, config.tokens)
+    sequences = sequences[:rows]
+    rows_per_shard = max(config.shard_tokens // seq_len, 1)
+    values_dtype = TORCH_DTYPES[config.values_dtype]
+    shards = []
+    start_time = time.perf_counter()
+    from safetensors.torch import save_file
+
+    with atomic_folder(out, config.overwrite) as tmp, progress_bar("teacher-cache", rows * seq_len, unit="tok") as bar:
+        for shard_start in range(0, rows, rows_per_shard):
+            shard_ids = sequences[shard_start:shard_start + rows_per_shard]
+            values, indices = [], []
+            for batch in shard_ids.split(config.micro_batch_size):
+                ids = batch.to(device)
+                with autocast_context(device, config.autocast):
+                    hidden = final_hidden(teacher, ids)  # [b, L, H]
+                flat = hidden.reshape(-1, hidden.shape[-1])
+                v_parts, i_parts = [], []
+                for chunk in flat.split(1024):  # never [b * L, V] at once
+                    with autocast_context(device, config.autocast):
+                        logits = arch.compute_logits(teacher, chunk)
+                    v, i = logits.float().topk(config.top_k, dim=-1)
+                    v_parts.append(v.to(values_dtype).cpu())
+                    i_parts.append(i.to(torch.int32).cpu())
+                values.append(torch.cat(v_parts).view(*batch.shape, config.top_k))
+                indices.append(torch.cat(i_parts).view(*batch.shape, config.top_k))
+                bar.advance(batch.numel())
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file({"input_ids": shard_ids.to(torch.int32).contiguous(),
+                       "topk_values": torch.cat(values).contiguous(),
+                       "topk_indices": torch.cat(indices).contiguous()}, str(tmp / name))
+            shards.append({"file": name, "start": shard_start, "rows": int(shard_ids.shape[0])})
+        seconds = time.perf_counter() - start_time
+        index = {
+            "format": CACHE_FORMAT,
+            "version": 1,
+            "teacher": config.teacher.source,
+            "seq_len": seq_len,
+            "rows": rows,
+            "tokens": rows * seq_len,
+            "top_k": config.top_k,
+            "vocab_size": vocab,
+            "values_dtype": config.values_dtype,
+            "softcap_applied": arch.logit_softcap(teacher),
+            "data": to_dict(config.data),
+            "shards": shards,
+        }
+        write_json_atomic(tmp / CACHE_INDEX_FILE, index)
+        write_provenance(tmp, provenance("teacher-cache", config, cache={k: v for k, v in index.items() if k != "shards"}))
+    return {"output": str(out), "rows": rows, "tokens": rows * seq_len, "top_k": config.top_k,
+            "shards": len(shards), "seconds": seconds, "tokens_per_s": rows * seq_len / seconds}
+
+
+# ----------------------------------------------------------------------------------------
+# The loss of one micro batch
+
+
+def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss: LossConfig,
+                     teacher: torch.nn.Module | None = None,
+                     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     intermediate: losses.IntermediateStateLoss | None = None,
+                     normalizer: int | None = None, autocast: str = "none") -> tuple[torch.Tensor, dict]:
+    """Distillation loss of one micro batch, scaled for accumulation.
+
+    The student's final post-norm hidden states ``student.model(input_ids)`` and the
+    teacher's (under ``no_grad``) feed :func:`losses.chunked_distill_loss`, which returns
+    the mean over this batch's ``n`` targets. Multiplying by ``n / normalizer`` (the
+    targets of the whole optimizer step, over all micro batches and ranks) makes the
+    summed gradients of the micro batches equal to those of one big batch. The optional
+    Minitron intermediate-state term is added as ``w * (L_logits / L_is) * L_is`` with the
+    ratio detached and computed per micro batch.
+
+    Args:
+        student: the student ``*ForCausalLM`` (train mode).
+        input_ids: ``[B, L]`` int64 on the student's device.
+        loss: loss weights and kind.
+        teacher: the frozen teacher (None for CE-only or with ``teacher_topk``).
+        teacher_topk: cached ``(values [B, L, k], indices [B, L, k])``.
+        intermediate: the intermediate-state loss module (needs ``teacher``).
+        normalizer: scored targets of the whole step (None: this batch's own).
+        autocast: ``none`` or ``bfloat16``.
+
+    Returns:
+        ``(scaled_loss, stats)``; ``stats`` holds the unscaled float ``loss``, ``kl``,
+        ``ce`` (and ``is``) of this micro batch and its ``targets`` count.
+    """
+    device = input_ids.device
+    labels = shift_labels(input_ids)
+    targets = int((labels != IGNORE_INDEX).sum())
+    want_states = intermediate is not None
+    use_teacher = teacher is not None and teacher_topk is None and (loss.kl_weight > 0 or want_states)
+    with autocast_context(device, autocast):
+        out = student.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
+    t_hidden = t_weight = t_out = None
+    if use_teacher:
+        t_device = model_device(teacher)
+        with torch.no_grad(), autocast_context(t_device, autocast):
+            t_out = teacher.model(input_ids=input_ids.to(t_device), use_cache=False, output_hidden_states=want_states)
+        t_hidden = t_out.last_hidden_state.to(device)
+        t_weight = arch.lm_head_weight(teacher).detach().to(device)
+    kind = "topk_kl" if teacher_topk is not None else loss.kind
+    logit_loss, parts = losses.chunked_distill_loss(
+        out.last_hidden_state, arch.lm_head_weight(student), t_hidden, t_weight,
+        labels=labels,
+        teacher_topk=None if teacher_topk is None else (teacher_topk[0].to(device), teacher_topk[1].to(device)),
+        kl_weight=loss.kl_weight if (use_teacher or teacher_topk is not None) else 0.0,
+        ce_weight=loss.ce_weight, kind=kind, temperature=loss.temperature, beta=loss.beta,
+        chunk_size=loss.chunk_size, student_softcap=arch.logit_softcap(student),
+        teacher_softcap=arch.logit_softcap(teacher) if use_teacher else None,
+        return_components=True,
+    )
+    stats = {"kl": float(parts["kl"]), "ce": float(parts["ce"])}
+    total = logit_loss
+    if want_states:
+        t_states = [h.to(device) for h in t_out.hidden_states]
+        l_is = intermediate(out.hidden_states, t_states)
+        total = logit_loss + loss.intermediate_weight * (losses.dynamic_weight(logit_loss.detach(), l_is)
+                                                         - logit_loss.detach())
+        stats["is"] = float(l_is.detach())
+    stats["loss"] = float(total.detach())
+    stats["targets"] = targets
+    scale = targets / normalizer if normalizer else 1.0
+    return total * scale, stats
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation on the held-out sequences
+
+
+def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *,
+                      teacher: torch.nn.Module | None = None, cache: TeacherCache | None = None,
+                      cache_rows: torch.Tensor | None = None, batch_size: int = 4, autocast: str = "none",
+                      chunk_size: int = 1024) -> dict:
+    """Perplexity (and KL to the teacher) of the student on held-out sequences.
+
+    Args:
+        student: the student (its train/eval mode is restored afterwards).
+        eval_ids: ``[E, L]`` held-out sequences (None or empty: no evaluation).
+        teacher: the teacher for ``kl_to_teacher`` and ``top1_agreement``.
+        cache: a teacher cache for ``topk_kl_to_teacher`` when there is no teacher.
+        cache_rows: ``[E]`` cache rows of ``eval_ids``.
+        batch_size: sequences per forward.
+        autocast: ``none`` or ``bfloat16``.
+        chunk_size: tokens per vocabulary chunk of the cached KL.
+
+    Returns:
+        ``{"perplexity", "nll", ...}`` from :func:`evaluate.evaluate_perplexity` (without
+        its timing keys) plus ``topk_kl_to_teacher`` with a cache; ``{}`` without data.
+    """
+    if eval_ids is None or eval_ids.shape[0] == 0:
+        return {}
+    was_training = student.training
+    student.eval()
+    try:
+        windows = [(seq, seq.numel() - 1) for seq in eval_ids]
+        result = evaluate_perplexity(student, windows, teacher=teacher, batch_size=batch_size, autocast=autocast)
+        metrics = {k: v for k, v in result.items() if k not in ("tokens_per_s", "windows")}
+        if cache is not None and teacher is None:
+            device = model_device(student)
+            kl_sum, count = 0.0, 0
+            with torch.no_grad():
+                for rows in cache_rows.split(batch_size):
+                    ids = cache.input_ids[rows].to(device)
+                    with autocast_context(device, autocast):
+                        hidden = final_hidden(student, ids)
+                    values, indices = cache.topk(rows)
+                    _, parts = losses.chunked_distill_loss(
+                        hidden, arch.lm_head_weight(student), labels=shift_labels(ids),
+                        teacher_topk=(values.to(device), indices.to(device)), kl_weight=1.0, ce_weight=0.0,
+                        kind="topk_kl", chunk_size=chunk_size, student_softcap=arch.logit_softcap(student),
+                        return_components=True)
+                    n = count_targets(ids)
+                    kl_sum += float(parts["kl"]) * n
+                    count += n
+            metrics["topk_kl_to_teacher"] = kl_sum / count
+    finally:
+        student.train(was_training)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints in the working folder
+
+
+def working_folder(output: str | Path) -> Path:
+    """The folder next to ``output`` that holds checkpoints and metrics while training."""
+    out = Path(output).expanduser()
+    return out.with_name(out.name + ".partial")
+
+
+def _latest_checkpoint(work: Path) -> Path | None:
+    latest = work / LATEST_FILE
+    if not latest.is_file():
+        return None
+    folder = work / json.loads(latest.read_text())["checkpoint"]
+    return folder if (folder / "state.json").is_file() else None
+
+
+def save_checkpoint(work: Path, *, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    intermediate: torch.nn.Module | None, state: dict, keep: int = 1) -> Path:
+    """Write a checkpoint into ``work/checkpoint-<step>`` via a temp folder and a rename.
+
+    Holds the student weights (safetensors), the intermediate-loss projection
+    (safetensors), the optimizer state and RNG states (``torch.save`` of tensors and
+    plain containers, read back with ``weights_only=True``) and ``state.json`` (step,
+    tokens, data position, scheduler, config, metrics offset). ``latest.json`` is
+    replaced atomically last, then all but the newest ``keep`` checkpoints are removed.
+
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import save_file, save_model
+
+    name = f"checkpoint-{state['step']:08d}"
+    final = work / name
+    tmp = work / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(student, str(tmp / "student.safetensors"))
+    if intermediate is not None:
+        save_file({k: v.contiguous() for k, v in intermediate.state_dict().items()} or {"_empty": torch.zeros(0)},
+                  str(tmp / "intermediate.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    write_json_atomic(tmp / "state.json", state)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_json_atomic(work / LATEST_FILE, {"checkpoint": name, "step": state["step"]})
+    old = sorted(p for p in work.glob("checkpoint-*") if p.is_dir() and p.name != name)
+    for folder in old[: max(len(old) - (keep - 1), 0)]:
+        shutil.rmtree(folder, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder: Path, *, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    intermediate: torch.nn.Module | None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote (safetensors / ``weights_only`` only).
+
+    Returns:
+        The checkpoint's ``state.json``.
+    """
+    from safetensors.torch import load_file, load_model as load_safetensors_model
+
+    device = model_device(student)
+    load_safetensors_model(student, str(folder / "student.safetensors"), strict=True, device=str(device))
+    if intermediate is not None:
+        weights = load_file(str(folder / "intermediate.safetensors"), device=str(device))
+        weights.pop("_empty", None)
+        intermediate.load_state_dict(weights)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location=device))
+    rng = torch.load(folder / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((folder / "state.json").read_text())
+
+
+def _check_resumable(saved: dict, config: RecoverConfig) -> None:
+    now = {k: v for k, v in to_dict(config).items() if k not in RESUME_FREE_KEYS}
+    before = {k: v for k, v in saved.items() if k not in RESUME_FREE_KEYS}
+    for key in now:
+        if now[key] != before.get(key):
+            raise MinicompressError(
+                f"resume: {key} differs from the interrupted run ({before.get(key)!r} -> {now[key]!r}); "
+                "restore it or start over with --overwrite"
+            )
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics and curves
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Plot training loss and held-out perplexity / KL against tokens into a PNG.
+
+    Args:
+        records: ``metrics.jsonl`` records (training records have ``loss``; evaluation
+            records have ``eval_*`` keys).
+        path: PNG file to write.
+        title: figure title.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_perplexity" in r]
+    kl_key = next((k for k in ("eval_kl_to_teacher", "eval_topk_kl_to_teacher") if any(k in r for r in evals)), None)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    if train:
+        x = [r["tokens"] for r in train]
+        ax.plot(x, [r["loss"] for r in train], label="loss")
+        for key in ("kl", "ce"):
+            if any(r.get(key) for r in train):
+                ax.plot(x, [r[key] for r in train], label=key, alpha=0.7)
+        ax.legend()
+    ax.set(title="training loss", xlabel="tokens")
+    ax = axes[1]
+    if evals:
+        ax.plot([r["tokens"] for r in evals], [r["eval_perplexity"] for r in evals], marker="o")
+        ax.set_yscale("log")
+    ax.set(title="held-out perplexity", xlabel="tokens")
+    ax = axes[2]
+    if kl_key:
+        pts = [r for r in evals if kl_key in r]
+        ax.plot([r["tokens"] for r in pts], [r[kl_key] for r in pts], marker="o")
+    ax.set(title="held-out KL to teacher" + (" (top-k)" if kl_key == "eval_topk_kl_to_teacher" else ""),
+           xlabel="tokens")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Recovery
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    for flag in ("fused", "foreach"):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, **{flag: True})
+        except (RuntimeError, TypeError, ValueError):
+            continue
+    return torch.optim.AdamW(groups, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+
+
+def _student_folder(student: torch.nn.Module) -> Path | None:
+    """The folder the student was loaded from (``config._name_or_path``), if it is one."""
+    name = getattr(student.config, "_name_or_path", "") or ""
+    path = Path(name).expanduser() if name else None
+    return path if path is not None and path.is_dir() else None
+
+
+def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
+            teacher: torch.nn.Module | None = None, tokenizer: Any = None,
+            callback: Callable[[dict], None] | None = None) -> dict:
+    """Distil a (pruned) student from its frozen teacher and save it as a HF folder.
+
+    Args:
+        config: the recovery settings (``output`` required).
+        student: an in-memory student (else loaded from ``config.student``); trained in place.
+        teacher: an in-memory teacher (else loaded from ``config.teacher`` when the loss
+            needs it); frozen, never modified (cast to ``teacher_dtype`` /
+            ``teacher_device`` only when it differs).
+        tokenizer: the student's tokenizer (required with an in-memory student).
+        callback: called with each step's metrics record after the step (and its
+            checkpoint); an exception from it stops the run, leaving the working folder
+            ``<output>.partial`` to resume from.
+
+    Returns:
+        ``{"output", "steps", "tokens", "before", "after", "final_loss", "seconds",
+        "tokens_per_s", "resumed_from_step", "metrics"}``; ``before`` / ``after`` are the
+        held-out metrics (``perplexity``, ``kl_to_teacher`` ...).
+
+    Raises:
+        MinicompressError: an existing output without ``overwrite``, a stale working
+            folder without ``resume``/``overwrite``, a resume with changed settings,
+            mismatched vocabularies, too little data, or a non-finite gradient.
+    """
+    # ---- setup: output, models, data -------------------------------------------------
+    out = check_output(config.output, config.overwrite)
+    work = working_folder(out)
+    checkpoint = _latest_checkpoint(work) if work.exists() else None
+    if checkpoint is not None and not config.resume:
+        if not config.overwrite:
+            raise MinicompressError(f"resume: {work} holds a checkpoint of an interrupted run; "
+                                    "pass --resume to continue it or --overwrite to start over")
+        checkpoint = None
+    if checkpoint is None:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    if student is None:
+        student, tokenizer = load_model(config.student, for_training=True)
+    elif tokenizer is None:
+        raise MinicompressError("tokenizer: pass tokenizer= together with an in-memory student")
+    student.train()
+    device = model_device(student)
+
+    cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
+    if teacher is None and cache is None and config.teacher is not None:  # CE-only still evaluates KL
+        t_config = dataclasses.replace(config.teacher, dtype=config.teacher_dtype,
+                                       device=config.teacher_device or device.type)
+        teacher, _ = load_model(t_config)
+    if teacher is not None:
+        t_device = torch.device(config.teacher_device) if config.teacher_device else device
+        t_dtype = TORCH_DTYPES[config.teacher_dtype]
+        if model_device(teacher).type != t_device.type or next(teacher.parameters()).dtype != t_dtype:
+            teacher.to(device=t_device, dtype=t_dtype)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        t_vocab = arch.lm_head_weight(teacher).shape[0]
+        if t_vocab != arch.lm_head_weight(student).shape[0]:
+            raise MinicompressError(f"teacher: vocabulary size {t_vocab} differs from the student's "
+                                    f"{arch.lm_head_weight(student).shape[0]}")
+
+    seq_len = config.data.seq_len
+    if cache is not None:
+        if cache.seq_len != seq_len:
+            raise MinicompressError(f"data.seq_len: {seq_len} differs from the teacher cache's {cache.seq_len}")
+        if cache.vocab_size != arch.lm_head_weight(student).shape[0]:
+            raise MinicompressError(f"--teacher-cache: vocabulary size {cache.vocab_size} differs from the "
+                                    f"student's {arch.lm_head_weight(student).shape[0]}")
+        sequences = cache.input_ids
+    else:
+        sequences = load_sequences(config.data, tokenizer)
+    n_eval = num_held_out(sequences.shape[0], config.eval_tokens, seq_len)
+    eval_ids, train_ids = sequences[:n_eval], sequences[n_eval:]
+    eval_rows = torch.arange(n_eval)
+    n_train = train_ids.shape[0]
+
+    accum_steps = config.global_batch_tokens // (config.micro_batch_size * seq_len)
+    total_steps = config.tokens // config.global_batch_tokens
+    epochs = total_steps * accum_steps * config.micro_batch_size / n_train
+    if epochs > 1:
+        log.warning("recover: %d training sequences are read %.1f times (tokens=%d)", n_train, epochs, config.tokens)
+
+    intermediate = None
+    if config.loss.intermediate_weight > 0:
+        s_layers, t_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        intermediate = losses.IntermediateStateLoss(
+            student.config.hidden_size, teacher.config.hidden_size,
+            losses.default_layer_map(s_layers, t_layers, offset=1)).to(device)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if intermediate is not None:
+        params += list(intermediate.parameters())
+    if not params:
+        raise MinicompressError("student: has no trainable parameters (all requires_grad=False)")
+    optimizer = _make_optimizer(params, config.lr, config.weight_decay)
+
+    # ---- resume or evaluate once before training -------------------------------------
+    metrics_path = work / METRICS_FILE
+    start_step, elapsed, resumed_from = 0, 0.0, None
+    if checkpoint is not None:
+        _check_resumable(json.loads((checkpoint / "state.json").read_text())["config"], config)
+        state = load_checkpoint(checkpoint, student=student, optimizer=optimizer, intermediate=intermediate)
+        start_step, elapsed, before = state["step"], state["seconds"], state["before"]
+        resumed_from = start_step
+        with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
+            f.truncate(state["metrics_bytes"])
+        log.info("recover: resuming from %s (step %d of %d)", checkpoint, start_step, total_steps)
+    else:
+        before = evaluate_held_out(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
+                                   batch_size=config.eval_batch_size, autocast=config.autocast,
+                                   chunk_size=config.loss.chunk_size)
+        _append_metrics(metrics_path, {"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in before.items()}})
+
+    # ---- the training loop -----------------------------------------------------------
+    with progress_bar("recover", total_steps * config.global_batch_tokens, unit="tok") as bar:
+        bar.advance(start_step * config.global_batch_tokens)
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                       total_steps=total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # the micro batches of this step and the number of targets they score
+            micro = [batch_indices(n_train, step, m, micro_batch_size=config.micro_batch_size,
+                                   accum_steps=accum_steps, seed=config.seed) for m in range(accum_steps)]
+            normalizer = sum(count_targets(train_ids[idx]) for idx in micro)
+
+            sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
+            for idx in micro:
+                input_ids = train_ids[idx].to(device)
+                topk = cache.topk(idx + n_eval) if cache is not None else None
+                loss, stats = micro_batch_loss(student, input_ids, loss=config.loss, teacher=teacher,
+                                               teacher_topk=topk, intermediate=intermediate,
+                                               normalizer=normalizer, autocast=config.autocast)
+                loss.backward()
+                share = stats["targets"] / normalizer
+                for key in ("loss", "kl", "ce", "is"):
+                    if key in stats:
+                        sums[key] = sums.get(key, 0.0) + stats[key] * share
+
+            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            if not math.isfinite(grad_norm):
+                raise MinicompressError(f"lr: the gradient norm is {grad_norm} at step {step + 1}; lower lr")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            elapsed += seconds
+
+            done = step + 1
+            record = {"step": done, "tokens": done * config.global_batch_tokens, "lr": lr, **sums,
+                      "grad_norm": grad_norm, "tokens_per_s": config.global_batch_tokens / seconds,
+                      "elapsed_s": elapsed}
+            if done == total_steps or (config.eval_every and done % config.eval_every == 0):
+                metrics = evaluate_held_out(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
+                                          batch_size=config.eval_batch_size, autocast=config.autocast,
+                                          chunk_size=config.loss.chunk_size)
+                record.update({f"eval_{k}": v for k, v in metrics.items()})
+            _append_metrics(metrics_path, record)
+            bar.advance(config.global_batch_tokens)
+            bar.update(description=f"recover loss {sums['loss']:.4f}")
+            if done % config.log_every == 0 or done == total_steps:
+                log.info("step %d/%d loss %.4f kl %.4f ce %.4f lr %.2e grad %.3f %.0f tok/s", done, total_steps,
+                         sums["loss"], sums["kl"], sums["ce"], lr, grad_norm, record["tokens_per_s"])
+
+            if done == total_steps or (config.save_every and done % config.save_every == 0):
+                save_checkpoint(work, student=student, optimizer=optimizer, intermediate=intermediate, keep=config.checkpoint_keep, state={
+                    "step": done, "tokens": done * config.global_batch_tokens, "seconds": elapsed,
+                    "data_position": done * accum_steps * config.micro_batch_size,
+                    "scheduler": {"kind": "warmup_cosine", "lr": config.lr, "min_lr": config.min_lr,
+                                  "warmup_steps": config.warmup_steps, "total_steps": total_steps},
+                    "config": to_dict(config), "before": before, "metrics_bytes": metrics_path.stat().st_size,
+                })
+            if callback is not None:
+                callback(record)
+
+    # ---- the final student, atomically -----------------------------------------------
+    records = read_metrics(metrics_path)
+    plot_curves(records, work / CURVES_FILE, title=f"recover {Path(out).name}")
+    last = records[-1]
+    after = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
+    final_loss = last.get("loss")
+    teacher_source = (config.teacher.source if config.teacher else None) if cache is None else cache.index.get("teacher")
+    recovery = provenance(
+        "recover", config,
+        teacher=teacher_source, teacher_cache=config.teacher_cache, tokens_trained=total_steps * config.global_batch_tokens,
+        steps=total_steps, loss=to_dict(config.loss), held_out_sequences=n_eval, train_sequences=n_train,
+        metrics_before=before, metrics_after=after, final_train_loss=final_loss,
+        seconds=elapsed,
+    )
+    folder = _student_folder(student)
+    previous = read_provenance(folder) if folder is not None else None
+    record_out = dict(previous) if previous else provenance("recover", config)
+    if previous and "recovery" in previous:
+        record_out["recovery_history"] = previous.get("recovery_history", []) + [previous["recovery"]]
+    record_out["recovery"] = recovery
+    with atomic_folder(out, config.overwrite) as tmp:
+        student.save_pretrained(tmp)
+        if getattr(student, "generation_config", None) is not None:
+            student.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.copy2(metrics_path, tmp / METRICS_FILE)
+        shutil.copy2(work / CURVES_FILE, tmp / CURVES_FILE)
+        write_provenance(tmp, record_out)
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "output": str(out),
+        "steps": total_steps,
+        "tokens": total_steps * config.global_batch_tokens,
+        "before": before,
+        "after": after,
+        "final_loss": final_loss,
+        "seconds": elapsed,
+        "tokens_per_s": total_steps * config.global_batch_tokens / max(elapsed, 1e-9),
+        "resumed_from_step": resumed_from,
+        "metrics": records,
+    }

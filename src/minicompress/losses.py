@@ -1,0 +1,804 @@
+"""Distillation losses for Minitron-style compression of causal language models.
+
+This module is pure PyTorch and imports nothing else from ``minicompress``.
+
+It provides
+
+* per-token divergences on logits -- forward KL, reverse KL, the generalised
+  Jensen-Shannon divergence of GKD, a top-k (offline-cache) forward KL, cross
+  entropy and the ``final_logit_softcapping`` helper;
+* :func:`chunked_distill_loss`, a fused "lm_head + loss" in the style of
+  Liger-Kernel's fused linear losses, which never materialises the full
+  ``[N, V]`` logits of the batch: it walks over token chunks, computes each
+  chunk's loss and its gradients w.r.t. the hidden states and the lm_head
+  weight in the forward pass, and only rescales them in the backward pass;
+* :class:`IntermediateStateLoss`, :func:`dynamic_weight` and
+  :func:`default_layer_map` for the intermediate-state (hidden state)
+  distillation of Minitron.
+
+References:
+    * Muralidharan et al., "Compact Language Models via Pruning and Knowledge
+      Distillation" (Minitron), arXiv:2407.14679 -- logit KD with forward KL,
+      intermediate-state loss through a shared learned linear map, and the
+      dynamic weighting of the intermediate-state loss.
+    * Sreenivas et al., "LLM Pruning and Distillation in Practice: The
+      Minitron Approach", arXiv:2408.11796 -- logit-only forward-KL
+      distillation used for the Llama-3.1/Mistral-NeMo Minitron models.
+    * Agarwal et al., "On-Policy Distillation of Language Models: Learning
+      from Self-Generated Mistakes" (GKD), arXiv:2306.13649 -- generalised
+      Jensen-Shannon divergence JSD(beta) and reverse KL for distillation.
+    * Hinton et al., "Distilling the Knowledge in a Neural Network",
+      arXiv:1503.02531 -- temperature softening and the ``tau**2`` scaling.
+    * Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training",
+      arXiv:2410.10989 -- chunked fused linear + loss with gradients computed
+      in the forward pass.
+
+Conventions:
+    * Logits are ``[N, V]`` (tokens x vocabulary); callers flatten batch and
+      sequence first (inputs with more leading dimensions are flattened
+      here, too).  ``mask`` is an optional ``[N]`` bool tensor of valid
+      tokens; every divergence returns the MEAN over the valid tokens (0.0
+      when there are none).
+    * All math is done in float32 whatever the input dtype (float64 inputs
+      stay float64), and every loss is returned as a float32 scalar (float64
+      for float64 inputs).  Gradients flow back in the inputs' dtypes.
+    * Every divergence is computed on ``logits / temperature`` and multiplied
+      by ``temperature**2`` (Hinton et al.) so that gradient magnitudes do not
+      depend on the temperature.  Cross entropy is never temperature-scaled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DIVERGENCE_KINDS",
+    "softcap",
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
+    "topk_kl",
+    "cross_entropy",
+    "chunked_distill_loss",
+    "IntermediateStateLoss",
+    "dynamic_weight",
+    "default_layer_map",
+]
+
+#: Values accepted by ``chunked_distill_loss(kind=...)``.
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl")
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+def softcap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """Logit soft-capping ``cap * tanh(logits / cap)``.
+
+    Used by models whose config has ``final_logit_softcapping`` (e.g. Gemma-2);
+    apply it to the raw lm_head output, before any temperature scaling.
+
+    Args:
+        logits: Tensor of any shape, e.g. ``[N, V]``.
+        cap: The soft cap (> 0), or ``None`` for the identity.
+
+    Returns:
+        Tensor of the same shape and dtype as ``logits`` (``logits`` itself if
+        ``cap`` is ``None``).
+    """
+    if cap is None:
+        return logits
+    if cap <= 0:
+        raise ValueError(f"softcap cap must be > 0, got {cap}")
+    return torch.tanh(logits / cap) * cap
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """Flattens ``[..., V]`` to ``[N, V]``."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """Upcasts to float32 (float64 inputs are kept in float64)."""
+    return x if x.dtype == torch.float64 else x.to(torch.float32)
+
+
+def _masked_mean(per_token: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of ``per_token`` ``[N]`` over ``mask`` ``[N]`` (0 if nothing valid)."""
+    if mask is None:
+        if per_token.numel() == 0:
+            return per_token.sum()
+        return per_token.mean()
+    mask = mask.reshape(-1).to(device=per_token.device, dtype=torch.bool)
+    if mask.shape[0] != per_token.shape[0]:
+        raise ValueError(f"mask has {mask.shape[0]} entries for {per_token.shape[0]} tokens")
+    total = torch.where(mask, per_token, per_token.new_zeros(())).sum()
+    return total / mask.sum().clamp_min(1).to(per_token.dtype)
+
+
+def _kl_from_logprobs(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """Per-row ``KL(P || Q) = sum_v p_v (log p_v - log q_v)``.
+
+    Args:
+        p_logp: ``[N, V]`` log-probabilities of P.
+        q_logp: ``[N, V]`` log-probabilities of Q.
+
+    Returns:
+        ``[N]`` KL divergences.  Entries with ``p_v == 0`` contribute exactly 0
+        (also when ``log p_v = log q_v = -inf``), without NaN gradients.
+    """
+    p = p_logp.exp()
+    positive = p > 0
+    diff = torch.where(positive, p_logp - q_logp, p_logp.new_zeros(()))
+    return (p * diff).sum(-1)
+
+
+def _per_token_forward_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    return _kl_from_logprobs(t_logp, s_logp)
+
+
+def _per_token_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    return _kl_from_logprobs(s_logp, t_logp)
+
+
+def _per_token_jsd(s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    if beta == 0.0:
+        return _per_token_forward_kl(s_logp, t_logp)
+    if beta == 1.0:
+        return _per_token_reverse_kl(s_logp, t_logp)
+    # log M = log(beta * P_t + (1 - beta) * P_s), computed stably.
+    a = t_logp + math.log(beta)
+    b = s_logp + math.log1p(-beta)
+    # Where both are -inf (tokens impossible under both models) logaddexp has
+    # NaN gradients; evaluate it on zeros there and put -inf back.
+    both = torch.isneginf(a) & torch.isneginf(b)
+    zero = a.new_zeros(())
+    log_m = torch.where(both, a, torch.logaddexp(torch.where(both, zero, a), torch.where(both, zero, b)))
+    return beta * _kl_from_logprobs(t_logp, log_m) + (1.0 - beta) * _kl_from_logprobs(s_logp, log_m)
+
+
+def _per_token_topk_kl(
+    s_logp_full: torch.Tensor, t_topk_scaled: torch.Tensor, t_idx: torch.Tensor
+) -> torch.Tensor:
+    t_logp = torch.log_softmax(t_topk_scaled, dim=-1)
+    s_logp = torch.gather(s_logp_full, -1, t_idx)
+    return _kl_from_logprobs(t_logp, s_logp)
+
+
+def _check_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
+# --------------------------------------------------------------------------
+# per-token divergences on logits
+# --------------------------------------------------------------------------
+def forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Forward KL ``tau^2 * KL(p_teacher || p_student)``, the Minitron logit loss.
+
+    ``p = softmax(logits / tau)`` for both models; computed in float32.
+
+    Args:
+        student_logits: ``[N, V]`` student logits (any float dtype).
+        teacher_logits: ``[N, V]`` teacher logits.
+        temperature: Softening temperature ``tau > 0``.
+        mask: Optional ``[N]`` bool, True for tokens that count.
+
+    Returns:
+        float32 scalar: the mean over valid tokens.
+    """
+    _check_temperature(temperature)
+    s = torch.log_softmax(_up(_flat(student_logits)) / temperature, dim=-1)
+    t = torch.log_softmax(_up(_flat(teacher_logits)) / temperature, dim=-1)
+    return _masked_mean(_per_token_forward_kl(s, t), mask) * (temperature ** 2)
+
+
+def reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reverse KL ``tau^2 * KL(p_student || p_teacher)`` (mode seeking; GKD).
+
+    Args:
+        student_logits: ``[N, V]`` student logits (any float dtype).
+        teacher_logits: ``[N, V]`` teacher logits.
+        temperature: Softening temperature ``tau > 0``.
+        mask: Optional ``[N]`` bool, True for tokens that count.
+
+    Returns:
+        float32 scalar: the mean over valid tokens.
+    """
+    _check_temperature(temperature)
+    s = torch.log_softmax(_up(_flat(student_logits)) / temperature, dim=-1)
+    t = torch.log_softmax(_up(_flat(teacher_logits)) / temperature, dim=-1)
+    return _masked_mean(_per_token_reverse_kl(s, t), mask) * (temperature ** 2)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence JSD(beta) of GKD (arXiv:2306.13649).
+
+    ``M = beta * P_t + (1 - beta) * P_s`` and
+    ``JSD(beta) = beta * KL(P_t || M) + (1 - beta) * KL(P_s || M)``, with
+    ``P = softmax(logits / tau)``; the result is multiplied by ``tau^2``.
+
+    The limits are defined as in the GKD reference code (and TRL):
+    ``beta == 0`` gives the forward KL ``KL(P_t || P_s)`` and ``beta == 1``
+    the reverse KL ``KL(P_s || P_t)``.  (The unnormalised JSD(beta) itself
+    vanishes at both ends; ``JSD(beta) / beta -> KL(P_t || P_s)`` as
+    ``beta -> 0`` and ``JSD(beta) / (1 - beta) -> KL(P_s || P_t)`` as
+    ``beta -> 1``, so these are the natural non-degenerate limits.)  The
+    gradient flows through ``M`` as well.
+
+    Args:
+        student_logits: ``[N, V]`` student logits (any float dtype).
+        teacher_logits: ``[N, V]`` teacher logits.
+        beta: Interpolation weight in ``[0, 1]``.
+        temperature: Softening temperature ``tau > 0``.
+        mask: Optional ``[N]`` bool, True for tokens that count.
+
+    Returns:
+        float32 scalar: the mean over valid tokens.
+    """
+    _check_temperature(temperature)
+    _check_beta(beta)
+    s = torch.log_softmax(_up(_flat(student_logits)) / temperature, dim=-1)
+    t = torch.log_softmax(_up(_flat(teacher_logits)) / temperature, dim=-1)
+    return _masked_mean(_per_token_jsd(s, t, float(beta)), mask) * (temperature ** 2)
+
+
+def topk_kl(
+    student_logits: torch.Tensor,
+    teacher_topk_logits: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Forward KL against a teacher truncated to its top-k logits (offline KD).
+
+    The teacher distribution is ``softmax(topk_logits / tau)`` renormalised
+    over its k entries; the student log-probabilities are the FULL-vocabulary
+    ``log_softmax(student_logits / tau)`` gathered at the top-k indices, so
+    the loss is ``CE(p_t^k, p_s) - H(p_t^k)`` -- a proper cross entropy
+    against the truncated teacher minus its (constant) entropy -- times
+    ``tau^2``.  With ``k == V`` it equals :func:`forward_kl`.
+
+    Args:
+        student_logits: ``[N, V]`` student logits (any float dtype).
+        teacher_topk_logits: ``[N, k]`` teacher logits at its top-k tokens.
+        teacher_topk_indices: ``[N, k]`` int64 vocabulary ids of those tokens.
+        temperature: Softening temperature ``tau > 0``.
+        mask: Optional ``[N]`` bool, True for tokens that count.
+
+    Returns:
+        float32 scalar: the mean over valid tokens.
+    """
+    _check_temperature(temperature)
+    s = torch.log_softmax(_up(_flat(student_logits)) / temperature, dim=-1)
+    vals = _up(_flat(teacher_topk_logits)) / temperature
+    idx = _flat(teacher_topk_indices).to(device=s.device, dtype=torch.long)
+    if vals.shape != idx.shape or vals.shape[0] != s.shape[0]:
+        raise ValueError(
+            f"top-k shapes {tuple(vals.shape)} / {tuple(idx.shape)} do not match {s.shape[0]} tokens"
+        )
+    return _masked_mean(_per_token_topk_kl(s, vals, idx), mask) * (temperature ** 2)
+
+
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> torch.Tensor:
+    """Mean next-token cross entropy over ``labels != ignore_index``.
+
+    Labels must already be aligned with the logits (shifted by the caller).
+
+    Args:
+        logits: ``[N, V]`` logits (any float dtype; computed in float32).
+        labels: ``[N]`` int64 target ids, ``ignore_index`` for ignored tokens.
+        ignore_index: Label value to ignore.
+
+    Returns:
+        float32 scalar (0.0 if every label is ignored).
+    """
+    z = _up(_flat(logits))
+    y = labels.reshape(-1).to(device=z.device, dtype=torch.long)
+    total = F.cross_entropy(z, y, ignore_index=ignore_index, reduction="sum")
+    count = (y != ignore_index).sum().clamp_min(1)
+    return total / count.to(total.dtype)
+
+
+# --------------------------------------------------------------------------
+# chunked fused lm_head + distillation loss
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ChunkConfig:
+    kind: str
+    kl_weight: float
+    ce_weight: float
+    temperature: float
+    beta: float
+    chunk_size: Optional[int]
+    student_softcap: Optional[float]
+    teacher_softcap: Optional[float]
+    ignore_index: int
+    fp32_matmul: bool
+    need_grad_h: bool
+    need_grad_w: bool
+
+
+def _lm_head_logits(h: torch.Tensor, w: torch.Tensor, w_f32: Optional[torch.Tensor]) -> torch.Tensor:
+    """``h @ w.T`` as float32 ``[c, V]`` (float32 matmul if ``w_f32`` is given)."""
+    if w_f32 is not None:
+        return h.to(torch.float32) @ w_f32.t()
+    return (h.to(w.dtype) @ w.t()).to(torch.float32)
+
+
+def _chunk_losses(
+    z: torch.Tensor,
+    t_logits: Optional[torch.Tensor],
+    t_vals: Optional[torch.Tensor],
+    t_idx: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    cfg: _ChunkConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed (not averaged) KL and CE of one chunk whose rows are all valid.
+
+    Args:
+        z: ``[c, V]`` float32 raw student logits.
+        t_logits: ``[c, V]`` float32 teacher logits (after softcap) or None.
+        t_vals: ``[c, k]`` teacher top-k logits or None.
+        t_idx: ``[c, k]`` teacher top-k ids or None.
+        labels: ``[c]`` labels or None.
+        cfg: Loss configuration.
+
+    Returns:
+        ``(kl_sum, ce_sum)`` float32 scalars; KL includes the ``tau^2`` factor.
+    """
+    z = softcap(z, cfg.student_softcap)
+    zero = z.new_zeros(())
+    kl_sum, ce_sum = zero, zero
+    if cfg.kl_weight != 0.0:
+        tau = cfg.temperature
+        s_logp = torch.log_softmax(z / tau, dim=-1)
+        if cfg.kind == "topk_kl":
+            per_tok = _per_token_topk_kl(s_logp, t_vals.to(torch.float32) / tau, t_idx)
+        else:
+            t_logp = torch.log_softmax(t_logits / tau, dim=-1)
+            if cfg.kind == "forward_kl":
+                per_tok = _per_token_forward_kl(s_logp, t_logp)
+            elif cfg.kind == "reverse_kl":
+                per_tok = _per_token_reverse_kl(s_logp, t_logp)
+            else:
+                per_tok = _per_token_jsd(s_logp, t_logp, cfg.beta)
+        kl_sum = per_tok.sum() * (tau ** 2)
+    if cfg.ce_weight != 0.0:
+        ce_sum = F.cross_entropy(z, labels, ignore_index=cfg.ignore_index, reduction="sum")
+    return kl_sum, ce_sum
+
+
+class _ChunkedDistillFunction(torch.autograd.Function):
+    """Fused lm_head + KD loss; gradients are computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h, w, t_h, t_w, labels, t_vals, t_idx, cfg: _ChunkConfig):
+        device = h.device
+        n_tokens = h.shape[0]
+        need_grad = cfg.need_grad_h or cfg.need_grad_w
+
+        # Compact the valid tokens: ignored positions never reach the vocab matmul.
+        if labels is not None:
+            valid_idx = (labels != cfg.ignore_index).nonzero().squeeze(1)
+        else:
+            valid_idx = torch.arange(n_tokens, device=device)
+        n_valid = int(valid_idx.numel())
+        denom = float(max(n_valid, 1))
+
+        grad_h = torch.zeros_like(h) if cfg.need_grad_h else None
+        grad_w32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if cfg.need_grad_w else None
+        kl_total = torch.zeros((), dtype=torch.float32, device=device)
+        ce_total = torch.zeros((), dtype=torch.float32, device=device)
+
+        with torch.autocast(device_type=device.type, enabled=False):
+            w_det = w.detach()
+            w_f32 = w_det.to(torch.float32) if cfg.fp32_matmul else None
+            use_teacher = cfg.kl_weight != 0.0 and cfg.kind != "topk_kl"
+            t_w_det = t_w.detach() if use_teacher else None
+            t_w_f32 = t_w_det.to(torch.float32) if (use_teacher and cfg.fp32_matmul) else None
+            chunk = n_valid if cfg.chunk_size is None else cfg.chunk_size
+            chunk = max(chunk, 1)
+
+            for start in range(0, n_valid, chunk):
+                idx = valid_idx[start:start + chunk]
+                h_c = h.detach().index_select(0, idx)
+                lab_c = labels.index_select(0, idx) if labels is not None else None
+                t_logits = t_vals_c = t_idx_c = None
+                with torch.no_grad():
+                    if use_teacher:
+                        t_logits = _lm_head_logits(t_h.detach().index_select(0, idx), t_w_det, t_w_f32)
+                        t_logits = softcap(t_logits, cfg.teacher_softcap)
+                    elif cfg.kl_weight != 0.0:
+                        t_vals_c = t_vals.index_select(0, idx)
+                        t_idx_c = t_idx.index_select(0, idx)
+                    z = _lm_head_logits(h_c, w_det, w_f32)
+
+                if not need_grad:
+                    with torch.no_grad():
+                        kl_c, ce_c = _chunk_losses(z, t_logits, t_vals_c, t_idx_c, lab_c, cfg)
+                else:
+                    with torch.enable_grad():
+                        z.requires_grad_(True)
+                        kl_c, ce_c = _chunk_losses(z, t_logits, t_vals_c, t_idx_c, lab_c, cfg)
+                        loss_c = (cfg.kl_weight * kl_c + cfg.ce_weight * ce_c) / denom
+                        (g_z,) = torch.autograd.grad(loss_c, z)
+                    g_z = g_z.detach()
+                    kl_c, ce_c = kl_c.detach(), ce_c.detach()
+                    # d loss / d h = g_z @ W ;  d loss / d W = g_z^T @ h
+                    if cfg.need_grad_h:
+                        if w_f32 is not None:
+                            g_h = g_z @ w_f32
+                        else:
+                            g_h = g_z.to(w_det.dtype) @ w_det
+                        grad_h.index_copy_(0, idx, g_h.to(grad_h.dtype))
+                    if cfg.need_grad_w:
+                        grad_w32.addmm_(g_z.t(), h_c.to(torch.float32))
+                    del g_z
+                kl_total += kl_c
+                ce_total += ce_c
+                del z, t_logits
+
+        kl_mean = kl_total / denom
+        ce_mean = ce_total / denom
+        loss = cfg.kl_weight * kl_mean + cfg.ce_weight * ce_mean
+
+        grad_w = grad_w32.to(w.dtype) if cfg.need_grad_w else None
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.mark_non_differentiable(kl_mean, ce_mean)
+        return loss, kl_mean, ce_mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_kl, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        out_h = out_w = None
+        if grad_h is not None and ctx.needs_input_grad[0]:
+            out_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None and ctx.needs_input_grad[1]:
+            out_w = grad_w * grad_loss.to(grad_w.dtype)
+        return out_h, out_w, None, None, None, None, None, None
+
+
+def chunked_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: Optional[int] = 1024,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    ignore_index: int = -100,
+    fp32_matmul: bool = True,
+    return_components: bool = False,
+):
+    """Fused "lm_head + distillation loss" that never builds the ``[N, V]`` logits.
+
+    Computes ``kl_weight * KL + ce_weight * CE`` where both terms are means
+    over the valid tokens of the WHOLE batch (``labels != ignore_index``; all
+    tokens when ``labels`` is None) -- each chunk contributes its sum, not its
+    mean.  Ignored tokens are dropped before the vocab matmul, so they cost
+    nothing and are excluded from the KL too.
+
+    Implementation (Liger-Kernel style): a ``torch.autograd.Function`` whose
+    forward loops over chunks of ``chunk_size`` valid tokens.  For each chunk
+    it computes the float32 student logits ``h_c @ W^T`` (softcapped if
+    requested), the teacher chunk logits under ``no_grad`` (or gathers the
+    cached top-k), the chunk loss, and the gradient w.r.t. the chunk logits
+    via ``torch.autograd.grad``; from it ``grad_h_c = g @ W`` is written into
+    a preallocated ``[N, H_s]`` buffer and ``grad_W += g^T @ h_c`` is
+    accumulated in float32.  Backward only multiplies these stored gradients
+    by the incoming gradient.  Peak extra memory is therefore O(chunk * V)
+    (one chunk of logits and its softmax) plus the float32 ``[V, H_s]``
+    gradient accumulator, instead of O(N * V).  Double backward is not
+    supported.
+
+    Precision: with ``fp32_matmul=True`` (default) the vocab matmuls run in
+    float32 (weights are upcast once per call: a float32 copy of ``W`` and of
+    the teacher weight if they are low precision) for the most accurate
+    logits.  With ``fp32_matmul=False`` the logits matmul and ``grad_h``
+    matmul run in the weight's dtype (like the model's own bf16 lm_head) and
+    only the logits are upcast; no weight copies are made, ``grad_W`` is
+    still accumulated in float32.  All softmax/loss math is float32 with
+    autocast disabled, so the function behaves identically inside
+    ``torch.autocast``.  The loss is a float32 scalar; the gradients come back
+    in the dtypes of ``student_hidden`` and ``student_weight``.
+
+    Args:
+        student_hidden: ``[N, H_s]`` (or ``[B, T, H_s]``) final post-norm
+            hidden states of the student, aligned with ``labels``.
+        student_weight: ``[V, H_s]`` student lm_head weight (may be tied to
+            the input embeddings; autograd sums both contributions).
+        teacher_hidden: ``[N, H_t]`` teacher final hidden states (no grad).
+        teacher_weight: ``[V, H_t]`` teacher lm_head weight (no grad).
+        labels: ``[N]`` int64 next-token labels (already shifted), with
+            ``ignore_index`` for tokens to skip in both KL and CE.  Required
+            when ``ce_weight != 0``.
+        teacher_topk: ``(values [N, k], indices [N, k] int64)`` from an offline
+            cache, used instead of ``teacher_hidden``/``teacher_weight``.
+            The values are taken as the teacher's final logits:
+            ``teacher_softcap`` is NOT applied to them.
+        kl_weight: Weight of the divergence term (0 skips the teacher).
+        ce_weight: Weight of the cross-entropy term on ``labels``.
+        kind: One of ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``,
+            ``"topk_kl"``.  ``"topk_kl"`` requires ``teacher_topk``; when
+            ``teacher_topk`` is given with ``"forward_kl"``, ``"topk_kl"`` is
+            used.  ``"reverse_kl"``/``"jsd"`` need the full teacher logits.
+        temperature: Softening temperature ``tau``; the divergence is scaled
+            by ``tau^2``.  CE uses the raw (softcapped) logits.
+        beta: ``beta`` of the generalised JSD (``kind="jsd"``).
+        chunk_size: Valid tokens per chunk; ``None`` processes everything in
+            one chunk (for comparison only -- it materialises ``[N, V]``).
+        student_softcap: ``final_logit_softcapping`` of the student or None.
+        teacher_softcap: ``final_logit_softcapping`` of the teacher or None.
+        ignore_index: Label value marking ignored tokens.
+        fp32_matmul: See "Precision" above.
+        return_components: Also return detached ``{"kl": ..., "ce": ...}``
+            float32 scalars (unweighted means) for logging.
+
+    Returns:
+        The float32 scalar loss, or ``(loss, {"kl": kl, "ce": ce})`` if
+        ``return_components``.  With no valid token the loss is 0 and all
+        gradients are 0.
+    """
+    if kind not in DIVERGENCE_KINDS:
+        raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}")
+    _check_temperature(temperature)
+    _check_beta(beta)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n_tokens, hidden = h.shape
+    if student_weight.dim() != 2 or student_weight.shape[1] != hidden:
+        raise ValueError(
+            f"student_weight {tuple(student_weight.shape)} does not match hidden size {hidden}"
+        )
+    vocab = student_weight.shape[0]
+
+    lab = None
+    if labels is not None:
+        lab = labels.reshape(-1).to(device=h.device, dtype=torch.long)
+        if lab.shape[0] != n_tokens:
+            raise ValueError(f"labels have {lab.shape[0]} entries for {n_tokens} tokens")
+    if ce_weight != 0.0 and lab is None:
+        raise ValueError("ce_weight != 0 requires labels")
+
+    t_h = t_w = t_vals = t_idx = None
+    if teacher_topk is not None and kind == "forward_kl":
+        kind = "topk_kl"
+    if kl_weight != 0.0:
+        if kind == "topk_kl":
+            if teacher_topk is None:
+                raise ValueError('kind="topk_kl" requires teacher_topk=(values, indices)')
+            t_vals = teacher_topk[0].reshape(-1, teacher_topk[0].shape[-1]).to(h.device)
+            t_idx = teacher_topk[1].reshape(-1, teacher_topk[1].shape[-1]).to(h.device, torch.long)
+            if t_vals.shape != t_idx.shape or t_vals.shape[0] != n_tokens:
+                raise ValueError(
+                    f"teacher_topk shapes {tuple(t_vals.shape)} / {tuple(t_idx.shape)} "
+                    f"do not match {n_tokens} tokens"
+                )
+        else:
+            if teacher_topk is not None:
+                raise ValueError(f'kind="{kind}" needs full teacher logits, not teacher_topk')
+            if teacher_hidden is None or teacher_weight is None:
+                raise ValueError(f'kind="{kind}" requires teacher_hidden and teacher_weight')
+            t_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+            t_w = teacher_weight
+            if t_h.shape[0] != n_tokens:
+                raise ValueError(f"teacher_hidden has {t_h.shape[0]} tokens, student has {n_tokens}")
+            if t_w.dim() != 2 or t_w.shape[1] != t_h.shape[1]:
+                raise ValueError(
+                    f"teacher_weight {tuple(t_w.shape)} does not match teacher hidden size {t_h.shape[1]}"
+                )
+            if t_w.shape[0] != vocab:
+                raise ValueError(f"teacher vocab {t_w.shape[0]} != student vocab {vocab}")
+
+    grad_on = torch.is_grad_enabled()
+    cfg = _ChunkConfig(
+        kind=kind,
+        kl_weight=float(kl_weight),
+        ce_weight=float(ce_weight),
+        temperature=float(temperature),
+        beta=float(beta),
+        chunk_size=chunk_size,
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        ignore_index=int(ignore_index),
+        fp32_matmul=bool(fp32_matmul),
+        need_grad_h=grad_on and h.requires_grad,
+        need_grad_w=grad_on and student_weight.requires_grad,
+    )
+    loss, kl, ce = _ChunkedDistillFunction.apply(h, student_weight, t_h, t_w, lab, t_vals, t_idx, cfg)
+    if return_components:
+        return loss, {"kl": kl, "ce": ce}
+    return loss
+
+
+# --------------------------------------------------------------------------
+# intermediate-state distillation (Minitron)
+# --------------------------------------------------------------------------
+def default_layer_map(
+    num_student_layers: int, num_teacher_layers: int, offset: int = 0
+) -> list[tuple[int, int]]:
+    """Maps every student layer to the proportionally placed teacher layer.
+
+    Student layer ``i`` (0-based) maps to teacher layer
+    ``floor((i + 1) * L_t / L_s) - 1`` (clamped at 0), so the last student
+    layer maps to the last teacher layer and equal depths give the identity.
+
+    Args:
+        num_student_layers: ``L_s >= 1``.
+        num_teacher_layers: ``L_t >= 1``.
+        offset: Added to both indices, e.g. ``1`` to index HF
+            ``output_hidden_states`` tuples whose entry 0 is the embedding
+            output (entry ``i + 1`` is the output of layer ``i``).
+
+    Returns:
+        ``[(student_idx, teacher_idx), ...]`` of length ``L_s``.
+    """
+    if num_student_layers < 1 or num_teacher_layers < 1:
+        raise ValueError("layer counts must be >= 1")
+    out = []
+    for i in range(num_student_layers):
+        j = max((i + 1) * num_teacher_layers // num_student_layers - 1, 0)
+        out.append((i + offset, j + offset))
+    return out
+
+
+class IntermediateStateLoss(nn.Module):
+    """Minitron intermediate-state loss (arXiv:2407.14679 sec. 3, 2408.11796).
+
+    For each mapped pair ``(s, t)`` the student state is passed through one
+    shared learned linear map ``H_s -> H_t`` (no bias; only when widths
+    differ -- identity and no parameters when equal) and compared with the
+    teacher state through ``1 - cosine_similarity`` per token; the loss is the
+    mean over valid tokens, then the mean over pairs.  Computed in float32.
+
+    The projection is initialised to a "channel selection": with
+    ``channel_map`` (the teacher channel kept for each student channel, as
+    produced by width pruning) ``W[channel_map[j], j] = 1``; otherwise a
+    truncated identity ``W[i, i] = 1`` for ``i < min(H_s, H_t)``.  For a
+    width-pruned student this makes the initial projection exact on the kept
+    channels.
+
+    Args:
+        student_hidden_size: ``H_s``.
+        teacher_hidden_size: ``H_t``.
+        layer_map: ``[(student_idx, teacher_idx), ...]``; indices index the
+            sequences passed to :meth:`forward` directly.
+        channel_map: Optional length-``H_s`` teacher channel ids to initialise
+            the projection (only when widths differ).
+    """
+
+    def __init__(
+        self,
+        student_hidden_size: int,
+        teacher_hidden_size: int,
+        layer_map: Sequence[tuple[int, int]],
+        channel_map: Optional[Sequence[int]] = None,
+    ) -> None:
+        super().__init__()
+        if not layer_map:
+            raise ValueError("layer_map must not be empty")
+        self.student_hidden_size = int(student_hidden_size)
+        self.teacher_hidden_size = int(teacher_hidden_size)
+        self.layer_map = [(int(s), int(t)) for s, t in layer_map]
+        if self.student_hidden_size == self.teacher_hidden_size:
+            self.proj: nn.Module = nn.Identity()
+        else:
+            self.proj = nn.Linear(self.student_hidden_size, self.teacher_hidden_size, bias=False)
+            with torch.no_grad():
+                self.proj.weight.zero_()
+                if channel_map is not None:
+                    cm = torch.as_tensor(list(channel_map), dtype=torch.long)
+                    if cm.numel() != self.student_hidden_size:
+                        raise ValueError(
+                            f"channel_map has {cm.numel()} entries, expected {self.student_hidden_size}"
+                        )
+                    if cm.numel() and (cm.min() < 0 or cm.max() >= self.teacher_hidden_size):
+                        raise ValueError("channel_map entries out of range")
+                    self.proj.weight[cm, torch.arange(self.student_hidden_size)] = 1.0
+                else:
+                    k = min(self.student_hidden_size, self.teacher_hidden_size)
+                    self.proj.weight[torch.arange(k), torch.arange(k)] = 1.0
+
+    def forward(
+        self,
+        student_states: Sequence[torch.Tensor],
+        teacher_states: Sequence[torch.Tensor],
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Computes the loss.
+
+        Args:
+            student_states: Sequence of ``[B, T, H_s]`` tensors indexed by the
+                student indices of ``layer_map``.
+            teacher_states: Sequence of ``[B, T, H_t]`` tensors indexed by the
+                teacher indices (treated as constants: detached).
+            mask: Optional ``[B, T]`` bool (or 0/1) of valid tokens.
+
+        Returns:
+            float32 scalar: mean over pairs of the masked mean of
+            ``1 - cos(proj(h_s), h_t)``.
+        """
+        total = None
+        flat_mask = None if mask is None else mask.reshape(-1).to(torch.bool)
+        for s_idx, t_idx in self.layer_map:
+            hs = student_states[s_idx]
+            ht = teacher_states[t_idx].detach()
+            if isinstance(self.proj, nn.Linear):
+                hs = self.proj(hs.to(self.proj.weight.dtype))
+            hs = hs.float().reshape(-1, hs.shape[-1])
+            ht = ht.float().reshape(-1, ht.shape[-1])
+            if hs.shape != ht.shape:
+                raise ValueError(
+                    f"pair ({s_idx}, {t_idx}): projected student {tuple(hs.shape)} "
+                    f"vs teacher {tuple(ht.shape)}"
+                )
+            if flat_mask is not None:
+                flat_mask = flat_mask.to(hs.device)
+            cos = F.cosine_similarity(hs, ht, dim=-1, eps=1e-8)
+            term = _masked_mean(1.0 - cos, flat_mask)
+            total = term if total is None else total + term
+        return total / len(self.layer_map)
+
+
+def dynamic_weight(l_logits: torch.Tensor, l_is: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Minitron dynamic weighting of the intermediate-state loss.
+
+    ``total = l_logits + (l_logits.detach() / l_is.detach()) * l_is``: the
+    coefficient is recomputed every step (and not differentiated) so that the
+    intermediate-state term has the same magnitude as the logit term.  If
+    ``l_is <= eps`` the coefficient is 0 (avoids 0/0).
+
+    Args:
+        l_logits: Scalar logit (KD) loss.
+        l_is: Scalar intermediate-state loss.
+        eps: Threshold below which ``l_is`` is treated as zero.
+
+    Returns:
+        Scalar total loss (value ``2 * l_logits`` when ``l_is > eps``).
+    """
+    l_is_d = l_is.detach()
+    safe = l_is_d > eps
+    alpha = torch.where(safe, l_logits.detach() / torch.where(safe, l_is_d, torch.ones_like(l_is_d)),
+                        torch.zeros_like(l_is_d))
+    return l_logits + alpha * l_is

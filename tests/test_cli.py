@@ -1,0 +1,250 @@
+"""Tests for minicompress.cli: info, eval, config priority, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minicompress import cli
+from minicompress.cli import flags_to_overrides, main, render_table
+from minicompress.config import DataConfig, ModelConfig
+from minicompress.data import bos_token_id, load_token_stream
+from minicompress.evaluate import eval_windows, evaluate_perplexity
+from minicompress.models import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2" / "test.txt"
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def llama_dir(tiny_model_dir):
+    return str(tiny_model_dir("llama"))
+
+
+def eval_args(model_dir, data, out, *extra):
+    return ["eval", "--model", str(model_dir), "--data", str(data), "--seq-len", "16", "--output", str(out),
+            "--no-speed", "-q", *extra]
+
+
+# ---------------------------------------------------------------- info
+
+
+def test_info_prints_tables_and_writes_json(llama_dir, tmp_path, capsys):
+    out = tmp_path / "info.json"
+    assert main(["info", llama_dir, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for word in ("architecture", "llama", "embedding", "attention", "mlp", "norms", "non_embedding", "counted",
+                 "match", "% of total"):
+        assert word in printed
+    record = json.loads(out.read_text())
+    results = record["results"]
+    assert record["command"] == "info" and "versions" in record
+    assert results["counted_total"] == results["closed_form_total"]
+    rows = {r["component"]: r for r in results["parameters"]}
+    assert rows["total"]["percent"] == pytest.approx(100.0)
+    assert rows["embedding"]["count"] + rows["non_embedding"]["count"] + rows["lm_head"]["count"] == \
+        rows["total"]["count"]
+
+
+def test_info_config_only_on_gemma(tiny_model_dir, capsys):
+    assert main(["info", str(tiny_model_dir("gemma3_text")), "--config-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "gemma3_text" in printed and "sliding_attention" in printed and "counted (unique" not in printed
+
+
+def test_info_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert main(["info", str(tmp_path / "gpt2")]) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: --model ") and "'gpt2' is not supported" in line and "gemma3_text" in line
+
+
+# ---------------------------------------------------------------- eval
+
+
+def library_perplexity(model_dir, data, seq_len, stride=None):
+    model, tokenizer = load_model(str(model_dir))
+    stream = load_token_stream(DataConfig(source=str(data), seq_len=seq_len, documents="file", shuffle=False),
+                               tokenizer)
+    return evaluate_perplexity(model, eval_windows(stream, seq_len, stride, bos_token_id(tokenizer)),
+                               show_progress=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_eval_writes_json_matching_the_library(tiny_model_dir, text_corpus, tmp_path, capsys, model_type):
+    model_dir = tiny_model_dir(model_type)
+    out = tmp_path / "eval.json"
+    assert main(eval_args(model_dir, text_corpus, out)) == 0
+    assert "perplexity" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    expected = library_perplexity(model_dir, text_corpus, 16)
+    results = record["results"]
+    assert results["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-9)
+    assert results["tokens"] == expected["tokens"] and results["windows"] == expected["windows"]
+    assert results["parameters"] == results["closed_form_parameters"]
+    assert results["size_on_disk_bytes"] > 0 and results["eval_peak_memory_bytes"] >= 0
+    assert "prefill_tokens_per_s" not in results
+    assert record["command"] == "eval" and record["versions"]["torch"]
+    assert record["config"]["data"] == {"source": str(text_corpus), "text_field": "text", "seq_len": 16,
+                                        "max_tokens": None, "seed": 0, "shuffle": False, "documents": "file"}
+    assert record["config"]["model"]["source"] == str(model_dir)
+
+
+def test_eval_refuses_to_overwrite_before_loading(llama_dir, text_corpus, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(eval_args(llama_dir, text_corpus, out)) == 0
+    before = out.read_text()
+    capsys.readouterr()
+    # a model that does not exist: the output check must come first
+    assert main(eval_args(tmp_path / "no-such-model", text_corpus, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: --output:") and "--overwrite" in err
+    assert out.read_text() == before
+    assert main(eval_args(llama_dir, text_corpus, out, "--overwrite", "--stride", "8")) == 0
+    assert json.loads(out.read_text())["config"]["stride"] == 8
+
+
+def test_eval_with_teacher_and_speed(llama_dir, text_corpus, tmp_path):
+    out = tmp_path / "teacher.json"
+    argv = ["eval", "--model", llama_dir, "--teacher", llama_dir, "--data", str(text_corpus), "--seq-len", "16",
+            "--max-tokens", "96", "--prefill-tokens", "8", "--decode-tokens", "2", "--output", str(out), "-q"]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert abs(results["kl_to_teacher"]) < 1e-6 and results["top1_agreement"] == 1.0
+    assert results["tokens"] == 6 * 15
+    assert results["prefill_tokens_per_s"] > 0 and results["decode_tokens_per_s"] > 0
+
+
+def test_priority_file_then_flags_then_overrides(llama_dir, text_corpus, tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"data:\n  source: {text_corpus}\n  seq_len: 32\n  max_tokens: 200\nbatch_size: 2\n"
+                      f"speed: false\nmodel:\n  source: {llama_dir}\n")
+    out1, out2, out3 = tmp_path / "1.json", tmp_path / "2.json", tmp_path / "3.json"
+    assert main(["eval", "--config", str(config), "--output", str(out1), "-q"]) == 0
+    assert main(["eval", "--config", str(config), "--seq-len", "16", "--output", str(out2), "-q"]) == 0
+    assert main(["eval", "--config", str(config), "--seq-len", "16", "data.seq_len=8", "--set", "batch_size=3",
+                 "--output", str(out3), "-q"]) == 0
+    c1, c2, c3 = (json.loads(p.read_text())["config"] for p in (out1, out2, out3))
+    assert (c1["data"]["seq_len"], c2["data"]["seq_len"], c3["data"]["seq_len"]) == (32, 16, 8)
+    assert (c1["batch_size"], c2["batch_size"], c3["batch_size"]) == (2, 2, 3)
+    assert c3["data"]["max_tokens"] == 200 and c3["data"]["documents"] == "file"
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--seq-len", "abc"], "error: --seq-len (data.seq_len): expected int, got 'abc'"),
+    (["--seq-len", "1"], "error: --seq-len (data.seq_len): must be at least 2"),
+    (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["--autocast", "fp16"], "argument --autocast: invalid choice"),
+    (["--batch-size", "0"], "error: --batch-size (batch_size): must be a number > 0"),
+    (["--stride", "64"], "error: --stride (stride): must be <= data.seq_len (16)"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["bogus.key=1"], "error: bogus: unknown key"),
+    (["model.dtype=int4"], "error: model.dtype: 'int4' is not allowed"),
+    (["--teacher-dtype", "bfloat16"], "error: --teacher:"),
+])
+def test_bad_flag_values_exit_2_with_one_line(llama_dir, text_corpus, tmp_path, capsys, extra, fragment):
+    assert main(eval_args(llama_dir, text_corpus, tmp_path / "x.json", *extra)) == 2
+    assert fragment in error_line(capsys)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bad_data_exits_2(llama_dir, tmp_path, capsys):
+    assert main(eval_args(llama_dir, tmp_path / "missing.txt", tmp_path / "o.json")) == 2
+    assert error_line(capsys).startswith("error: --data: no such file")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert main(eval_args(llama_dir, tmp_path / "empty.txt", tmp_path / "o.json")) == 2
+    assert "contains no text" in error_line(capsys)
+    (tmp_path / "short.txt").write_text("the a of")
+    assert main(eval_args(llama_dir, tmp_path / "short.txt", tmp_path / "o.json")) == 2
+    assert error_line(capsys).startswith("error: --seq-len:")
+
+
+def test_missing_model_and_offline_hub_id(text_corpus, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    assert main(eval_args(tmp_path / "nope", text_corpus, tmp_path / "o.json")) == 2
+    assert error_line(capsys).startswith("error: --model: no such file or folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    argv = eval_args("minicompress-no-such-org/model", text_corpus, tmp_path / "o.json")
+    argv[argv.index("--model") - 0:argv.index("--model") + 2] = ["--teacher", "minicompress-no-such-org/model"]
+    argv += ["--model", str(tmp_path / "nope")]
+    assert main(argv) == 2
+    assert error_line(capsys).startswith("error: --model: no such file")
+    argv = ["eval", "--model", "minicompress-no-such-org/model", "--data", str(text_corpus), "-q"]
+    assert main(argv) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: --model 'minicompress-no-such-org/model':") and "cache" in line
+
+
+def test_teacher_errors_name_the_teacher_flag(llama_dir, text_corpus, tmp_path, capsys):
+    argv = eval_args(llama_dir, text_corpus, tmp_path / "o.json", "--teacher", str(tmp_path / "no-teacher"))
+    assert main(argv) == 2
+    assert error_line(capsys).startswith("error: --teacher: no such file or folder")
+
+
+# ---------------------------------------------------------------- helpers and entry points
+
+
+def test_no_command_and_version(capsys):
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and "minicompress" in capsys.readouterr().out
+
+
+def test_flags_to_overrides():
+    parser = cli.build_parser()
+    args, _ = parser.parse_known_args(["eval", "--model", "m", "--seq-len", "8", "--no-speed", "--set", "data.seq_len=4",
+                                       "teacher.dtype=bfloat16"])
+    assert flags_to_overrides(args) == {"model": {"source": "m"}, "data": {"seq_len": "4"}, "speed": False,
+                                        "teacher": {"dtype": "bfloat16"}}
+
+
+def test_render_table_dict_and_rows(capsys):
+    render_table("title one", {"perplexity": 28.1234567, "tokens": 16384, "ok": True})
+    render_table("title two", [{"name": "a", "value": 1.5}, {"name": "b", "extra": 10**6}])
+    out = capsys.readouterr().out
+    assert "title one" in out and "28.12" in out and "16,384" in out
+    assert "title two" in out and "1,000,000" in out and "extra" in out
+
+
+def test_registry_has_info_and_eval():
+    assert {"info", "eval"} <= set(cli.SUBCOMMANDS)
+
+
+def test_module_help_runs_in_a_subprocess():
+    result = subprocess.run([sys.executable, "-m", "minicompress.cli", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "eval" in result.stdout and "info" in result.stdout
+
+
+@pytest.mark.slow
+def test_real_smollm2_wikitext_perplexity(tmp_path):
+    if not WIKITEXT.is_file():
+        pytest.skip(f"{WIKITEXT} not found")
+    out = tmp_path / "smollm2.json"
+    argv = ["eval", "--model", "smollm2-135m", "--data", str(WIKITEXT), "--seq-len", "512", "--max-tokens", "4096",
+            "--no-speed", "--output", str(out), "-q"]
+    code = main(argv)
+    if code != 0 and not ModelConfig().source:
+        pytest.skip("smollm2-135m is not available")
+    assert code == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["windows"] == 8 and results["tokens"] == 8 * 511
+    assert 20 <= results["perplexity"] <= 40

@@ -1,0 +1,109 @@
+"""Tests for minicompress.config: defaults, YAML, overrides and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from minicompress.config import (DataConfig, EvalConfig, ModelConfig, PruneConfig, RecoverConfig, build_config,
+                                 parse_overrides, to_dict)
+from minicompress.errors import ConfigError, MinicompressError
+
+
+def test_eval_defaults_keep_wikitext_protocol_when_data_source_is_overridden():
+    cfg = build_config(EvalConfig, overrides={"data": {"source": "x.txt"}})
+    assert cfg.data.source == "x.txt"
+    assert cfg.data.documents == "file" and cfg.data.shuffle is False
+    assert cfg.model.source == "smollm2-135m" and cfg.model.dtype == "float32"
+    assert cfg.teacher is None and cfg.stride is None
+
+
+def test_configs_are_frozen():
+    cfg = build_config(EvalConfig, overrides=["data.source=x.txt"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.batch_size = 3  # type: ignore[misc]
+
+
+def test_yaml_then_overrides_priority(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  source: a.txt\n  seq_len: 128\nbatch_size: 2\nmodel: some/folder\n")
+    cfg = build_config(EvalConfig, path, ["data.seq_len=64", "teacher=t/folder"])
+    assert cfg.data.source == "a.txt" and cfg.data.seq_len == 64 and cfg.batch_size == 2
+    assert cfg.model == ModelConfig(source="some/folder")  # a bare string becomes {source: ...}
+    assert cfg.teacher.source == "t/folder"
+
+
+def test_coercion_of_strings():
+    cfg = build_config(EvalConfig, overrides=["data.source=x", "data.max_tokens=16k", "speed=false", "stride=none",
+                                              "model.trust_remote_code=yes"])
+    assert cfg.data.max_tokens == 16000 and cfg.speed is False and cfg.stride is None
+    assert cfg.model.trust_remote_code is True
+    prune = build_config(PruneConfig, overrides=["target.drop_layers=[1, 3]", "target.target_params=0.5"])
+    assert prune.target.drop_layers == (1, 3) and prune.target.target_params == 0.5
+
+
+def test_parse_overrides_nests_and_rejects_malformed():
+    assert parse_overrides(["a.b=1", "a.c=x=y", "d=2"]) == {"a": {"b": "1", "c": "x=y"}, "d": "2"}
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_overrides(["novalue"])
+    with pytest.raises(ConfigError, match="both a value and a section"):
+        parse_overrides(["a=1", "a.b=2"])
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    (["data.source=x", "model.dtype=float8"], "model.dtype"),
+    (["data.source=x", "model.device=tpu"], "model.device"),
+    (["data.source=x", "data.seq_len=abc"], "data.seq_len"),
+    (["data.source=x", "data.seq_len=1"], "data.seq_len"),
+    (["data.source=x", "autocast=fp16"], "autocast"),
+    (["data.source=x", "data.seq_len=64", "stride=65"], "stride"),
+    (["data.source=x", "batch_size=0"], "batch_size"),
+    (["data.source=x", "bogus=1"], "bogus"),
+    (["data.source=x", "data.bogus=1"], "data.bogus"),
+    ([], "data.source"),
+])
+def test_bad_values_raise_one_line_config_error_naming_the_key(overrides, culprit):
+    with pytest.raises(ConfigError) as info:
+        build_config(EvalConfig, overrides=overrides)
+    message = str(info.value)
+    assert message.startswith(culprit + ":"), message
+    assert "\n" not in message
+    assert isinstance(info.value, MinicompressError)
+
+
+def test_bad_dtype_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"^model\.dtype: 'int4' is not allowed; choose one of float32, bfloat16"):
+        build_config(EvalConfig, overrides={"data": {"source": "x"}, "model": {"dtype": "int4"}})
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(ConfigError, match="unknown key; allowed keys of data: source, text_field"):
+        build_config(EvalConfig, overrides=["data.source=x", "data.seqlen=4"])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="^--config: file not found"):
+        build_config(EvalConfig, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="^--config: .* is not valid YAML"):
+        build_config(EvalConfig, bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        build_config(EvalConfig, listy)
+
+
+def test_recover_config_cross_checks():
+    with pytest.raises(ConfigError, match="^teacher:"):
+        build_config(RecoverConfig)
+    with pytest.raises(ConfigError, match="^global_batch_tokens:"):
+        build_config(RecoverConfig, overrides=["teacher=t", "global_batch_tokens=1000"])
+
+
+def test_to_dict_round_trips():
+    cfg = build_config(EvalConfig, overrides=["data.source=x", "teacher=t", "stride=16", "data.seq_len=32"])
+    again = build_config(EvalConfig, overrides=to_dict(cfg))
+    assert again == cfg
+    assert to_dict(DataConfig())["seq_len"] == 1024
