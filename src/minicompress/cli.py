@@ -140,6 +140,8 @@ def add_common(parser: argparse.ArgumentParser, output_help: str = "write result
     config_flag(parser, "--output", "-o", key="output", metavar="PATH", help=output_help)
     config_flag(parser, "--overwrite", key="overwrite", action="store_const", const=True,
                 help="replace an existing output")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's choice; 1 helps when other jobs share the cores)")
     add_logging_flags(parser)
 
 
@@ -411,7 +413,7 @@ def model_info(source: str, *, trust_remote_code: bool = False, count: bool = Tr
         ``{"source", "architecture", "parameters": [{component, count, percent}],
         "closed_form_total", "counted_total", "counted_matches_closed_form"}``.
     """
-    from .arch import count_parameters, describe, get_adapter
+    from .arch import describe, get_adapter
     from .config import ModelConfig
 
     model_config = ModelConfig(source=source, trust_remote_code=trust_remote_code)
@@ -586,6 +588,110 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# score and prune
+
+
+def _scoring_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from .config import AGGREGATIONS, AUTOCAST
+
+    config_flag(p, "--num-samples", key=f"{prefix}num_samples",
+                help="calibration sequences (Minitron used 1024; default 1024 for score, 256 for prune)")
+    config_flag(p, "--batch-size", key=f"{prefix}batch_size", help="sequences per forward pass (default 8)")
+    config_flag(p, "--batch-aggregation", key=f"{prefix}batch_aggregation", choices=AGGREGATIONS,
+                help="how per-sample scores combine (default l2, the paper's best)")
+    config_flag(p, "--sequence-aggregation", key=f"{prefix}sequence_aggregation", choices=AGGREGATIONS,
+                help="how per-token activations combine (default mean, the paper's best)")
+    config_flag(p, "--loss-samples", key=f"{prefix}loss_samples",
+                help="sequences for the per-layer loss-drop score (0: skip it)")
+    config_flag(p, "--no-layer-scores", key=f"{prefix}layer_scores", action="store_const", const=False,
+                help="skip the per-layer loss-drop score (Block Importance is always computed)")
+    config_flag(p, "--score-autocast", key=f"{prefix}autocast", choices=AUTOCAST,
+                help="bf16 autocast for the calibration forward (slower than float32 on CPUs without AMX)")
+
+
+def _score_setup(p: argparse.ArgumentParser) -> None:
+    add_common(p, output_help="folder for scores.safetensors, scores.json and minicompress.json")
+    add_model_flags(p, "model", default_help="; default smollm2-135m")
+    add_data_flags(p)
+    _scoring_flags(p)
+
+
+def _layer_rows(scores) -> list[dict]:
+    bi = scores.block_importance
+    rows = []
+    for i in range(bi.numel()):
+        row = {"layer": i, "block importance": float(bi[i])}
+        if scores.layer_loss is not None:
+            row["loss increase if dropped"] = float(scores.layer_loss[i])
+        rows.append(row)
+    return rows
+
+
+@subcommand("score", help="importance of heads, neurons, channels and layers on calibration data",
+            setup=_score_setup)
+def score_command(args: argparse.Namespace) -> int:
+    """``minicompress score``: Minitron activation importance, written for reuse by ``prune``."""
+    from .commands import score
+    from .config import ScoreConfig
+
+    cfg = build_from_args(ScoreConfig, args)
+    if cfg.output is None:
+        raise ConfigError("--output: score needs a folder to write the scores to")
+    scores = score(cfg)
+    render_table(f"layer scores of {cfg.model.source} ({scores.meta['num_samples']} samples x "
+                 f"{scores.meta['seq_len']} tokens, {scores.meta['seconds']:.0f}s)", _layer_rows(scores))
+    return 0
+
+
+def _prune_setup(p: argparse.ArgumentParser) -> None:
+    from .config import LAYER_METRICS
+
+    add_common(p, output_help="folder for the pruned Hugging Face model")
+    add_model_flags(p, "model", default_help="; default smollm2-135m")
+    add_data_flags(p)
+    config_flag(p, "--scores", key="scores", metavar="DIR", help="reuse scores written by minicompress score")
+    _scoring_flags(p, "score.")
+    config_flag(p, "--target-params", key="target.target_params",
+                help="parameter budget: a ratio (0.5) or a count (70M); searches uniform shapes near it")
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                 "num_hidden_layers"):
+        config_flag(p, "--" + name.replace("_", "-"), key=f"target.{name}", help=f"new {name}")
+    config_flag(p, "--drop-layers", key="target.drop_layers", metavar="I,J,...", help="layer indices to drop")
+    config_flag(p, "--layer-metric", key="target.layer_metric", choices=LAYER_METRICS,
+                help="how layers are chosen when depth shrinks (default bi: Block Importance)")
+    config_flag(p, "--no-norm-correction", key="target.norm_correction", action="store_const", const=False,
+                help="keep norm weights as they are after removing embedding channels")
+    config_flag(p, "--search-batches", key="search_batches",
+                help="calibration batches (of 2 sequences) that rank candidate shapes (default 4)")
+
+
+@subcommand("prune", help="score, plan and rewrite a model into a smaller stock HF model", setup=_prune_setup)
+def prune_command(args: argparse.Namespace) -> int:
+    """``minicompress prune``: writes a stock HF folder plus ``minicompress.json``."""
+    from .commands import prune
+    from .config import PruneConfig
+
+    cfg = build_from_args(PruneConfig, args)
+    if cfg.output is None:
+        raise ConfigError("--output: prune needs a folder for the pruned model")
+    report = prune(cfg)
+    keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "vocab_size")
+    rows = [{"": k, "original": report["original"][k], "pruned": report["pruned"][k]} for k in keys]
+    rows.append({"": "parameters", "original": report["parameters"]["original"],
+                 "pruned": report["parameters"]["pruned"]})
+    rows.append({"": "ratio", "original": 1.0, "pruned": report["parameters"]["ratio"]})
+    render_table(f"pruned {cfg.model.source} -> {cfg.output}", rows)
+    if report.get("search"):
+        shown = [{"h/q/kv/ffn/L": f"{r['hidden_size']}/{r['num_attention_heads']}/{r['num_key_value_heads']}/"
+                                  f"{r['intermediate_size']}/{r['num_hidden_layers']}",
+                  "params": r["params"], "screen loss": r["screen_loss"], "loss": r.get("loss", "")}
+                 for r in report["search"][:10]]
+        render_table(f"architecture search: best 10 of {len(report['search'])} candidates", shown)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
 # main
 
 
@@ -650,20 +756,33 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        print(f"error: --threads: must be >= 1, got {threads}", file=sys.stderr)
+        return 2
     setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
     previous = os.environ.get("MINICOMPRESS_PROGRESS")
     if getattr(args, "quiet", False):
         os.environ["MINICOMPRESS_PROGRESS"] = "0"
     _quiet_transformers()
+    previous_threads = None
+    if threads is not None:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
     try:
         return run_command(SUBCOMMANDS[args._subcommand].run, args)
     finally:
+        if previous_threads is not None:
+            import torch
+
+            torch.set_num_threads(previous_threads)
         if getattr(args, "quiet", False):
             if previous is None:
                 os.environ.pop("MINICOMPRESS_PROGRESS", None)
             else:
                 os.environ["MINICOMPRESS_PROGRESS"] = previous
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

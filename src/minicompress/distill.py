@@ -47,7 +47,7 @@ from typing import Any, Callable
 import torch
 
 from . import arch, losses
-from .config import DataConfig, LossConfig, ModelConfig, RecoverConfig, TeacherCacheConfig, to_dict
+from .config import LossConfig, RecoverConfig, TeacherCacheConfig, to_dict
 from .data import load_sequences
 from .errors import MinicompressError
 from .evaluate import autocast_context, evaluate_perplexity, final_hidden, model_device
@@ -318,7 +318,8 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
             "shards": shards,
         }
         write_json_atomic(tmp / CACHE_INDEX_FILE, index)
-        write_provenance(tmp, provenance("teacher-cache", config, cache={k: v for k, v in index.items() if k != "shards"}))
+        summary = {k: v for k, v in index.items() if k != "shards"}
+        write_provenance(tmp, provenance("teacher-cache", config, cache=summary))
     return {"output": str(out), "rows": rows, "tokens": rows * seq_len, "top_k": config.top_k,
             "shards": len(shards), "seconds": seconds, "tokens_per_s": rows * seq_len / seconds}
 
@@ -355,7 +356,14 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
     Returns:
         ``(scaled_loss, stats)``; ``stats`` holds the unscaled float ``loss``, ``kl``,
         ``ce`` (and ``is``) of this micro batch and its ``targets`` count.
+
+    Raises:
+        MinicompressError: a KL or intermediate-state weight without a teacher.
     """
+    if loss.kl_weight > 0 and teacher is None and teacher_topk is None:
+        raise MinicompressError("teacher: loss.kl_weight > 0 needs a teacher or cached top-k logits")
+    if intermediate is not None and teacher is None:
+        raise MinicompressError("teacher: loss.intermediate_weight > 0 needs a live teacher")
     device = input_ids.device
     labels = shift_labels(input_ids)
     targets = int((labels != IGNORE_INDEX).sum())
@@ -375,7 +383,7 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         out.last_hidden_state, arch.lm_head_weight(student), t_hidden, t_weight,
         labels=labels,
         teacher_topk=None if teacher_topk is None else (teacher_topk[0].to(device), teacher_topk[1].to(device)),
-        kl_weight=loss.kl_weight if (use_teacher or teacher_topk is not None) else 0.0,
+        kl_weight=loss.kl_weight,
         ce_weight=loss.ce_weight, kind=kind, temperature=loss.temperature, beta=loss.beta,
         chunk_size=loss.chunk_size, student_softcap=arch.logit_softcap(student),
         teacher_softcap=arch.logit_softcap(teacher) if use_teacher else None,
@@ -801,13 +809,15 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                          sums["loss"], sums["kl"], sums["ce"], lr, grad_norm, record["tokens_per_s"])
 
             if done == total_steps or (config.save_every and done % config.save_every == 0):
-                save_checkpoint(work, student=student, optimizer=optimizer, intermediate=intermediate, keep=config.checkpoint_keep, state={
+                state = {
                     "step": done, "tokens": done * config.global_batch_tokens, "seconds": elapsed,
                     "data_position": done * accum_steps * config.micro_batch_size,
                     "scheduler": {"kind": "warmup_cosine", "lr": config.lr, "min_lr": config.min_lr,
                                   "warmup_steps": config.warmup_steps, "total_steps": total_steps},
                     "config": to_dict(config), "before": before, "metrics_bytes": metrics_path.stat().st_size,
-                })
+                }
+                save_checkpoint(work, student=student, optimizer=optimizer, intermediate=intermediate, state=state,
+                                keep=config.checkpoint_keep)
             if callback is not None:
                 callback(record)
 
@@ -817,13 +827,15 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     last = records[-1]
     after = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
     final_loss = last.get("loss")
-    teacher_source = (config.teacher.source if config.teacher else None) if cache is None else cache.index.get("teacher")
+    if cache is not None:
+        teacher_source = cache.index.get("teacher")
+    else:
+        teacher_source = config.teacher.source if config.teacher else None
     recovery = provenance(
-        "recover", config,
-        teacher=teacher_source, teacher_cache=config.teacher_cache, tokens_trained=total_steps * config.global_batch_tokens,
-        steps=total_steps, loss=to_dict(config.loss), held_out_sequences=n_eval, train_sequences=n_train,
-        metrics_before=before, metrics_after=after, final_train_loss=final_loss,
-        seconds=elapsed,
+        "recover", config, teacher=teacher_source, teacher_cache=config.teacher_cache,
+        tokens_trained=total_steps * config.global_batch_tokens, steps=total_steps, loss=to_dict(config.loss),
+        held_out_sequences=n_eval, train_sequences=n_train, metrics_before=before, metrics_after=after,
+        final_train_loss=final_loss, seconds=elapsed,
     )
     folder = _student_folder(student)
     previous = read_provenance(folder) if folder is not None else None

@@ -125,8 +125,16 @@ def _resolve_sizes(config: Any, target: Any) -> dict[str, int]:
         "num_hidden_layers": get("num_hidden_layers"),
     }
     q = sizes["num_attention_heads"]
-    if sizes["num_key_value_heads"] is None:  # keep the KV heads if the query heads still fit them
-        sizes["num_key_value_heads"] = kv if q % kv == 0 and q >= kv else math.gcd(q, kv)
+    if sizes["num_key_value_heads"] is None:  # keep the KV heads if the query heads still fill them
+        if q % kv == 0:
+            sizes["num_key_value_heads"] = kv
+        elif q < kv:
+            sizes["num_key_value_heads"] = q  # one query head per kept KV group
+        else:
+            raise MinicompressError(
+                f"target.num_attention_heads: {q} is not divisible by the model's {kv} KV heads; choose a multiple "
+                f"of {kv}, or fewer query heads than {kv}, or set num_key_value_heads"
+            )
     for key, limit in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
                        ("num_attention_heads", heads), ("num_key_value_heads", kv)):
         if not 0 < sizes[key] <= limit:
@@ -139,7 +147,7 @@ def _resolve_sizes(config: Any, target: Any) -> dict[str, int]:
     if q // k > heads // kv:
         raise MinicompressError(
             f"target.num_attention_heads: {q} query heads over {k} KV heads needs {q // k} per group, "
-            f"the model has only {heads // kv}; use at most {k * (heads // kv)} or more KV heads"
+            f"the model has only {heads // kv}; use at most {k * (heads // kv)} query heads for {k} KV heads"
         )
     return sizes
 
@@ -521,12 +529,14 @@ def candidate_targets(config: Any, target_params: float, tolerance: float = 0.03
                          "num_hidden_layers": d, "intermediate_size": 1}
                 base = _target_params(config, probe)
                 per_neuron = _target_params(config, {**probe, "intermediate_size": 2}) - base
-                f = min(ffn, _round_down(1 + (budget - base) / per_neuron, f_step))
-                if f < max(f_step, ffn // 8):
+                below = _round_down(1 + (budget - base) / per_neuron, f_step)
+                options = [f for f in (below, below + f_step) if max(f_step, ffn // 8) <= f <= ffn]
+                if not options:
                     continue
-                params = _target_params(config, {**probe, "intermediate_size": f})
-                if abs(params - budget) <= tolerance * budget:
-                    out.append({**probe, "intermediate_size": f, "params": params})
+                sizes = {f: _target_params(config, {**probe, "intermediate_size": f}) for f in options}
+                f = min(sizes, key=lambda v: abs(sizes[v] - budget))
+                if abs(sizes[f] - budget) <= tolerance * budget:
+                    out.append({**probe, "intermediate_size": f, "params": sizes[f]})
     if not out:
         raise MinicompressError(f"target.target_params: no uniform shape within {tolerance:.0%} of {int(budget):,}")
     return sorted(out, key=lambda t: -t["params"])
