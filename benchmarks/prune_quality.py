@@ -83,10 +83,15 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=128, help="calibration sequences of 512 tokens")
     parser.add_argument("--loss-samples", type=int, default=4, help="sequences for the per-layer loss score")
     parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--budgets", default="0.5,0.7", help="comma-separated: which of ~50%% / ~70%% to run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on shared cores)")
     parser.add_argument("--scores", default=str(ROOT / "benchmarks" / "out" / "smollm2_scores"),
                         help="scores folder: reused if present, else written after scoring")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "prune_quality.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = {float(b) for b in args.budgets.split(",")}
     console = Console()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -131,6 +136,8 @@ def main() -> None:
     searches = {}
     for budget, width, depth in ((0.5, {"hidden_size": 448, "num_attention_heads": 6, "intermediate_size": 768}, 11),
                                  (0.7, {"hidden_size": 512, "num_attention_heads": 6, "intermediate_size": 1152}, 19)):
+        if budget not in budgets:
+            continue
         tag = f"~{int(budget * 100)}%"
         for kind, importance in kinds.items():
             run(f"{tag} width", kind, importance, width)
@@ -145,7 +152,7 @@ def main() -> None:
         console.print(f"search {tag}: {len(table)} candidates in {searches[tag]['seconds']:.0f}s -> {best}")
         for kind, importance in kinds.items():
             run(f"{tag} searched", kind, importance, best)
-    if True:  # the anchors' second fixed width shape, for a direct comparison
+    if 0.7 in budgets:  # the anchors' second fixed width shape, for a direct comparison
         run("~67% width", "activation", scores, {"hidden_size": 512, "num_attention_heads": 6, "intermediate_size": 1024})
 
     table = Table(title=f"SmolLM2-135M pruned, no recovery: WikiText-2 ppl (first {args.eval_tokens:,} tokens, windows 512)")

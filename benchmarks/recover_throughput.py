@@ -48,6 +48,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # make RSS track live memo
 import argparse
 import copy
 import datetime as dt
+import functools
 import gc
 import json
 import platform
@@ -87,12 +88,15 @@ def parse_args() -> argparse.Namespace:
                    "first (which allocates the optimizer state) and compiled ones")
     p.add_argument("--variants", default="ours,naive,liger-eager,liger-compiled")
     p.add_argument("--bf16", action="store_true", help="also run ours and naive under bf16 autocast (slow without AMX)")
-    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of ours and Liger's losses")
+    p.add_argument("--ours-chunks", default="", help="extra comma-separated chunk sizes to run ours with")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on 2 cores shared with other jobs, 2 OpenMP threads run up to 10x slower)")
     p.add_argument("--perturb", type=float, default=0.05,
                    help="relative noise added to a copied student so the KL is not 0 (the variants must agree)")
     p.add_argument("--output", default=str(OUT))
+    p.add_argument("--loss-only", action="store_true",
+                   help="time only lm_head + loss + backward on fixed hidden states (Liger's own benchmark setup)")
     p.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
     return p.parse_args()
 
@@ -124,6 +128,10 @@ def step_ours(student, teacher, ids, optimizer, chunk_size, autocast="none") -> 
     t.update(teacher_forward=t1 - t0, student_forward=t2 - t1, loss=t3 - t2, student_backward=t4 - t3,
              optimizer=t5 - t4, total=t5 - t0, value=float(loss))
     return t
+
+
+def _with_chunk(step, chunk, student, teacher, ids, optimizer, _chunk_size, autocast="none") -> dict:
+    return step(student, teacher, ids, optimizer, chunk, autocast)
 
 
 def step_naive(student, teacher, ids, optimizer, chunk_size, autocast="none") -> dict:
@@ -167,6 +175,53 @@ def make_liger_step(compiled: bool, chunk_size: int):
     return step_liger
 
 
+def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: tuple[int, ...] = ()) -> dict:
+    """Loss-only variants (``--loss-only``): final hidden states are computed once; a step is
+    lm_head + KL + backward to the student's hidden states and lm_head weight, as in
+    Liger-Kernel's own loss benchmarks. Returns ``{name: step_fn}`` with the step signature."""
+    with torch.no_grad():
+        h_s = student.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        h_t = teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+    w_s, w_t = arch.lm_head_weight(student), arch.lm_head_weight(teacher)
+    labels = ids[:, 1:].reshape(-1)
+
+    def timed(fn):
+        def step(_student, _teacher, _ids, optimizer, _chunk_size, _autocast="none") -> dict:
+            optimizer.zero_grad(set_to_none=True)
+            h = h_s.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            loss = fn(h)
+            loss.backward()
+            return {"total": time.perf_counter() - t0, "value": float(loss)}
+        return step
+
+    def ours(h, chunk=chunk_size):
+        return chunked_distill_loss(h, w_s, h_t, w_t, labels=labels, kl_weight=1.0, ce_weight=0.0,
+                                    kind="forward_kl", chunk_size=chunk)
+
+    def naive(h):
+        s_logp = F.log_softmax(F.linear(h, w_s).float(), dim=-1)
+        with torch.no_grad():
+            t_logp = F.log_softmax(F.linear(h_t, w_t).float(), dim=-1)
+        return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+
+    steps = {"ours": timed(ours), "naive": timed(naive)}
+    for chunk in extra_chunks:
+        steps[f"ours-chunk{chunk}"] = timed(lambda h, chunk=chunk: ours(h, chunk))
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        for compiled in (False, True):
+            fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=compiled,
+                                         chunk_size=chunk_size)
+            steps["liger-compiled" if compiled else "liger-eager"] = timed(
+                lambda h, fn=fn: fn(h, w_s, h_t, w_t, labels))
+    except Exception as err:  # report exactly why Liger cannot run here
+        steps["liger-error"] = f"{type(err).__name__}: {err}"
+    return steps
+
+
 # ----------------------------------------------------------------------------------------
 
 
@@ -191,21 +246,23 @@ def bench_model(name: str, args, console: Console) -> dict:
     ids = load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
                                     max_tokens=batch * args.seq_len * 4), tokenizer)[:batch]
     optimizer = _make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
-    variants = {}
-    wanted = args.variants.split(",")
-    if "ours" in wanted:
-        variants["ours"] = (step_ours, "none")
-    if "naive" in wanted:
-        variants["naive"] = (step_naive, "none")
+    extra_chunks = tuple(int(c) for c in args.ours_chunks.split(",") if c)
+    wanted = args.variants.split(",") + [f"ours-chunk{c}" for c in extra_chunks]
     liger_error = None
-    for compiled in (False, True):
-        key = "liger-compiled" if compiled else "liger-eager"
-        if key in wanted:
+    if args.loss_only:
+        steps = make_loss_only_steps(student, teacher, ids, args.chunk_size, extra_chunks)
+        liger_error = steps.pop("liger-error", None)
+    else:
+        steps = {"ours": step_ours, "naive": step_naive}
+        for chunk in extra_chunks:
+            steps[f"ours-chunk{chunk}"] = functools.partial(_with_chunk, step_ours, chunk)
+        for compiled in (False, True):
             try:
-                variants[key] = (make_liger_step(compiled, args.chunk_size), "none")
+                steps["liger-compiled" if compiled else "liger-eager"] = make_liger_step(compiled, args.chunk_size)
             except Exception as err:  # report exactly why Liger cannot run here
                 liger_error = f"{type(err).__name__}: {err}"
-    if args.bf16:
+    variants = {k: (fn, "none") for k, fn in steps.items() if k in wanted}
+    if args.bf16 and not args.loss_only:
         variants["ours bf16"] = (step_ours, "bfloat16")
         variants["naive bf16"] = (step_naive, "bfloat16")
 
@@ -248,7 +305,7 @@ def bench_model(name: str, args, console: Console) -> dict:
         row = {"step_s": step_s, "tokens_per_s": tokens / step_s, "extra_peak_bytes": max(res["peaks"]),
                "extra_peak_gib": max(res["peaks"]) / GIB, "loss": res["parts"][-1]["value"],
                "warmup_s": res.get("warmup_s"), "times": res["times"], "peaks": res["peaks"]}
-        if key.startswith("ours"):
+        if key.startswith("ours") and "teacher_forward" in res["parts"][0]:
             share = {}
             for part in ("teacher_forward", "student_forward", "loss", "student_backward", "optimizer"):
                 share[part] = statistics.median(p[part] for p in res["parts"]) / step_s
@@ -260,7 +317,8 @@ def bench_model(name: str, args, console: Console) -> dict:
     student_name = args.student if (args.student and name.startswith("smollm")) else "perturbed copy of the teacher"
     out = {"model": name, "student": student_name,
            "batch": batch, "seq_len": args.seq_len, "tokens": tokens,
-           "vocab_size": arch.lm_head_weight(teacher).shape[0], "variants": rows}
+           "vocab_size": arch.lm_head_weight(teacher).shape[0], "mode": "loss only" if args.loss_only else "full step",
+           "variants": rows}
     if "ours" in rows and "naive" in rows and "step_s" in rows["ours"] and "step_s" in rows["naive"]:
         out["ours_vs_naive_throughput"] = rows["ours"]["tokens_per_s"] / rows["naive"]["tokens_per_s"]
         out["ours_vs_naive_memory"] = rows["ours"]["extra_peak_bytes"] / max(rows["naive"]["extra_peak_bytes"], 1)
@@ -297,7 +355,9 @@ def render(results: list[dict]) -> Table:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| model (vocab) | tokens/step | variant | tokens/s | x naive | extra peak GiB | x naive mem | loss |",
+    mode = results[0].get("mode", "full step") if results else "full step"
+    lines = [f"Mode: {mode}.", "",
+             "| model (vocab) | tokens/step | variant | tokens/s | x naive | extra peak GiB | x naive mem | loss |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for res in results:
         naive = res["variants"].get("naive", {})
