@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; 1 is far faster when other processes "
                              "share the cores)")
+    parser.add_argument("--variants", nargs="+", default=[f"{w}/{a}" for w, a in VARIANTS],
+                        choices=[f"{w}/{a}" for w, a in VARIANTS],
+                        help="weights/autocast variants to run (default: all three)")
     parser.add_argument("--anchor-autocast", nargs="+", default=["none"], choices=("none", "bfloat16"),
                         help="autocast modes of the anchor-protocol rows (the anchor itself used bfloat16, "
                              "which adds about 15 minutes here)")
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                           documents="file", shuffle=False)
         stream = load_token_stream(data, tokenizer)
         protocol = f"first {stream.numel():,} tok" if args.max_tokens else "full test set"
-        for weights, autocast in VARIANTS:
+        for weights, autocast in (tuple(v.split("/")) for v in args.variants):
             model = fp32_model if weights == "float32" else load_model(ModelConfig(source=name, dtype=weights))[0]
             row = run_one(model, tokenizer, name=name, weights=weights, autocast=autocast, stream=stream,
                           seq_len=args.seq_len, protocol=protocol, speed=not args.no_speed,

@@ -133,7 +133,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    console = Console()
+    console = Console(width=160)
     started = time.perf_counter()
 
     teacher, tokenizer = load_model(args.teacher)

@@ -382,7 +382,7 @@ def markdown(results: list[dict]) -> str:
 
 def main() -> None:
     args = parse_args()
-    console = Console(stderr=False)
+    console = Console(width=160)
     if args.render:
         results = json.loads(Path(args.render).read_text())["results"]
         console.print(render(results))

@@ -35,8 +35,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on shared cores)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "scoring_overhead.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     cfg = ScoreConfig(data=DataConfig(source=str(ROOT.parent / "shared" / "data" / "corpus"), seq_len=args.seq_len),
                       num_samples=args.batches * args.batch_size, batch_size=args.batch_size, layer_scores=False)

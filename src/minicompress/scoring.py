@@ -247,7 +247,9 @@ class ActivationScorer:
         self.neurons = [RunningAggregate(sequence, batch) for _ in range(self.num_layers)]
         self.channels = RunningAggregate(sequence, batch)
         self._channel_sum: torch.Tensor | None = None
-        self._boundaries: list[torch.Tensor | None] = [None] * (self.num_layers + 1)
+        self._unit: torch.Tensor | None = None  # [B*T, L+1, H] normalised residual at block boundaries
+        self._boundary_batch = 0
+        self._boundaries_seen = 0
         self.distance_sum = torch.zeros(self.num_layers + 1, self.num_layers + 1)
         self.distance_count = 0
         n_norms = len(self.adapter.all_layer_norms)
@@ -299,18 +301,19 @@ class ActivationScorer:
 
     def _energy_hook(self, i: int | None, k: int):
         def hook(module, args):
-            x = args[0].detach().float().square()
-            share = x / x.sum(-1, keepdim=True).clamp_min(1e-30)  # [B, T, H], sums to 1 per token
+            x2 = args[0].detach().float().square()  # [B, T, H]
+            weight = 1.0 / x2.sum(-1).clamp_min(1e-30)  # [B, T]: each token's shares sum to 1
             if self.mask is not None:
-                m = self.mask.to(share.device, share.dtype)
-                total, tokens = (share * m[..., None]).sum((0, 1)), float(m.sum())
+                weight = weight * self.mask.to(weight.device, weight.dtype)
+                tokens = float(self.mask.sum())
             else:
-                total, tokens = share.sum((0, 1)), float(share.shape[0] * share.shape[1])
+                tokens = float(weight.numel())
+            total = torch.einsum("btc,bt->c", x2, weight).cpu()
             if i is None:
-                self.final_energy_sum += total.cpu()
+                self.final_energy_sum += total
                 self.energy_tokens += tokens
             else:
-                self.energy_sum[i, k] += total.cpu()
+                self.energy_sum[i, k] += total
         return hook
 
     def _boundary_hook(self, i: int):
@@ -318,8 +321,12 @@ class ActivationScorer:
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
             if i == 0:
-                self._boundaries[0] = hidden_in.detach().float()
-            self._boundaries[i + 1] = hidden_out.detach().float()
+                b, t, h = hidden_in.shape
+                self._unit = torch.empty(b * t, self.num_layers + 1, h, device=hidden_in.device)
+                self._unit[:, 0] = F.normalize(hidden_in.detach().float().reshape(b * t, h), dim=-1)
+                self._boundary_batch = b
+            self._unit[:, i + 1] = F.normalize(hidden_out.detach().float().reshape(-1, hidden_out.shape[-1]), dim=-1)
+            self._boundaries_seen = i + 1
         return hook
 
     def _finish_batch(self) -> None:
@@ -328,22 +335,22 @@ class ActivationScorer:
                 self.channels.add_samples(self._channel_sum)
             else:
                 self.channels.update(self._channel_sum, self.mask)
-        states = self._boundaries
-        if all(s is not None for s in states):
-            batch = states[0].shape[0]
-            flat = [s.reshape(-1, s.shape[-1]) for s in states]  # (L+1) x [N, H]
-            m = None if self.mask is None else self.mask.reshape(-1).to(flat[0].device).float()
-            total = torch.zeros(len(flat), len(flat))
-            n_tok = flat[0].shape[0] if m is None else float(m.sum().clamp_min(1))
-            for start in range(0, flat[0].shape[0], 1024):
-                unit = F.normalize(torch.stack([f[start:start + 1024] for f in flat], dim=1), dim=-1)  # [n, L+1, H]
-                gram = unit @ unit.transpose(1, 2)  # [n, L+1, L+1] cosines
-                w = None if m is None else m[start:start + 1024]
-                total += ((1.0 - gram) * (w[:, None, None] if w is not None else 1.0)).sum(0).cpu()
+        if self._unit is not None and self._boundaries_seen == self.num_layers:
+            unit, batch = self._unit, self._boundary_batch  # [N, L+1, H] unit vectors
+            m = None if self.mask is None else self.mask.reshape(-1).to(unit.device).float()
+            n_tok = unit.shape[0] if m is None else float(m.sum().clamp_min(1))
+            total = torch.zeros(unit.shape[1], unit.shape[1])
+            for start in range(0, unit.shape[0], 1024):
+                gram = torch.bmm(unit[start:start + 1024], unit[start:start + 1024].transpose(1, 2))  # cosines
+                dist = 1.0 - gram
+                if m is not None:
+                    dist = dist * m[start:start + 1024, None, None]
+                total += dist.sum(0).cpu()
             # each sample contributes its token-mean distance, weighted like a sample
             self.distance_sum += total / n_tok * batch
             self.distance_count += batch
-        self._boundaries = [None] * (self.num_layers + 1)
+        self._unit = None
+        self._boundaries_seen = 0
         self._channel_sum = None
 
     def result(self, meta: dict | None = None) -> ImportanceScores:
