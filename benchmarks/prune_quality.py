@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--loss-samples", type=int, default=4, help="sequences for the per-layer loss score")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--budgets", default="0.5,0.7", help="comma-separated: which of ~50%% / ~70%% to run")
+    parser.add_argument("--only-search", action="store_true", help="skip the fixed width and depth rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on shared cores)")
     parser.add_argument("--scores", default=str(ROOT / "benchmarks" / "out" / "smollm2_scores"),
                         help="scores folder: reused if present, else written after scoring")
@@ -124,7 +125,9 @@ def main() -> None:
              "ratio": 1.0, "ppl": teacher_ppl}]
 
     def run(group: str, method: str, importance: ImportanceScores, target: dict) -> None:
-        plan = make_plan(importance, model.config, target)
+        # the anchors' fixed shapes (448/6, 512/6) are not valid stock LlamaConfigs (transformers 5 checks
+        # hidden_size % num_attention_heads): those rows are evaluated in memory, for comparison only
+        plan = make_plan(importance, model.config, target, require_valid_config="searched" in group)
         small = pruned_copy(model, plan)
         params = count_parameters(small.config)["total"]
         ppl = evaluate_perplexity(small, windows, batch_size=8)["perplexity"]
@@ -139,12 +142,13 @@ def main() -> None:
         if budget not in budgets:
             continue
         tag = f"~{int(budget * 100)}%"
-        for kind, importance in kinds.items():
-            run(f"{tag} width", kind, importance, width)
-        run(f"{tag} width", "activation, no norm correction", scores, {**width, "norm_correction": False})
-        for metric in ("bi", "loss", "contiguous"):
-            run(f"{tag} depth", f"activation ({metric})", scores, {"num_hidden_layers": depth, "layer_metric": metric})
-        run(f"{tag} depth", "random layers", kinds["random"], {"num_hidden_layers": depth, "layer_metric": "bi"})
+        if not args.only_search:
+            for kind, importance in kinds.items():
+                run(f"{tag} width", kind, importance, width)
+            run(f"{tag} width", "activation, no norm correction", scores, {**width, "norm_correction": False})
+            for metric in ("bi", "loss", "contiguous"):
+                run(f"{tag} depth", f"activation ({metric})", scores, {"num_hidden_layers": depth, "layer_metric": metric})
+            run(f"{tag} depth", "random layers", kinds["random"], {"num_hidden_layers": depth, "layer_metric": "bi"})
         t = time.perf_counter()
         best, table = search_architecture(model, scores, budget + (0.009 if budget == 0.5 else 0.01), search_batches,
                                           tolerance=0.02)
@@ -152,7 +156,7 @@ def main() -> None:
         console.print(f"search {tag}: {len(table)} candidates in {searches[tag]['seconds']:.0f}s -> {best}")
         for kind, importance in kinds.items():
             run(f"{tag} searched", kind, importance, best)
-    if 0.7 in budgets:  # the anchors' second fixed width shape, for a direct comparison
+    if 0.7 in budgets and not args.only_search:  # the anchors' second fixed width shape, for a direct comparison
         run("~67% width", "activation", scores, {"hidden_size": 512, "num_attention_heads": 6, "intermediate_size": 1024})
 
     table = Table(title=f"SmolLM2-135M pruned, no recovery: WikiText-2 ppl (first {args.eval_tokens:,} tokens, windows 512)")

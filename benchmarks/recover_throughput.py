@@ -17,6 +17,8 @@ Threads default to 1: on this machine's 2 cores shared with other jobs, two Open
 threads ran the same forward up to 10x slower than one (barrier waits on a descheduled
 thread).
 
+* ``proto-analytic`` (only when named in ``--variants``): a prototype that is not in the
+  library, the same chunked loss with the closed-form forward-KL gradient and in-place ops;
 * ``liger eager`` / ``liger compiled``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``
   with ``beta=0`` (forward KL), ``weight_soft_loss=1``, ``weight_hard_loss=0``, chunk 1024,
   ``compiled=False`` / ``True`` (its pure-PyTorch chunked loss; no triton needed).
@@ -90,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="also run ours and naive under bf16 autocast (slow without AMX)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of ours and Liger's losses")
     p.add_argument("--ours-chunks", default="", help="extra comma-separated chunk sizes to run ours with")
+    p.add_argument("--proto-chunk", type=int, default=256,
+                   help="chunk of the proto-analytic variant (add it to --variants to run it)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on 2 cores shared with other jobs, 2 OpenMP threads run up to 10x slower)")
     p.add_argument("--perturb", type=float, default=0.05,
@@ -128,6 +132,51 @@ def step_ours(student, teacher, ids, optimizer, chunk_size, autocast="none") -> 
     t.update(teacher_forward=t1 - t0, student_forward=t2 - t1, loss=t3 - t2, student_backward=t4 - t3,
              optimizer=t5 - t4, total=t5 - t0, value=float(loss))
     return t
+
+
+class _AnalyticForwardKL(torch.autograd.Function):
+    """PROTOTYPE, not in the library: chunked lm_head + forward KL (tau = 1) whose chunk
+    gradient is the closed form ``(softmax(z) - p_teacher) / N`` with in-place ops, instead
+    of autograd through the chunk's loss graph as :func:`chunked_distill_loss` does. It
+    measures what an analytic fast path in ``losses.py`` would buy."""
+
+    @staticmethod
+    def forward(ctx, h, w, th, tw, chunk):
+        n = h.shape[0]
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(w, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, n, chunk):
+            h_c, th_c = h[start:start + chunk].detach(), th[start:start + chunk]
+            s_logp = torch.log_softmax(h_c @ w.detach().t(), dim=-1)
+            t_logp = torch.log_softmax(th_c @ tw.t(), dim=-1)
+            p = t_logp.exp()
+            total += torch.dot(p.view(-1), t_logp.sub_(s_logp).view(-1)).double()  # sum p (log p - log q)
+            g = s_logp.exp_().sub_(p).div_(n)  # d KL_mean / d z
+            grad_h[start:start + chunk] = g @ w.detach()
+            grad_w.addmm_(g.t(), h_c)
+        ctx.save_for_backward(grad_h, grad_w)
+        return (total / n).float()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, (grad_w * grad_out).to(grad_w.dtype), None, None, None
+
+
+def step_analytic(student, teacher, ids, optimizer, chunk_size, autocast="none") -> dict:
+    """``ours`` with the prototype analytic-gradient loss (last position dropped, tau = 1)."""
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    loss = _AnalyticForwardKL.apply(hidden.reshape(-1, hidden.shape[-1]), arch.lm_head_weight(student),
+                                    t_hidden.reshape(-1, t_hidden.shape[-1]), arch.lm_head_weight(teacher),
+                                    chunk_size)
+    loss.backward()
+    optimizer.step()
+    return {"total": time.perf_counter() - t0, "value": float(loss)}
 
 
 def _with_chunk(step, chunk, student, teacher, ids, optimizer, _chunk_size, autocast="none") -> dict:
@@ -175,7 +224,8 @@ def make_liger_step(compiled: bool, chunk_size: int):
     return step_liger
 
 
-def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: tuple[int, ...] = ()) -> dict:
+def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: tuple[int, ...] = (),
+                         proto_chunk: int = 256) -> dict:
     """Loss-only variants (``--loss-only``): final hidden states are computed once; a step is
     lm_head + KL + backward to the student's hidden states and lm_head weight, as in
     Liger-Kernel's own loss benchmarks. Returns ``{name: step_fn}`` with the step signature."""
@@ -207,6 +257,7 @@ def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: t
         return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
 
     steps = {"ours": timed(ours), "naive": timed(naive)}
+    steps["proto-analytic"] = timed(lambda h: _AnalyticForwardKL.apply(h, w_s, h_t, w_t, proto_chunk))
     for chunk in extra_chunks:
         steps[f"ours-chunk{chunk}"] = timed(lambda h, chunk=chunk: ours(h, chunk))
     try:
@@ -250,10 +301,11 @@ def bench_model(name: str, args, console: Console) -> dict:
     wanted = args.variants.split(",") + [f"ours-chunk{c}" for c in extra_chunks]
     liger_error = None
     if args.loss_only:
-        steps = make_loss_only_steps(student, teacher, ids, args.chunk_size, extra_chunks)
+        steps = make_loss_only_steps(student, teacher, ids, args.chunk_size, extra_chunks, args.proto_chunk)
         liger_error = steps.pop("liger-error", None)
     else:
-        steps = {"ours": step_ours, "naive": step_naive}
+        steps = {"ours": step_ours, "naive": step_naive,
+                 "proto-analytic": functools.partial(_with_chunk, step_analytic, args.proto_chunk)}
         for chunk in extra_chunks:
             steps[f"ours-chunk{chunk}"] = functools.partial(_with_chunk, step_ours, chunk)
         for compiled in (False, True):

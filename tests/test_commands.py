@@ -133,3 +133,23 @@ def test_scores_of_another_model_are_refused(tmp_path, tiny_model_dir, text_corp
     rc = main(["prune", "--model", str(other), "--scores", str(scores_dir), "--drop-layers", "0",
                "--output", str(tmp_path / "o")])
     assert rc == 2 and "--scores" in capsys.readouterr().err
+
+
+def test_prune_then_recover_and_teacher_cache_from_the_cli(tmp_path, tiny_llama, text_corpus):
+    pruned = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_llama), "--data", str(text_corpus), "--seq-len", "16",
+                 "--num-samples", "8", "--loss-samples", "0", "--hidden-size", "24", "--intermediate-size", "48",
+                 "--output", str(pruned)]) == 0
+    out = tmp_path / "recovered"
+    common = ["--data", str(text_corpus), "--seq-len", "16", "--micro-batch-size", "2"]
+    assert main(["recover", "--student", str(pruned), "--teacher", str(tiny_llama), *common, "--tokens", "192",
+                 "--global-batch-tokens", "64", "--lr", "1e-3", "--output", str(out), "eval_tokens=64"]) == 0
+    record = json.loads((out / "minicompress.json").read_text())
+    assert "recovery" in record and record["recovery"]["teacher"] == str(tiny_llama)
+    assert record["plan"]["channels"]  # the prune provenance is kept
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.hidden_size == 24
+    cache = tmp_path / "cache"
+    assert main(["teacher-cache", "--teacher", str(tiny_llama), *common, "--tokens", "128", "--top-k", "8",
+                 "--output", str(cache)]) == 0
+    assert list(cache.glob("*.safetensors"))

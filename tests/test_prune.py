@@ -225,3 +225,24 @@ def test_norm_correction_makes_removing_dead_channels_exact(model_type):
         plain = pruned_copy(model, make_plan(scores, model.config, {"hidden_size": 28, "norm_correction": False}))(ids).logits
     torch.testing.assert_close(exact, ref, rtol=1e-4, atol=1e-4)
     assert (plain - ref).abs().max() > 1e-3  # without the correction every norm output shrinks
+
+
+def test_hidden_size_must_divide_by_heads_where_transformers_checks_it(tmp_path):
+    model, scores = _scored("llama")
+    with pytest.raises(MinicompressError, match="divisible by num_attention_heads") as err:
+        make_plan(scores, model.config, {"hidden_size": 30})  # 30 % 4 heads
+    assert "28 or 32" in str(err.value) and "\n" not in str(err.value)
+    make_plan(scores, model.config, {"hidden_size": 30}, require_valid_config=False)  # in-memory experiments
+    # qwen3 has no such check: the shape is valid, saves and reloads
+    qwen, qscores = _scored("qwen3")
+    apply_plan_(qwen, make_plan(qscores, qwen.config, {"hidden_size": 30}))
+    qwen.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, qwen(ids).logits)
+    # the search never proposes a shape the config would reject
+    big = make_tiny_model("llama", num_hidden_layers=4, hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                          intermediate_size=192, head_dim=16)
+    cands = candidate_targets(big.config, 0.6, tolerance=0.05)
+    assert cands and all(c["hidden_size"] % c["num_attention_heads"] == 0 for c in cands)

@@ -37,6 +37,9 @@ class ArchAdapter:
         qk_norm: attention has per-head ``q_norm`` / ``k_norm`` over ``head_dim``.
         scaled_embeddings: the embedding output is multiplied by sqrt(hidden_size).
         per_layer_keys: config keys holding one entry per layer (re-indexed on drop).
+        hidden_divisible_by_heads: the transformers config rejects a ``hidden_size`` that
+            is not a multiple of ``num_attention_heads`` (llama, gemma3 in transformers 5),
+            even with an explicit ``head_dim``.
     """
 
     model_type: str
@@ -49,6 +52,7 @@ class ArchAdapter:
     qk_norm: bool = False
     scaled_embeddings: bool = False
     per_layer_keys: tuple[str, ...] = ("layer_types",)
+    hidden_divisible_by_heads: bool = False
 
     @property
     def all_layer_norms(self) -> tuple[str, ...]:
@@ -57,7 +61,7 @@ class ArchAdapter:
 
 
 ADAPTERS: dict[str, ArchAdapter] = {
-    "llama": ArchAdapter("llama"),
+    "llama": ArchAdapter("llama", hidden_divisible_by_heads=True),
     "mistral": ArchAdapter("mistral"),
     "qwen2": ArchAdapter("qwen2", qkv_bias=True),
     "qwen3": ArchAdapter("qwen3", qk_norm=True),
@@ -68,6 +72,7 @@ ADAPTERS: dict[str, ArchAdapter] = {
         norm_offset=1.0,
         qk_norm=True,
         scaled_embeddings=True,
+        hidden_divisible_by_heads=True,
     ),
 }
 

@@ -692,6 +692,85 @@ def prune_command(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# recover and teacher-cache
+
+
+def _recover_setup(p: argparse.ArgumentParser) -> None:
+    from .config import LOSS_KINDS
+
+    add_common(p, output_help="folder for the recovered Hugging Face model")
+    add_model_flags(p, "student", key="student")
+    add_model_flags(p, "teacher")
+    add_data_flags(p)
+    config_flag(p, "--teacher-cache", key="teacher_cache", metavar="DIR",
+                help="train from top-k teacher logits written by minicompress teacher-cache")
+    config_flag(p, "--tokens", key="tokens", help="training budget in tokens (e.g. 2M)")
+    config_flag(p, "--global-batch-tokens", key="global_batch_tokens", help="tokens per optimizer step")
+    config_flag(p, "--micro-batch-size", key="micro_batch_size", help="sequences per forward")
+    config_flag(p, "--lr", key="lr", help="peak learning rate (AdamW)")
+    config_flag(p, "--min-lr", key="min_lr", help="final learning rate of the cosine decay")
+    config_flag(p, "--warmup-steps", key="warmup_steps", help="linear warmup steps")
+    config_flag(p, "--loss", key="loss.kind", choices=LOSS_KINDS, help="logit divergence (default forward_kl)")
+    config_flag(p, "--temperature", key="loss.temperature", help="softmax temperature (default 1)")
+    config_flag(p, "--kl-weight", key="loss.kl_weight", help="weight of the logit divergence (default 1)")
+    config_flag(p, "--ce-weight", key="loss.ce_weight", help="weight of cross-entropy on the text (default 0)")
+    config_flag(p, "--intermediate-weight", key="loss.intermediate_weight",
+                help="> 0 adds Minitron's intermediate-state loss (dynamic weight)")
+    config_flag(p, "--autocast", key="autocast", choices=("none", "bfloat16"),
+                help="bf16 autocast (use on GPUs and AMX CPUs; slower on plain AVX2)")
+    config_flag(p, "--eval-every", key="eval_every", help="optimizer steps between held-out evaluations")
+    config_flag(p, "--save-every", key="save_every", help="optimizer steps between checkpoints")
+    config_flag(p, "--resume", key="resume", action="store_const", const=True,
+                help="continue from the last checkpoint in <output>.partial")
+
+
+@subcommand("recover", help="distil a pruned student from its frozen teacher", setup=_recover_setup)
+def recover_command(args: argparse.Namespace) -> int:
+    """``minicompress recover``: knowledge-distillation recovery; writes a stock HF folder."""
+    from .config import RecoverConfig
+    from .distill import recover
+
+    cfg = build_from_args(RecoverConfig, args)
+    if cfg.output is None:
+        raise ConfigError("--output: recover needs a folder for the recovered model")
+    report = recover(cfg)
+    shown = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
+    for phase in ("before", "after"):
+        for key, value in (report.get(phase) or {}).items():
+            if not isinstance(value, (dict, list)):
+                shown[f"{phase} {key}"] = value
+    render_table(f"recovered {cfg.student.source} -> {cfg.output}", shown)
+    return 0
+
+
+def _teacher_cache_setup(p: argparse.ArgumentParser) -> None:
+    add_common(p, output_help="folder for the top-k logit shards")
+    add_model_flags(p, "teacher")
+    add_data_flags(p)
+    config_flag(p, "--tokens", key="tokens", help="tokens to cache (e.g. 2M)")
+    config_flag(p, "--top-k", key="top_k", help="logits kept per token (default 64)")
+    config_flag(p, "--micro-batch-size", key="micro_batch_size", help="sequences per forward")
+    config_flag(p, "--shard-tokens", key="shard_tokens", help="tokens per safetensors shard")
+    config_flag(p, "--autocast", key="autocast", choices=("none", "bfloat16"), help="bf16 autocast")
+
+
+@subcommand("teacher-cache", help="write a teacher's top-k logits for offline distillation",
+            setup=_teacher_cache_setup)
+def teacher_cache_command(args: argparse.Namespace) -> int:
+    """``minicompress teacher-cache``: top-k teacher logits as safetensors shards."""
+    from .config import TeacherCacheConfig
+    from .distill import write_teacher_cache
+
+    cfg = build_from_args(TeacherCacheConfig, args)
+    if cfg.output is None:
+        raise ConfigError("--output: teacher-cache needs a folder for the shards")
+    report = write_teacher_cache(cfg)
+    render_table(f"teacher cache {cfg.teacher.source} -> {cfg.output}",
+                 {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
 # main
 
 

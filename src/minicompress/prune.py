@@ -213,7 +213,7 @@ def _select_heads(head_scores: torch.Tensor, num_kv: int, new_q: int, new_kv: in
     return q, kv
 
 
-def make_plan(scores: ImportanceScores, config: Any, target: Any) -> PrunePlan:
+def make_plan(scores: ImportanceScores, config: Any, target: Any, *, require_valid_config: bool = True) -> PrunePlan:
     """Decide what to keep. Pure: reads scores and config, returns a plan.
 
     Args:
@@ -223,6 +223,9 @@ def make_plan(scores: ImportanceScores, config: Any, target: Any) -> PrunePlan:
             (``hidden_size``, ``intermediate_size``, ``num_attention_heads``,
             ``num_key_value_heads``, ``num_hidden_layers``, ``drop_layers``, ``layer_metric``).
             ``target_params`` is handled by :func:`search_architecture`, not here.
+        require_valid_config: refuse shapes the family's transformers config rejects on
+            save (``hidden_size`` not a multiple of the heads for llama / gemma3). Only
+            in-memory experiments should turn this off.
 
     Returns:
         A :class:`PrunePlan`.
@@ -231,9 +234,16 @@ def make_plan(scores: ImportanceScores, config: Any, target: Any) -> PrunePlan:
         MinicompressError: an impossible target (larger than the model, heads not
             divisible into KV groups, zero layers, unknown layers) or mismatched scores.
     """
-    get_adapter(config)
+    adapter = get_adapter(config)
     scores.check_compatible(config)
     sizes = _resolve_sizes(config, target)
+    h, q = sizes["hidden_size"], sizes["num_attention_heads"]
+    if require_valid_config and adapter.hidden_divisible_by_heads and h % q:
+        lower, upper = (h // q) * q, (h // q + 1) * q
+        raise MinicompressError(
+            f"target.hidden_size: {config.model_type} configs need hidden_size divisible by num_attention_heads "
+            f"(transformers rejects {h} with {q} heads on save); use e.g. {lower} or {upper}, or other heads"
+        )
     get = (lambda k, d=None: target.get(k, d)) if isinstance(target, dict) else (lambda k, d=None: getattr(target, k, d))
     num_layers = config.num_hidden_layers
     dropped = _layers_to_drop(scores, num_layers, tuple(get("drop_layers", ()) or ()),
@@ -512,7 +522,8 @@ def candidate_targets(config: Any, target_params: float, tolerance: float = 0.03
         raise MinicompressError(f"target.target_params: {int(budget):,} is more than the model's {total:,}")
     hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, num_kv_heads(config)
-    h_step = 64 if hidden >= 512 else max(8, _round_down(hidden / 8, 8) or 8)
+    adapter = get_adapter(config)
+    h_step = 32 if hidden >= 512 else max(8, _round_down(hidden / 8, 8) or 8)
     f_step = 64 if ffn >= 512 else 8
     hiddens = sorted({h for h in range(hidden, int(hidden * 0.4) - 1, -h_step) if h > 0} | {hidden}, reverse=True)
     depth_step = max(1, round(layers / 10))
@@ -525,6 +536,8 @@ def candidate_targets(config: Any, target_params: float, tolerance: float = 0.03
     for d in depths:
         for (q, k) in head_options:
             for h in hiddens:
+                if adapter.hidden_divisible_by_heads and h % q:
+                    continue
                 probe = {"hidden_size": h, "num_attention_heads": q, "num_key_value_heads": k,
                          "num_hidden_layers": d, "intermediate_size": 1}
                 base = _target_params(config, probe)
