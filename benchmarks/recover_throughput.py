@@ -101,6 +101,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output", default=str(OUT))
     p.add_argument("--loss-only", action="store_true",
                    help="time only lm_head + loss + backward on fixed hidden states (Liger's own benchmark setup)")
+    p.add_argument("--append", action="store_true", help="keep the other models' results already in --output")
     p.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
     return p.parse_args()
 
@@ -344,6 +345,9 @@ def bench_model(name: str, args, console: Console) -> dict:
             results[key]["times"].append(parts["total"])
             results[key]["peaks"].append(mem.peak)
             results[key]["parts"].append(parts)
+            with open(f"{args.output}.steps.jsonl", "a") as f:  # raw log, survives a killed run
+                f.write(json.dumps({"model": name, "variant": key, "rep": rep, "seconds": parts["total"],
+                                    "extra_peak_bytes": mem.peak, "loss": parts["value"]}) + "\n")
             console.log(f"{name} {key} rep {rep}: {parts['total']:.1f}s, extra peak {mem.peak / GIB:.2f} GiB, "
                         f"loss {parts['value']:.5f}")
 
@@ -443,8 +447,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = []
+    if args.append and Path(args.output).is_file():  # add models to an earlier run's results
+        results = json.loads(Path(args.output).read_text())["results"]
     started = time.perf_counter()
     for name in args.models.split(","):
+        results = [r for r in results if r["model"] != name]
         results.append(bench_model(name, args, console))
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         record = {"date": dt.date.today().isoformat(), "argv": sys.argv, "torch": torch.__version__,
