@@ -8,30 +8,31 @@ batch, side by side in one process, for
 
 Variants:
 
-* ``ours``: final hidden states of both models + :func:`minicompress.losses.chunked_distill_loss`
-  (fused lm_head + KL, chunks of 1024 tokens, never ``[N, V]``), timed per part;
+* ``ours``: the library's recovery step, :func:`minicompress.distill.micro_batch_loss` over
+  micro batches of ``--micro-batch-size`` sequences with gradient accumulation (what
+  ``minicompress recover --micro-batch-size M`` runs): final hidden states of both models +
+  :func:`minicompress.losses.chunked_distill_loss` (fused lm_head + KL with the closed-form
+  gradient, automatic chunk: 1024 tokens at vocab 49,152, 256 at 262,144; never ``[N, V]``);
+* ``ours 1 batch``: the same loss on the whole batch in one forward, timed per part (teacher
+  forward, student forward, loss, backward, optimizer) for the share of the step;
 * ``naive``: HF forward of both models with full logits,
   ``F.kl_div(log_softmax(student), log_softmax(teacher), log_target=True, reduction="batchmean")``;
-The student copy gets ``--perturb`` relative Gaussian noise so the KL is not zero.
-Threads default to 1: on this machine's 2 cores shared with other jobs, two OpenMP
-threads ran the same forward up to 10x slower than one (barrier waits on a descheduled
-thread).
-
-* ``proto-analytic`` (only when named in ``--variants``): a prototype that is not in the
-  library, the same chunked loss with the closed-form forward-KL gradient and in-place ops;
 * ``liger eager`` / ``liger compiled``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``
   with ``beta=0`` (forward KL), ``weight_soft_loss=1``, ``weight_hard_loss=0``, chunk 1024,
-  ``compiled=False`` / ``True`` (its pure-PyTorch chunked loss; no triton needed).
+  ``compiled=False`` / ``True`` (its pure-PyTorch chunked loss; no triton needed), on the
+  whole batch's hidden states.
+
+The student copy gets ``--perturb`` relative Gaussian noise so the KL is not zero.
 
 A step is: zero grads, teacher forward (no grad), student forward, loss, backward, AdamW
 step (lr 0, so every variant sees identical weights and the losses must agree). Per model,
 the first variant gets one warm-up step (it allocates AdamW's state, which is then part of every
 baseline), ``liger compiled`` gets its own (compilation), then ``--repeats`` timed steps
 run interleaved across variants (robust to load from other processes); the median
-time and the largest extra peak are reported. Extra peak memory is the peak RSS above the
-RSS before the step (:class:`minicompress.measure.PeakMemory`); the script re-executes
-itself with ``MALLOC_MMAP_THRESHOLD_=131072`` so glibc returns freed blocks to the OS and
-RSS follows live memory.
+time and the largest extra peak are reported. Extra peak memory is the peak of the bytes
+``malloc`` has handed out (glibc ``mallinfo2``, sampled every 5 ms) above the level before
+the step, the CPU analogue of ``torch.cuda.max_memory_allocated`` (see
+:mod:`minicompress.measure`); ``--memory rss`` samples the resident set size instead.
 
 Run: ``nohup python benchmarks/recover_throughput.py > /tmp/recover_throughput.log 2>&1 &``
 Prints a rich table; writes ``benchmarks/out/recover_throughput.json``.
@@ -41,11 +42,6 @@ from __future__ import annotations
 
 import os
 import sys
-
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # make RSS track live memory (see docstring)
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
-    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import argparse
 import copy
@@ -66,7 +62,8 @@ from rich.table import Table
 from minicompress import arch
 from minicompress.config import DataConfig
 from minicompress.data import load_sequences
-from minicompress.distill import _make_optimizer, shift_labels
+from minicompress.config import LossConfig
+from minicompress.distill import _make_optimizer, micro_batch_loss, shift_labels
 from minicompress.evaluate import autocast_context
 from minicompress.losses import chunked_distill_loss
 from minicompress.measure import PeakMemory
@@ -88,14 +85,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed steps per variant")
     p.add_argument("--warmup-all", action="store_true", help="a warm-up step for every variant, not just the "
                    "first (which allocates the optimizer state) and compiled ones")
-    p.add_argument("--variants", default="ours,naive,liger-eager,liger-compiled")
+    p.add_argument("--variants", default="ours,ours-1batch,naive,liger-eager,liger-compiled")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward of ``ours``")
+    p.add_argument("--memory", default="heap", choices=("heap", "rss"), help="CPU memory counter")
     p.add_argument("--bf16", action="store_true", help="also run ours and naive under bf16 autocast (slow without AMX)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of ours and Liger's losses")
+    p.add_argument("--chunk-size", type=int, default=0,
+                   help="tokens per chunk of our loss (0: automatic) and of Liger's (0: 1024)")
     p.add_argument("--ours-chunks", default="", help="extra comma-separated chunk sizes to run ours with")
-    p.add_argument("--proto-chunk", type=int, default=256,
-                   help="chunk of the proto-analytic variant (add it to --variants to run it)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on 2 cores shared with other jobs, 2 OpenMP threads run up to 10x slower)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (use 1 when other jobs share the cores: 2 OpenMP threads then run up to 10x "
+                        "slower)")
     p.add_argument("--perturb", type=float, default=0.05,
                    help="relative noise added to a copied student so the KL is not 0 (the variants must agree)")
     p.add_argument("--output", default=str(OUT))
@@ -135,49 +134,20 @@ def step_ours(student, teacher, ids, optimizer, chunk_size, autocast="none") -> 
     return t
 
 
-class _AnalyticForwardKL(torch.autograd.Function):
-    """PROTOTYPE, not in the library: chunked lm_head + forward KL (tau = 1) whose chunk
-    gradient is the closed form ``(softmax(z) - p_teacher) / N`` with in-place ops, instead
-    of autograd through the chunk's loss graph as :func:`chunked_distill_loss` does. It
-    measures what an analytic fast path in ``losses.py`` would buy."""
-
-    @staticmethod
-    def forward(ctx, h, w, th, tw, chunk):
-        n = h.shape[0]
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros_like(w, dtype=torch.float32)
-        total = torch.zeros((), dtype=torch.float64)
-        for start in range(0, n, chunk):
-            h_c, th_c = h[start:start + chunk].detach(), th[start:start + chunk]
-            s_logp = torch.log_softmax(h_c @ w.detach().t(), dim=-1)
-            t_logp = torch.log_softmax(th_c @ tw.t(), dim=-1)
-            p = t_logp.exp()
-            total += torch.dot(p.view(-1), t_logp.sub_(s_logp).view(-1)).double()  # sum p (log p - log q)
-            g = s_logp.exp_().sub_(p).div_(n)  # d KL_mean / d z
-            grad_h[start:start + chunk] = g @ w.detach()
-            grad_w.addmm_(g.t(), h_c)
-        ctx.save_for_backward(grad_h, grad_w)
-        return (total / n).float()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, (grad_w * grad_out).to(grad_w.dtype), None, None, None
-
-
-def step_analytic(student, teacher, ids, optimizer, chunk_size, autocast="none") -> dict:
-    """``ours`` with the prototype analytic-gradient loss (last position dropped, tau = 1)."""
+def step_library(student, teacher, ids, optimizer, chunk_size, autocast="none", micro_batch_size=1) -> dict:
+    """The recovery loop's step: micro batches through :func:`micro_batch_loss`, accumulated."""
+    loss_cfg = LossConfig(chunk_size=chunk_size)
+    normalizer = int((shift_labels(ids) != -100).sum())
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        t_hidden = teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-    hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-    loss = _AnalyticForwardKL.apply(hidden.reshape(-1, hidden.shape[-1]), arch.lm_head_weight(student),
-                                    t_hidden.reshape(-1, t_hidden.shape[-1]), arch.lm_head_weight(teacher),
-                                    chunk_size)
-    loss.backward()
+    total = 0.0
+    for start in range(0, ids.shape[0], micro_batch_size):
+        loss, stats = micro_batch_loss(student, ids[start:start + micro_batch_size], loss=loss_cfg, teacher=teacher,
+                                       normalizer=normalizer, autocast=autocast)
+        loss.backward()
+        total += float(loss.detach())
     optimizer.step()
-    return {"total": time.perf_counter() - t0, "value": float(loss)}
+    return {"total": time.perf_counter() - t0, "value": total}
 
 
 def _with_chunk(step, chunk, student, teacher, ids, optimizer, _chunk_size, autocast="none") -> dict:
@@ -206,7 +176,7 @@ def make_liger_step(compiled: bool, chunk_size: int):
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
     loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=1.0,
-                                      compiled=compiled, chunk_size=chunk_size)
+                                      compiled=compiled, chunk_size=chunk_size or 1024)
 
     def step_liger(student, teacher, ids, optimizer, _chunk_size, autocast="none") -> dict:
         labels = shift_labels(ids)[:, :-1].reshape(-1)
@@ -225,8 +195,7 @@ def make_liger_step(compiled: bool, chunk_size: int):
     return step_liger
 
 
-def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: tuple[int, ...] = (),
-                         proto_chunk: int = 256) -> dict:
+def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: tuple[int, ...] = ()) -> dict:
     """Loss-only variants (``--loss-only``): final hidden states are computed once; a step is
     lm_head + KL + backward to the student's hidden states and lm_head weight, as in
     Liger-Kernel's own loss benchmarks. Returns ``{name: step_fn}`` with the step signature."""
@@ -258,7 +227,6 @@ def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: t
         return F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
 
     steps = {"ours": timed(ours), "naive": timed(naive)}
-    steps["proto-analytic"] = timed(lambda h: _AnalyticForwardKL.apply(h, w_s, h_t, w_t, proto_chunk))
     for chunk in extra_chunks:
         steps[f"ours-chunk{chunk}"] = timed(lambda h, chunk=chunk: ours(h, chunk))
     try:
@@ -266,7 +234,7 @@ def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: t
 
         for compiled in (False, True):
             fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, compiled=compiled,
-                                         chunk_size=chunk_size)
+                                         chunk_size=chunk_size or 1024)
             steps["liger-compiled" if compiled else "liger-eager"] = timed(
                 lambda h, fn=fn: fn(h, w_s, h_t, w_t, labels))
     except Exception as err:  # report exactly why Liger cannot run here
@@ -302,11 +270,11 @@ def bench_model(name: str, args, console: Console) -> dict:
     wanted = args.variants.split(",") + [f"ours-chunk{c}" for c in extra_chunks]
     liger_error = None
     if args.loss_only:
-        steps = make_loss_only_steps(student, teacher, ids, args.chunk_size, extra_chunks, args.proto_chunk)
+        steps = make_loss_only_steps(student, teacher, ids, args.chunk_size, extra_chunks)
         liger_error = steps.pop("liger-error", None)
     else:
-        steps = {"ours": step_ours, "naive": step_naive,
-                 "proto-analytic": functools.partial(_with_chunk, step_analytic, args.proto_chunk)}
+        steps = {"ours": functools.partial(step_library, micro_batch_size=args.micro_batch_size),
+                 "ours-1batch": step_ours, "naive": step_naive}
         for chunk in extra_chunks:
             steps[f"ours-chunk{chunk}"] = functools.partial(_with_chunk, step_ours, chunk)
         for compiled in (False, True):
@@ -340,7 +308,7 @@ def bench_model(name: str, args, console: Console) -> dict:
     for rep in range(args.repeats):
         for key, (fn, autocast) in variants.items():
             gc.collect()
-            with PeakMemory("cpu") as mem:
+            with PeakMemory("cpu", interval_s=0.005, source=args.memory) as mem:
                 parts = fn(student, teacher, ids, optimizer, args.chunk_size, autocast)
             results[key]["times"].append(parts["total"])
             results[key]["peaks"].append(mem.peak)
@@ -371,8 +339,8 @@ def bench_model(name: str, args, console: Console) -> dict:
         rows.setdefault("liger-eager", {"error": liger_error})
         rows.setdefault("liger-compiled", {"error": liger_error})
     student_name = args.student if (args.student and name.startswith("smollm")) else "perturbed copy of the teacher"
-    out = {"model": name, "student": student_name,
-           "batch": batch, "seq_len": args.seq_len, "tokens": tokens,
+    out = {"model": name, "student": student_name, "micro_batch_size": args.micro_batch_size,
+           "memory_counter": args.memory, "batch": batch, "seq_len": args.seq_len, "tokens": tokens,
            "vocab_size": arch.lm_head_weight(teacher).shape[0], "mode": "loss only" if args.loss_only else "full step",
            "variants": rows}
     if "ours" in rows and "naive" in rows and "step_s" in rows["ours"] and "step_s" in rows["naive"]:

@@ -353,6 +353,55 @@ def test_chunked_without_labels_and_ce_only():
     assert out.item() == pytest.approx(ref_ce((h @ w.t()).double(), labels).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+@pytest.mark.parametrize("kl_weight,ce_weight,tau", [(1.0, 0.0, 1.0), (1.0, 0.0, 2.5), (0.7, 0.4, 1.0),
+                                                     (0.0, 1.0, 1.0)])
+def test_closed_form_path_matches_naive(kl_weight, ce_weight, tau, chunk_size):
+    """Forward KL and/or CE without softcap take the in-place closed-form gradient."""
+    h, w, th, tw, labels = _setup(11)
+    cfg = L._ChunkConfig(kind="forward_kl", kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau,
+                         beta=0.5, chunk_size=chunk_size, student_softcap=None, teacher_softcap=None,
+                         ignore_index=-100, fp32_matmul=True, need_grad_h=True, need_grad_w=True)
+    assert L._use_fast_path(cfg, has_teacher_logits=kl_weight != 0.0)
+    _compare(h, w, th, tw, labels, chunk_size=chunk_size, kl_weight=kl_weight, ce_weight=ce_weight,
+             temperature=tau, ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
+    # without gradients (evaluation) the loss is the same
+    with torch.no_grad():
+        out = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=chunk_size, kl_weight=kl_weight,
+                                     ce_weight=ce_weight, temperature=tau)
+    ref = _ref_total(h.double(), w.double(), th.double(), tw.double(), labels, kl_weight=kl_weight,
+                     ce_weight=ce_weight, tau=tau)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_fast_path_is_skipped_where_it_does_not_apply():
+    base = dict(kind="forward_kl", kl_weight=1.0, ce_weight=0.0, temperature=1.0, beta=0.5, chunk_size=4,
+                student_softcap=None, teacher_softcap=None, ignore_index=-100, fp32_matmul=True,
+                need_grad_h=True, need_grad_w=True)
+    assert L._use_fast_path(L._ChunkConfig(**base), True)
+    assert not L._use_fast_path(L._ChunkConfig(**{**base, "student_softcap": 30.0}), True)
+    assert not L._use_fast_path(L._ChunkConfig(**{**base, "kind": "jsd"}), True)
+    assert not L._use_fast_path(L._ChunkConfig(**{**base, "kind": "topk_kl"}), False)
+    assert not L._use_fast_path(L._ChunkConfig(**{**base, "ce_weight": 0.5, "temperature": 2.0}), True)
+
+
+def test_auto_chunk_size_bounds_the_chunk_buffer():
+    assert L.auto_chunk_size(49_152) == 1024  # SmolLM2
+    assert L.auto_chunk_size(262_144) == 256  # Gemma-3: 256 x 262,144 x 4 B = 256 MiB
+    assert L.auto_chunk_size(151_936) == 256  # Qwen
+    assert L.auto_chunk_size(10_000_000) == 128  # floor
+    for vocab in (1000, 49_152, 128_256, 262_144):
+        c = L.auto_chunk_size(vocab)
+        assert c & (c - 1) == 0 and (c == 128 or c * vocab * 4 <= L.CHUNK_BYTES)
+    # chunk_size=0 picks it automatically and matches one chunk
+    h, w, th, tw, labels = _setup(12)
+    auto = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=0)
+    one = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=None)
+    assert auto.item() == pytest.approx(one.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=-1)
+
+
 def test_chunk_weighting_is_by_token_count():
     """Uneven chunks (valid counts 3,3,2) must give the global mean, not a mean of means."""
     h, w, th, tw, labels = _setup(5)

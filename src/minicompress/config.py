@@ -268,7 +268,8 @@ class LossConfig:
         intermediate_weight: weight of the Minitron intermediate-state cosine loss
             (0: off). It scales the paper's dynamic weight: the total is
             ``L_logits + intermediate_weight * (L_logits / L_is) * L_is`` (1.0: the paper).
-        chunk_size: tokens per chunk of the fused vocabulary loss.
+        chunk_size: tokens per chunk of the fused vocabulary loss (0: from the vocabulary
+            size, 1024 for SmolLM2 and 256 for Gemma-3).
     """
 
     kind: str = "forward_kl"
@@ -277,7 +278,7 @@ class LossConfig:
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     intermediate_weight: float = 0.0
-    chunk_size: int = 1024
+    chunk_size: int = 0
 
     def __post_init__(self):
         _check_choice("kind", self.kind, LOSS_KINDS)
@@ -288,7 +289,7 @@ class LossConfig:
             _check_positive(name, getattr(self, name), allow_zero=True)
         if self.kl_weight == 0 and self.ce_weight == 0:
             raise ConfigError("kl_weight: kl_weight and ce_weight cannot both be 0")
-        _check_positive("chunk_size", self.chunk_size)
+        _check_positive("chunk_size", self.chunk_size, allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -410,7 +410,7 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
 def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *,
                       teacher: torch.nn.Module | None = None, cache: TeacherCache | None = None,
                       cache_rows: torch.Tensor | None = None, batch_size: int = 4, autocast: str = "none",
-                      chunk_size: int = 1024) -> dict:
+                      chunk_size: int = 0) -> dict:
     """Perplexity (and KL to the teacher) of the student on held-out sequences.
 
     Args:

@@ -66,6 +66,7 @@ __all__ = [
     "topk_kl",
     "cross_entropy",
     "chunked_distill_loss",
+    "auto_chunk_size",
     "IntermediateStateLoss",
     "dynamic_weight",
     "default_layer_map",
@@ -428,6 +429,7 @@ class _ChunkedDistillFunction(torch.autograd.Function):
             t_w_f32 = t_w_det.to(torch.float32) if (use_teacher and cfg.fp32_matmul) else None
             chunk = n_valid if cfg.chunk_size is None else cfg.chunk_size
             chunk = max(chunk, 1)
+            fast = _use_fast_path(cfg, use_teacher)
 
             for start in range(0, n_valid, chunk):
                 idx = valid_idx[start:start + chunk]
@@ -443,7 +445,10 @@ class _ChunkedDistillFunction(torch.autograd.Function):
                         t_idx_c = t_idx.index_select(0, idx)
                     z = _lm_head_logits(h_c, w_det, w_f32)
 
-                if not need_grad:
+                if fast:
+                    with torch.no_grad():
+                        kl_c, ce_c, g_z = _fast_chunk(z, t_logits, lab_c, cfg, 1.0 / denom if need_grad else None)
+                elif not need_grad:
                     with torch.no_grad():
                         kl_c, ce_c = _chunk_losses(z, t_logits, t_vals_c, t_idx_c, lab_c, cfg)
                 else:
@@ -454,6 +459,7 @@ class _ChunkedDistillFunction(torch.autograd.Function):
                         (g_z,) = torch.autograd.grad(loss_c, z)
                     g_z = g_z.detach()
                     kl_c, ce_c = kl_c.detach(), ce_c.detach()
+                if need_grad:
                     # d loss / d h = g_z @ W ;  d loss / d W = g_z^T @ h
                     if cfg.need_grad_h:
                         if w_f32 is not None:
@@ -482,11 +488,103 @@ class _ChunkedDistillFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
         grad_h, grad_w = ctx.saved_tensors
         out_h = out_w = None
+        unit = grad_loss.numel() == 1 and float(grad_loss) == 1.0  # the usual loss.backward(): no copies
         if grad_h is not None and ctx.needs_input_grad[0]:
-            out_h = grad_h * grad_loss.to(grad_h.dtype)
+            out_h = grad_h if unit else grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None and ctx.needs_input_grad[1]:
-            out_w = grad_w * grad_loss.to(grad_w.dtype)
+            out_w = grad_w if unit else grad_w * grad_loss.to(grad_w.dtype)
         return out_h, out_w, None, None, None, None, None, None
+
+
+def _use_fast_path(cfg: _ChunkConfig, has_teacher_logits: bool) -> bool:
+    """Whether :func:`_fast_chunk` computes this loss (the common recovery settings).
+
+    Forward KL on full teacher logits and/or cross-entropy, no soft-capping, and a
+    temperature of 1 whenever CE is on (CE uses the raw logits, KL the tempered ones).
+    """
+    if cfg.student_softcap is not None:
+        return False
+    if cfg.kl_weight != 0.0 and not (cfg.kind == "forward_kl" and has_teacher_logits):
+        return False
+    return cfg.ce_weight == 0.0 or cfg.kl_weight == 0.0 or cfg.temperature == 1.0
+
+
+def _fast_chunk(
+    z: torch.Tensor,
+    t_logits: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    cfg: _ChunkConfig,
+    grad_scale: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Forward KL and/or CE of one chunk with the closed-form logit gradient, in place.
+
+    With ``a = z / tau``, ``q = softmax(a)`` and ``p = softmax(t / tau)``:
+    ``d(tau^2 KL(p || q)) / dz = tau (q - p)`` and ``d CE / dz = softmax(z) - onehot``.
+    Both inputs are overwritten (``z`` becomes the gradient), so a chunk costs three
+    ``[c, V]`` float32 buffers (student logits, teacher log-probs, teacher probs) plus
+    ``logsumexp``'s temporaries, instead of the autograd graph's six or more.
+
+    Args:
+        z: ``[c, V]`` float32 student logits; overwritten.
+        t_logits: ``[c, V]`` float32 teacher logits or None (CE only); overwritten.
+        labels: ``[c]`` int64 labels (needed for CE).
+        cfg: Loss configuration; see :func:`_use_fast_path`.
+        grad_scale: factor of the gradient (``1 / valid tokens``), or None for no gradient.
+
+    Returns:
+        ``(kl_sum, ce_sum, grad_z)``: summed float32 KL (with ``tau^2``) and CE of the chunk,
+        and ``d loss / d z`` as ``[c, V]`` (the storage of ``z``) or None.
+    """
+    tau = cfg.temperature
+    zero = z.new_zeros(())
+    kl_sum, ce_sum = zero, zero
+    if tau != 1.0:
+        z.div_(tau)
+    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # student log-probs (tempered)
+    if cfg.ce_weight != 0.0:  # temperature is 1 here
+        ce_sum = -z.gather(1, labels.unsqueeze(1)).sum()
+    p = None
+    if cfg.kl_weight != 0.0:
+        t = t_logits
+        if tau != 1.0:
+            t.div_(tau)
+        t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))  # teacher log-probs
+        p = t.exp()
+        kl_sum = torch.dot(p.view(-1), t.sub_(z).view(-1)) * (tau ** 2)  # sum p (log p - log q)
+        del t
+    if grad_scale is None:
+        return kl_sum, ce_sum, None
+    # g = [kl_w * tau * (q - p) + ce_w * (q - onehot)] * grad_scale
+    q_coef = (cfg.kl_weight * tau + cfg.ce_weight) * grad_scale
+    g = z.exp_().mul_(q_coef)
+    if p is not None:
+        g.sub_(p, alpha=cfg.kl_weight * tau * grad_scale)
+    if cfg.ce_weight != 0.0:
+        rows = torch.arange(g.shape[0], device=g.device)
+        g.index_put_((rows, labels), torch.tensor(-cfg.ce_weight * grad_scale, device=g.device), accumulate=True)
+    return kl_sum, ce_sum, g
+
+
+#: Budget of one ``[chunk, V]`` float32 buffer of :func:`chunked_distill_loss` (``chunk_size=0``).
+CHUNK_BYTES = 256 * 1024**2
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Tokens per chunk so that one ``[chunk, V]`` float32 buffer fits ``budget_bytes``.
+
+    A power of two in ``[128, 1024]``: 1024 for SmolLM2 (V = 49,152), 256 for Gemma-3
+    (V = 262,144). Below 128 tokens the ``grad_W += g^T h`` update of the ``[V, H]``
+    accumulator becomes memory-bound; above 1024 the chunk buys no more speed.
+
+    Args:
+        vocab_size: ``V``.
+        budget_bytes: bytes allowed for one ``[chunk, V]`` float32 buffer.
+
+    Returns:
+        The chunk size in tokens.
+    """
+    fits = max(budget_bytes // (4 * max(vocab_size, 1)), 1)
+    return int(min(max(1 << (fits.bit_length() - 1), 128), 1024))
 
 
 def chunked_distill_loss(
@@ -502,7 +600,7 @@ def chunked_distill_loss(
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
-    chunk_size: Optional[int] = 1024,
+    chunk_size: Optional[int] = 0,
     student_softcap: Optional[float] = None,
     teacher_softcap: Optional[float] = None,
     ignore_index: int = -100,
@@ -521,8 +619,10 @@ def chunked_distill_loss(
     forward loops over chunks of ``chunk_size`` valid tokens.  For each chunk
     it computes the float32 student logits ``h_c @ W^T`` (softcapped if
     requested), the teacher chunk logits under ``no_grad`` (or gathers the
-    cached top-k), the chunk loss, and the gradient w.r.t. the chunk logits
-    via ``torch.autograd.grad``; from it ``grad_h_c = g @ W`` is written into
+    cached top-k), the chunk loss, and the gradient w.r.t. the chunk logits:
+    in closed form and in place for forward KL and/or CE without
+    soft-capping (the default recipe; three ``[c, V]`` buffers), else via
+    ``torch.autograd.grad`` on the chunk's loss; from it ``grad_h_c = g @ W`` is written into
     a preallocated ``[N, H_s]`` buffer and ``grad_W += g^T @ h_c`` is
     accumulated in float32.  Backward only multiplies these stored gradients
     by the incoming gradient.  Peak extra memory is therefore O(chunk * V)
@@ -564,7 +664,8 @@ def chunked_distill_loss(
         temperature: Softening temperature ``tau``; the divergence is scaled
             by ``tau^2``.  CE uses the raw (softcapped) logits.
         beta: ``beta`` of the generalised JSD (``kind="jsd"``).
-        chunk_size: Valid tokens per chunk; ``None`` processes everything in
+        chunk_size: Valid tokens per chunk; 0 picks it from the vocabulary
+            size (:func:`auto_chunk_size`); ``None`` processes everything in
             one chunk (for comparison only -- it materialises ``[N, V]``).
         student_softcap: ``final_logit_softcapping`` of the student or None.
         teacher_softcap: ``final_logit_softcapping`` of the teacher or None.
@@ -582,8 +683,8 @@ def chunked_distill_loss(
         raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}")
     _check_temperature(temperature)
     _check_beta(beta)
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    if chunk_size is not None and chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: automatic) or None, got {chunk_size}")
 
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     n_tokens, hidden = h.shape
@@ -592,6 +693,8 @@ def chunked_distill_loss(
             f"student_weight {tuple(student_weight.shape)} does not match hidden size {hidden}"
         )
     vocab = student_weight.shape[0]
+    if chunk_size == 0:
+        chunk_size = auto_chunk_size(vocab)
 
     lab = None
     if labels is not None:
