@@ -108,10 +108,19 @@ def test_batch_size_and_vocab_chunks_do_not_change_results(monkeypatch):
     model = make_tiny_model("qwen2")
     windows = eval_windows(random_stream(120, seed=3), 20, stride=7)
     reference = evaluate_perplexity(model, windows, batch_size=1, show_progress=False)
-    monkeypatch.setattr(ev, "VOCAB_CHUNK_TOKENS", 3)
+    monkeypatch.setattr(ev, "vocab_chunk_tokens", lambda vocab: 3)
     chunked = evaluate_perplexity(model, windows, batch_size=5, show_progress=False)
     assert chunked["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-6)
     assert chunked["tokens"] == reference["tokens"]
+
+
+def test_vocab_chunk_bounds_the_logits_block():
+    assert ev.vocab_chunk_tokens(49_152) == 512  # SmolLM2: 512 x 49,152 x 4 B = 96 MiB
+    assert ev.vocab_chunk_tokens(262_144) == 128  # Gemma-3: 128 MiB
+    assert ev.vocab_chunk_tokens(32) == 1024 and ev.vocab_chunk_tokens(10**8) == 64
+    for vocab in (1000, 49_152, 262_144):
+        c = ev.vocab_chunk_tokens(vocab)
+        assert c * vocab * 4 <= ev.VOCAB_CHUNK_BYTES or c == 64
 
 
 def test_kl_to_itself_is_zero():

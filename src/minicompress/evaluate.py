@@ -23,7 +23,15 @@ from .arch import compute_logits, count_parameters
 from .measure import PeakMemory, synchronize
 from .progress import progress_bar
 
-VOCAB_CHUNK_TOKENS = 1024
+#: Bytes of one ``[chunk, V]`` float32 logits block during evaluation.
+VOCAB_CHUNK_BYTES = 128 * 1024**2
+
+
+def vocab_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per logits chunk: a power of two in [64, 1024] within ``VOCAB_CHUNK_BYTES``
+    (1024 for SmolLM2's 49,152-token vocabulary, 128 for Gemma-3's 262,144)."""
+    fits = max(VOCAB_CHUNK_BYTES // (4 * max(vocab_size, 1)), 1)
+    return int(min(max(1 << (fits.bit_length() - 1), 64), 1024))
 
 
 def autocast_context(device: torch.device | str, autocast: str):
@@ -107,6 +115,7 @@ def evaluate_perplexity(model: torch.nn.Module, windows: list[tuple[torch.Tensor
     start = time.perf_counter()
     with progress_bar("eval", tokens_in, unit="tok") as bar:
         i = 0
+        chunk_tokens = vocab_chunk_tokens(model.get_output_embeddings().weight.shape[0])
         while i < len(windows):
             length = windows[i][0].numel()
             group = [windows[i]]
@@ -122,7 +131,7 @@ def evaluate_perplexity(model: torch.nn.Module, windows: list[tuple[torch.Tensor
                 pos = slice(length - 1 - n_score, length - 1)
                 targets = ids[b, length - n_score:]
                 h, th = hidden[b, pos], (t_hidden[b, pos] if t_hidden is not None else None)
-                for sl in _chunks(n_score, VOCAB_CHUNK_TOKENS):
+                for sl in _chunks(n_score, chunk_tokens):
                     with autocast_context(device, autocast):
                         logits = compute_logits(model, h[sl])
                     logp = F.log_softmax(logits.float(), dim=-1)
