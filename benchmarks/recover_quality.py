@@ -15,9 +15,11 @@ whole file as one document, never trained on): perplexity and per-token KL(teach
 student), before and after; the recovery curves (training loss, held-out perplexity and KL
 on the corpus' held-out sequences) go into one PNG.
 
-Run (hours at this CPU's ~200 tokens/s at the full 1M budget):
-``python benchmarks/recover_quality.py --student runs/pruned-smollm2``; smoke test:
-``--tokens 16384``. Prints a rich table; writes ``benchmarks/out/recover_quality.json``
+Run (about 2.2 h per run at the full 1M budget: this 2-core CPU trains the 50% student at
+~125 tokens/s with a live teacher, ~210 for CE only):
+``python benchmarks/recover_quality.py --student runs/pruned-smollm2 --threads 2``; the
+measured run in ``benchmarks/RESULTS.md`` used ``--tokens 131072 --global-batch-tokens 4096
+--micro-batch-size 2 --eval-every 8``; smoke test: ``--tokens 16384``. Prints a rich table; writes ``benchmarks/out/recover_quality.json``
 and ``benchmarks/out/recover_quality.png``.
 """
 

@@ -29,7 +29,9 @@ step (lr 0, so every variant sees identical weights and the losses must agree). 
 the first variant gets one warm-up step (it allocates AdamW's state, which is then part of every
 baseline), ``liger compiled`` gets its own (compilation), then ``--repeats`` timed steps
 run interleaved across variants (robust to load from other processes); the median
-time and the largest extra peak are reported. Extra peak memory is the peak of the bytes
+time is reported; the extra peak comes from one more step per variant with the memory
+sampler on (a sampling thread slows a 2-thread step by up to 40%, so timed steps run
+without it). Extra peak memory is the peak of the bytes
 ``malloc`` has handed out (glibc ``mallinfo2``, sampled every 5 ms) above the level before
 the step, the CPU analogue of ``torch.cuda.max_memory_allocated`` (see
 :mod:`minicompress.measure`); ``--memory rss`` samples the resident set size instead.
@@ -45,6 +47,7 @@ import sys
 
 import argparse
 import copy
+import ctypes
 import datetime as dt
 import functools
 import gc
@@ -52,6 +55,7 @@ import json
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -82,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smollm-batch", type=int, default=8, help="sequences per step for SmolLM2 (8 x 512 = 4096 tokens)")
     p.add_argument("--gemma-batch", type=int, default=4, help="sequences per step for Gemma-3 (4 x 512 = 2048 tokens)")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=2, help="timed steps per variant")
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per variant (plus one memory step)")
     p.add_argument("--warmup-all", action="store_true", help="a warm-up step for every variant, not just the "
                    "first (which allocates the optimizer state) and compiled ones")
     p.add_argument("--variants", default="ours,ours-1batch,naive,liger-eager,liger-compiled")
@@ -169,7 +173,7 @@ def step_naive(student, teacher, ids, optimizer, chunk_size, autocast="none") ->
     loss = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
     loss.backward()
     optimizer.step()
-    return {"total": time.perf_counter() - t0, "value": float(loss)}
+    return {"total": time.perf_counter() - t0, "value": float(loss.detach())}
 
 
 def make_liger_step(compiled: bool, chunk_size: int):
@@ -190,7 +194,7 @@ def make_liger_step(compiled: bool, chunk_size: int):
         loss = loss_fn(h, arch.lm_head_weight(student), th, arch.lm_head_weight(teacher), labels)
         loss.backward()
         optimizer.step()
-        return {"total": time.perf_counter() - t0, "value": float(loss)}
+        return {"total": time.perf_counter() - t0, "value": float(loss.detach())}
 
     return step_liger
 
@@ -213,7 +217,7 @@ def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: t
             t0 = time.perf_counter()
             loss = fn(h)
             loss.backward()
-            return {"total": time.perf_counter() - t0, "value": float(loss)}
+            return {"total": time.perf_counter() - t0, "value": float(loss.detach())}
         return step
 
     def ours(h, chunk=chunk_size):
@@ -243,6 +247,17 @@ def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: t
 
 
 # ----------------------------------------------------------------------------------------
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the OS (``malloc_trim``), so
+    memory one variant freed is not still resident when the next one runs (without it the
+    Gemma-3 naive step was OOM-killed on this 24 GiB machine)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_pair(name: str, student_path: str | None, perturb: float):
@@ -294,7 +309,7 @@ def bench_model(name: str, args, console: Console) -> dict:
         # variants warm up to compile; the others need none (``--warmup-all`` to force it)
         if i > 0 and not args.warmup_all and "compiled" not in key:
             continue
-        gc.collect()
+        release_free_memory()
         t0 = time.perf_counter()
         try:
             fn(student, teacher, ids, optimizer, args.chunk_size, autocast)
@@ -305,19 +320,27 @@ def bench_model(name: str, args, console: Console) -> dict:
             continue
         results[key]["warmup_s"] = time.perf_counter() - t0
         console.log(f"{name} {key}: warm-up {results[key]['warmup_s']:.1f}s")
-    for rep in range(args.repeats):
+    # timed steps run without the memory sampler: a sampling thread waking every few ms
+    # preempts one of the two OpenMP threads and made a step 40% slower here; memory is
+    # measured in one more step per variant, whose time is not used
+    for rep in range(args.repeats + 1):
+        measure_memory = rep == args.repeats
         for key, (fn, autocast) in variants.items():
-            gc.collect()
-            with PeakMemory("cpu", interval_s=0.005, source=args.memory) as mem:
+            release_free_memory()
+            with PeakMemory("cpu", interval_s=0.005, source=args.memory) if measure_memory else nullcontext() as mem:
                 parts = fn(student, teacher, ids, optimizer, args.chunk_size, autocast)
-            results[key]["times"].append(parts["total"])
-            results[key]["peaks"].append(mem.peak)
-            results[key]["parts"].append(parts)
+            if measure_memory:
+                results[key]["peaks"].append(mem.peak)
+            else:
+                results[key]["times"].append(parts["total"])
+                results[key]["parts"].append(parts)
             with open(f"{args.output}.steps.jsonl", "a") as f:  # raw log, survives a killed run
                 f.write(json.dumps({"model": name, "variant": key, "rep": rep, "seconds": parts["total"],
-                                    "extra_peak_bytes": mem.peak, "loss": parts["value"]}) + "\n")
-            console.log(f"{name} {key} rep {rep}: {parts['total']:.1f}s, extra peak {mem.peak / GIB:.2f} GiB, "
-                        f"loss {parts['value']:.5f}")
+                                    "extra_peak_bytes": mem.peak if measure_memory else None,
+                                    "loss": parts["value"]}) + "\n")
+            console.log(f"{name} {key} {'memory' if measure_memory else f'rep {rep}'}: {parts['total']:.1f}s"
+                        + (f", extra peak {mem.peak / GIB:.2f} GiB" if measure_memory else "")
+                        + f", loss {parts['value']:.5f}")
 
     tokens = ids.numel()
     rows = {}
