@@ -47,7 +47,6 @@ import sys
 
 import argparse
 import copy
-import ctypes
 import datetime as dt
 import functools
 import gc
@@ -67,10 +66,10 @@ from minicompress import arch
 from minicompress.config import DataConfig
 from minicompress.data import load_sequences
 from minicompress.config import LossConfig
-from minicompress.distill import _make_optimizer, micro_batch_loss, shift_labels
+from minicompress.distill import _make_optimizer, count_targets, micro_batch_loss, shift_labels
 from minicompress.evaluate import autocast_context
 from minicompress.losses import chunked_distill_loss
-from minicompress.measure import PeakMemory
+from minicompress.measure import PeakMemory, release_free_heap
 from minicompress.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,7 +140,7 @@ def step_ours(student, teacher, ids, optimizer, chunk_size, autocast="none") -> 
 def step_library(student, teacher, ids, optimizer, chunk_size, autocast="none", micro_batch_size=1) -> dict:
     """The recovery loop's step: micro batches through :func:`micro_batch_loss`, accumulated."""
     loss_cfg = LossConfig(chunk_size=chunk_size)
-    normalizer = int((shift_labels(ids) != -100).sum())
+    normalizer = count_targets(ids)
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -250,14 +249,11 @@ def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: t
 
 
 def release_free_memory() -> None:
-    """Collect garbage and hand glibc's free heap pages back to the OS (``malloc_trim``), so
-    memory one variant freed is not still resident when the next one runs (without it the
-    Gemma-3 naive step was OOM-killed on this 24 GiB machine)."""
+    """Collect garbage and return free heap pages to the OS, so memory one variant freed is
+    not still resident when the next one runs (without it the Gemma-3 naive step was
+    OOM-killed on this 24 GiB machine)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_free_heap()
 
 
 def load_pair(name: str, student_path: str | None, perturb: float):

@@ -222,16 +222,17 @@ def _flag_names(args: argparse.Namespace) -> dict[str, str]:
     return getattr(args, "_flag_names", {})
 
 
-def build_from_args(cls: type, args: argparse.Namespace):
+def build_from_args(cls: type, args: argparse.Namespace, *, output_needed_for: str | None = None):
     """Build config ``cls`` from ``--config``, the given flags and ``key=value`` overrides.
 
     A :class:`ConfigError` about a key that came from a flag names the flag too
-    (``--seq-len (data.seq_len): ...``).
+    (``--seq-len (data.seq_len): ...``). With ``output_needed_for`` (e.g. "prune needs a
+    folder for the pruned model") a config without ``output`` is refused with that text.
     """
     from .config import build_config
 
     try:
-        return build_config(cls, getattr(args, "config", None), flags_to_overrides(args))
+        cfg = build_config(cls, getattr(args, "config", None), flags_to_overrides(args))
     except ConfigError as err:
         key, sep, rest = str(err).partition(":")
         flag = _flag_names(args).get(key)
@@ -240,6 +241,9 @@ def build_from_args(cls: type, args: argparse.Namespace):
         if flag and sep and typed and not overridden:
             raise ConfigError(f"{flag} ({key}):{rest}") from None
         raise
+    if output_needed_for is not None and cfg.output is None:
+        raise ConfigError(f"--output: {output_needed_for}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------
@@ -634,9 +638,7 @@ def score_command(args: argparse.Namespace) -> int:
     from .commands import score
     from .config import ScoreConfig
 
-    cfg = build_from_args(ScoreConfig, args)
-    if cfg.output is None:
-        raise ConfigError("--output: score needs a folder to write the scores to")
+    cfg = build_from_args(ScoreConfig, args, output_needed_for="score needs a folder to write the scores to")
     scores = score(cfg)
     render_table(f"layer scores of {cfg.model.source} ({scores.meta['num_samples']} samples x "
                  f"{scores.meta['seq_len']} tokens, {scores.meta['seconds']:.0f}s)", _layer_rows(scores))
@@ -671,9 +673,7 @@ def prune_command(args: argparse.Namespace) -> int:
     from .commands import prune
     from .config import PruneConfig
 
-    cfg = build_from_args(PruneConfig, args)
-    if cfg.output is None:
-        raise ConfigError("--output: prune needs a folder for the pruned model")
+    cfg = build_from_args(PruneConfig, args, output_needed_for="prune needs a folder for the pruned model")
     report = prune(cfg)
     keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "vocab_size")
@@ -730,9 +730,7 @@ def recover_command(args: argparse.Namespace) -> int:
     from .config import RecoverConfig
     from .distill import recover
 
-    cfg = build_from_args(RecoverConfig, args)
-    if cfg.output is None:
-        raise ConfigError("--output: recover needs a folder for the recovered model")
+    cfg = build_from_args(RecoverConfig, args, output_needed_for="recover needs a folder for the recovered model")
     report = recover(cfg)
     shown = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
     for phase in ("before", "after"):
@@ -761,9 +759,7 @@ def teacher_cache_command(args: argparse.Namespace) -> int:
     from .config import TeacherCacheConfig
     from .distill import write_teacher_cache
 
-    cfg = build_from_args(TeacherCacheConfig, args)
-    if cfg.output is None:
-        raise ConfigError("--output: teacher-cache needs a folder for the shards")
+    cfg = build_from_args(TeacherCacheConfig, args, output_needed_for="teacher-cache needs a folder for the shards")
     report = write_teacher_cache(cfg)
     render_table(f"teacher cache {cfg.teacher.source} -> {cfg.output}",
                  {k: v for k, v in report.items() if not isinstance(v, (dict, list))})

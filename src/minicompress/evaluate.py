@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import compute_logits, count_parameters
+from .losses import auto_chunk_size
 from .measure import PeakMemory, synchronize
 from .progress import progress_bar
 
@@ -29,9 +30,8 @@ VOCAB_CHUNK_BYTES = 128 * 1024**2
 
 def vocab_chunk_tokens(vocab_size: int) -> int:
     """Tokens per logits chunk: a power of two in [64, 1024] within ``VOCAB_CHUNK_BYTES``
-    (1024 for SmolLM2's 49,152-token vocabulary, 128 for Gemma-3's 262,144)."""
-    fits = max(VOCAB_CHUNK_BYTES // (4 * max(vocab_size, 1)), 1)
-    return int(min(max(1 << (fits.bit_length() - 1), 64), 1024))
+    (512 for SmolLM2's 49,152-token vocabulary, 128 for Gemma-3's 262,144)."""
+    return auto_chunk_size(vocab_size, VOCAB_CHUNK_BYTES, smallest=64)
 
 
 def autocast_context(device: torch.device | str, autocast: str):

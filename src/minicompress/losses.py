@@ -572,22 +572,26 @@ def _fast_chunk(
 CHUNK_BYTES = 256 * 1024**2
 
 
-def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
+def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BYTES, *, smallest: int = 128,
+                    largest: int = 1024) -> int:
     """Tokens per chunk so that one ``[chunk, V]`` float32 buffer fits ``budget_bytes``.
 
-    A power of two in ``[128, 1024]``: 1024 for SmolLM2 (V = 49,152), 256 for Gemma-3
-    (V = 262,144). Below 128 tokens the ``grad_W += g^T h`` update of the ``[V, H]``
-    accumulator becomes memory-bound; above 1024 the chunk buys no more speed.
+    A power of two in ``[smallest, largest]``; with the defaults 1024 for SmolLM2
+    (V = 49,152) and 256 for Gemma-3 (V = 262,144). Below 128 tokens the
+    ``grad_W += g^T h`` update of the ``[V, H]`` accumulator becomes memory-bound; above
+    1024 the chunk buys no more speed.
 
     Args:
         vocab_size: ``V``.
         budget_bytes: bytes allowed for one ``[chunk, V]`` float32 buffer.
+        smallest: floor of the result (wins over the budget).
+        largest: ceiling of the result.
 
     Returns:
         The chunk size in tokens.
     """
     fits = max(budget_bytes // (4 * max(vocab_size, 1)), 1)
-    return int(min(max(1 << (fits.bit_length() - 1), 128), 1024))
+    return int(min(max(1 << (fits.bit_length() - 1), smallest), largest))
 
 
 def chunked_distill_loss(

@@ -39,17 +39,30 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def _load_mallinfo2():
+def _load_libc():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
-    fn.restype = _MallInfo2
+
+
+def _load_mallinfo2(libc):
+    fn = getattr(libc, "mallinfo2", None) if libc is not None else None  # glibc >= 2.33
+    if fn is not None:
+        fn.restype = _MallInfo2
     return fn
 
 
-_MALLINFO2 = _load_mallinfo2()
+_LIBC = _load_libc()
+_MALLINFO2 = _load_mallinfo2(_LIBC)
+
+
+def release_free_heap() -> None:
+    """Hand glibc's free heap pages back to the OS (``malloc_trim(0)``; no-op elsewhere), so
+    memory freed earlier is not still resident when the next measurement starts."""
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC is not None else None
+    if trim is not None:
+        trim(0)
 
 
 def heap_bytes() -> int | None:
