@@ -42,12 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import AUTOCAST
 from .errors import ConfigError, MinicompressError
 
 log = logging.getLogger("minicompress")
 
 CFG_PREFIX = "cfg:"
 _OVERRIDE_RE = re.compile(r"^[A-Za-z_][\w.]*=")
+AUTOCAST_HELP = ("auto (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), "
+                 "float32 elsewhere; none/bfloat16 force it")
 
 
 # ----------------------------------------------------------------------------------------
@@ -553,8 +556,7 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
     config_flag(p, "--stride", key="stride", help="sliding-window stride in tokens (default: non-overlapping)")
     config_flag(p, "--batch-size", key="batch_size", help="windows per forward pass (default 4)")
-    config_flag(p, "--autocast", key="autocast", choices=("none", "bfloat16"),
-                help="bf16 autocast (slower than float32 on CPUs without AMX)")
+    config_flag(p, "--autocast", key="autocast", choices=AUTOCAST, help=AUTOCAST_HELP)
     config_flag(p, "--no-speed", key="speed", action="store_const", const=False,
                 help="skip the prefill/decode speed test")
     config_flag(p, "--prefill-tokens", key="prefill_tokens", help="prompt length of the speed test")
@@ -610,7 +612,7 @@ def _scoring_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     config_flag(p, "--no-layer-scores", key=f"{prefix}layer_scores", action="store_const", const=False,
                 help="skip the per-layer loss-drop score (Block Importance is always computed)")
     config_flag(p, "--score-autocast", key=f"{prefix}autocast", choices=AUTOCAST,
-                help="bf16 autocast for the calibration forward (slower than float32 on CPUs without AMX)")
+                help="calibration forward precision; " + AUTOCAST_HELP)
 
 
 def _score_setup(p: argparse.ArgumentParser) -> None:
@@ -716,8 +718,7 @@ def _recover_setup(p: argparse.ArgumentParser) -> None:
     config_flag(p, "--ce-weight", key="loss.ce_weight", help="weight of cross-entropy on the text (default 0)")
     config_flag(p, "--intermediate-weight", key="loss.intermediate_weight",
                 help="> 0 adds Minitron's intermediate-state loss (dynamic weight)")
-    config_flag(p, "--autocast", key="autocast", choices=("none", "bfloat16"),
-                help="bf16 autocast (use on GPUs and AMX CPUs; slower on plain AVX2)")
+    config_flag(p, "--autocast", key="autocast", choices=AUTOCAST, help=AUTOCAST_HELP)
     config_flag(p, "--eval-every", key="eval_every", help="optimizer steps between held-out evaluations")
     config_flag(p, "--save-every", key="save_every", help="optimizer steps between checkpoints")
     config_flag(p, "--resume", key="resume", action="store_const", const=True,
@@ -749,7 +750,7 @@ def _teacher_cache_setup(p: argparse.ArgumentParser) -> None:
     config_flag(p, "--top-k", key="top_k", help="logits kept per token (default 64)")
     config_flag(p, "--micro-batch-size", key="micro_batch_size", help="sequences per forward")
     config_flag(p, "--shard-tokens", key="shard_tokens", help="tokens per safetensors shard")
-    config_flag(p, "--autocast", key="autocast", choices=("none", "bfloat16"), help="bf16 autocast")
+    config_flag(p, "--autocast", key="autocast", choices=AUTOCAST, help=AUTOCAST_HELP)
 
 
 @subcommand("teacher-cache", help="write a teacher's top-k logits for offline distillation",
@@ -757,7 +758,7 @@ def _teacher_cache_setup(p: argparse.ArgumentParser) -> None:
 def teacher_cache_command(args: argparse.Namespace) -> int:
     """``minicompress teacher-cache``: top-k teacher logits as safetensors shards."""
     from .config import TeacherCacheConfig
-    from .distill import write_teacher_cache
+    from .teacher_cache import write_teacher_cache
 
     cfg = build_from_args(TeacherCacheConfig, args, output_needed_for="teacher-cache needs a folder for the shards")
     report = write_teacher_cache(cfg)

@@ -25,7 +25,7 @@ from .errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "auto")
-AUTOCAST = ("none", "bfloat16")
+AUTOCAST = ("auto", "none", "bfloat16")
 DOCUMENT_MODES = ("split", "file")
 AGGREGATIONS = ("mean", "l2", "var")
 LAYER_METRICS = ("bi", "loss", "contiguous")
@@ -114,7 +114,7 @@ class EvalConfig:
         teacher: optional reference model for KL(teacher || student) and top-1 agreement.
         stride: sliding-window stride in tokens (None: non-overlapping windows).
         batch_size: windows per forward pass.
-        autocast: ``bfloat16`` runs matmuls under bf16 autocast (fast on AMX CPUs).
+        autocast: ``auto`` (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), float32 elsewhere; ``none`` or ``bfloat16`` force it.
         speed: also measure prefill and decode tokens/s.
         prefill_tokens: prompt length for the speed test.
         decode_tokens: generated tokens for the speed test.
@@ -127,7 +127,7 @@ class EvalConfig:
     teacher: ModelConfig | None = None
     stride: int | None = None
     batch_size: int = 4
-    autocast: str = "none"
+    autocast: str = "auto"
     speed: bool = True
     prefill_tokens: int = 256
     decode_tokens: int = 32
@@ -159,7 +159,7 @@ class ScoreConfig:
         sequence_aggregation: how per-token activations combine (``mean``, ``l2``, ``var``).
         layer_scores: also compute Block Importance and per-layer loss increase.
         loss_samples: calibration sequences used for the per-layer loss-drop score.
-        autocast: ``bfloat16`` runs the forward under bf16 autocast.
+        autocast: ``auto`` (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), float32 elsewhere; ``none`` or ``bfloat16`` force it.
         output: folder for scores (safetensors + JSON).
         overwrite: replace an existing output.
     """
@@ -172,7 +172,7 @@ class ScoreConfig:
     sequence_aggregation: str = "mean"
     layer_scores: bool = True
     loss_samples: int = 32
-    autocast: str = "none"
+    autocast: str = "auto"
     output: str | None = None
     overwrite: bool = False
 
@@ -310,7 +310,7 @@ class RecoverConfig:
         weight_decay: AdamW weight decay.
         grad_clip: max gradient norm (0: off).
         loss: the distillation loss.
-        autocast: ``bfloat16`` autocast for both models.
+        autocast: ``auto`` (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), float32 elsewhere; ``none`` or ``bfloat16`` force it.
         teacher_dtype: dtype of the frozen teacher's weights.
         teacher_device: device of the teacher (None: the student's).
         eval_every: optimizer steps between evaluations (0: only at the end).
@@ -339,7 +339,7 @@ class RecoverConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
-    autocast: str = "none"
+    autocast: str = "auto"
     teacher_dtype: str = "float32"
     teacher_device: str | None = None
     eval_every: int = 0
@@ -410,7 +410,7 @@ class TeacherCacheConfig:
         shard_tokens: tokens per safetensors shard.
         values_dtype: dtype of the stored top-k logit values (``bfloat16`` or ``float32``);
             indices are always int32.
-        autocast: ``bfloat16`` autocast for the teacher forward.
+        autocast: ``auto`` (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), float32 elsewhere; ``none`` or ``bfloat16`` force it.
         output: folder for the shards.
         overwrite: replace an existing output.
     """
@@ -422,7 +422,7 @@ class TeacherCacheConfig:
     micro_batch_size: int = 8
     shard_tokens: int = 262144
     values_dtype: str = "bfloat16"
-    autocast: str = "none"
+    autocast: str = "auto"
     output: str | None = None
     overwrite: bool = False
 

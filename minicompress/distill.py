@@ -24,7 +24,7 @@ explicit loop that reads top to bottom, in the spirit of nanoGPT's ``train.py``:
   bit-exactly); the final student is written atomically to ``output`` as a stock Hugging
   Face folder whose ``minicompress.json`` gains a ``recovery`` record.
 
-:func:`write_teacher_cache` stores the teacher's top-k logits of the same sequences offline
+:func:`minicompress.teacher_cache.write_teacher_cache` stores the teacher's top-k logits of the same sequences offline
 (safetensors shards holding ``input_ids`` too), and ``recover(teacher_cache=...)`` trains
 from them with the top-k forward KL without loading the teacher.
 
@@ -38,7 +38,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -47,28 +46,24 @@ from typing import Any, Callable
 import torch
 
 from . import arch, losses
-from .config import LossConfig, RecoverConfig, TeacherCacheConfig, to_dict
+from .config import LossConfig, RecoverConfig, to_dict
 from .data import load_sequences
 from .errors import MinicompressError
+from .hardware import describe_precision, resolve_autocast
 from .evaluate import autocast_context, evaluate_perplexity, final_hidden, model_device
+from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, working_folder
 from .measure import synchronize
+from .metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
 from .models import TORCH_DTYPES, load_model
-from .outputs import atomic_folder, check_output, provenance, read_provenance, write_json_atomic, write_provenance
+from .outputs import atomic_folder, check_output, provenance, read_provenance, write_provenance
 from .progress import progress_bar
+from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
-CACHE_INDEX_FILE = "teacher_cache.json"
-CACHE_FORMAT = "minicompress-teacher-cache"
-LATEST_FILE = "latest.json"
-# Keys that may change between an interrupted run and its resumption.
-RESUME_FREE_KEYS = ("resume", "overwrite", "eval_every", "save_every", "checkpoint_keep", "log_every",
-                    "eval_batch_size")
 
 
 # ----------------------------------------------------------------------------------------
@@ -166,165 +161,6 @@ def num_held_out(num_sequences: int, eval_tokens: int, seq_len: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# Teacher cache: top-k logits of the teacher, offline
-
-
-class TeacherCache:
-    """Read access to a folder written by :func:`write_teacher_cache`.
-
-    Attributes:
-        folder: the cache folder.
-        index: the parsed ``teacher_cache.json``.
-        input_ids: ``[R, L]`` int64 token ids of every cached row, in order.
-        seq_len: ``L``.
-        top_k: ``k``.
-        vocab_size: the teacher's vocabulary size.
-    """
-
-    def __init__(self, folder: str | Path):
-        from safetensors import safe_open
-
-        self.folder = Path(folder).expanduser()
-        index_path = self.folder / CACHE_INDEX_FILE
-        if not index_path.is_file():
-            raise MinicompressError(f"--teacher-cache: {self.folder} has no {CACHE_INDEX_FILE}; "
-                                    "write one with minicompress teacher-cache")
-        self.index = json.loads(index_path.read_text())
-        if self.index.get("format") != CACHE_FORMAT:
-            raise MinicompressError(f"--teacher-cache: {index_path} is not a {CACHE_FORMAT} index")
-        self.seq_len = int(self.index["seq_len"])
-        self.top_k = int(self.index["top_k"])
-        self.vocab_size = int(self.index["vocab_size"])
-        self._handles, self._starts = [], []
-        ids = []
-        for shard in self.index["shards"]:
-            path = self.folder / shard["file"]
-            if not path.is_file():
-                raise MinicompressError(f"--teacher-cache: shard {path} is missing")
-            handle = safe_open(str(path), framework="pt")
-            self._handles.append(handle)
-            self._starts.append(int(shard["start"]))
-            ids.append(handle.get_tensor("input_ids").long())
-        self.input_ids = torch.cat(ids)
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def topk(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached top-k logits of some rows.
-
-        Args:
-            rows: ``[B]`` row indices into the cache.
-
-        Returns:
-            ``(values [B, L, k]`` in the stored dtype, ``indices [B, L, k]`` int64).
-        """
-        values, indices = [], []
-        for row in rows.tolist():
-            shard = max(i for i, start in enumerate(self._starts) if start <= row)
-            local = row - self._starts[shard]
-            handle = self._handles[shard]
-            values.append(handle.get_slice("topk_values")[local:local + 1])
-            indices.append(handle.get_slice("topk_indices")[local:local + 1])
-        return torch.cat(values), torch.cat(indices).long()
-
-
-@torch.no_grad()
-def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module | None = None,
-                        tokenizer: Any = None) -> dict:
-    """Run the teacher over the data and store its top-k logits per token, atomically.
-
-    The rows are the first ``tokens // seq_len`` sequences of
-    ``data.load_sequences(config.data)`` -- the same order :func:`recover` reads with the
-    same ``data`` settings: its held-out sequences are rows ``[0, n_eval)`` and its first
-    epoch trains on rows ``n_eval, n_eval + 1, ...``. So a cache of
-    ``eval_tokens + tokens`` tokens covers a whole single-epoch recovery. Each shard
-    ``shard-XXXXX.safetensors`` holds ``input_ids [r, L]`` int32, ``topk_values [r, L, k]``
-    (``values_dtype``; the teacher's final logits, soft-capping applied) and
-    ``topk_indices [r, L, k]`` int32; ``teacher_cache.json`` indexes them.
-
-    Args:
-        config: the cache settings (``output`` required).
-        teacher: an in-memory teacher (else loaded from ``config.teacher``).
-        tokenizer: its tokenizer (required with an in-memory teacher).
-
-    Returns:
-        ``{"output", "rows", "tokens", "top_k", "shards", "seconds", "tokens_per_s"}``.
-
-    Raises:
-        MinicompressError: an existing output without ``overwrite``, too little data, or
-            ``top_k`` larger than the vocabulary.
-    """
-    out = check_output(config.output, config.overwrite)
-    if teacher is None:
-        teacher, tokenizer = load_model(config.teacher)
-    elif tokenizer is None:
-        raise MinicompressError("tokenizer: pass tokenizer= together with an in-memory teacher")
-    teacher.eval()
-    device = model_device(teacher)
-    vocab = arch.lm_head_weight(teacher).shape[0]
-    if config.top_k > vocab:
-        raise MinicompressError(f"top_k: {config.top_k} exceeds the teacher's vocabulary ({vocab})")
-    sequences = load_sequences(config.data, tokenizer)
-    seq_len = sequences.shape[1]
-    rows = min(sequences.shape[0], max(config.tokens // seq_len, 1))
-    if rows * seq_len < config.tokens:
-        log.warning("teacher-cache: the data holds %d sequences; caching %d tokens, not %d",
-                    sequences.shape[0], rows * seq_len, config.tokens)
-    sequences = sequences[:rows]
-    rows_per_shard = max(config.shard_tokens // seq_len, 1)
-    values_dtype = TORCH_DTYPES[config.values_dtype]
-    shards = []
-    start_time = time.perf_counter()
-    from safetensors.torch import save_file
-
-    with atomic_folder(out, config.overwrite) as tmp, progress_bar("teacher-cache", rows * seq_len, unit="tok") as bar:
-        for shard_start in range(0, rows, rows_per_shard):
-            shard_ids = sequences[shard_start:shard_start + rows_per_shard]
-            values, indices = [], []
-            for batch in shard_ids.split(config.micro_batch_size):
-                ids = batch.to(device)
-                with autocast_context(device, config.autocast):
-                    hidden = final_hidden(teacher, ids)  # [b, L, H]
-                flat = hidden.reshape(-1, hidden.shape[-1])
-                v_parts, i_parts = [], []
-                for chunk in flat.split(1024):  # never [b * L, V] at once
-                    with autocast_context(device, config.autocast):
-                        logits = arch.compute_logits(teacher, chunk)
-                    v, i = logits.float().topk(config.top_k, dim=-1)
-                    v_parts.append(v.to(values_dtype).cpu())
-                    i_parts.append(i.to(torch.int32).cpu())
-                values.append(torch.cat(v_parts).view(*batch.shape, config.top_k))
-                indices.append(torch.cat(i_parts).view(*batch.shape, config.top_k))
-                bar.advance(batch.numel())
-            name = f"shard-{len(shards):05d}.safetensors"
-            save_file({"input_ids": shard_ids.to(torch.int32).contiguous(),
-                       "topk_values": torch.cat(values).contiguous(),
-                       "topk_indices": torch.cat(indices).contiguous()}, str(tmp / name))
-            shards.append({"file": name, "start": shard_start, "rows": int(shard_ids.shape[0])})
-        seconds = time.perf_counter() - start_time
-        index = {
-            "format": CACHE_FORMAT,
-            "version": 1,
-            "teacher": config.teacher.source,
-            "seq_len": seq_len,
-            "rows": rows,
-            "tokens": rows * seq_len,
-            "top_k": config.top_k,
-            "vocab_size": vocab,
-            "values_dtype": config.values_dtype,
-            "softcap_applied": arch.logit_softcap(teacher),
-            "data": to_dict(config.data),
-            "shards": shards,
-        }
-        write_json_atomic(tmp / CACHE_INDEX_FILE, index)
-        summary = {k: v for k, v in index.items() if k != "shards"}
-        write_provenance(tmp, provenance("teacher-cache", config, cache=summary))
-    return {"output": str(out), "rows": rows, "tokens": rows * seq_len, "top_k": config.top_k,
-            "shards": len(shards), "seconds": seconds, "tokens_per_s": rows * seq_len / seconds}
-
-
-# ----------------------------------------------------------------------------------------
 # The loss of one micro batch
 
 
@@ -387,6 +223,7 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         ce_weight=loss.ce_weight, kind=kind, temperature=loss.temperature, beta=loss.beta,
         chunk_size=loss.chunk_size, student_softcap=arch.logit_softcap(student),
         teacher_softcap=arch.logit_softcap(teacher) if use_teacher else None,
+        matmul_dtype=torch.bfloat16 if resolve_autocast(autocast, device) == "bfloat16" else torch.float32,
         return_components=True,
     )
     stats = {"kl": float(parts["kl"]), "ce": float(parts["ce"])}
@@ -459,164 +296,6 @@ def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints in the working folder
-
-
-def working_folder(output: str | Path) -> Path:
-    """The folder next to ``output`` that holds checkpoints and metrics while training."""
-    out = Path(output).expanduser()
-    return out.with_name(out.name + ".partial")
-
-
-def _latest_checkpoint(work: Path) -> Path | None:
-    latest = work / LATEST_FILE
-    if not latest.is_file():
-        return None
-    folder = work / json.loads(latest.read_text())["checkpoint"]
-    return folder if (folder / "state.json").is_file() else None
-
-
-def save_checkpoint(work: Path, *, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    intermediate: torch.nn.Module | None, state: dict, keep: int = 1) -> Path:
-    """Write a checkpoint into ``work/checkpoint-<step>`` via a temp folder and a rename.
-
-    Holds the student weights (safetensors), the intermediate-loss projection
-    (safetensors), the optimizer state and RNG states (``torch.save`` of tensors and
-    plain containers, read back with ``weights_only=True``) and ``state.json`` (step,
-    tokens, data position, scheduler, config, metrics offset). ``latest.json`` is
-    replaced atomically last, then all but the newest ``keep`` checkpoints are removed.
-
-    Returns:
-        The checkpoint folder.
-    """
-    from safetensors.torch import save_file, save_model
-
-    name = f"checkpoint-{state['step']:08d}"
-    final = work / name
-    tmp = work / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(student, str(tmp / "student.safetensors"))
-    if intermediate is not None:
-        save_file({k: v.contiguous() for k, v in intermediate.state_dict().items()} or {"_empty": torch.zeros(0)},
-                  str(tmp / "intermediate.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    write_json_atomic(tmp / "state.json", state)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_json_atomic(work / LATEST_FILE, {"checkpoint": name, "step": state["step"]})
-    old = sorted(p for p in work.glob("checkpoint-*") if p.is_dir() and p.name != name)
-    for folder in old[: max(len(old) - (keep - 1), 0)]:
-        shutil.rmtree(folder, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(folder: Path, *, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    intermediate: torch.nn.Module | None) -> dict:
-    """Restore what :func:`save_checkpoint` wrote (safetensors / ``weights_only`` only).
-
-    Returns:
-        The checkpoint's ``state.json``.
-    """
-    from safetensors.torch import load_file, load_model as load_safetensors_model
-
-    device = model_device(student)
-    load_safetensors_model(student, str(folder / "student.safetensors"), strict=True, device=str(device))
-    if intermediate is not None:
-        weights = load_file(str(folder / "intermediate.safetensors"), device=str(device))
-        weights.pop("_empty", None)
-        intermediate.load_state_dict(weights)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location=device))
-    rng = torch.load(folder / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((folder / "state.json").read_text())
-
-
-def _check_resumable(saved: dict, config: RecoverConfig) -> None:
-    now = {k: v for k, v in to_dict(config).items() if k not in RESUME_FREE_KEYS}
-    before = {k: v for k, v in saved.items() if k not in RESUME_FREE_KEYS}
-    for key in now:
-        if now[key] != before.get(key):
-            raise MinicompressError(
-                f"resume: {key} differs from the interrupted run ({before.get(key)!r} -> {now[key]!r}); "
-                "restore it or start over with --overwrite"
-            )
-
-
-# ----------------------------------------------------------------------------------------
-# Metrics and curves
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_curves(records: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """Plot training loss and held-out perplexity / KL against tokens into a PNG.
-
-    Args:
-        records: ``metrics.jsonl`` records (training records have ``loss``; evaluation
-            records have ``eval_*`` keys).
-        path: PNG file to write.
-        title: figure title.
-
-    Returns:
-        ``path``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_perplexity" in r]
-    kl_key = next((k for k in ("eval_kl_to_teacher", "eval_topk_kl_to_teacher") if any(k in r for r in evals)), None)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    if train:
-        x = [r["tokens"] for r in train]
-        ax.plot(x, [r["loss"] for r in train], label="loss")
-        for key in ("kl", "ce"):
-            if any(r.get(key) for r in train):
-                ax.plot(x, [r[key] for r in train], label=key, alpha=0.7)
-        ax.legend()
-    ax.set(title="training loss", xlabel="tokens")
-    ax = axes[1]
-    if evals:
-        ax.plot([r["tokens"] for r in evals], [r["eval_perplexity"] for r in evals], marker="o")
-        ax.set_yscale("log")
-    ax.set(title="held-out perplexity", xlabel="tokens")
-    ax = axes[2]
-    if kl_key:
-        pts = [r for r in evals if kl_key in r]
-        ax.plot([r["tokens"] for r in pts], [r[kl_key] for r in pts], marker="o")
-    ax.set(title="held-out KL to teacher" + (" (top-k)" if kl_key == "eval_topk_kl_to_teacher" else ""),
-           xlabel="tokens")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-# ----------------------------------------------------------------------------------------
 # Recovery
 
 
@@ -668,7 +347,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     # ---- setup: output, models, data -------------------------------------------------
     out = check_output(config.output, config.overwrite)
     work = working_folder(out)
-    checkpoint = _latest_checkpoint(work) if work.exists() else None
+    checkpoint = latest_checkpoint(work) if work.exists() else None
     if checkpoint is not None and not config.resume:
         if not config.overwrite:
             raise MinicompressError(f"resume: {work} holds a checkpoint of an interrupted run; "
@@ -685,6 +364,10 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         raise MinicompressError("tokenizer: pass tokenizer= together with an in-memory student")
     student.train()
     device = model_device(student)
+    precision = describe_precision(config.autocast, device)
+    autocast = precision["resolved"]
+    log.info("recover: precision %s (%s)", "bf16 autocast" if autocast == "bfloat16" else "float32",
+             precision["reason"])
 
     cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
     if teacher is None and cache is None and config.teacher is not None:  # CE-only still evaluates KL
@@ -741,7 +424,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     metrics_path = work / METRICS_FILE
     start_step, elapsed, resumed_from = 0, 0.0, None
     if checkpoint is not None:
-        _check_resumable(json.loads((checkpoint / "state.json").read_text())["config"], config)
+        check_resumable(json.loads((checkpoint / "state.json").read_text())["config"], config)
         state = load_checkpoint(checkpoint, student=student, optimizer=optimizer, intermediate=intermediate)
         start_step, elapsed, before = state["step"], state["seconds"], state["before"]
         resumed_from = start_step
@@ -750,9 +433,9 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         log.info("recover: resuming from %s (step %d of %d)", checkpoint, start_step, total_steps)
     else:
         before = evaluate_held_out(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
-                                   batch_size=config.eval_batch_size, autocast=config.autocast,
+                                   batch_size=config.eval_batch_size, autocast=autocast,
                                    chunk_size=config.loss.chunk_size)
-        _append_metrics(metrics_path, {"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in before.items()}})
+        append_metrics(metrics_path, {"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
     # ---- the training loop -----------------------------------------------------------
     with progress_bar("recover", total_steps * config.global_batch_tokens, unit="tok") as bar:
@@ -775,7 +458,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                 topk = cache.topk(idx + n_eval) if cache is not None else None
                 loss, stats = micro_batch_loss(student, input_ids, loss=config.loss, teacher=teacher,
                                                teacher_topk=topk, intermediate=intermediate,
-                                               normalizer=normalizer, autocast=config.autocast)
+                                               normalizer=normalizer, autocast=autocast)
                 loss.backward()
                 share = stats["targets"] / normalizer
                 for key in ("loss", "kl", "ce", "is"):
@@ -798,10 +481,10 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                       "elapsed_s": elapsed}
             if done == total_steps or (config.eval_every and done % config.eval_every == 0):
                 metrics = evaluate_held_out(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
-                                          batch_size=config.eval_batch_size, autocast=config.autocast,
+                                          batch_size=config.eval_batch_size, autocast=autocast,
                                           chunk_size=config.loss.chunk_size)
                 record.update({f"eval_{k}": v for k, v in metrics.items()})
-            _append_metrics(metrics_path, record)
+            append_metrics(metrics_path, record)
             bar.advance(config.global_batch_tokens)
             bar.update(description=f"recover loss {sums['loss']:.4f}")
             if done % config.log_every == 0 or done == total_steps:
@@ -835,6 +518,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         "recover", config, teacher=teacher_source, teacher_cache=config.teacher_cache,
         tokens_trained=total_steps * config.global_batch_tokens, steps=total_steps, loss=to_dict(config.loss),
         held_out_sequences=n_eval, train_sequences=n_train, metrics_before=before, metrics_after=after,
+        precision=precision,
         final_train_loss=final_loss, seconds=elapsed,
     )
     folder = _student_folder(student)

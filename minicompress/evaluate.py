@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import compute_logits, count_parameters
+from .hardware import resolve_autocast
 from .losses import auto_chunk_size
 from .measure import PeakMemory, synchronize
 from .progress import progress_bar
@@ -35,8 +36,9 @@ def vocab_chunk_tokens(vocab_size: int) -> int:
 
 
 def autocast_context(device: torch.device | str, autocast: str):
-    """``torch.autocast`` for ``autocast == "bfloat16"``, else a no-op context."""
-    if autocast == "bfloat16":
+    """``torch.autocast`` in bf16 for ``autocast == "bfloat16"`` (and for ``"auto"`` where
+    :func:`minicompress.hardware.resolve_autocast` picks bf16), else a no-op context."""
+    if resolve_autocast(autocast, device) == "bfloat16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

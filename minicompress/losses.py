@@ -344,16 +344,14 @@ class _ChunkConfig:
     student_softcap: Optional[float]
     teacher_softcap: Optional[float]
     ignore_index: int
-    fp32_matmul: bool
+    matmul_dtype: torch.dtype
     need_grad_h: bool
     need_grad_w: bool
 
 
-def _lm_head_logits(h: torch.Tensor, w: torch.Tensor, w_f32: Optional[torch.Tensor]) -> torch.Tensor:
-    """``h @ w.T`` as float32 ``[c, V]`` (float32 matmul if ``w_f32`` is given)."""
-    if w_f32 is not None:
-        return h.to(torch.float32) @ w_f32.t()
-    return (h.to(w.dtype) @ w.t()).to(torch.float32)
+def _lm_head_logits(h: torch.Tensor, w_mm: torch.Tensor) -> torch.Tensor:
+    """``h @ w_mm.T`` as float32 ``[c, V]``; the matmul runs in ``w_mm``'s dtype."""
+    return (h.to(w_mm.dtype) @ w_mm.t()).to(torch.float32)
 
 
 def _chunk_losses(
@@ -422,11 +420,10 @@ class _ChunkedDistillFunction(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=torch.float32, device=device)
 
         with torch.autocast(device_type=device.type, enabled=False):
-            w_det = w.detach()
-            w_f32 = w_det.to(torch.float32) if cfg.fp32_matmul else None
+            mm = cfg.matmul_dtype
+            w_mm = w.detach().to(mm)  # one cast per call (no copy when the dtypes agree)
             use_teacher = cfg.kl_weight != 0.0 and cfg.kind != "topk_kl"
-            t_w_det = t_w.detach() if use_teacher else None
-            t_w_f32 = t_w_det.to(torch.float32) if (use_teacher and cfg.fp32_matmul) else None
+            t_w_mm = t_w.detach().to(mm) if use_teacher else None
             chunk = n_valid if cfg.chunk_size is None else cfg.chunk_size
             chunk = max(chunk, 1)
             fast = _use_fast_path(cfg, use_teacher)
@@ -438,12 +435,12 @@ class _ChunkedDistillFunction(torch.autograd.Function):
                 t_logits = t_vals_c = t_idx_c = None
                 with torch.no_grad():
                     if use_teacher:
-                        t_logits = _lm_head_logits(t_h.detach().index_select(0, idx), t_w_det, t_w_f32)
+                        t_logits = _lm_head_logits(t_h.detach().index_select(0, idx), t_w_mm)
                         t_logits = softcap(t_logits, cfg.teacher_softcap)
                     elif cfg.kl_weight != 0.0:
                         t_vals_c = t_vals.index_select(0, idx)
                         t_idx_c = t_idx.index_select(0, idx)
-                    z = _lm_head_logits(h_c, w_det, w_f32)
+                    z = _lm_head_logits(h_c, w_mm)
 
                 if fast:
                     with torch.no_grad():
@@ -462,13 +459,13 @@ class _ChunkedDistillFunction(torch.autograd.Function):
                 if need_grad:
                     # d loss / d h = g_z @ W ;  d loss / d W = g_z^T @ h
                     if cfg.need_grad_h:
-                        if w_f32 is not None:
-                            g_h = g_z @ w_f32
-                        else:
-                            g_h = g_z.to(w_det.dtype) @ w_det
+                        g_h = g_z.to(mm) @ w_mm
                         grad_h.index_copy_(0, idx, g_h.to(grad_h.dtype))
                     if cfg.need_grad_w:
-                        grad_w32.addmm_(g_z.t(), h_c.to(torch.float32))
+                        if mm == torch.float32:
+                            grad_w32.addmm_(g_z.t(), h_c.to(torch.float32))
+                        else:  # low-precision GEMM, float32 accumulation across chunks
+                            grad_w32.add_(g_z.to(mm).t() @ h_c.to(mm))
                     del g_z
                 kl_total += kl_c
                 ce_total += ce_c
@@ -612,6 +609,7 @@ def chunked_distill_loss(
     teacher_softcap: Optional[float] = None,
     ignore_index: int = -100,
     fp32_matmul: bool = True,
+    matmul_dtype: Optional[torch.dtype] = None,
     return_components: bool = False,
 ):
     """Fused "lm_head + distillation loss" that never builds the ``[N, V]`` logits.
@@ -643,7 +641,12 @@ def chunked_distill_loss(
     logits.  With ``fp32_matmul=False`` the logits matmul and ``grad_h``
     matmul run in the weight's dtype (like the model's own bf16 lm_head) and
     only the logits are upcast; no weight copies are made, ``grad_W`` is
-    still accumulated in float32.  All softmax/loss math is float32 with
+    still accumulated in float32.  ``matmul_dtype=torch.bfloat16`` (what
+    recovery passes under bf16 autocast) runs all three vocab matmuls
+    (logits, ``grad_h``, ``grad_W``) in bf16 on bf16 copies of ``W`` and the
+    teacher weight made once per call; logits are upcast to float32 before
+    any softmax and ``grad_W`` is accumulated over chunks in float32.
+    All softmax/loss math is float32 with
     autocast disabled, so the function behaves identically inside
     ``torch.autocast``.  The loss is a float32 scalar; the gradients come back
     in the dtypes of ``student_hidden`` and ``student_weight``.
@@ -678,6 +681,7 @@ def chunked_distill_loss(
         teacher_softcap: ``final_logit_softcapping`` of the teacher or None.
         ignore_index: Label value marking ignored tokens.
         fp32_matmul: See "Precision" above.
+        matmul_dtype: dtype of the vocab matmuls; overrides ``fp32_matmul``.
         return_components: Also return detached ``{"kl": ..., "ce": ...}``
             float32 scalars (unweighted means) for logging.
 
@@ -752,7 +756,8 @@ def chunked_distill_loss(
         student_softcap=student_softcap,
         teacher_softcap=teacher_softcap,
         ignore_index=int(ignore_index),
-        fp32_matmul=bool(fp32_matmul),
+        matmul_dtype=matmul_dtype if matmul_dtype is not None else (
+            torch.float32 if fp32_matmul else student_weight.dtype),
         need_grad_h=grad_on and h.requires_grad,
         need_grad_w=grad_on and student_weight.requires_grad,
     )

@@ -28,6 +28,9 @@ Fixtures and helpers:
         ``parquet`` files and a ``folder`` holding two ``.txt`` files.
 
 ``MINICOMPRESS_PROGRESS=0`` is set for the whole session (no progress bars).
+``autocast: auto`` resolves to float32 in every test (an autouse fixture tells
+:mod:`minicompress.hardware` the CPU has no native bf16), so numbers do not depend on the
+machine; tests of the bf16 path ask for it explicitly or patch the probe themselves.
 """
 
 from __future__ import annotations
@@ -160,6 +163,14 @@ def make_tiny_model(model_type: str, seed: int = 0, **overrides):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.float().eval()
+
+
+@pytest.fixture(autouse=True)
+def _float32_auto_precision(monkeypatch):
+    """``autocast: auto`` means float32 in tests, whatever this CPU can do."""
+    from minicompress import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
 
 
 @pytest.fixture(name="make_tiny_model")

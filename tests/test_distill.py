@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from minicompress import distill
+from minicompress import checkpoint, distill, teacher_cache
 from minicompress.config import DataConfig, LossConfig, ModelConfig, RecoverConfig, TeacherCacheConfig
 from minicompress.data import load_sequences
 from minicompress.errors import ConfigError, MinicompressError
@@ -146,7 +146,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(corpus, make_tiny_mode
     with pytest.raises(Killed):
         distill.recover(_config(corpus, output, save_every=1, checkpoint_keep=2, **common),
                         student=student, teacher=teacher, tokenizer=tiny_tokenizer, callback=kill_after_3)
-    assert not output.exists() and distill.working_folder(output).is_dir()
+    assert not output.exists() and checkpoint.working_folder(output).is_dir()
     with pytest.raises(MinicompressError, match="resume"):  # a stale checkpoint is never silently dropped
         distill.recover(_config(corpus, output, **common), student=student, teacher=teacher, tokenizer=tiny_tokenizer)
 
@@ -158,20 +158,20 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(corpus, make_tiny_mode
         assert torch.equal(value, reference[key]), key
     assert [r["step"] for r in resumed["metrics"]] == list(range(7))
     assert resumed["after"] == pytest.approx(full["after"])
-    assert not distill.working_folder(output).exists()
+    assert not checkpoint.working_folder(output).exists()
 
 
 def test_teacher_cache_round_trip_and_recover_from_cache(corpus, models, tiny_tokenizer, tmp_path):
     teacher, student = models
     data = DataConfig(source=str(corpus), seq_len=SEQ)
     cache_dir = tmp_path / "cache"
-    summary = distill.write_teacher_cache(
+    summary = teacher_cache.write_teacher_cache(
         TeacherCacheConfig(teacher=ModelConfig(source="in-memory"), data=data, tokens=20 * SEQ, top_k=8,
                            micro_batch_size=3, shard_tokens=8 * SEQ, values_dtype="float32", output=str(cache_dir)),
         teacher=teacher, tokenizer=tiny_tokenizer)
     assert summary["rows"] == 20 and summary["shards"] == 3
 
-    cache = distill.TeacherCache(cache_dir)
+    cache = teacher_cache.TeacherCache(cache_dir)
     expected_ids = load_sequences(data, tiny_tokenizer)[:20]
     assert torch.equal(cache.input_ids, expected_ids)
     rows = torch.tensor([0, 7, 8, 19])
@@ -227,7 +227,7 @@ def test_refuses_existing_output_without_overwrite(corpus, models, tiny_tokenize
     with pytest.raises(MinicompressError, match="--output.*overwrite"):
         distill.recover(_config(corpus, output), student=student, teacher=teacher, tokenizer=tiny_tokenizer)
     with pytest.raises(MinicompressError, match="--output"):
-        distill.write_teacher_cache(TeacherCacheConfig(data=DataConfig(source=str(corpus)), output=str(output)),
+        teacher_cache.write_teacher_cache(TeacherCacheConfig(data=DataConfig(source=str(corpus)), output=str(output)),
                                     teacher=teacher, tokenizer=tiny_tokenizer)
     distill.recover(_config(corpus, output, tokens=64, overwrite=True), student=student, teacher=teacher,
                     tokenizer=tiny_tokenizer)

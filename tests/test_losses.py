@@ -361,7 +361,7 @@ def test_closed_form_path_matches_naive(kl_weight, ce_weight, tau, chunk_size):
     h, w, th, tw, labels = _setup(11)
     cfg = L._ChunkConfig(kind="forward_kl", kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau,
                          beta=0.5, chunk_size=chunk_size, student_softcap=None, teacher_softcap=None,
-                         ignore_index=-100, fp32_matmul=True, need_grad_h=True, need_grad_w=True)
+                         ignore_index=-100, matmul_dtype=torch.float32, need_grad_h=True, need_grad_w=True)
     assert L._use_fast_path(cfg, has_teacher_logits=kl_weight != 0.0)
     _compare(h, w, th, tw, labels, chunk_size=chunk_size, kl_weight=kl_weight, ce_weight=ce_weight,
              temperature=tau, ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
@@ -376,7 +376,7 @@ def test_closed_form_path_matches_naive(kl_weight, ce_weight, tau, chunk_size):
 
 def test_fast_path_is_skipped_where_it_does_not_apply():
     base = dict(kind="forward_kl", kl_weight=1.0, ce_weight=0.0, temperature=1.0, beta=0.5, chunk_size=4,
-                student_softcap=None, teacher_softcap=None, ignore_index=-100, fp32_matmul=True,
+                student_softcap=None, teacher_softcap=None, ignore_index=-100, matmul_dtype=torch.float32,
                 need_grad_h=True, need_grad_w=True)
     assert L._use_fast_path(L._ChunkConfig(**base), True)
     assert not L._use_fast_path(L._ChunkConfig(**{**base, "student_softcap": 30.0}), True)

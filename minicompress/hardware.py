@@ -1,0 +1,90 @@
+"""Which precision is fast on this machine: ``autocast: auto`` resolved by hardware.
+
+bf16 matmuls are only a win where the hardware has native bf16 arithmetic: CUDA GPUs,
+and CPUs with AVX512-BF16 or AMX (Intel Sapphire Rapids and later, AMD Zen 4 and later).
+Measured on a 2-core Xeon with AMX (``benchmarks/RESULTS.md``): a 4096x576x1536 GEMM runs
+at 2.7 TFLOP/s in bf16 vs 0.31 in float32. On an AVX2-only CPU the same bf16 GEMM is about
+8x *slower* than float32, so ``auto`` keeps float32 there. Master weights, optimizer state
+and the loss arithmetic stay float32 either way (mixed precision, Micikevicius et al.,
+arXiv 1710.03740); only the matmuls of the forward and backward run in bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .config import AUTOCAST as AUTOCAST_CHOICES
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX tiles).
+
+    Uses PyTorch's own CPU feature probes (cpuinfo), so it works wherever torch runs;
+    falls back to the ``avx512_bf16`` / ``amx_bf16`` flags of ``/proc/cpuinfo``.
+    """
+    cpu = getattr(torch, "cpu", None)
+    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(p is not None for p in probes):
+        try:
+            return any(bool(p()) for p in probes if p is not None)
+        except Exception:  # noqa: BLE001 - a probe that fails means "unknown": read the flags
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively (CUDA with bf16 support, or a CPU
+    with AVX512-BF16/AMX)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def resolve_autocast(setting: str, device: torch.device | str) -> str:
+    """The concrete autocast for a setting: ``auto`` becomes ``bfloat16`` where the device
+    has native bf16 and ``none`` elsewhere; ``none`` / ``bfloat16`` stay as they are.
+
+    Args:
+        setting: ``auto``, ``none`` or ``bfloat16``.
+        device: where the matmuls run.
+
+    Returns:
+        ``"bfloat16"`` or ``"none"``.
+
+    Raises:
+        ValueError: an unknown setting.
+    """
+    if setting not in AUTOCAST_CHOICES:
+        raise ValueError(f"autocast: {setting!r} is not allowed; choose one of {', '.join(AUTOCAST_CHOICES)}")
+    if setting != "auto":
+        return setting
+    return "bfloat16" if native_bf16(device) else "none"
+
+
+def describe_precision(setting: str, device: torch.device | str) -> dict:
+    """A provenance record of the precision choice: what was asked, what runs, and why."""
+    resolved = resolve_autocast(setting, device)
+    kind = torch.device(device).type
+    if setting != "auto":
+        reason = f"--autocast {setting} (forced)"
+    elif kind == "cpu":
+        reason = "CPU with native bf16 (AVX512-BF16/AMX)" if resolved == "bfloat16" else \
+            "CPU without native bf16 (no AVX512-BF16/AMX): bf16 would be slower"
+    else:
+        reason = f"{kind} {'with' if resolved == 'bfloat16' else 'without'} bf16 support"
+    return {"autocast": setting, "resolved": resolved, "device": kind, "reason": reason,
+            "master_weights": "float32", "loss_arithmetic": "float32"}

@@ -1,0 +1,187 @@
+"""The teacher's top-k logits, computed once and read by many recoveries.
+
+Minitron (arXiv 2407.14679) distils from a frozen teacher; its forward pass is a third of
+a recovery step's FLOPs. A cache of the teacher's top-k logits per token pays it once and
+serves every student with the same tokenizer (as DistillKit's offline mode does).
+``minicompress teacher-cache`` writes one; ``recover(teacher_cache=...)`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import arch
+from .config import TeacherCacheConfig, to_dict
+from .data import load_sequences
+from .errors import MinicompressError
+from .evaluate import autocast_context, final_hidden, model_device
+from .models import TORCH_DTYPES, load_model
+from .outputs import atomic_folder, check_output, provenance, write_json_atomic, write_provenance
+from .progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+CACHE_INDEX_FILE = "teacher_cache.json"
+CACHE_FORMAT = "minicompress-teacher-cache"
+
+
+
+class TeacherCache:
+    """Read access to a folder written by :func:`write_teacher_cache`.
+
+    Attributes:
+        folder: the cache folder.
+        index: the parsed ``teacher_cache.json``.
+        input_ids: ``[R, L]`` int64 token ids of every cached row, in order.
+        seq_len: ``L``.
+        top_k: ``k``.
+        vocab_size: the teacher's vocabulary size.
+    """
+
+    def __init__(self, folder: str | Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder).expanduser()
+        index_path = self.folder / CACHE_INDEX_FILE
+        if not index_path.is_file():
+            raise MinicompressError(f"--teacher-cache: {self.folder} has no {CACHE_INDEX_FILE}; "
+                                    "write one with minicompress teacher-cache")
+        self.index = json.loads(index_path.read_text())
+        if self.index.get("format") != CACHE_FORMAT:
+            raise MinicompressError(f"--teacher-cache: {index_path} is not a {CACHE_FORMAT} index")
+        self.seq_len = int(self.index["seq_len"])
+        self.top_k = int(self.index["top_k"])
+        self.vocab_size = int(self.index["vocab_size"])
+        self._handles, self._starts = [], []
+        ids = []
+        for shard in self.index["shards"]:
+            path = self.folder / shard["file"]
+            if not path.is_file():
+                raise MinicompressError(f"--teacher-cache: shard {path} is missing")
+            handle = safe_open(str(path), framework="pt")
+            self._handles.append(handle)
+            self._starts.append(int(shard["start"]))
+            ids.append(handle.get_tensor("input_ids").long())
+        self.input_ids = torch.cat(ids)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def topk(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached top-k logits of some rows.
+
+        Args:
+            rows: ``[B]`` row indices into the cache.
+
+        Returns:
+            ``(values [B, L, k]`` in the stored dtype, ``indices [B, L, k]`` int64).
+        """
+        values, indices = [], []
+        for row in rows.tolist():
+            shard = max(i for i, start in enumerate(self._starts) if start <= row)
+            local = row - self._starts[shard]
+            handle = self._handles[shard]
+            values.append(handle.get_slice("topk_values")[local:local + 1])
+            indices.append(handle.get_slice("topk_indices")[local:local + 1])
+        return torch.cat(values), torch.cat(indices).long()
+
+
+@torch.no_grad()
+def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module | None = None,
+                        tokenizer: Any = None) -> dict:
+    """Run the teacher over the data and store its top-k logits per token, atomically.
+
+    The rows are the first ``tokens // seq_len`` sequences of
+    ``data.load_sequences(config.data)`` -- the same order :func:`recover` reads with the
+    same ``data`` settings: its held-out sequences are rows ``[0, n_eval)`` and its first
+    epoch trains on rows ``n_eval, n_eval + 1, ...``. So a cache of
+    ``eval_tokens + tokens`` tokens covers a whole single-epoch recovery. Each shard
+    ``shard-XXXXX.safetensors`` holds ``input_ids [r, L]`` int32, ``topk_values [r, L, k]``
+    (``values_dtype``; the teacher's final logits, soft-capping applied) and
+    ``topk_indices [r, L, k]`` int32; ``teacher_cache.json`` indexes them.
+
+    Args:
+        config: the cache settings (``output`` required).
+        teacher: an in-memory teacher (else loaded from ``config.teacher``).
+        tokenizer: its tokenizer (required with an in-memory teacher).
+
+    Returns:
+        ``{"output", "rows", "tokens", "top_k", "shards", "seconds", "tokens_per_s"}``.
+
+    Raises:
+        MinicompressError: an existing output without ``overwrite``, too little data, or
+            ``top_k`` larger than the vocabulary.
+    """
+    out = check_output(config.output, config.overwrite)
+    if teacher is None:
+        teacher, tokenizer = load_model(config.teacher)
+    elif tokenizer is None:
+        raise MinicompressError("tokenizer: pass tokenizer= together with an in-memory teacher")
+    teacher.eval()
+    device = model_device(teacher)
+    vocab = arch.lm_head_weight(teacher).shape[0]
+    if config.top_k > vocab:
+        raise MinicompressError(f"top_k: {config.top_k} exceeds the teacher's vocabulary ({vocab})")
+    sequences = load_sequences(config.data, tokenizer)
+    seq_len = sequences.shape[1]
+    rows = min(sequences.shape[0], max(config.tokens // seq_len, 1))
+    if rows * seq_len < config.tokens:
+        log.warning("teacher-cache: the data holds %d sequences; caching %d tokens, not %d",
+                    sequences.shape[0], rows * seq_len, config.tokens)
+    sequences = sequences[:rows]
+    rows_per_shard = max(config.shard_tokens // seq_len, 1)
+    values_dtype = TORCH_DTYPES[config.values_dtype]
+    shards = []
+    start_time = time.perf_counter()
+    from safetensors.torch import save_file
+
+    with atomic_folder(out, config.overwrite) as tmp, progress_bar("teacher-cache", rows * seq_len, unit="tok") as bar:
+        for shard_start in range(0, rows, rows_per_shard):
+            shard_ids = sequences[shard_start:shard_start + rows_per_shard]
+            values, indices = [], []
+            for batch in shard_ids.split(config.micro_batch_size):
+                ids = batch.to(device)
+                with autocast_context(device, config.autocast):
+                    hidden = final_hidden(teacher, ids)  # [b, L, H]
+                flat = hidden.reshape(-1, hidden.shape[-1])
+                v_parts, i_parts = [], []
+                for chunk in flat.split(1024):  # never [b * L, V] at once
+                    with autocast_context(device, config.autocast):
+                        logits = arch.compute_logits(teacher, chunk)
+                    v, i = logits.float().topk(config.top_k, dim=-1)
+                    v_parts.append(v.to(values_dtype).cpu())
+                    i_parts.append(i.to(torch.int32).cpu())
+                values.append(torch.cat(v_parts).view(*batch.shape, config.top_k))
+                indices.append(torch.cat(i_parts).view(*batch.shape, config.top_k))
+                bar.advance(batch.numel())
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file({"input_ids": shard_ids.to(torch.int32).contiguous(),
+                       "topk_values": torch.cat(values).contiguous(),
+                       "topk_indices": torch.cat(indices).contiguous()}, str(tmp / name))
+            shards.append({"file": name, "start": shard_start, "rows": int(shard_ids.shape[0])})
+        seconds = time.perf_counter() - start_time
+        index = {
+            "format": CACHE_FORMAT,
+            "version": 1,
+            "teacher": config.teacher.source,
+            "seq_len": seq_len,
+            "rows": rows,
+            "tokens": rows * seq_len,
+            "top_k": config.top_k,
+            "vocab_size": vocab,
+            "values_dtype": config.values_dtype,
+            "softcap_applied": arch.logit_softcap(teacher),
+            "data": to_dict(config.data),
+            "shards": shards,
+        }
+        write_json_atomic(tmp / CACHE_INDEX_FILE, index)
+        summary = {k: v for k, v in index.items() if k != "shards"}
+        write_provenance(tmp, provenance("teacher-cache", config, cache=summary))
+    return {"output": str(out), "rows": rows, "tokens": rows * seq_len, "top_k": config.top_k,
+            "shards": len(shards), "seconds": seconds, "tokens_per_s": rows * seq_len / seconds}
