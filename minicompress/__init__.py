@@ -4,6 +4,83 @@ Score the importance of heads, neurons, embedding channels and layers on calibra
 data; rewrite the model into a smaller stock Hugging Face model; recover it by knowledge
 distillation from the original (Muralidharan et al., arXiv 2407.14679; Sreenivas et al.,
 arXiv 2408.11796).
+
+The Python API (``import minicompress as mc``) is imported lazily, so ``import
+minicompress`` (and the CLI's start-up) loads neither torch nor transformers:
+
+* ``mc.load_model(source)`` -> ``(model, tokenizer)`` (:func:`minicompress.models.load_model`)
+* ``mc.score(model, batches)`` -> importance scores (:func:`minicompress.scoring.score_model`)
+* ``mc.make_plan(scores, config, target)`` -> a pure :class:`~minicompress.prune.PrunePlan`
+* ``mc.apply_plan_(model, plan)`` rewrites the model in place
+* ``mc.recover(RecoverConfig(...), student=..., teacher=..., tokenizer=...)`` distils
+  (:func:`minicompress.distill.recover`)
+* ``mc.evaluate(model, tokenizer, "test.txt", teacher=...)`` -> perplexity, KL, size, speed
+  (:func:`minicompress.evaluate.evaluate`)
+* ``mc.run(RunConfig or "run.yaml")`` runs progressive stages (:func:`minicompress.run.run`)
+
+plus the configs (``mc.RecoverConfig``, ``mc.RunConfig``, ``mc.build_config`` ...) and
+``mc.count_parameters``. ``mc.evaluate`` and ``mc.run`` are modules that can be called:
+``mc.evaluate(...)`` calls ``mc.evaluate.evaluate(...)``.
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
+
+_API = {
+    "load_model": ("models", "load_model"),
+    "load_config": ("models", "load_config"),
+    "score": ("scoring", "score_model"),
+    "ImportanceScores": ("scoring", "ImportanceScores"),
+    "make_plan": ("prune", "make_plan"),
+    "apply_plan_": ("prune", "apply_plan_"),
+    "validate_target": ("prune", "validate_target"),
+    "PrunePlan": ("prune", "PrunePlan"),
+    "recover": ("distill", "recover"),
+    "evaluate": ("evaluate", None),
+    "run": ("run", None),
+    "count_parameters": ("arch", "count_parameters"),
+    "build_config": ("config", "build_config"),
+    "ModelConfig": ("config", "ModelConfig"),
+    "DataConfig": ("config", "DataConfig"),
+    "TargetConfig": ("config", "TargetConfig"),
+    "PruneConfig": ("config", "PruneConfig"),
+    "RecoverConfig": ("config", "RecoverConfig"),
+    "LossConfig": ("config", "LossConfig"),
+    "RunConfig": ("config", "RunConfig"),
+    "MinicompressError": ("errors", "MinicompressError"),
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    """Import the Python API on first use (PEP 562)."""
+    if name not in _API:
+        raise AttributeError(f"module 'minicompress' has no attribute {name!r}")
+    module_name, attr = _API[name]
+    module = importlib.import_module(f".{module_name}", __name__)
+    return module if attr is None else getattr(module, attr)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
+
+
+def _make_callable(module_name: str, function_name: str) -> None:
+    """Make module ``module_name`` callable as its function ``function_name``.
+
+    ``minicompress.evaluate`` and ``minicompress.run`` are both submodules and API
+    functions; importing a submodule rebinds the package attribute to the module, so the
+    module itself forwards calls to its function.
+    """
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return getattr(self, function_name)(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = _CallableModule

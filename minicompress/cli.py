@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -128,7 +129,8 @@ def config_flag(parser: argparse.ArgumentParser, *flags: str, key: str, **kwargs
 def add_logging_flags(parser: argparse.ArgumentParser) -> None:
     """``-v/--verbose`` (debug logs) and ``-q/--quiet`` (warnings only, no progress bars)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-v", "--verbose", action="store_true", help="show debug log messages")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="show debug log messages, and transformers' own progress bars and warnings")
     group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
 
 
@@ -247,6 +249,19 @@ def build_from_args(cls: type, args: argparse.Namespace, *, output_needed_for: s
     if output_needed_for is not None and cfg.output is None:
         raise ConfigError(f"--output: {output_needed_for}")
     return cfg
+
+
+def name_flag(err: MinicompressError, args: argparse.Namespace) -> MinicompressError:
+    """``key: message`` from the library as ``--flag (key): message`` when the user typed that flag.
+
+    Commands check values against the model (``target.intermediate_size`` larger than
+    the model's FFN) after the config is built; this names the flag in those errors too.
+    """
+    key, sep, rest = str(err).partition(":")
+    flag = _flag_names(args).get(key)
+    if flag and sep and CFG_PREFIX + key in vars(args):
+        return type(err)(f"{flag} ({key}):{rest}")
+    return err
 
 
 # ----------------------------------------------------------------------------------------
@@ -639,11 +654,13 @@ def score_command(args: argparse.Namespace) -> int:
     """``minicompress score``: Minitron activation importance, written for reuse by ``prune``."""
     from .commands import score
     from .config import ScoreConfig
+    from .distributed import is_main
 
     cfg = build_from_args(ScoreConfig, args, output_needed_for="score needs a folder to write the scores to")
     scores = score(cfg)
-    render_table(f"layer scores of {cfg.model.source} ({scores.meta['num_samples']} samples x "
-                 f"{scores.meta['seq_len']} tokens, {scores.meta['seconds']:.0f}s)", _layer_rows(scores))
+    if is_main():  # torchrun: one table, from rank 0
+        render_table(f"layer scores of {cfg.model.source} ({scores.meta['num_samples']} samples x "
+                     f"{scores.meta['seq_len']} tokens, {scores.meta['seconds']:.0f}s)", _layer_rows(scores))
     return 0
 
 
@@ -667,6 +684,9 @@ def _prune_setup(p: argparse.ArgumentParser) -> None:
                 help="keep norm weights as they are after removing embedding channels")
     config_flag(p, "--search-batches", key="search_batches",
                 help="calibration batches (of 2 sequences) that rank candidate shapes (default 4)")
+    config_flag(p, "--streaming", key="streaming", action="store_const", const=True,
+                help="prune a local safetensors checkpoint one tensor at a time without loading it "
+                     "(needs --scores and explicit sizes or --drop-layers)")
 
 
 @subcommand("prune", help="score, plan and rewrite a model into a smaller stock HF model", setup=_prune_setup)
@@ -676,7 +696,10 @@ def prune_command(args: argparse.Namespace) -> int:
     from .config import PruneConfig
 
     cfg = build_from_args(PruneConfig, args, output_needed_for="prune needs a folder for the pruned model")
-    report = prune(cfg)
+    try:
+        report = prune(cfg)
+    except MinicompressError as err:
+        raise name_flag(err, args) from None
     keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "vocab_size")
     rows = [{"": k, "original": report["original"][k], "pruned": report["pruned"][k]} for k in keys]
@@ -723,6 +746,10 @@ def _recover_setup(p: argparse.ArgumentParser) -> None:
     config_flag(p, "--save-every", key="save_every", help="optimizer steps between checkpoints")
     config_flag(p, "--resume", key="resume", action="store_const", const=True,
                 help="continue from the last checkpoint in <output>.partial")
+    config_flag(p, "--activation-checkpointing", key="activation_checkpointing", action="store_const", const=True,
+                help="recompute layer activations in backward (less memory, about 1/3 more compute)")
+    config_flag(p, "--no-reshard-after-forward", key="reshard_after_forward", action="store_const", const=False,
+                help="torchrun/FSDP2: keep each layer's gathered weights from forward to backward (faster, more memory)")
 
 
 @subcommand("recover", help="distil a pruned student from its frozen teacher", setup=_recover_setup)
@@ -730,6 +757,7 @@ def recover_command(args: argparse.Namespace) -> int:
     """``minicompress recover``: knowledge-distillation recovery; writes a stock HF folder."""
     from .config import RecoverConfig
     from .distill import recover
+    from .distributed import is_main
 
     cfg = build_from_args(RecoverConfig, args, output_needed_for="recover needs a folder for the recovered model")
     report = recover(cfg)
@@ -738,7 +766,8 @@ def recover_command(args: argparse.Namespace) -> int:
         for key, value in (report.get(phase) or {}).items():
             if not isinstance(value, (dict, list)):
                 shown[f"{phase} {key}"] = value
-    render_table(f"recovered {cfg.student.source} -> {cfg.output}", shown)
+    if is_main():  # torchrun: one table, from rank 0
+        render_table(f"recovered {cfg.student.source} -> {cfg.output}", shown)
     return 0
 
 
@@ -768,6 +797,94 @@ def teacher_cache_command(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# run: progressive stages from one config
+
+
+def _run_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG.yaml",
+                   help="the run: model, data, eval_data, output, score, recover and a list of stages")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set recover.lr=1e-4 (also accepted as trailing KEY=VALUE)")
+    config_flag(p, "--output", "-o", key="output", metavar="DIR", help="the run folder (default: output: in the YAML)")
+    config_flag(p, "--overwrite", key="overwrite", action="store_const", const=True,
+                help="start over, replacing the run folder (without it, a rerun skips finished stages)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the whole config and show each stage's shape, parameters, token budget and "
+                        "memory; loads no weights")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 helps when other jobs share the cores)")
+    add_logging_flags(p)
+
+
+def _shape_cell(shape: dict) -> str:
+    return "/".join(str(shape[k]) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                            "intermediate_size", "num_hidden_layers"))
+
+
+def _count(n: int) -> str:
+    """``134,515,008`` as ``134.5M``, ``94,000,000,000`` as ``94B``."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:,.4g}{unit}"
+    return str(n)
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:,.2f} GiB"
+
+
+@subcommand("run", help="progressive prune + distil stages from one YAML config, then a side-by-side report",
+            setup=_run_setup)
+def run_stages_command(args: argparse.Namespace) -> int:
+    """``minicompress run CONFIG.yaml [--dry-run]``: every stage, then ``report.json/.md/.png``."""
+    from .config import RunConfig
+    from .run import REPORT_JSON, dry_run, run
+
+    if not Path(args.config).expanduser().is_file():
+        raise ConfigError(f"CONFIG.yaml: file not found: {args.config}")
+    cfg = build_from_args(RunConfig, args)
+    if args.dry_run:
+        plan = dry_run(cfg)
+        original = plan["original"]
+        total = original["parameters"]["total"]
+        rows = [{"stage": 0, "name": "original", "h/q/kv/ffn/L": _shape_cell(original), "params": _count(total),
+                 "ratio": 1.0, "tokens": "", "teacher": "", "memory": ""}]
+        for r in plan["stages"]:
+            rows.append({"stage": r["stage"], "name": r["name"],
+                         "h/q/kv/ffn/L": "search" if r["hidden_size"] is None else _shape_cell(r),
+                         "params": _count(r["params"]) if r["params"] is not None else "run time",
+                         "ratio": r["ratio"] if r["ratio"] is not None else "run time",
+                         "tokens": _count(r["tokens"]) if r["tokens"] else "0 (prune only)",
+                         "teacher": r["teacher"] if r["tokens"] else "-",
+                         "memory": _gib(r["memory_bytes"])})
+        render_table(f"dry run of {args.config}: {cfg.model.source} in {len(plan['stages'])} stage(s), "
+                     "no weights loaded", rows)
+        notes = [f"stage {r['stage']} ({r['name']}): {r['note']}" for r in plan["stages"] if r["note"]]
+        console = _console()
+        for note in notes:
+            console.print(note, markup=False)
+        console.print("memory: one process; recovery = weights + grads + AdamW moments of the student (16 bytes "
+                      "per parameter in float32) + teacher weights + activations, pruning = input + pruned "
+                      "weights (README: Progressive runs)", markup=False)
+        return 0
+    if cfg.output is None:
+        raise ConfigError("--output: a run needs a folder (--output DIR, or output: in the YAML)")
+    result = run(cfg)
+    report = result["report"]
+    shown = []
+    for row in report["rows"]:
+        shown.append({"model": row["model"], "params": _count(row["parameters"]), "ratio": row["ratio"],
+                      "size": _mib(row["size_on_disk_bytes"]), "ppl": row["perplexity"], "KL": row["kl_to_original"],
+                      "top-1": row["top1_agreement"], "decode tok/s": row["decode_tokens_per_s"],
+                      "wall s": row["wall_time_s"], "tokens": _count(row["tokens"]) if row["tokens"] else "-"})
+        shown[-1] = {k: "-" if v is None else v for k, v in shown[-1].items()}
+    where = f" on {report['eval_data']['source']}" if report.get("eval_data") else " (no eval_data: no perplexity)"
+    render_table(f"run {args.config}{where}; KL / top-1 against the original", shown)
+    log.info("wrote %s", Path(result["output"]) / REPORT_JSON)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
 # main
 
 
@@ -791,18 +908,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_transformers() -> None:
-    """Hide transformers' own tqdm bars ("Loading weights") when minicompress progress bars are off."""
-    from .progress import progress_enabled
+def _quiet_transformers(verbose: bool = False) -> None:
+    """Keep transformers' own output out of minicompress's rich output, unless ``-v``.
 
-    if progress_enabled():
+    transformers draws tqdm bars ("Loading weights", "Writing model shards") and emits
+    deprecation notices (``past_key_values`` is deprecated: a FutureWarning plus a log
+    line) that interleave with minicompress's progress bars and tables. By default the
+    bars and its log messages below ERROR are off and FutureWarnings are ignored (the
+    caller scopes the filter with ``warnings.catch_warnings``); ``-v`` shows them all.
+    """
+    if verbose:
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
+            hf_logging.set_verbosity_warning()
         return
+    warnings.filterwarnings("ignore", category=FutureWarning)
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     else:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -840,7 +970,6 @@ def main(argv: list[str] | None = None) -> int:
     previous = os.environ.get("MINICOMPRESS_PROGRESS")
     if getattr(args, "quiet", False):
         os.environ["MINICOMPRESS_PROGRESS"] = "0"
-    _quiet_transformers()
     previous_threads = None
     if threads is not None:
         import torch
@@ -848,7 +977,9 @@ def main(argv: list[str] | None = None) -> int:
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)
     try:
-        return run_command(SUBCOMMANDS[args._subcommand].run, args)
+        with warnings.catch_warnings():
+            _quiet_transformers(getattr(args, "verbose", False))
+            return run_command(SUBCOMMANDS[args._subcommand].run, args)
     finally:
         if previous_threads is not None:
             import torch

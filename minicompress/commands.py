@@ -14,14 +14,15 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .arch import count_parameters, describe
 from .config import PruneConfig, ScoreConfig
 from .data import iterate_batches, load_sequences, sample_calibration
 from .errors import MinicompressError
-from .models import load_model
-from .outputs import atomic_folder, check_output, provenance, read_provenance, write_provenance
+from .models import load_config, load_model
+from .outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from .progress import progress_bar
-from .prune import apply_plan_, make_plan, search_architecture
+from .prune import apply_plan_, make_plan, search_architecture, validate_target
 from .scoring import ImportanceScores, score_model
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,14 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
         model: an already loaded model (else ``config.model`` is loaded).
         tokenizer: its tokenizer.
 
+    Under torchrun every rank loads the model, scores every ``world_size``-th calibration
+    batch and the running sums are all-reduced (``score_model(reduce=...)``), so each rank
+    holds the single-process scores; rank 0 alone writes them.
+
     Returns:
         :class:`~minicompress.scoring.ImportanceScores`.
     """
+    world = distributed.init_from_env()
     if config.output is not None:
         check_output(config.output, config.overwrite)
     if config.data.source is None:
@@ -65,14 +71,22 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
         model, tokenizer = load_model(config.model)
     batches, loss_batches = calibration_batches(config, tokenizer)
     n = sum(b.shape[0] for b in batches)
+    reduce = None
+    if world > 1:  # this rank's share; None: no layer-loss score on any rank
+        if len(batches) < world:
+            raise MinicompressError(f"num_samples: {n} samples make {len(batches)} batches of batch_size "
+                                    f"{config.batch_size}, fewer than the {world} ranks; lower batch_size")
+        rank = distributed.rank()
+        batches, loss_batches = batches[rank::world], (loss_batches[rank::world] if loss_batches else None)
+        n, reduce = sum(b.shape[0] for b in batches), distributed.all_reduce_sum
     start = time.perf_counter()
     with progress_bar("score", n, unit="samples") as bar:
         scores = score_model(model, batches, sequence_aggregation=config.sequence_aggregation,
                              batch_aggregation=config.batch_aggregation, loss_batches=loss_batches,
                              autocast=config.autocast, progress=bar,
-                             meta={"source": config.model.source, "data": config.data.source})
+                             meta={"source": config.model.source, "data": config.data.source}, reduce=reduce)
     scores.meta["seconds"] = round(time.perf_counter() - start, 2)
-    if config.output is not None:
+    if config.output is not None and distributed.is_main():
         with atomic_folder(config.output, config.overwrite) as tmp:
             scores.save(tmp)
             write_provenance(tmp, provenance("score", config, scores_digest=scores.digest()))
@@ -84,31 +98,47 @@ def _explicit_sizes(target) -> dict[str, Any]:
     return {k: getattr(target, k) for k in keys if getattr(target, k) is not None}
 
 
-def prune(config: PruneConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
+def prune(config: PruneConfig, *, model=None, tokenizer=None,
+          record_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score (or reuse scores), choose the architecture, rewrite the model and save it.
+
+    The target is checked against the model's ``config.json`` (:func:`validate_target`)
+    before any weights or data are loaded, so an impossible target fails in seconds.
 
     Args:
         config: the prune configuration.
         model: an already loaded model (else ``config.model`` is loaded). It is pruned in place.
         tokenizer: its tokenizer.
+        record_extra: extra keys for the output's ``minicompress.json`` (``minicompress
+            run`` records the stage there).
 
     Returns:
-        A report: original and pruned architecture, parameter counts, the plan, and the
-        architecture search table when ``target.target_params`` was used.
+        A report: original and pruned architecture, parameter counts, the plan, the
+        architecture search table when ``target.target_params`` was used, and ``seconds``.
 
     Raises:
         MinicompressError: no target, conflicting targets, or an impossible target.
     """
+    start = time.perf_counter()
     target = config.target
     explicit = _explicit_sizes(target)
     if target.target_params is not None and (explicit or target.drop_layers):
         raise MinicompressError("target.target_params: give either target_params or explicit sizes / drop_layers, not both")
     if target.target_params is None and not explicit and not target.drop_layers:
         raise MinicompressError("target: nothing to prune; set --target-params, explicit sizes or --drop-layers")
+    if config.streaming:
+        return _prune_streaming(config, {**explicit, "drop_layers": list(target.drop_layers),
+                                         "layer_metric": target.layer_metric})
     if config.output is not None:
         check_output(config.output, config.overwrite)
+    hf_config = model.config if model is not None else load_config(
+        config.model.source, trust_remote_code=config.model.trust_remote_code)
+    if hf_config is not None:  # None for GGUF: checked once loaded, still before scoring
+        validate_target(hf_config, target)
     if model is None:
         model, tokenizer = load_model(config.model)
+        if hf_config is None:
+            validate_target(model.config, target)
     original_config = model.config.to_dict()
     original_params = count_parameters(model.config)
 
@@ -146,10 +176,51 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None) -> dict[str, Any]:
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            report["seconds"] = round(time.perf_counter() - start, 2)
             record = provenance("prune", config, source_model=config.model.source,
-                                source_provenance=_source_provenance(config.model.source), **report)
+                                source_provenance=_source_provenance(config.model.source), **report,
+                                **(record_extra or {}))
             write_provenance(tmp, record)
+            write_model_card(tmp, record)
         report["output"] = str(config.output)
+    return report
+
+
+def _prune_streaming(config: PruneConfig, chosen: dict[str, Any]) -> dict[str, Any]:
+    """``prune --streaming``: plan from saved scores and config.json, slice tensor by tensor."""
+    from transformers import AutoConfig
+
+    from .streaming import prune_checkpoint_streaming, streaming_source
+
+    if config.target.target_params is not None:
+        raise MinicompressError("--streaming: --target-params needs the loaded model (its search ranks pruned "
+                                "candidates by loss); give explicit sizes such as --hidden-size, or --drop-layers")
+    if config.scores is None:
+        raise MinicompressError("--streaming: needs --scores (write them first with minicompress score, "
+                                "possibly distributed); a streaming prune never loads the model to score it")
+    folder = streaming_source(config.model.source)
+    check_output(config.output, config.overwrite)
+    hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=config.model.trust_remote_code)
+    scores = ImportanceScores.load(config.scores)
+    plan = make_plan(scores, hf_config, chosen)
+    original_params = count_parameters(hf_config)["total"]
+    pruned_params = count_parameters(plan.new_config(hf_config))["total"]
+    report = {
+        "source": config.model.source,
+        "target": dict(chosen),
+        "original": describe(hf_config),
+        "pruned": describe(plan.new_config(hf_config)),
+        "parameters": {"original": original_params, "pruned": pruned_params, "ratio": pruned_params / original_params},
+        "plan": plan.to_dict(),
+        "scores_digest": scores.digest(),
+        "search": None,
+        "streaming": True,
+    }
+    record = provenance("prune", config, source_model=config.model.source,
+                        source_provenance=_source_provenance(str(folder)), **report)
+    report["checkpoint"] = prune_checkpoint_streaming(folder, plan, config.output, overwrite=config.overwrite,
+                                                      record=record)
+    report["output"] = str(config.output)
     return report
 
 

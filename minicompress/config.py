@@ -13,6 +13,7 @@ Knobs use Hugging Face vocabulary (``hidden_size``, ``intermediate_size``,
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ DOCUMENT_MODES = ("split", "file")
 AGGREGATIONS = ("mean", "l2", "var")
 LAYER_METRICS = ("bi", "loss", "contiguous")
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl")
+STAGE_TEACHERS = ("original", "previous")
+#: RecoverConfig keys a run sets for each stage (not allowed in ``recover:`` sections).
+RUN_SETS_RECOVER_KEYS = ("student", "teacher", "teacher_cache", "data", "tokens", "output", "overwrite", "resume")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -222,6 +226,9 @@ class TargetConfig:
                      "num_hidden_layers"):
             _check_positive(name, getattr(self, name), allow_none=True)
         _check_positive("target_params", self.target_params, allow_none=True)
+        if self.target_params is not None and self.target_params > 1 and self.target_params != int(self.target_params):
+            raise ConfigError(f"target_params: {self.target_params} is neither a ratio in (0, 1] nor a whole "
+                              "parameter count; use e.g. 0.5 or 70M")
         _check_choice("layer_metric", self.layer_metric, LAYER_METRICS)
         if any(i < 0 for i in self.drop_layers):
             raise ConfigError(f"drop_layers: layer indices must be >= 0, got {list(self.drop_layers)}")
@@ -240,6 +247,8 @@ class PruneConfig:
         search_batches: calibration batches for ranking candidate architectures.
         output: folder for the pruned HF model.
         overwrite: replace an existing output.
+        streaming: prune a local safetensors checkpoint one tensor at a time without
+            loading the model (needs ``scores`` and explicit sizes / ``drop_layers``).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -250,6 +259,7 @@ class PruneConfig:
     search_batches: int = 4
     output: str | None = None
     overwrite: bool = False
+    streaming: bool = False
 
     def __post_init__(self):
         _check_positive("search_batches", self.search_batches)
@@ -311,8 +321,20 @@ class RecoverConfig:
         grad_clip: max gradient norm (0: off).
         loss: the distillation loss.
         autocast: ``auto`` (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), float32 elsewhere; ``none`` or ``bfloat16`` force it.
-        teacher_dtype: dtype of the frozen teacher's weights.
+        teacher_dtype: dtype of the frozen teacher's weights; ``auto`` (default): bfloat16 when
+            ``autocast`` resolves to bf16 (the teacher has no master weights to keep, and
+            its forward runs 1.4x faster than under autocast with float32 weights on an
+            AMX CPU), else float32.
         teacher_device: device of the teacher (None: the student's).
+        activation_checkpointing: recompute each decoder layer's activations in backward
+            instead of keeping them (about a third more compute, activation memory of one
+            ``[B, L, H]`` per layer).
+        reshard_after_forward: under torchrun, free each FSDP2 layer's gathered weights
+            after its forward and gather them again in backward (least memory); False
+            keeps them until backward (fewer all-gathers, more memory). Under torchrun,
+            mixed precision follows ``autocast``: bf16 resolved on CUDA means FSDP2
+            gathers bf16 weights and reduces gradients in float32, over float32 master
+            weights and AdamW state.
         eval_every: optimizer steps between evaluations (0: only at the end).
         eval_tokens: held-out tokens for evaluation.
         save_every: optimizer steps between checkpoints (0: only at the end).
@@ -340,8 +362,10 @@ class RecoverConfig:
     grad_clip: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
     autocast: str = "auto"
-    teacher_dtype: str = "float32"
+    teacher_dtype: str = "auto"
     teacher_device: str | None = None
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
     eval_every: int = 0
     eval_tokens: int = 16384
     save_every: int = 0
@@ -367,7 +391,7 @@ class RecoverConfig:
         _check_positive("weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("grad_clip", self.grad_clip, allow_zero=True)
         _check_choice("autocast", self.autocast, AUTOCAST)
-        _check_choice("teacher_dtype", self.teacher_dtype, DTYPES)
+        _check_choice("teacher_dtype", self.teacher_dtype, ("auto",) + DTYPES)
         if self.teacher_device is not None:
             _check_choice("teacher_device", self.teacher_device, DEVICES)
         _check_positive("eval_every", self.eval_every, allow_zero=True)
@@ -435,6 +459,153 @@ class TeacherCacheConfig:
         _check_choice("autocast", self.autocast, AUTOCAST)
 
 
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage of ``minicompress run``: prune the previous stage's model, then recover it.
+
+    Attributes:
+        name: names the stage's folder ``OUTPUT/stage-<i>-<name>`` (letters, digits,
+            ``.``, ``_``, ``-``).
+        target: the size to reach (explicit HF sizes / ``drop_layers``, or
+            ``target_params``). In a run a ``target_params`` ratio is a fraction of the
+            *original* model (``0.7`` then ``0.45``), not of the previous stage.
+        tokens: distillation budget in tokens (0: prune only).
+        teacher: ``original`` (default; Minitron found distilling from the original
+            model best) or ``previous`` (the previous stage's output).
+        recover: overrides of the run's ``recover`` defaults for this stage (keys of
+            :class:`RecoverConfig`, e.g. ``lr``, ``loss: {ce_weight: 0.1}``).
+    """
+
+    name: str = ""
+    target: TargetConfig = field(default_factory=TargetConfig)
+    tokens: int = 0
+    teacher: str = "original"
+    recover: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(self.name)):
+            raise ConfigError(f"name: each stage needs a name of letters, digits, '.', '_' or '-' (it names the "
+                              f"folder stage-<i>-<name>), got {self.name!r}")
+        _check_positive("tokens", self.tokens, allow_zero=True)
+        _check_choice("teacher", self.teacher, STAGE_TEACHERS)
+        t = self.target
+        explicit = any(getattr(t, k) is not None for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                            "num_key_value_heads", "num_hidden_layers"))
+        if t.target_params is not None and (explicit or t.drop_layers):
+            raise ConfigError("target.target_params: give either target_params or explicit sizes / drop_layers, "
+                              "not both")
+        if t.target_params is None and not explicit and not t.drop_layers:
+            raise ConfigError("target: nothing to prune; set target_params, explicit sizes or drop_layers")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The end-of-run comparison of the original and every stage (``report.*``).
+
+    Attributes:
+        batch_size: evaluation windows per forward.
+        autocast: ``auto`` (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), float32 elsewhere; ``none`` or ``bfloat16`` force it.
+        speed: measure greedy-decode tokens/s (batch 1, KV cache).
+        prefill_tokens: prompt length of the speed test.
+        decode_tokens: generated tokens of the speed test.
+    """
+
+    batch_size: int = 4
+    autocast: str = "auto"
+    speed: bool = True
+    prefill_tokens: int = 256
+    decode_tokens: int = 32
+
+    def __post_init__(self):
+        _check_positive("batch_size", self.batch_size)
+        _check_choice("autocast", self.autocast, AUTOCAST)
+        _check_positive("prefill_tokens", self.prefill_tokens)
+        _check_positive("decode_tokens", self.decode_tokens)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``minicompress run``: progressive prune + distil stages from one config.
+
+    Attributes:
+        model: the original model (stage 1 prunes it; the default teacher).
+        data: calibration and training text (scoring, architecture search, recovery).
+        eval_data: held-out text for the final report only (e.g. WikiText-2 test; no
+            ``source``: the report has no perplexity / KL columns). Read as whole files
+            without shuffling, like ``minicompress eval``.
+        score: scoring settings of every stage (its ``model``/``data`` are the run's).
+        search_batches: calibration batches ranking candidate shapes (``target_params``).
+        recover: recovery defaults of every stage: keys of :class:`RecoverConfig`
+            except those the run sets (:data:`RUN_SETS_RECOVER_KEYS`).
+        stages: the stages, in order; each prunes the previous stage's output.
+        report: settings of the end-of-run evaluation.
+        keep_pruned: keep each stage's pruned-but-not-recovered folder
+            ``stage-<i>-<name>.pruned`` after its recovery finished.
+        output: the run folder.
+        overwrite: start over, replacing an existing run folder (without it a run
+            folder of the same config is continued: finished stages are skipped and an
+            interrupted recovery resumes).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
+    eval_data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False, documents="file"))
+    score: ScoreConfig = field(default_factory=lambda: ScoreConfig(num_samples=256))
+    search_batches: int = 4
+    recover: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[StageConfig, ...] = ()
+    report: ReportConfig = field(default_factory=ReportConfig)
+    keep_pruned: bool = False
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.data.source is None:
+            raise ConfigError("data.source: a run needs calibration / training text (never the evaluation split)")
+        _check_positive("search_batches", self.search_batches)
+        if not self.stages:
+            raise ConfigError("stages: a run needs at least one stage (a list of {name, target, tokens})")
+        seen: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ConfigError(f"stages[{i}].name: {stage.name!r} is also the name of stages[{seen[stage.name]}]; "
+                                  "stage names must be unique")
+            seen[stage.name] = i
+        for i, stage in enumerate(self.stages):
+            if stage.tokens:
+                self.stage_recover_config(i, student=ModelConfig(source="student"), teacher=self.model,
+                                          output="stage")
+
+    def stage_recover_config(self, index: int, *, student: ModelConfig, teacher: ModelConfig, output: str,
+                             resume: bool = False) -> "RecoverConfig":
+        """The :class:`RecoverConfig` of stage ``index``: ``recover`` defaults, the stage's
+        overrides, and what the run sets (student, teacher, data, tokens, output).
+
+        Raises:
+            ConfigError: a key the run sets, an unknown key, or an invalid value; the
+                message names ``recover.<key>`` or ``stages[i].recover.<key>``.
+        """
+        stage = self.stages[index]
+        allowed = [f.name for f in dataclasses.fields(RecoverConfig) if f.name not in RUN_SETS_RECOVER_KEYS]
+        for where, mapping in (("recover", self.recover), (f"stages[{index}].recover", stage.recover)):
+            for key in mapping:
+                if key in RUN_SETS_RECOVER_KEYS:
+                    raise ConfigError(f"{where}.{key}: set by the run for every stage; remove it")
+                if key not in allowed:
+                    raise ConfigError(f"{where}.{key}: unknown key; allowed keys of {where}: {', '.join(allowed)}")
+        merged = _merge(dict(self.recover), dict(stage.recover))
+        merged.update(student=student, teacher=teacher, data=self.data, tokens=stage.tokens, output=output,
+                      resume=resume, overwrite=False)
+        try:
+            return _build(RecoverConfig, merged)
+        except ConfigError as err:
+            key = str(err).partition(":")[0].split(".")[0]
+            if key == "tokens":
+                raise ConfigError(f"stages[{index}].{err}") from None
+            where = f"stages[{index}].recover" if key in stage.recover else "recover"
+            raise ConfigError(f"{where}.{err}") from None
+
+
 # ----------------------------------------------------------------------------------------
 # Building configs from YAML + overrides
 
@@ -499,13 +670,18 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
+        if inner is dict or typing.get_origin(inner) is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
         if typing.get_origin(inner) is tuple:
             (item_tp, *_rest) = typing.get_args(inner)
             if isinstance(value, str):
                 value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
                 value = [value]
-            return tuple(_coerce(v, item_tp, path) for v in value)
+            indexed = _is_dataclass_type(item_tp)
+            return tuple(_coerce(v, item_tp, f"{path}[{i}]" if indexed else path) for i, v in enumerate(value))
     except (TypeError, ValueError):
         name = getattr(inner, "__name__", str(inner))
         raise ConfigError(f"{path}: expected {name}, got {value!r}") from None

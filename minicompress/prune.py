@@ -152,24 +152,35 @@ def _resolve_sizes(config: Any, target: Any) -> dict[str, int]:
     return sizes
 
 
-def _layers_to_drop(scores: ImportanceScores, num_layers: int, drop: tuple[int, ...], keep_n: int | None,
-                    metric: str) -> list[int]:
+def _check_layers(num_layers: int, drop: tuple[int, ...], keep_n: int | None, metric: str) -> int:
+    """Validate the depth part of a target; return the number of layers kept."""
     bad = [i for i in drop if i >= num_layers]
     if bad:
         raise MinicompressError(f"target.drop_layers: layer {bad[0]} does not exist (the model has {num_layers})")
-    dropped = set(drop)
+    dropped = len(set(drop))
     if keep_n is not None:
         if not 0 < keep_n <= num_layers:
             raise MinicompressError(f"target.num_hidden_layers: must be between 1 and {num_layers}, got {keep_n}")
-        extra = num_layers - keep_n - len(dropped)
-        if extra < 0:
+        if num_layers - keep_n - dropped < 0:
             raise MinicompressError(
-                f"target.num_hidden_layers: {keep_n} layers kept but drop_layers already removes {len(dropped)}"
+                f"target.num_hidden_layers: {keep_n} layers kept but drop_layers already removes {dropped}"
             )
+        if metric == "contiguous" and dropped and keep_n < num_layers - dropped:
+            raise MinicompressError("target.layer_metric: contiguous cannot be combined with drop_layers")
+        return keep_n
+    if dropped >= num_layers:
+        raise MinicompressError("target.num_hidden_layers: cannot drop every layer (zero layers left)")
+    return num_layers - dropped
+
+
+def _layers_to_drop(scores: ImportanceScores, num_layers: int, drop: tuple[int, ...], keep_n: int | None,
+                    metric: str) -> list[int]:
+    _check_layers(num_layers, drop, keep_n, metric)
+    dropped = set(drop)
+    if keep_n is not None:
+        extra = num_layers - keep_n - len(dropped)
         if extra:
             if metric == "contiguous":
-                if dropped:
-                    raise MinicompressError("target.layer_metric: contiguous cannot be combined with drop_layers")
                 start, _ = scores.contiguous_block(extra)
                 dropped |= set(range(start, start + extra))
             else:
@@ -213,6 +224,95 @@ def _select_heads(head_scores: torch.Tensor, num_kv: int, new_q: int, new_kv: in
     return q, kv
 
 
+def _check_sizes(config: Any, target: Any, require_valid_config: bool = True) -> dict[str, int]:
+    """The resolved widths of an explicit target, checked against ``config`` (no scores)."""
+    adapter = get_adapter(config)
+    sizes = _resolve_sizes(config, target)
+    h, q = sizes["hidden_size"], sizes["num_attention_heads"]
+    if require_valid_config and adapter.hidden_divisible_by_heads and h % q:
+        lower, upper = (h // q) * q, (h // q + 1) * q
+        raise MinicompressError(
+            f"target.hidden_size: {config.model_type} configs need hidden_size divisible by num_attention_heads "
+            f"(transformers rejects {h} with {q} heads on save); use e.g. {lower} or {upper}, or other heads"
+        )
+    return sizes
+
+
+def check_target_params(config: Any, target_params: float) -> int:
+    """The parameter budget of ``target_params`` for ``config``, or a one-line error.
+
+    A value in (0, 1] is a ratio of the model's closed-form size; a larger value is a
+    whole parameter count that must be below the model's size.
+
+    Returns:
+        The budget as a parameter count.
+
+    Raises:
+        MinicompressError: not a ratio in (0, 1] nor a whole count below the model's size.
+    """
+    total = count_parameters(config)["total"]
+    if not target_params > 0:
+        raise MinicompressError(f"target.target_params: must be a ratio in (0, 1] or a parameter count, "
+                                f"got {target_params}")
+    if target_params <= 1:
+        return int(round(target_params * total))
+    if target_params != int(target_params):
+        raise MinicompressError(f"target.target_params: {target_params} is neither a ratio in (0, 1] nor a whole "
+                                f"parameter count; use e.g. 0.5 or {total // 2:,}")
+    if target_params >= total:
+        raise MinicompressError(f"target.target_params: {int(target_params):,} is not below the model's "
+                                f"{total:,} parameters; give a smaller count or a ratio in (0, 1]")
+    return int(target_params)
+
+
+def validate_target(config: Any, target: Any) -> dict[str, Any]:
+    """Check a pruning target against a model config, without weights or scores.
+
+    Pure and cheap: ``minicompress prune`` runs it right after reading the model's
+    ``config.json`` (before any data is read or scored), and ``minicompress run
+    --dry-run`` runs it for every stage. :func:`make_plan` applies the same checks.
+
+    Args:
+        config: the transformers config of the model to prune.
+        target: a :class:`~minicompress.config.TargetConfig` or a dict of its keys.
+
+    Returns:
+        For explicit sizes / ``drop_layers``: the resolved ``hidden_size``,
+        ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``,
+        ``num_hidden_layers``, ``head_dim`` and the closed-form ``params`` of the result.
+        For ``target_params``: ``{"target_params": budget count, "candidates": n,
+        "min_params", "max_params"}`` of the uniform shapes the search will rank (the
+        winner needs the weights).
+
+    Raises:
+        MinicompressError: one line naming the ``target.*`` key: conflicting or empty
+            targets, sizes larger than the model, query heads that do not fill KV groups,
+            a hidden size the family's config rejects, impossible depths, or a
+            parameter budget that is not a ratio in (0, 1] / a count below the model's.
+    """
+    get = (lambda k, d=None: target.get(k, d)) if isinstance(target, dict) else (lambda k, d=None: getattr(target, k, d))
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+    explicit = {k: get(k) for k in keys if get(k) is not None}
+    drop = tuple(get("drop_layers", ()) or ())
+    target_params = get("target_params")
+    if target_params is not None and (explicit or drop):
+        raise MinicompressError("target.target_params: give either target_params or explicit sizes / drop_layers, "
+                                "not both")
+    if target_params is None and not explicit and not drop:
+        raise MinicompressError("target: nothing to prune; set --target-params, explicit sizes or --drop-layers")
+    if target_params is not None:
+        budget = check_target_params(config, target_params)
+        candidates = candidate_targets(config, budget)
+        return {"target_params": budget, "candidates": len(candidates),
+                "min_params": candidates[-1]["params"], "max_params": candidates[0]["params"]}
+    sizes = _check_sizes(config, explicit)
+    sizes["num_hidden_layers"] = _check_layers(config.num_hidden_layers, drop, explicit.get("num_hidden_layers"),
+                                               get("layer_metric", "bi") or "bi")
+    sizes["head_dim"] = head_dim(config)
+    sizes["params"] = _target_params(config, sizes)
+    return sizes
+
+
 def make_plan(scores: ImportanceScores, config: Any, target: Any, *, require_valid_config: bool = True) -> PrunePlan:
     """Decide what to keep. Pure: reads scores and config, returns a plan.
 
@@ -234,16 +334,8 @@ def make_plan(scores: ImportanceScores, config: Any, target: Any, *, require_val
         MinicompressError: an impossible target (larger than the model, heads not
             divisible into KV groups, zero layers, unknown layers) or mismatched scores.
     """
-    adapter = get_adapter(config)
     scores.check_compatible(config)
-    sizes = _resolve_sizes(config, target)
-    h, q = sizes["hidden_size"], sizes["num_attention_heads"]
-    if require_valid_config and adapter.hidden_divisible_by_heads and h % q:
-        lower, upper = (h // q) * q, (h // q + 1) * q
-        raise MinicompressError(
-            f"target.hidden_size: {config.model_type} configs need hidden_size divisible by num_attention_heads "
-            f"(transformers rejects {h} with {q} heads on save); use e.g. {lower} or {upper}, or other heads"
-        )
+    sizes = _check_sizes(config, target, require_valid_config)
     get = (lambda k, d=None: target.get(k, d)) if isinstance(target, dict) else (lambda k, d=None: getattr(target, k, d))
     num_layers = config.num_hidden_layers
     dropped = _layers_to_drop(scores, num_layers, tuple(get("drop_layers", ()) or ()),

@@ -29,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,15 @@ class RunningAggregate:
             self.sum += s
             self.sumsq += sq
         self.count += per_sample.shape[0]
+
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum ``count``, ``sum`` and ``sumsq`` over ranks (every rank has seen a batch).
+
+        All three batch aggregations are functions of these sums, so :meth:`result`
+        then equals one process's over the batches of all ranks.
+        """
+        self.sum, self.sumsq = reduce(self.sum), reduce(self.sumsq)
+        self.count = int(reduce(torch.tensor(float(self.count), dtype=torch.float64)))
 
     def result(self) -> torch.Tensor:
         """``[D]`` float32 aggregated importance."""
@@ -353,6 +362,20 @@ class ActivationScorer:
         self._boundaries_seen = 0
         self._channel_sum = None
 
+    def all_reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum every running statistic over ranks (``reduce`` sums a tensor in place).
+
+        Per-sample sums and sums of squares, the sample-weighted block distances and the
+        token-weighted norm energies are all additive, so after this :meth:`result`
+        equals one process's over the batches of all ranks (up to float rounding).
+        """
+        for aggregate in [*self.heads, *self.neurons, self.channels]:
+            aggregate.all_reduce(reduce)
+        for name in ("distance_sum", "energy_sum", "final_energy_sum"):
+            setattr(self, name, reduce(getattr(self, name)))
+        counts = reduce(torch.tensor([self.distance_count, self.energy_tokens], dtype=torch.float64))
+        self.distance_count, self.energy_tokens = int(counts[0]), float(counts[1])
+
     def result(self, meta: dict | None = None) -> ImportanceScores:
         """The accumulated :class:`ImportanceScores` (layer-loss fields left empty)."""
         dist = self.distance_sum / max(self.distance_count, 1)
@@ -414,7 +437,8 @@ def skip_layer(model: nn.Module, index: int) -> Iterator[None]:
 @torch.no_grad()
 def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggregation: str = "mean",
                 batch_aggregation: str = "l2", loss_batches: list[torch.Tensor] | None = None,
-                autocast: str = "none", progress=None, meta: dict | None = None) -> ImportanceScores:
+                autocast: str = "none", progress=None, meta: dict | None = None,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ImportanceScores:
     """Score every head, neuron, channel and layer of ``model`` on calibration batches.
 
     Args:
@@ -426,6 +450,12 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
         autocast: ``none`` or ``bfloat16``.
         progress: optional object with ``advance(n)`` (a progress bar), called per batch.
         meta: extra JSON-able facts to store with the scores.
+        reduce: for several ranks (torchrun), a function that sums a tensor over the
+            ranks in place (:func:`minicompress.distributed.all_reduce_sum`). Each rank
+            passes its own share of ``batches`` (at least one) and of ``loss_batches``
+            (possibly empty; None skips the layer-loss score on every rank); the running
+            sums are reduced before the batch aggregation, so every rank gets the scores
+            of one process over all the batches.
 
     Returns:
         :class:`ImportanceScores`.
@@ -444,6 +474,9 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
         samples += ids.shape[0]
         if progress is not None:
             progress.advance(ids.shape[0])
+    if reduce is not None:
+        scorer.all_reduce(reduce)
+        samples = int(reduce(torch.tensor(float(samples), dtype=torch.float64)))
     cfg = model.config
     info = {
         "model_type": cfg.model_type,
@@ -459,17 +492,24 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
         **(meta or {}),
     }
     scores = scorer.result(info)
-    if loss_batches:
+    if loss_batches or (reduce is not None and loss_batches is not None):
         scores.base_loss, scores.layer_loss = layer_loss_increase(model, loss_batches, autocast=autocast,
-                                                                  progress=progress)
+                                                                  progress=progress, reduce=reduce)
         scores.meta["loss_samples"] = sum(b.shape[0] for b in loss_batches)
+        if reduce is not None:
+            scores.meta["loss_samples"] = int(reduce(torch.tensor(float(scores.meta["loss_samples"]),
+                                                                  dtype=torch.float64)))
     return scores
 
 
 @torch.no_grad()
 def layer_loss_increase(model: nn.Module, batches: list[torch.Tensor], autocast: str = "none",
-                        progress=None) -> tuple[float, torch.Tensor]:
+                        progress=None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                        ) -> tuple[float, torch.Tensor]:
     """LM loss of the full model and the increase when each single layer is skipped.
+
+    With ``reduce`` (several ranks, each with its share of ``batches``) the summed NLL
+    and target counts are summed over ranks before dividing.
 
     Returns:
         ``(base_loss, [L] increase)``.
@@ -484,6 +524,8 @@ def layer_loss_increase(model: nn.Module, batches: list[torch.Tensor], autocast:
             with autocast_context(device, autocast):
                 s, c = lm_loss(model, ids.to(device))
             total, count = total + s, count + c
+        if reduce is not None:
+            total, count = reduce(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / count
 
     base = mean_loss()

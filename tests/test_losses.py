@@ -381,7 +381,10 @@ def test_fast_path_is_skipped_where_it_does_not_apply():
     assert L._use_fast_path(L._ChunkConfig(**base), True)
     assert not L._use_fast_path(L._ChunkConfig(**{**base, "student_softcap": 30.0}), True)
     assert not L._use_fast_path(L._ChunkConfig(**{**base, "kind": "jsd"}), True)
-    assert not L._use_fast_path(L._ChunkConfig(**{**base, "kind": "topk_kl"}), False)
+    assert L._use_fast_path(L._ChunkConfig(**{**base, "kind": "topk_kl"}), False)  # sparse closed form
+    assert L._use_fast_path(L._ChunkConfig(**{**base, "kind": "sampled_kl"}), False)
+    assert not L._use_fast_path(L._ChunkConfig(**{**base, "kind": "topk_kl", "student_softcap": 30.0}), False)
+    assert not L._use_fast_path(L._ChunkConfig(**{**base, "kind": "reverse_kl"}), True)
     assert not L._use_fast_path(L._ChunkConfig(**{**base, "ce_weight": 0.5, "temperature": 2.0}), True)
 
 
@@ -659,3 +662,104 @@ def test_dynamic_weight():
     assert b.grad.item() == pytest.approx(3.0 / 0.5)  # alpha = l_logits / l_is
     z = L.dynamic_weight(torch.tensor(1.0), torch.tensor(0.0))
     assert torch.isfinite(z) and z.item() == 1.0
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+@pytest.mark.parametrize("ce_weight,tau", [(0.0, 1.0), (0.0, 2.0), (0.3, 1.0)])
+def test_topk_closed_form_matches_naive(ce_weight, tau, chunk_size):
+    """Cached top-k targets take the sparse closed-form gradient; it equals autograd on the naive loss."""
+    h, w, th, tw, labels = _setup(5)
+    tv, ti = (th @ tw.t()).topk(10, dim=-1)
+    _compare(h, w, None, None, labels, chunk_size=chunk_size, teacher_topk=(tv, ti), kind="topk_kl",
+             temperature=tau, ce_weight=ce_weight, ref_kwargs=dict(topk=(tv, ti), tau=tau, ce_weight=ce_weight))
+
+
+def _ref_sampled(h, w, logp, idx, labels, ce_weight=0.0):
+    """Naive sampled KL in float64: per valid token, mean_j (log p_t(x_j) - log q(x_j))."""
+    s = torch.log_softmax(h @ w.t(), dim=-1)
+    valid = labels != -100
+    per_tok = (logp.double() - s.gather(-1, idx)).mean(dim=-1)
+    loss = per_tok[valid].mean()
+    if ce_weight:
+        loss = loss + ce_weight * (-s[valid].gather(-1, labels[valid].unsqueeze(1))).mean()
+    return loss
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.4])
+def test_sampled_kl_matches_naive(ce_weight, chunk_size):
+    h, w, th, tw, labels = _setup(6)
+    t_logp = torch.log_softmax(th @ tw.t(), dim=-1)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.multinomial(t_logp.exp(), 12, replacement=True, generator=g)  # [N, 12], repeats allowed
+    logp = t_logp.gather(-1, idx)
+    h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = L.chunked_distill_loss(h_, w_, labels=labels, teacher_samples=(logp, idx), kind="sampled_kl",
+                                 ce_weight=ce_weight, chunk_size=chunk_size)
+    out.backward()
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = _ref_sampled(h64, w64, logp, idx, labels, ce_weight)
+    ref.backward()
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(h_.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    # forward_kl + teacher_samples means sampled_kl
+    same = L.chunked_distill_loss(h, w, labels=labels, teacher_samples=(logp, idx), ce_weight=ce_weight,
+                                  chunk_size=chunk_size)
+    assert same.item() == pytest.approx(out.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        L.chunked_distill_loss(h, w, labels=labels, teacher_samples=(logp, idx), temperature=2.0)
+
+
+def test_sampled_kl_is_unbiased_for_the_full_kl_and_its_gradient():
+    """With many draws, the sampled loss and gradient converge to the full forward KL's."""
+    h, w, th, tw, labels = _setup(7)
+    t_logp = torch.log_softmax(th @ tw.t(), dim=-1)
+    idx = torch.multinomial(t_logp.exp(), 20_000, replacement=True, generator=torch.Generator().manual_seed(2))
+    h_s = h.clone().requires_grad_(True)
+    sampled = L.chunked_distill_loss(h_s, w, labels=labels, teacher_samples=(t_logp.gather(-1, idx), idx))
+    sampled.backward()
+    h_f = h.clone().requires_grad_(True)
+    full = L.chunked_distill_loss(h_f, w, th, tw, labels=labels)
+    full.backward()
+    assert sampled.item() == pytest.approx(full.item(), rel=0.02)
+    torch.testing.assert_close(h_s.grad, h_f.grad, rtol=0.0, atol=0.02 * h_f.grad.abs().max().item())
+    # a biased target (top-k renormalised) does not converge: its gradient stays off
+    tv, ti = (th @ tw.t()).topk(3, dim=-1)
+    h_k = h.clone().requires_grad_(True)
+    L.chunked_distill_loss(h_k, w, labels=labels, teacher_topk=(tv, ti)).backward()
+    assert (h_k.grad - h_f.grad).abs().max() > 3 * (h_s.grad - h_f.grad).abs().max()
+
+
+def test_closed_form_ce_only_uses_the_raw_logits_whatever_the_temperature():
+    h, w, th, tw, labels = _setup(8)
+    out = L.chunked_distill_loss(h, w, labels=labels, kl_weight=0.0, ce_weight=1.0, temperature=2.5, chunk_size=3)
+    assert out.item() == pytest.approx(ref_ce((h @ w.t()).double(), labels).item(), rel=1e-5)
+
+
+def test_bf16_vocab_matmuls_stay_close_to_the_float64_reference():
+    """matmul_dtype=bfloat16 (recovery under bf16 autocast): logits and both gradient GEMMs in
+    bf16, softmax and accumulation in float32: within bf16 rounding of the exact values."""
+    h, w, th, tw, labels = _setup(9)
+    _compare(h, w, th, tw, labels, chunk_size=4, matmul_dtype=torch.bfloat16, rtol=2e-2, atol=2e-3,
+             grad_rtol=5e-2, grad_atol=5e-3 * max(1.0, float(w.abs().max())))
+
+
+def test_reused_buffers_do_not_leak_between_calls():
+    """The closed form reuses cached [c, V] buffers: interleaved calls give the fresh results."""
+    a, b = _setup(10), _setup(11)
+
+    def run(setup):
+        h, w, th, tw, labels = setup
+        h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = L.chunked_distill_loss(h_, w_, th, tw, labels=labels, chunk_size=4)
+        loss.backward()
+        return loss.detach(), h_.grad, w_.grad
+
+    first = run(a)
+    run(b)
+    L.release_workspace()
+    run(b)
+    again = run(a)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)

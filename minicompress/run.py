@@ -1,0 +1,534 @@
+"""Progressive compression from one config: ``minicompress run``.
+
+Minitron (Muralidharan et al., arXiv 2407.14679; Sreenivas et al., arXiv 2408.11796)
+compresses in stages: each stage prunes the previous stage's model (scored anew on
+calibration text) and recovers it by distillation, and the paper found distilling every
+stage from the *original* model better than from the previous stage, so that is the
+default teacher. A :class:`~minicompress.config.RunConfig` lists the stages; this module
+runs them with :func:`minicompress.commands.prune` and :func:`minicompress.distill.recover`
+and compares every result with the original at the end.
+
+The run folder::
+
+    OUTPUT/
+      minicompress.yaml, minicompress.json   the resolved run config (and its dry-run plan)
+      stage-1-<name>.pruned/                 pruned, not yet recovered (removed after recovery
+                                             unless keep_pruned)
+      stage-1-<name>.partial/                recovery checkpoints while it runs
+      stage-1-<name>/                        the stage's stock HF folder, metrics, minicompress.json,
+                                             README.md (model card)
+      timings.json                           wall time of every stage
+      report.json, report.md, report.png     original and every stage side by side
+
+A stage is finished when its final folder exists (written atomically, with
+``minicompress.json``). Running the same config again skips finished stages, reuses a
+finished prune and resumes an interrupted recovery from ``<stage>.partial``; the
+``run_stage.digest`` in each folder (the settings that shaped its weights) must match, so
+an edited config never silently mixes with old stages (``overwrite`` starts over).
+
+:func:`dry_run` reads only ``config.json`` files (never weights): it checks every
+stage's target (:func:`minicompress.prune.validate_target`), and gives each stage's shape,
+parameter count, token budget and the memory a single-process run needs
+(:func:`estimate_memory`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .arch import count_parameters, describe, get_adapter, head_dim, num_kv_heads
+from .config import ModelConfig, PruneConfig, RecoverConfig, RunConfig, TargetConfig, build_config, to_dict
+from .errors import ConfigError, MinicompressError
+from .outputs import provenance, read_provenance, write_json_atomic, write_provenance
+
+log = logging.getLogger(__name__)
+
+TIMINGS = "timings.json"
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
+#: Columns of the end-of-run report, in order.
+REPORT_COLUMNS = ("model", "parameters", "ratio", "size_on_disk_bytes", "perplexity", "kl_to_original",
+                  "top1_agreement", "decode_tokens_per_s", "wall_time_s", "tokens")
+#: Human column headers of ``report.md``.
+REPORT_LABELS = {"model": "model", "parameters": "parameters", "ratio": "ratio", "size_on_disk_bytes": "size on disk",
+                 "perplexity": "held-out perplexity", "kl_to_original": "KL to original",
+                 "top1_agreement": "top-1 agreement", "decode_tokens_per_s": "decode tok/s",
+                 "wall_time_s": "wall time (s)", "tokens": "recovery tokens"}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_hidden_layers")
+_TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def load_run_config(config: RunConfig | str | Path, overrides: dict | list[str] | None = None) -> RunConfig:
+    """A :class:`RunConfig` as given, or built from a YAML file plus ``key.sub=value`` overrides."""
+    if isinstance(config, RunConfig):
+        if overrides:
+            raise ConfigError("overrides: pass them with a YAML file, or build the RunConfig with them")
+        return config
+    return build_config(RunConfig, config, overrides)
+
+
+def stage_folder(output: str | Path, index: int, name: str) -> Path:
+    """``OUTPUT/stage-<index + 1>-<name>``: the final folder of a stage."""
+    return Path(output).expanduser() / f"stage-{index + 1}-{name}"
+
+
+# ----------------------------------------------------------------------------------------
+# Dry run: configs only
+
+
+def estimate_memory(student: Any, teacher: Any | None, recover: RecoverConfig | None, *, dtype: str = "float32",
+                    device: str = "cpu", prune_input: Any | None = None) -> dict[str, int]:
+    """Rough peak memory of one stage in one process, from configs only.
+
+    With ``P_s``/``P_t`` the closed-form sizes of student and teacher, ``w`` the bytes of
+    a weight in ``dtype`` and ``w_t`` in ``recover.teacher_dtype`` (``auto``: 2 bytes
+    when bf16 autocast is expected, i.e. ``autocast: bfloat16``, or ``auto`` on a
+    ``cuda``/``auto`` device; else 4); ``B`` micro batch,
+    ``T`` sequence length, and the student's ``n`` layers, ``h`` hidden, ``q``/``k``
+    query/KV heads of width ``d``, ``f`` FFN and ``V`` vocabulary:
+
+    * ``weights = w P_s``, ``grads = w P_s``, ``adamw = 2 w P_s`` (both moments in the
+      weights' dtype: 16 bytes per parameter in float32);
+    * ``teacher = w_t P_t``;
+    * ``activations = a B T (n (7h + 3qd + 3kd + 4f) + h + h_t) + 12 c V``: tensors
+      saved for backward without activation checkpointing (norm inputs and outputs, q/k/v
+      before and after RoPE, the attention output, the gated MLP), ``a`` = 2 bytes with
+      bf16 autocast and 4 otherwise; attention scores are not stored (SDPA's
+      flash / memory-efficient kernels); then the final hidden states of student and
+      teacher, and the three float32 ``[c, V]`` buffers of the fused loss (``c`` = its
+      chunk size);
+    * pruning: ``prune = w (P_in + P_s)``, the input model and its pruned copy.
+
+    The result is ``max(prune, weights + grads + adamw + teacher + activations)``; the
+    allocator, CUDA context and data add to it.
+
+    Args:
+        student: config of the stage's output.
+        teacher: config of its teacher (None: prune only).
+        recover: the stage's recovery settings (None: prune only).
+        dtype: the weights' dtype (``model.dtype`` of the run).
+        device: the run's ``model.device`` (decides what ``autocast: auto`` means).
+        prune_input: config of the model the stage prunes.
+
+    Returns:
+        Bytes of every term and ``total``.
+    """
+    w = _DTYPE_BYTES[dtype]
+    p_s = count_parameters(student)["total"]
+    out = {"prune": w * (p_s + (count_parameters(prune_input)["total"] if prune_input is not None else p_s))}
+    if recover is not None and teacher is not None:
+        from .losses import auto_chunk_size
+
+        b, t = recover.micro_batch_size, recover.data.seq_len
+        h, f, n = student.hidden_size, student.intermediate_size, student.num_hidden_layers
+        q, k, d = student.num_attention_heads, num_kv_heads(student), head_dim(student)
+        vocab = student.vocab_size
+        chunk = recover.loss.chunk_size or auto_chunk_size(vocab)
+        bf16 = recover.autocast == "bfloat16" or (recover.autocast == "auto" and device in ("cuda", "auto"))
+        w_t = (2 if bf16 else 4) if recover.teacher_dtype == "auto" else _DTYPE_BYTES[recover.teacher_dtype]
+        out.update({
+            "weights": w * p_s, "grads": w * p_s, "adamw": 2 * w * p_s,
+            "teacher": w_t * count_parameters(teacher)["total"],
+            "activations": (2 if bf16 else 4) * b * t
+            * (n * (7 * h + 3 * q * d + 3 * k * d + 4 * f) + h + teacher.hidden_size) + 12 * chunk * vocab,
+        })
+    train = sum(v for key, v in out.items() if key != "prune")
+    out["total"] = max(out["prune"], train)
+    return out
+
+
+def _stage_target(target: TargetConfig, original_total: int) -> TargetConfig:
+    """A run's ``target_params`` ratio is a fraction of the original: make it a count."""
+    if target.target_params is not None and target.target_params <= 1:
+        return dataclasses.replace(target, target_params=float(round(target.target_params * original_total)))
+    return target
+
+
+def _resized(config: Any, sizes: dict[str, Any]) -> Any:
+    """A copy of ``config`` with the sizes of a validated target (for counting and the next stage)."""
+    new = copy.deepcopy(config)
+    for key in _SHAPE_KEYS:
+        setattr(new, key, sizes[key])
+    new.head_dim = sizes["head_dim"]
+    if getattr(new, "layer_types", None):
+        new.layer_types = list(new.layer_types)[: sizes["num_hidden_layers"]]
+    return new
+
+
+def _check_data_source(key: str, source: str | None) -> None:
+    if source is None:
+        return
+    path = Path(source).expanduser()
+    looks_local = path.suffix.lower() in _TEXT_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not path.exists():
+        raise ConfigError(f"{key}: no such file or folder: {path}")
+
+
+def _original_config(config: RunConfig):
+    from .models import load_config
+
+    hf = load_config(config.model.source, trust_remote_code=config.model.trust_remote_code, convert=False)
+    if hf is None:
+        raise MinicompressError(f"model.source: cannot read the config of {config.model.source} without loading "
+                                "weights (a GGUF file, or a Hub id not in the local cache); use a model folder or its config.json")
+    try:
+        get_adapter(hf)
+    except MinicompressError as err:
+        raise MinicompressError(f"model.source: {err}") from None
+    return hf
+
+
+def dry_run(config: RunConfig) -> dict[str, Any]:
+    """Check a whole run from configs only and describe every stage; loads no weights.
+
+    The original's ``config.json`` comes from its folder, a ``config.json`` file, the
+    local Hub cache, or, for a built-in model not converted yet, the copy shipped with
+    minicompress. Each stage's target is checked against the shape the previous stage
+    produces; after a ``target_params`` stage that shape is only known once its search
+    has ranked candidates on real weights, so later explicit targets are checked
+    against the original and again at run time.
+
+    Args:
+        config: the run.
+
+    Returns:
+        ``{"model", "original": describe(original), "stages": [row, ...]}``; each row has
+        ``stage``, ``name``, the five shape keys (None when searched at run time),
+        ``params``, ``ratio`` (of the original), ``tokens``, ``teacher``, ``note``,
+        ``memory_bytes`` and the ``memory`` terms of :func:`estimate_memory`.
+
+    Raises:
+        MinicompressError: the first problem, naming ``stages[i] (name)`` and the key.
+    """
+    _check_data_source("data.source", config.data.source)
+    _check_data_source("eval_data.source", config.eval_data.source)
+    original = _original_config(config)
+    total = count_parameters(original)["total"]
+    rows = []
+    current, known = original, True
+    previous_budget = total
+    for i, stage in enumerate(config.stages):
+        where = f"stages[{i}] ({stage.name})"
+        target = _stage_target(stage.target, total)
+        row: dict[str, Any] = {"stage": i + 1, "name": stage.name}
+        try:
+            info = validate_target_for_stage(current if known else original, target, known)
+        except MinicompressError as err:
+            raise MinicompressError(f"{where}: {err}") from None
+        if "target_params" in info:
+            budget = info["target_params"]
+            if budget >= previous_budget:
+                raise MinicompressError(f"{where}: target.target_params: {budget:,} parameters is not below the "
+                                        f"previous stage's {previous_budget:,}")
+            row.update({k: None for k in _SHAPE_KEYS})
+            row.update(params=budget, note=f"searched at run time: {info['candidates']} uniform shapes of "
+                                           f"{info['min_params']:,}-{info['max_params']:,} parameters")
+            student = _resized(original, {**_largest_candidate(original, budget), "head_dim": head_dim(original)})
+            known = False
+            previous_budget = budget
+        elif known:
+            student = _resized(current, info)
+            row.update({k: info[k] for k in _SHAPE_KEYS}, params=info["params"], note="")
+            previous_budget = info["params"]
+        else:
+            student = _resized(original, info)
+            row.update({k: info[k] for k in _SHAPE_KEYS}, params=None,
+                       note="input shape comes from an earlier search: checked again at run time")
+        row["ratio"] = row["params"] / total if row["params"] else None
+        row["tokens"] = stage.tokens
+        row["teacher"] = "original" if stage.teacher == "original" or i == 0 else "previous"
+        recover = None
+        teacher_config = None
+        if stage.tokens:
+            recover = config.stage_recover_config(i, student=ModelConfig(source="student"), teacher=config.model,
+                                                  output="stage")
+            teacher_config = original if row["teacher"] == "original" else current
+        memory = estimate_memory(student, teacher_config, recover, dtype=config.model.dtype,
+                                 device=config.model.device, prune_input=current)
+        row["memory_bytes"] = memory["total"]
+        row["memory"] = memory
+        rows.append(row)
+        current = student
+    return {"model": config.model.source, "original": describe(original), "stages": rows}
+
+
+def validate_target_for_stage(config: Any, target: TargetConfig, shape_known: bool = True) -> dict[str, Any]:
+    """:func:`~minicompress.prune.validate_target`; with an unknown input shape (after a
+    search) only the widths and depth against ``config`` (the original) are checked."""
+    from .prune import validate_target
+
+    if shape_known or target.target_params is not None:
+        return validate_target(config, target)
+    return validate_target(config, dataclasses.replace(target, drop_layers=()))
+
+
+def _largest_candidate(config: Any, budget: int) -> dict[str, Any]:
+    from .prune import candidate_targets
+
+    best = candidate_targets(config, budget)[0]
+    return {k: best[k] for k in _SHAPE_KEYS}
+
+
+# ----------------------------------------------------------------------------------------
+# Running the stages
+
+
+def _stage_digest(config: RunConfig, index: int) -> str:
+    """sha256 of everything that shapes the weights of stage ``index``."""
+    stages = []
+    for i, stage in enumerate(config.stages[: index + 1]):
+        entry = {"name": stage.name, "target": to_dict(stage.target), "tokens": stage.tokens,
+                 "teacher": stage.teacher}
+        if stage.tokens:
+            rc = to_dict(config.stage_recover_config(i, student=ModelConfig(source="student"), teacher=config.model,
+                                                     output="stage"))
+            entry["recover"] = {k: v for k, v in rc.items() if k not in ("student", "teacher", "output", "resume",
+                                                                         "overwrite")}
+        stages.append(entry)
+    basis = {"model": to_dict(config.model), "data": to_dict(config.data), "score": to_dict(config.score),
+             "search_batches": config.search_batches, "stages": stages}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _prepare_folder(out: Path, config: RunConfig, plan: dict[str, Any]) -> None:
+    if out.exists():
+        record = read_provenance(out) if out.is_dir() else None
+        if config.overwrite:
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        elif out.is_dir() and (record or {}).get("command") == "run":
+            log.info("run: continuing %s (finished stages are skipped)", out)
+        elif not (out.is_dir() and not any(out.iterdir())):
+            raise MinicompressError(f"--output: {out} exists and is not a minicompress run folder; "
+                                    "pass --overwrite to replace it or choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_provenance(out, provenance("run", config, plan=plan))
+
+
+def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path, digest: str,
+               original_total: int, original_shape: dict[str, Any]) -> None:
+    from . import commands
+    from .checkpoint import working_folder
+    from .distill import recover
+
+    stage = config.stages[index]
+    extra = {"run_stage": {"index": index, "of": len(config.stages), "name": stage.name, "digest": digest,
+                           "run": str(final.parent), "original_source": config.model.source,
+                           "original": original_shape}}
+    pruned = final.with_name(final.name + ".pruned") if stage.tokens else final
+    if stage.tokens and pruned.exists():
+        record = read_provenance(pruned)
+        if (record or {}).get("run_stage", {}).get("digest") == digest:
+            log.info("stage %d (%s): reusing the finished prune %s", index + 1, stage.name, pruned)
+        else:  # left over from other settings: redo it and its recovery
+            shutil.rmtree(pruned)
+            shutil.rmtree(working_folder(final), ignore_errors=True)
+    if not pruned.exists():
+        log.info("stage %d (%s): pruning %s", index + 1, stage.name, previous.source)
+        prune_config = PruneConfig(model=previous, data=config.data, score=config.score,
+                                   target=_stage_target(stage.target, original_total),
+                                   search_batches=config.search_batches, output=str(pruned))
+        commands.prune(prune_config, record_extra=extra)
+    if stage.tokens:
+        teacher = config.model if stage.teacher == "original" or index == 0 else previous
+        student = dataclasses.replace(config.model, source=str(pruned))
+        recover_config = config.stage_recover_config(index, student=student, teacher=teacher, output=str(final),
+                                                     resume=True)
+        log.info("stage %d (%s): recovering on %s tokens from %s", index + 1, stage.name, f"{stage.tokens:,}",
+                 teacher.source)
+        recover(recover_config)
+        if not config.keep_pruned:
+            shutil.rmtree(pruned, ignore_errors=True)
+
+
+def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = None, *,
+        on_stage_end: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Run every stage of a progressive compression, then compare all of them.
+
+    Args:
+        config: a :class:`~minicompress.config.RunConfig`, or a YAML file.
+        overrides: ``key.sub=value`` overrides of a YAML file.
+        on_stage_end: called with each stage's result (``index``, ``name``, ``folder``,
+            ``status`` = ``done``/``skipped``, ``seconds``) once the stage is finished; an
+            exception from it stops the run, which the same call continues later.
+
+    Returns:
+        ``{"output", "plan" (:func:`dry_run`), "stages", "report"}``; the report (also
+        written as ``report.json``/``.md``/``.png``) has one row per model.
+
+    Raises:
+        MinicompressError: any problem with the config (before anything is loaded), a
+            run folder of other settings, or a failure of a stage (named).
+    """
+    config = load_run_config(config, overrides)
+    if config.output is None:
+        raise ConfigError("output: a run needs a folder (--output or output: in the YAML)")
+    plan = dry_run(config)
+    out = Path(config.output).expanduser()
+    _prepare_folder(out, config, plan)
+    original_total = plan["original"]["parameters"]["total"]
+    timings_path = out / TIMINGS
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    previous, results = config.model, []
+    for i, stage in enumerate(config.stages):
+        final = stage_folder(out, i, stage.name)
+        digest = _stage_digest(config, i)
+        record = read_provenance(final) if final.is_dir() else None
+        if record is not None:
+            if (record.get("run_stage") or {}).get("digest") != digest:
+                raise MinicompressError(f"stages[{i}] ({stage.name}): {final} was made with other settings; "
+                                        "pass --overwrite to start the run over, or choose another output")
+            log.info("stage %d (%s): finished earlier, skipped", i + 1, stage.name)
+            status = "skipped"
+        else:
+            start = time.perf_counter()
+            try:
+                _run_stage(config, i, previous, final, digest, original_total, plan["original"])
+            except MinicompressError as err:
+                raise MinicompressError(f"stages[{i}] ({stage.name}): {err}") from None
+            timings[final.name] = timings.get(final.name, 0.0) + time.perf_counter() - start
+            write_json_atomic(timings_path, timings)
+            status = "done"
+        result = {"index": i, "name": stage.name, "folder": str(final), "status": status,
+                  "seconds": timings.get(final.name), "tokens": stage.tokens}
+        results.append(result)
+        if on_stage_end is not None:
+            on_stage_end(result)
+        previous = dataclasses.replace(config.model, source=str(final))
+    report = evaluate_run(config, results)
+    write_report(out, report)
+    return {"output": str(out), "plan": plan, "stages": results, "report": report}
+
+
+# ----------------------------------------------------------------------------------------
+# The report
+
+
+def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluate the original and every finished stage side by side.
+
+    Perplexity, KL(original || stage) and top-1 agreement on ``eval_data`` (when set;
+    the windows of ``minicompress eval``), parameters, weight bytes on disk, greedy
+    decode tokens/s (``report.speed``) and the stage's wall time.
+
+    Args:
+        config: the run.
+        stages: the results of :func:`run` (``name``, ``folder``, ``seconds``, ``tokens``).
+
+    Returns:
+        ``{"columns", "rows", "eval_data", "original"}``.
+    """
+    from . import data as data_mod
+    from .evaluate import eval_windows, evaluate
+    from .models import load_model
+
+    rep = config.report
+    teacher, tokenizer = load_model(config.model)
+    windows = None
+    if config.eval_data.source is not None:
+        stream = data_mod.load_token_stream(config.eval_data, tokenizer)
+        windows = eval_windows(stream, config.eval_data.seq_len, None, data_mod.bos_token_id(tokenizer))
+        if not windows:
+            raise MinicompressError(f"eval_data.seq_len: the text has only {stream.numel()} tokens, fewer than one "
+                                    f"window of {config.eval_data.seq_len}")
+    kwargs = dict(batch_size=rep.batch_size, autocast=rep.autocast, speed=rep.speed,
+                  prefill_tokens=rep.prefill_tokens, decode_tokens=rep.decode_tokens)
+    base = evaluate(teacher, tokenizer, windows, source=config.model.source, **kwargs)
+    rows = [_report_row("original", base, base["parameters"], kl=0.0 if windows else None,
+                        agreement=1.0 if windows else None)]
+    for stage in stages:
+        model, _ = load_model(dataclasses.replace(config.model, source=stage["folder"]))
+        result = evaluate(model, tokenizer, windows, teacher=teacher, source=stage["folder"], **kwargs)
+        rows.append(_report_row(f"stage-{stage['index'] + 1}-{stage['name']}", result, base["parameters"],
+                                kl=result.get("kl_to_teacher"), agreement=result.get("top1_agreement"),
+                                seconds=stage.get("seconds"), tokens=stage.get("tokens")))
+        del model
+    return {"columns": list(REPORT_COLUMNS), "rows": rows, "original": config.model.source,
+            "eval_data": to_dict(config.eval_data) if windows else None,
+            "eval_tokens": base.get("tokens")}
+
+
+def _report_row(name: str, result: dict, original_params: int, *, kl: float | None, agreement: float | None,
+                seconds: float | None = None, tokens: int | None = None) -> dict[str, Any]:
+    return {"model": name, "parameters": result["parameters"], "ratio": result["parameters"] / original_params,
+            "size_on_disk_bytes": result.get("size_on_disk_bytes"), "perplexity": result.get("perplexity"),
+            "kl_to_original": kl, "top1_agreement": agreement,
+            "decode_tokens_per_s": result.get("decode_tokens_per_s"), "wall_time_s": seconds, "tokens": tokens}
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if key == "size_on_disk_bytes":
+        return f"{value / 2**20:,.1f} MiB"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+    return str(value)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """``report.md``: the table, what it was measured on, and the plot."""
+    columns = report["columns"]
+    lines = [f"# minicompress run: `{report['original']}`", ""]
+    if report.get("eval_data"):
+        data = report["eval_data"]
+        lines += [f"Held-out text: `{data['source']}` ({_cell('', report.get('eval_tokens'))} scored tokens in "
+                  f"windows of {data['seq_len']}); KL and top-1 agreement are against the original model.", ""]
+    else:
+        lines += ["No `eval_data` was given: perplexity and KL columns are empty.", ""]
+    lines += ["| " + " | ".join(REPORT_LABELS.get(c, c) for c in columns) + " |",
+              "| --- |" + " ---: |" * (len(columns) - 1)]
+    for row in report["rows"]:
+        lines.append("| " + " | ".join(_cell(c, row.get(c)) for c in columns) + " |")
+    lines += ["", f"![perplexity vs parameters]({REPORT_PNG})", ""]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> Path:
+    """``report.png``: held-out perplexity against parameters, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r.get("perplexity") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if rows:
+        xs = [r["parameters"] / 1e6 for r in rows]
+        ys = [r["perplexity"] for r in rows]
+        ax.plot(xs, ys, marker="o", linestyle=":")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r["model"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if max(ys) / max(min(ys), 1e-9) > 10:
+            ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no eval_data: no perplexity", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="parameters (millions)", ylabel="held-out perplexity", title=f"minicompress run: {report['original']}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: str | Path, report: dict[str, Any]) -> None:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into the run folder."""
+    folder = Path(folder)
+    write_json_atomic(folder / REPORT_JSON, report)
+    (folder / REPORT_MD).write_text(report_markdown(report))
+    plot_report(report, folder / REPORT_PNG)
+
+
+# ``minicompress.run`` is this module and, called, the function above (``mc.run(...)``).
+from . import _make_callable  # noqa: E402
+
+_make_callable(__name__, "run")

@@ -1,0 +1,267 @@
+"""``minicompress run``: progressive stages on a tiny llama, restarts, dry runs, shipped configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import minicompress.distill
+from minicompress import run as run_module
+from minicompress.cli import main
+from minicompress.config import RunConfig, build_config
+from minicompress.errors import MinicompressError
+from minicompress.evaluate import evaluate
+from minicompress.models import load_model
+from minicompress.outputs import read_provenance
+from minicompress.run import REPORT_COLUMNS, dry_run, estimate_memory, run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_JSONS = ROOT / "tests" / "data" / "configs"
+
+
+@pytest.fixture
+def tiny_llama(tiny_model_dir):
+    return tiny_model_dir("llama", num_hidden_layers=3)
+
+
+def _run_config(model_dir, corpus, output, **extra) -> RunConfig:
+    data = {
+        "model": {"source": str(model_dir)},
+        "data": {"source": str(corpus), "seq_len": 16},
+        "eval_data": {"source": str(corpus), "seq_len": 16},
+        "output": str(output),
+        "score": {"num_samples": 8, "batch_size": 4, "loss_samples": 0},
+        "recover": {"global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 32, "lr": 1e-3,
+                    "warmup_steps": 1, "save_every": 1},
+        "report": {"prefill_tokens": 8, "decode_tokens": 2},
+        "stages": [
+            {"name": "ffn", "target": {"intermediate_size": 48}, "tokens": 192},
+            {"name": "width", "target": {"hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 2},
+             "tokens": 128},
+        ],
+    }
+    for key, value in extra.items():
+        data[key] = value
+    return build_config(RunConfig, overrides=data)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama, text_corpus, monkeypatch):
+    full = run(_run_config(tiny_llama, text_corpus, tmp_path / "full"))
+    assert [s["status"] for s in full["stages"]] == ["done", "done"]
+
+    config = _run_config(tiny_llama, text_corpus, tmp_path / "killed")
+
+    def kill_after_stage_1(result):
+        if result["index"] == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config, on_stage_end=kill_after_stage_1)
+    out = tmp_path / "killed"
+    assert (out / "stage-1-ffn" / "minicompress.json").is_file() and not (out / "stage-2-width").exists()
+
+    # killed again in the middle of stage 2's recovery (after its first checkpoint)
+    real_recover = minicompress.distill.recover
+
+    def kill_at_step_1(cfg, **kwargs):
+        def callback(record):
+            if record["step"] == 1:
+                raise KeyboardInterrupt
+        return real_recover(cfg, callback=callback, **kwargs)
+
+    monkeypatch.setattr(minicompress.distill, "recover", kill_at_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    assert (out / "stage-2-width.partial").is_dir() and (out / "stage-2-width.pruned").is_dir()
+    monkeypatch.setattr(minicompress.distill, "recover", real_recover)
+
+    resumed = run(config)
+    assert [s["status"] for s in resumed["stages"]] == ["skipped", "done"]
+    for stage in ("stage-1-ffn", "stage-2-width"):
+        a, b = _weights(tmp_path / "full" / stage), _weights(out / stage)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    record = read_provenance(out / "stage-2-width")
+    assert record["recovery"]["config"]["resume"] is True
+    assert not (out / "stage-2-width.pruned").exists() and not (out / "stage-2-width.partial").exists()
+
+    # the report: original + 2 stages, real numbers, written three ways
+    report = json.loads((out / "report.json").read_text())
+    assert report["columns"] == list(REPORT_COLUMNS)
+    rows = report["rows"]
+    assert [r["model"] for r in rows] == ["original", "stage-1-ffn", "stage-2-width"]
+    assert rows[0]["kl_to_original"] == 0.0 and rows[0]["top1_agreement"] == 1.0 and rows[0]["ratio"] == 1.0
+    assert rows[2]["parameters"] < rows[1]["parameters"] < rows[0]["parameters"]
+    assert all(r["perplexity"] > 1 and r["decode_tokens_per_s"] > 0 and r["size_on_disk_bytes"] > 0 for r in rows)
+    assert rows[1]["wall_time_s"] > 0 and rows[2]["tokens"] == 128
+    teacher, tok = load_model(str(tiny_llama))
+    student, _ = load_model(str(out / "stage-2-width"))
+    direct = evaluate(student, tok, str(text_corpus), teacher=teacher, seq_len=16)
+    assert rows[2]["kl_to_original"] == pytest.approx(direct["kl_to_teacher"], rel=1e-6)
+    assert rows[2]["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-6)
+    markdown = (out / "report.md").read_text()
+    assert "| model | parameters | ratio | size on disk | held-out perplexity | KL to original |" in markdown
+    assert f"| stage-2-width | {rows[2]['parameters']:,} |" in markdown
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert yaml.safe_load((out / "minicompress.yaml").read_text())["stages"][1]["name"] == "width"
+    card = (out / "stage-2-width" / "README.md").read_text()
+    assert card.startswith("---\n") and "distilled" in card and "Stage 2 of 2" in card
+
+
+def test_cli_run_rerun_and_refusals(tmp_path, tiny_llama, text_corpus, capsys):
+    config = _run_config(tiny_llama, text_corpus, tmp_path / "r", stages=[
+        {"name": "prune", "target": {"intermediate_size": 48}, "tokens": 0}], eval_data={"source": None})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_as_yaml(config)))
+    capsys.readouterr()
+    assert main(["run", str(path), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "original" in out and "stage-1-prune" in out and "no eval_data" in out
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["rows"][1]["perplexity"] is None and report["rows"][1]["parameters"] < report["rows"][0]["parameters"]
+    assert read_provenance(tmp_path / "r" / "stage-1-prune")["command"] == "prune"  # tokens 0: prune only
+    assert run(config)["stages"][0]["status"] == "skipped"
+    changed = _run_config(tiny_llama, text_corpus, tmp_path / "r", stages=[
+        {"name": "prune", "target": {"intermediate_size": 40}, "tokens": 0}], eval_data={"source": None})
+    with pytest.raises(MinicompressError, match=r"stages\[0\] \(prune\): .* other settings; pass --overwrite"):
+        run(changed)
+    assert run(dataclasses.replace(changed, overwrite=True))["stages"][0]["status"] == "done"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("x")
+    capsys.readouterr()
+    assert main(["run", str(path), "--output", str(tmp_path / "other")]) == 2
+    assert "is not a minicompress run folder" in capsys.readouterr().err
+    assert (tmp_path / "other" / "precious.txt").is_file()
+
+
+def _as_yaml(config: RunConfig) -> dict:
+    from minicompress.config import to_dict
+
+    return to_dict(config)
+
+
+def test_dry_run_prints_every_stage_without_loading_weights(tmp_path, tiny_llama, text_corpus, capsys, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("dry run loaded weights")
+
+    monkeypatch.setattr("minicompress.models.load_model", no_weights)
+    config = _run_config(tiny_llama, text_corpus, tmp_path / "d", stages=[
+        {"name": "a", "target": {"intermediate_size": 48}, "tokens": 192},
+        {"name": "b", "target": {"target_params": 0.5}, "tokens": 0},
+        {"name": "c", "target": {"num_hidden_layers": 1}, "tokens": 64},
+    ])
+    plan = dry_run(config)
+    a, b, c = plan["stages"]
+    assert (a["intermediate_size"], a["num_hidden_layers"], a["tokens"]) == (48, 3, 192)
+    total = plan["original"]["parameters"]["total"]
+    assert b["hidden_size"] is None and "searched at run time" in b["note"] and b["params"] == round(0.5 * total)
+    assert c["params"] is None and "run time" in c["note"]
+    assert a["memory"]["weights"] + a["memory"]["grads"] + a["memory"]["adamw"] == 16 * a["params"]
+    assert a["memory"]["teacher"] == 4 * total and a["memory_bytes"] >= 16 * a["params"] + 4 * total
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_as_yaml(config)))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "32/4/2/48/3" in out and "search" in out and "memory" in out and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("stages, fragment", [
+    ([{"name": "a", "target": {"intermediate_size": 5000}}], r"stages[0] (a): target.intermediate_size: must be"),
+    ([{"name": "a", "target": {"num_attention_heads": 3}}], "3 is not divisible by the model's 2 KV heads"),
+    ([{"name": "a", "target": {"hidden_size": 30}}], "target.hidden_size: llama configs need hidden_size divisible"),
+    ([{"name": "a", "target": {"intermediate_size": 48}}, {"name": "b", "target": {"intermediate_size": 56}}],
+     r"stages[1] (b): target.intermediate_size: must be between 1 and the model's 48"),
+    ([{"name": "a", "target": {"target_params": 1.5}}], "1.5 is neither a ratio in (0, 1] nor a whole"),
+    ([{"name": "a", "target": {"target_params": 1e9}}], "is not below the model's"),
+    ([{"name": "a", "target": {"num_hidden_layers": 4}}], "target.num_hidden_layers: must be between 1 and 3"),
+    ([{"name": "a", "target": {"hidden_size": 16}, "tokens": 10}], "stages[0].tokens: the budget (10)"),
+    ([{"name": "a", "target": {"hidden_size": 16}, "foo": 1}], "stages[0].foo: unknown key"),
+    ([{"name": "a", "target": {"hidden_size": 16}, "tokens": 64, "recover": {"output": "x"}}],
+     "stages[0].recover.output: set by the run"),
+    ([{"name": "a", "target": {}}], "stages[0].target: nothing to prune"),
+])
+def test_dry_run_errors_are_one_line(tmp_path, tiny_llama, text_corpus, capsys, stages, fragment):
+    path = tmp_path / "run.yaml"
+    config = {"model": str(tiny_llama), "data": {"source": str(text_corpus), "seq_len": 16},
+              "recover": {"global_batch_tokens": 64, "micro_batch_size": 2}, "stages": stages}
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+def test_missing_data_is_reported_by_the_dry_run(tmp_path, tiny_llama, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tiny_llama), "data": str(tmp_path / "nope.txt"),
+                                    "stages": [{"name": "a", "target": {"hidden_size": 16}}]}))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "data.source: no such file or folder" in capsys.readouterr().err
+
+
+_SOURCES = {"smollm2-135m": "smollm2-135m", "gemma3-270m": "gemma3-270m", "meta-llama/Llama-3.1-8B": "llama31-8b",
+            "Qwen/Qwen3-8B": "qwen3-8b", "meta-llama/Llama-3.1-70B": "llama31-70b"}
+
+
+def _expected_params(name: str, original: int) -> float:
+    """A stage name states its target: ``50pct`` (of the original) or ``4.5b`` / ``30b`` (parameters)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(pct|b|m)", name)
+    assert match, f"stage name {name!r} does not state its parameter target"
+    value = float(match[1])
+    return {"pct": value / 100 * original, "b": value * 1e9, "m": value * 1e6}[match[2]]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_dry_run_to_the_size_in_their_names(path, text_corpus, tmp_path):
+    raw = yaml.safe_load(path.read_text())
+    source = raw["model"]["source"]
+    overrides = {"model": {"source": str(CONFIG_JSONS / f"{_SOURCES[source]}.json")},
+                 "data": {"source": str(text_corpus)}, "eval_data": {"source": str(text_corpus)},
+                 "output": str(tmp_path / "out")}
+    plan = dry_run(build_config(RunConfig, path, overrides))
+    original = plan["original"]["parameters"]["total"]
+    for row in plan["stages"]:
+        expected = _expected_params(row["name"], original)
+        assert abs(row["params"] - expected) <= 0.03 * expected, (row["name"], row["params"], expected)
+        assert row["memory_bytes"] > 0
+    # the file name states the last stage's target too: "-50" (percent) or "-to-6b" / "-13b" (parameters;
+    # "to-4b" is Minitron's 4.5B model, named 4B after its non-embedding size, hence the looser bound)
+    last = plan["stages"][-1]
+    percent = re.search(r"-(\d+)$", path.stem)
+    billions = re.search(r"-(\d+(?:\.\d+)?)b$", path.stem)
+    if percent:
+        assert abs(last["ratio"] - int(percent[1]) / 100) <= 0.03 * int(percent[1]) / 100
+    elif billions:
+        assert abs(last["params"] / 1e9 - float(billions[1])) <= 0.15 * float(billions[1])
+
+
+def test_estimate_memory_prune_only_is_input_plus_output():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(CONFIG_JSONS / "smollm2-135m.json"))
+    memory = estimate_memory(config, None, None, dtype="bfloat16", prune_input=config)
+    assert memory == {"prune": 2 * 2 * 134_515_008, "total": 2 * 2 * 134_515_008}
+
+
+def test_api_is_lazy_and_callable():
+    import subprocess
+
+    import minicompress as mc
+
+    code = ("import sys, minicompress as mc, minicompress.cli\n"
+            "mc.__all__, mc.__version__\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert mc.make_plan.__name__ == "make_plan" and mc.score.__name__ == "score_model"
+    assert mc.run is run_module and run_module.run is run and callable(mc.run) and mc.run.dry_run is dry_run
+    assert callable(mc.evaluate) and mc.evaluate.evaluate is evaluate and mc.recover.__module__ == "minicompress.distill"
