@@ -1,26 +1,29 @@
-"""Is distillation a scam? Recovery of a pruned SmolLM2 four ways, same token budget.
+"""Recovery quality of a pruned SmolLM2, several ways at the same token budget, resumable.
 
 A pruned SmolLM2-135M student (``--student``, any HF folder) is recovered on
 ``../shared/data/corpus`` from the SmolLM2-135M teacher with the same data, schedule and
-token budget (``--tokens``, default 1M) four ways:
+token budget (``--tokens``). The ways (``--ways``):
 
-* ``kl``: forward KL on logits, temperature 1 (Minitron's recipe);
+* ``kl``: forward KL on logits, temperature 1, live teacher (Minitron's recipe);
 * ``kl+ce``: 0.5 forward KL + 0.5 cross-entropy on the labels;
 * ``ce``: cross-entropy only (plain continued pre-training; no teacher in the loss);
-* ``scratch+kl``: the same architecture from random init, forward KL (does the pruned
-  initialisation matter?).
+* ``scratch+kl``: the same architecture from random init, forward KL;
+* ``kl-topk``: forward KL to the teacher's cached top-64 logits (``teacher-cache --kind topk``);
+* ``kl-sampled``: forward KL to 12 cached draws from the teacher per position
+  (``teacher-cache --kind sampled``, Anshumann et al., ACL 2025).
 
-Each is reported on the first 16,384 tokens of WikiText-2 test (windows of 512, the
-whole file as one document, never trained on): perplexity and per-token KL(teacher ||
-student), before and after; the recovery curves (training loss, held-out perplexity and KL
-on the corpus' held-out sequences) go into one PNG.
+``--sweep key=v1,v2,...`` runs every way once per value of a ``RecoverConfig`` key (e.g.
+``lr``, ``global_batch_tokens``, ``data.seq_len``); ``--set key=value`` fixes one for all.
 
-Run (about 2.2 h per run at the full 1M budget: this 2-core CPU trains the 50% student at
-~125 tokens/s with a live teacher, ~210 for CE only):
-``python benchmarks/recover_quality.py --student runs/pruned-smollm2 --threads 2``; the
-measured run in ``benchmarks/RESULTS.md`` used ``--tokens 131072 --global-batch-tokens 4096
---micro-batch-size 2 --eval-every 8``; smoke test: ``--tokens 16384``. Prints a rich table; writes ``benchmarks/out/recover_quality.json``
-and ``benchmarks/out/recover_quality.png``.
+Every run is a plain ``distill.recover`` with checkpoints, so a killed benchmark resumes
+where it stopped: run the same command again (runs, checkpoints, caches and curves live under
+``--workdir``, default ``~/.cache/minicompress/runs/recover_quality``; finished runs are
+skipped). At every evaluation (``--eval-every`` steps, also a checkpoint) the student is
+scored on the first 16,384 tokens of WikiText-2 test (windows of 512, the file as one
+document, never trained on): perplexity and per-token KL(teacher || student); the held-out
+corpus curves come from ``recover`` itself. After every evaluation the JSON and the PNG of
+the whole benchmark are rewritten (``benchmarks/out/recover_quality-<tag>.{json,png}``), so a
+partial run still has its curves. Prints a rich table.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ import os
 os.environ.setdefault("MINICOMPRESS_PROGRESS", "0")
 
 import argparse
-import copy
+import dataclasses
 import datetime as dt
-import gc
 import json
 import logging
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,20 +49,28 @@ from rich.table import Table
 
 from minicompress import distill
 from minicompress.arch import count_parameters
-from minicompress.config import DataConfig, LossConfig, ModelConfig, RecoverConfig
+from minicompress.checkpoint import latest_checkpoint, working_folder
+from minicompress.config import DataConfig, ModelConfig, RecoverConfig, TeacherCacheConfig, build_config, \
+    parse_overrides, to_dict
 from minicompress.data import bos_token_id, load_token_stream
 from minicompress.evaluate import eval_windows, evaluate_perplexity
+from minicompress.hardware import describe_precision
+from minicompress.metrics import read_metrics
 from minicompress.models import load_model
+from minicompress.teacher_cache import write_teacher_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 OUT = ROOT / "benchmarks" / "out"
+WORKDIR = Path("~/.cache/minicompress/runs/recover_quality").expanduser()
 
-RUNS = {
-    "kl": dict(loss=LossConfig(kl_weight=1.0, ce_weight=0.0), scratch=False),
-    "kl+ce": dict(loss=LossConfig(kl_weight=0.5, ce_weight=0.5), scratch=False),
-    "ce": dict(loss=LossConfig(kl_weight=0.0, ce_weight=1.0), scratch=False),
-    "scratch+kl": dict(loss=LossConfig(kl_weight=1.0, ce_weight=0.0), scratch=True),
+WAYS = {
+    "kl": dict(loss=dict(kl_weight=1.0, ce_weight=0.0)),
+    "kl+ce": dict(loss=dict(kl_weight=0.5, ce_weight=0.5)),
+    "ce": dict(loss=dict(kl_weight=0.0, ce_weight=1.0)),
+    "scratch+kl": dict(loss=dict(kl_weight=1.0, ce_weight=0.0), scratch=True),
+    "kl-topk": dict(loss=dict(kl_weight=1.0, ce_weight=0.0), cache=dict(kind="topk", top_k=64)),
+    "kl-sampled": dict(loss=dict(kl_weight=1.0, ce_weight=0.0), cache=dict(kind="sampled", samples=12)),
 }
 
 
@@ -68,148 +80,253 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher", default="smollm2-135m")
     p.add_argument("--data", default=str(DATA / "corpus"))
     p.add_argument("--wikitext", default=str(DATA / "wikitext2" / "test.txt"))
-    p.add_argument("--eval-tokens", type=int, default=16384, help="WikiText-2 test tokens evaluated")
-    p.add_argument("--tokens", type=int, default=1_000_000, help="recovery budget per run")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--global-batch-tokens", type=int, default=8192)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--held-out-tokens", type=int, default=4096, help="corpus tokens held out for the curves")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: end only)")
-    p.add_argument("--runs", default=",".join(RUNS))
-    p.add_argument("--autocast", default="none", choices=("none", "bfloat16"))
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on 2 shared cores, 2 OpenMP threads can be 10x slower)")
-    p.add_argument("--workdir", default=str(OUT / "recover_quality_runs"), help="recovered models go here")
-    p.add_argument("--output", default=str(OUT / "recover_quality.json"))
+    p.add_argument("--wikitext-tokens", type=int, default=16384, help="WikiText-2 test tokens evaluated")
+    p.add_argument("--tokens", default="1M", help="recovery budget per run (131072, 1M, 3M ...)")
+    p.add_argument("--ways", default="kl,kl+ce,ce,scratch+kl", help=f"comma-separated of {', '.join(WAYS)}")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="RecoverConfig overrides for every run (lr=1e-3, data.seq_len=1024, ...)")
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2", help="one run per value of a RecoverConfig key")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="optimizer steps between evaluations and checkpoints (0: 8 points per run)")
+    p.add_argument("--held-out-tokens", type=int, default=8192, help="corpus tokens held out for the curves")
+    p.add_argument("--tag", default=None, help="name of this benchmark (default: from tokens and sweep)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", default=str(WORKDIR))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", action="store_true", help="only print the table and redraw from the JSON")
     return p.parse_args()
 
 
-def wikitext_windows(path: str, tokenizer, tokens: int, seq_len: int):
+def wikitext_windows(path: str, tokenizer, tokens: int, seq_len: int = 512):
     """First ``tokens`` tokens of the file as one document, non-overlapping windows."""
     stream = load_token_stream(DataConfig(source=path, seq_len=seq_len, max_tokens=tokens, shuffle=False,
                                           documents="file"), tokenizer)
     return eval_windows(stream, seq_len, bos_token_id=bos_token_id(tokenizer))
 
 
-def evaluate(model, windows, teacher, autocast) -> dict:
+def evaluate_wikitext(model, windows, teacher) -> dict:
     was_training = model.training
     model.eval()
-    res = evaluate_perplexity(model, windows, teacher=teacher, batch_size=4, autocast=autocast)
+    res = evaluate_perplexity(model, windows, teacher=teacher, batch_size=4, autocast="auto", show_progress=False)
     model.train(was_training)
-    return {k: res[k] for k in ("perplexity", "nll", "kl_to_teacher", "top1_agreement", "teacher_perplexity")
-            if k in res}
+    return {k: res[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "teacher_perplexity") if k in res}
 
 
-def plot(results: dict, path: Path) -> None:
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def ensure_cache(spec: dict, args, tokenizer, teacher, seq_len: int, need_tokens: int, console: Console) -> Path:
+    """The teacher cache of this kind covering ``need_tokens`` (built once, shared by runs)."""
+    kind = spec["kind"]
+    k = spec.get("top_k") if kind == "topk" else spec.get("samples")
+    folder = Path(args.workdir) / "caches" / f"{Path(args.teacher).name}-{kind}{k}-seq{seq_len}-seed{args.seed}-{need_tokens}"
+    if not (folder / "teacher_cache.json").is_file():
+        console.log(f"building teacher cache {folder.name}")
+        t0 = time.perf_counter()
+        write_teacher_cache(TeacherCacheConfig(
+            teacher=ModelConfig(source=args.teacher), data=DataConfig(source=args.data, seq_len=seq_len, seed=args.seed),
+            tokens=need_tokens, micro_batch_size=4, output=str(folder), overwrite=True, **spec),
+            teacher=teacher, tokenizer=tokenizer)
+        console.log(f"cache {folder.name}: {need_tokens / (time.perf_counter() - t0):.0f} tok/s")
+    return folder
+
+
+def scratch_folder(args, student_source: str) -> Path:
+    """The student's architecture at a seeded random init, saved once (so runs resume)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(args.workdir) / f"scratch-{Path(student_source).name}-seed{args.seed}"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(student_source), dtype=torch.float32)
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(student_source).save_pretrained(folder)
+    return folder
+
+
+def run_name(way: str, sweep_key: str | None, value: str | None) -> str:
+    name = way.replace("+", "_")
+    return f"{name}-{sweep_key.replace('.', '_')}{value}" if sweep_key else name
+
+
+def plot(results: dict, teacher_ppl: float, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for name, res in results.items():
-        recs = res["metrics"]
-        train = [r for r in recs if "loss" in r]
-        evals = [r for r in recs if "eval_perplexity" in r]
-        axes[0].plot([r["tokens"] for r in train], [r["kl"] if r["kl"] else r["ce"] for r in train],
-                     label=f"{name} ({'kl' if any(r['kl'] for r in train) else 'ce'})")
-        axes[1].plot([r["tokens"] for r in evals], [r["eval_perplexity"] for r in evals], marker="o", label=name)
-        axes[2].plot([r["tokens"] for r in evals], [r.get("eval_kl_to_teacher") for r in evals], marker="o",
-                     label=name)
-    axes[0].set(title="training loss term", xlabel="tokens", yscale="log")
-    axes[1].set(title="held-out corpus perplexity", xlabel="tokens", yscale="log")
-    axes[2].set(title="held-out KL(teacher || student)", xlabel="tokens", yscale="log")
+        curve = res["wikitext_curve"]
+        held = [r for r in res["metrics"] if "eval_perplexity" in r]
+        kl_key = next((k for k in ("eval_kl_to_teacher", "eval_sampled_kl_to_teacher", "eval_topk_kl_to_teacher")
+                       if any(k in r for r in held)), None)
+        axes[0].plot([r["tokens"] for r in curve], [r["perplexity"] for r in curve], marker="o", label=name)
+        axes[1].plot([r["tokens"] for r in curve], [r["kl_to_teacher"] for r in curve], marker="o", label=name)
+        if kl_key:
+            axes[2].plot([r["tokens"] for r in held if kl_key in r], [r[kl_key] for r in held if kl_key in r],
+                         marker=".", label=f"{name} ({kl_key[5:]})")
+    axes[0].axhline(teacher_ppl, color="k", ls="--", lw=1, label=f"teacher {teacher_ppl:.1f}")
+    axes[0].axhline(1.5 * teacher_ppl, color="gray", ls=":", lw=1, label="1.5x teacher")
+    axes[0].set(title="WikiText-2 test perplexity (16k tokens)", xlabel="tokens", yscale="log")
+    axes[1].set(title="WikiText-2 KL(teacher || student)", xlabel="tokens", yscale="log")
+    axes[2].set(title="held-out corpus KL (as trained against)", xlabel="tokens", yscale="log")
     for ax in axes:
-        ax.legend()
-    fig.suptitle("recovery: forward KL vs KL+CE vs CE vs random init + KL (same tokens)")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def render(record: dict, console: Console) -> None:
+    teacher_ppl = record["teacher_wikitext_perplexity"]
+    table = Table(title=f"Recovery quality ({record['tag']}); teacher WikiText-2 ppl {teacher_ppl:.2f}")
+    for col in ("run", "tokens", "done", "WikiText ppl", "x teacher", "KL", "top-1", "held-out KL", "tok/s", "min"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name, res in record["runs"].items():
+        last = res["wikitext_curve"][-1] if res["wikitext_curve"] else None
+        held = [r for r in res["metrics"] if any(k.endswith("kl_to_teacher") for k in r)]
+        held_kl = next((v for k, v in held[-1].items() if k.endswith("kl_to_teacher")), None) if held else None
+        table.add_row(name, f"{res['tokens_planned']:,}", f"{(last or {}).get('tokens', 0):,}",
+                      f"{last['perplexity']:,.1f}" if last else "-",
+                      f"{last['perplexity'] / teacher_ppl:.2f}" if last else "-",
+                      f"{last['kl_to_teacher']:.3f}" if last else "-",
+                      f"{last.get('top1_agreement', 0):.3f}" if last else "-",
+                      f"{held_kl:.3f}" if held_kl is not None else "-",
+                      f"{res.get('train_tokens_per_s') or 0:.0f}", f"{(res.get('seconds') or 0) / 60:.1f}")
+    console.print(table)
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    console = Console(width=160)
-    started = time.perf_counter()
+    console = Console(width=170)
+    tokens = build_config(RecoverConfig, overrides={"tokens": args.tokens, "loss": {"kl_weight": 0, "ce_weight": 1}}).tokens
+    sweep_key, sweep_values = (None, [None])
+    if args.sweep:
+        sweep_key, _, values = args.sweep.partition("=")
+        sweep_values = [v for v in values.split(",") if v]
+    tag = args.tag or f"{Path(args.student).name}-{tokens}" + (f"-{sweep_key}" if sweep_key else "")
+    out_json = OUT / f"recover_quality-{tag}.json"
+    if args.render:
+        record = json.loads(out_json.read_text())
+        render(record, console)
+        plot(record["runs"], record["teacher_wikitext_perplexity"], out_json.with_suffix(".png"), record["title"])
+        return
+    base_dir = Path(args.workdir) / tag
+    base_dir.mkdir(parents=True, exist_ok=True)
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
+    flags = subprocess.run("lscpu | grep Flags", shell=True, capture_output=True, text=True).stdout
+    machine = {"cpu": cpu.strip() or platform.processor(), "avx512_bf16": "avx512_bf16" in flags,
+               "amx_bf16": "amx_bf16" in flags, "threads": args.threads, "torch": torch.__version__}
 
     teacher, tokenizer = load_model(args.teacher)
-    student0, _ = load_model(args.student, for_training=True)
-    windows = wikitext_windows(args.wikitext, tokenizer, args.eval_tokens, args.seq_len)
-    console.log(f"WikiText-2: {sum(n for _, n in windows)} scored tokens in {len(windows)} windows")
-
-    base = evaluate(student0, windows, teacher, args.autocast)
+    precision = describe_precision("auto", "cpu")
+    if precision["resolved"] == "bfloat16":
+        teacher = teacher.to(torch.bfloat16)  # what recover's teacher_dtype=auto does
+    windows = wikitext_windows(args.wikitext, tokenizer, args.wikitext_tokens)
+    student0, _ = load_model(args.student)
+    base = evaluate_wikitext(student0, windows, teacher)
     teacher_ppl = base.pop("teacher_perplexity")
-    console.log(f"teacher ppl {teacher_ppl:.2f}; pruned student before recovery {base}")
+    console.log(f"teacher WikiText-2 ppl {teacher_ppl:.2f}; pruned student {base}")
+    student_params = count_parameters(student0.config)["total"]
+    del student0
 
     results: dict = {}
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    for name in args.runs.split(","):
-        spec = RUNS[name]
-        if spec["scratch"]:
-            from transformers import AutoModelForCausalLM
+    record = {"tag": tag, "date": dt.date.today().isoformat(), "argv": sys.argv, "machine": machine,
+              "precision": precision, "teacher": args.teacher, "student": args.student,
+              "student_parameters": student_params, "teacher_parameters": count_parameters(teacher.config)["total"],
+              "teacher_wikitext_perplexity": teacher_ppl, "wikitext_scored_tokens": sum(n for _, n in windows),
+              "pruned_wikitext": base, "runs": results,
+              "title": f"{Path(args.student).name}: recovery at {tokens:,} tokens ({tag})"}
 
-            torch.manual_seed(args.seed)
-            student = AutoModelForCausalLM.from_config(student0.config, dtype=torch.float32).train()
-            before = evaluate(student, windows, teacher, args.autocast)
-            before.pop("teacher_perplexity", None)
-        else:
-            student, before = copy.deepcopy(student0).train(), dict(base)
-        config = RecoverConfig(
-            student=ModelConfig(source=args.student), teacher=ModelConfig(source=args.teacher),
-            data=DataConfig(source=args.data, seq_len=args.seq_len, seed=args.seed),
-            tokens=args.tokens, global_batch_tokens=args.global_batch_tokens,
-            micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr=args.min_lr,
-            warmup_steps=min(args.warmup_steps, max(args.tokens // args.global_batch_tokens // 10, 0)),
-            loss=spec["loss"], autocast=args.autocast, eval_every=args.eval_every,
-            eval_tokens=args.held_out_tokens, seed=args.seed,
-            output=str(Path(args.workdir) / name.replace("+", "_")), overwrite=True,
-        )
-        t0 = time.perf_counter()
-        rec = distill.recover(config, student=student, teacher=teacher, tokenizer=tokenizer)
-        seconds = time.perf_counter() - t0
-        after = evaluate(student, windows, teacher, args.autocast)
-        after.pop("teacher_perplexity", None)
-        results[name] = {"loss": {k: v for k, v in vars(spec["loss"]).items()}, "scratch": spec["scratch"],
-                         "steps": rec["steps"], "tokens": rec["tokens"], "seconds": seconds,
-                         "train_tokens_per_s": rec["tokens_per_s"], "wikitext_before": before,
-                         "wikitext_after": after, "held_out_before": rec["before"], "held_out_after": rec["after"],
-                         "final_train_loss": rec["final_loss"], "metrics": rec["metrics"], "output": rec["output"]}
-        console.log(f"{name}: {seconds:.0f}s, WikiText ppl {before['perplexity']:.1f} -> {after['perplexity']:.1f}, "
-                    f"KL {before['kl_to_teacher']:.3f} -> {after['kl_to_teacher']:.3f}")
-        del student
-        gc.collect()
+    def save_record() -> None:
+        OUT.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(record, indent=2) + "\n")
+        plot(results, teacher_ppl, out_json.with_suffix(".png"), record["title"])
 
-    record = {
-        "date": dt.date.today().isoformat(), "argv": sys.argv, "teacher": args.teacher, "student": args.student,
-        "student_parameters": count_parameters(student0.config)["total"],
-        "teacher_parameters": count_parameters(teacher.config)["total"],
-        "teacher_wikitext_perplexity": teacher_ppl, "wikitext_scored_tokens": sum(n for _, n in windows),
-        "seconds": time.perf_counter() - started, "runs": results,
-    }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    plot(results, out.with_suffix(".png"))
+    for way in args.ways.split(","):
+        spec = WAYS[way]
+        for value in sweep_values:
+            name = run_name(way, sweep_key, value)
+            overrides = parse_overrides(args.set + ([f"{sweep_key}={value}"] if sweep_key else []))
+            source = str(scratch_folder(args, args.student)) if spec.get("scratch") else args.student
+            output = base_dir / name
+            overrides = {**overrides, "loss": {**spec["loss"], **overrides.get("loss", {})},
+                         "student": {"source": source}, "teacher": {"source": args.teacher},
+                         "data": {**overrides.get("data", {}), "source": args.data, "seed": args.seed},
+                         "tokens": tokens, "eval_tokens": args.held_out_tokens, "seed": args.seed,
+                         "output": str(output), "resume": True}
+            cfg = build_config(RecoverConfig, overrides=overrides)
+            eval_every = args.eval_every or max(tokens // cfg.global_batch_tokens // 8, 1)
+            cfg = dataclasses.replace(
+                cfg, eval_every=eval_every, save_every=eval_every,
+                warmup_steps=min(cfg.warmup_steps, max(tokens // cfg.global_batch_tokens // 10, 1)))
+            if spec.get("cache"):
+                cache = ensure_cache(spec["cache"], args, tokenizer, teacher, cfg.data.seq_len,
+                                     tokens + args.held_out_tokens + cfg.data.seq_len, console)
+                cfg = dataclasses.replace(cfg, teacher=None, teacher_cache=str(cache),
+                                          loss=dataclasses.replace(cfg.loss, kind="topk_kl"))
+            curve_path = base_dir / f"{name}.wikitext.jsonl"
+            res = results[name] = {"way": way, "sweep": {sweep_key: value} if sweep_key else {},
+                                   "config": to_dict(cfg), "tokens_planned": tokens, "wikitext_curve": [],
+                                   "metrics": []}
+            if (output / "minicompress.json").is_file():  # finished earlier
+                rec = json.loads((output / "minicompress.json").read_text())["recovery"]
+                res.update(seconds=rec["seconds"], train_tokens_per_s=rec["tokens_trained"] / max(rec["seconds"], 1e-9),
+                           metrics=read_metrics(output / "metrics.jsonl"), wikitext_curve=read_jsonl(curve_path))
+                console.log(f"{name}: finished earlier, skipped")
+                save_record()
+                continue
+            work = working_folder(output)
+            ckpt = latest_checkpoint(work) if work.exists() else None
+            done_tokens = json.loads((ckpt / "state.json").read_text())["tokens"] if ckpt else 0
+            curve = [r for r in read_jsonl(curve_path) if r["tokens"] <= done_tokens]
+            if not curve:
+                curve = [{"tokens": 0, **base}] if not spec.get("scratch") else []
+            curve_path.write_text("".join(json.dumps(r) + "\n" for r in curve))
+            res["wikitext_curve"] = curve
+            state = {"student": None}
 
-    table = Table(title=f"Recovery, {args.tokens:,} tokens each; teacher WikiText-2 ppl {teacher_ppl:.2f}")
-    for col in ("run", "loss", "steps", "WikiText ppl before", "after", "x teacher", "KL before", "KL after",
-                "train tok/s", "minutes"):
-        table.add_column(col, justify="left" if col in ("run", "loss") else "right")
-    for name, res in results.items():
-        loss = res["loss"]
-        table.add_row(name, f"kl {loss['kl_weight']:g} ce {loss['ce_weight']:g}", str(res["steps"]),
-                      f"{res['wikitext_before']['perplexity']:,.1f}", f"{res['wikitext_after']['perplexity']:,.1f}",
-                      f"{res['wikitext_after']['perplexity'] / teacher_ppl:.2f}",
-                      f"{res['wikitext_before']['kl_to_teacher']:.3f}", f"{res['wikitext_after']['kl_to_teacher']:.3f}",
-                      f"{res['train_tokens_per_s']:.0f}", f"{res['seconds'] / 60:.1f}")
-    console.print(table)
-    console.log(f"total {record['seconds'] / 60:.1f} min; wrote {out} and {out.with_suffix('.png')}")
+            def callback(step_record: dict, name=name, curve_path=curve_path, res=res, output=output) -> None:
+                res["metrics"] = read_metrics(working_folder(output) / "metrics.jsonl")
+                if not any(k.startswith("eval_") for k in step_record):
+                    return
+                point = {"tokens": step_record["tokens"], **evaluate_wikitext(state["student"], windows, teacher)}
+                point.pop("teacher_perplexity", None)
+                res["wikitext_curve"].append(point)
+                with curve_path.open("a") as f:
+                    f.write(json.dumps(point) + "\n")
+                res["seconds"] = step_record.get("elapsed_s")
+                res["train_tokens_per_s"] = step_record["tokens"] / max(step_record.get("elapsed_s") or 1e-9, 1e-9)
+                save_record()
+                console.log(f"{name} @ {point['tokens']:,}: WikiText ppl {point['perplexity']:.1f} "
+                            f"({point['perplexity'] / teacher_ppl:.2f}x), KL {point['kl_to_teacher']:.3f}, "
+                            f"{res['train_tokens_per_s']:.0f} tok/s")
+
+            student, _ = load_model(cfg.student, for_training=True)
+            if spec.get("scratch") and not curve:
+                point = {"tokens": 0, **evaluate_wikitext(student, windows, teacher)}
+                point.pop("teacher_perplexity", None)
+                curve.append(point)
+                curve_path.write_text(json.dumps(point) + "\n")
+            state["student"] = student
+            console.log(f"{name}: {'resuming at ' + format(done_tokens, ',') if done_tokens else 'starting'}"
+                        f" ({tokens:,} tokens, eval every {eval_every} steps)")
+            t0 = time.perf_counter()
+            rec = distill.recover(cfg, student=student, teacher=None if spec.get("cache") else teacher,
+                                  tokenizer=tokenizer, callback=callback)
+            res.update(seconds=rec["seconds"], train_tokens_per_s=rec["tokens_per_s"], metrics=rec["metrics"])
+            console.log(f"{name}: done in {(time.perf_counter() - t0) / 60:.1f} min")
+            save_record()
+            del student, state["student"]
+
+    save_record()
+    render(record, console)
+    console.log(f"wrote {out_json} and {out_json.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

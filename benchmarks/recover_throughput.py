@@ -38,6 +38,15 @@ the step, the CPU analogue of ``torch.cuda.max_memory_allocated`` (see
 
 Run: ``nohup python benchmarks/recover_throughput.py > /tmp/recover_throughput.log 2>&1 &``
 Prints a rich table; writes ``benchmarks/out/recover_throughput.json``.
+
+``--mode defaults`` (issue 9) instead times the library's *default* recovery step
+(:class:`~minicompress.config.RecoverConfig` defaults: ``autocast: auto``, so bf16 on CPUs
+with AVX512-BF16/AMX; the teacher in bf16; micro batches of 4) against the previous
+default, the float32 live-teacher step (micro batches of 1 and of 8), and the default
+step fed by a sampled teacher cache (no teacher forward), all on ``--student`` in one
+process, interleaved. It also measures this machine's GEMM rate in bf16 and float32 and
+reports each variant's share of the FLOP limit ``(2 N_teacher + 6 N_student)`` per token
+(``6 N_student`` with a cache). Writes ``benchmarks/out/recover_defaults.json``.
 """
 
 from __future__ import annotations
@@ -105,6 +114,8 @@ def parse_args() -> argparse.Namespace:
                    help="time only lm_head + loss + backward on fixed hidden states (Liger's own benchmark setup)")
     p.add_argument("--append", action="store_true", help="keep the other models' results already in --output")
     p.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
+    p.add_argument("--mode", default="variants", choices=("variants", "defaults"),
+                   help="variants: ours vs naive vs Liger (issue 4); defaults: default step vs the float32 step")
     return p.parse_args()
 
 
@@ -423,9 +434,139 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + ("\n\nShare of our step:\n" + "\n".join(shares) if shares else "") + "\n"
 
 
+def gemm_rate(dtype: torch.dtype, tokens: int = 2048, d_in: int = 576, d_out: int = 1536, repeats: int = 10) -> float:
+    """Measured FLOP/s of ``F.linear`` at a representative shape (SmolLM2's MLP up-projection)."""
+    x, w = torch.randn(tokens, d_in, dtype=dtype), torch.randn(d_out, d_in, dtype=dtype)
+    for _ in range(3):
+        F.linear(x, w)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        F.linear(x, w)
+    return 2 * tokens * d_in * d_out * repeats / (time.perf_counter() - t0)
+
+
+def bench_defaults(args, console: Console) -> dict:
+    """The default recovery step vs the previous float32 default, one process, interleaved."""
+    import subprocess
+
+    from minicompress.config import RecoverConfig
+    from minicompress.hardware import describe_precision
+    from minicompress.models import TORCH_DTYPES
+
+    defaults = RecoverConfig(teacher=None, loss=LossConfig(kl_weight=0.0, ce_weight=1.0))
+    precision = describe_precision(defaults.autocast, "cpu")
+    auto = precision["resolved"]
+    teacher_dtype = "bfloat16" if auto == "bfloat16" else "float32"
+    teacher, student, tokenizer = load_pair("smollm2-135m", args.student, args.perturb)
+    teacher_low = copy.deepcopy(teacher).to(TORCH_DTYPES[teacher_dtype]) if teacher_dtype != "float32" else teacher
+    batch = args.smollm_batch
+    ids = load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
+                                    max_tokens=batch * args.seq_len * 4), tokenizer)[:batch]
+    with torch.no_grad():  # the sampled cache's targets for this batch: 12 teacher draws per position
+        logp = torch.log_softmax(teacher(ids).logits.float(), dim=-1)
+        draws = torch.multinomial(logp.view(-1, logp.shape[-1]).exp(), 12, replacement=True,
+                                  generator=torch.Generator().manual_seed(0)).view(*ids.shape, 12)
+        cached = (logp.gather(-1, draws).to(torch.bfloat16), draws)
+        del logp
+    optimizer = _make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
+    loss_cfg = LossConfig()
+    normalizer = count_targets(ids)
+
+    def make(autocast, t_model, mb, use_cache=False):
+        def step():
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for start in range(0, ids.shape[0], mb):
+                part = slice(start, start + mb)
+                targets = (cached[0][part], cached[1][part], "sampled_kl") if use_cache else None
+                loss, _ = micro_batch_loss(student, ids[part], loss=loss_cfg, teacher=None if use_cache else t_model,
+                                           teacher_topk=targets, normalizer=normalizer, autocast=autocast)
+                loss.backward()
+                total += float(loss.detach())
+            optimizer.step()
+            return time.perf_counter() - t0, total
+        return step
+
+    mb = defaults.micro_batch_size
+    variants = {
+        "float32 live, micro 1 (previous)": (make("none", teacher, 1), "live"),
+        "float32 live, micro 8 (previous default)": (make("none", teacher, 8), "live"),
+        f"default live ({auto}, micro {mb})": (make(auto, teacher_low, mb), "live"),
+        f"default, sampled cache ({auto}, micro {mb})": (make(auto, teacher_low, mb, use_cache=True), "cached"),
+    }
+    for key, (fn, _) in variants.items():  # warm-up (allocates AdamW's state, the loss buffers)
+        fn()
+        console.log(f"warm-up {key}")
+    times = {k: [] for k in variants}
+    for rep in range(args.repeats):
+        for key, (fn, _) in variants.items():
+            seconds, value = fn()
+            times[key].append(seconds)
+            console.log(f"{key} rep {rep}: {seconds:.2f}s ({ids.numel() / seconds:.0f} tok/s), loss {value:.4f}")
+    rates = {"bfloat16": gemm_rate(torch.bfloat16), "float32": gemm_rate(torch.float32)}
+    n_teacher = count_params(teacher)
+    n_student = count_params(student)
+    rows = {}
+    base_key = max(list(variants)[:2], key=lambda k: ids.numel() / statistics.median(times[k]))
+    for key, (_, kind) in variants.items():
+        step_s = statistics.median(times[key])
+        tps = ids.numel() / step_s
+        flops = (6 * n_student + (2 * n_teacher if kind == "live" else 0))
+        rate = rates["bfloat16" if auto == "bfloat16" and key.startswith("default") else "float32"]
+        rows[key] = {"tokens_per_s": tps, "step_s": step_s, "times": times[key], "flop_per_token": flops,
+                     "flop_limit_tokens_per_s": rate / flops, "share_of_flop_limit": tps * flops / rate}
+    for key in rows:
+        rows[key]["x_previous"] = rows[key]["tokens_per_s"] / rows[base_key]["tokens_per_s"]
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
+    return {"mode": "defaults", "student": args.student, "tokens": ids.numel(), "batch": batch,
+            "seq_len": args.seq_len, "precision": precision, "gemm_flops": rates, "teacher_params": n_teacher,
+            "student_params": n_student, "baseline": base_key, "variants": rows,
+            "cpu": {"model": model_name, "avx512_bf16": "avx512_bf16" in lscpu, "amx_bf16": "amx_bf16" in lscpu}}
+
+
+def count_params(model) -> int:
+    """Unique parameters (a tied embedding counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def render_defaults(res: dict, console: Console) -> str:
+    table = Table(title=f"Default recovery step, {res['tokens']} tokens/step, {res['cpu']['model']} "
+                        f"(avx512_bf16={res['cpu']['avx512_bf16']}, amx={res['cpu']['amx_bf16']})")
+    for col in ("variant", "tokens/s", "x previous", "FLOP/token", "FLOP-limit tok/s", "share of limit"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    lines = ["| variant | tokens/s | x previous | MFLOP/token | FLOP-limit tok/s | share of limit |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for key, row in res["variants"].items():
+        cells = (f"{row['tokens_per_s']:.0f}", f"{row['x_previous']:.2f}", f"{row['flop_per_token'] / 1e6:.0f}",
+                 f"{row['flop_limit_tokens_per_s']:.0f}", f"{row['share_of_flop_limit']:.0%}")
+        table.add_row(key, *cells)
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    console.print(table)
+    rates = res["gemm_flops"]
+    lines.append(f"\nGEMM rate (F.linear 2048x576x1536): bf16 {rates['bfloat16'] / 1e12:.2f} TFLOP/s, "
+                 f"float32 {rates['float32'] / 1e12:.2f} TFLOP/s.")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     args = parse_args()
     console = Console(width=160)
+    if args.mode == "defaults":
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        out = Path(args.output).with_name("recover_defaults.json") if args.output == str(OUT) else Path(args.output)
+        if args.render:
+            res = json.loads(Path(args.render).read_text())
+        else:
+            res = bench_defaults(args, console)
+            res.update(date=dt.date.today().isoformat(), argv=sys.argv, torch=torch.__version__,
+                       threads=torch.get_num_threads())
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(res, indent=2) + "\n")
+        sys.stdout.write(render_defaults(res, console))
+        return
     if args.render:
         results = json.loads(Path(args.render).read_text())["results"]
         console.print(render(results))

@@ -86,13 +86,7 @@ def save_checkpoint(work: Path, *, student: torch.nn.Module, optimizer: torch.op
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
-    write_json_atomic(tmp / "state.json", state)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_json_atomic(work / LATEST_FILE, {"checkpoint": name, "step": state["step"]})
-    old = sorted(p for p in work.glob("checkpoint-*") if p.is_dir() and p.name != name)
-    for folder in old[: max(len(old) - (keep - 1), 0)]:
-        shutil.rmtree(folder, ignore_errors=True)
+    _finish(work, tmp, final, state, keep)
     return final
 
 

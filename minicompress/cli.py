@@ -684,6 +684,14 @@ def _prune_setup(p: argparse.ArgumentParser) -> None:
                 help="keep norm weights as they are after removing embedding channels")
     config_flag(p, "--search-batches", key="search_batches",
                 help="calibration batches (of 2 sequences) that rank candidate shapes (default 4)")
+    config_flag(p, "--width-multiple", key="target.width_multiple",
+                help="--target-params: hidden and FFN sizes are multiples of this (default 64; 1: any)")
+    config_flag(p, "--search-distill-candidates", key="search_distill_candidates",
+                help="--target-params: distil this many best zero-shot shapes briefly and keep the lowest "
+                     "held-out KL, as Minitron did (default 4; 0: keep the best zero-shot shape)")
+    config_flag(p, "--search-distill-tokens", key="search_distill_tokens",
+                help="training tokens of each candidate's short distillation (default 64K; settings: "
+                     "search_recover.<key>=value)")
     config_flag(p, "--streaming", key="streaming", action="store_const", const=True,
                 help="prune a local safetensors checkpoint one tensor at a time without loading it "
                      "(needs --scores and explicit sizes or --drop-layers)")
@@ -708,12 +716,35 @@ def prune_command(args: argparse.Namespace) -> int:
     rows.append({"": "ratio", "original": 1.0, "pruned": report["parameters"]["ratio"]})
     render_table(f"pruned {cfg.model.source} -> {cfg.output}", rows)
     if report.get("search"):
-        shown = [{"h/q/kv/ffn/L": f"{r['hidden_size']}/{r['num_attention_heads']}/{r['num_key_value_heads']}/"
-                                  f"{r['intermediate_size']}/{r['num_hidden_layers']}",
-                  "params": r["params"], "screen loss": r["screen_loss"], "loss": r.get("loss", "")}
-                 for r in report["search"][:10]]
-        render_table(f"architecture search: best 10 of {len(report['search'])} candidates", shown)
+        _render_search(report["search"])
     return 0
+
+
+def _render_search(table: list[dict]) -> None:
+    """The prune's search table: distilled candidates (by KL after distillation), then the
+    other finalists (by zero-shot loss), then the rest (by screening loss); 10 rows."""
+    def order(r):
+        if "distill_kl" in r:
+            return (0, r["distill_kl"])
+        return (1, r["loss"]) if "loss" in r else (2, r["screen_loss"])
+
+    rows = sorted(table, key=order)[:10]
+    distilled = any("distill_kl" in r for r in table)
+    shown = []
+    for r in rows:
+        row = {"h/q/kv/ffn/L": f"{r['hidden_size']}/{r['num_attention_heads']}/{r['num_key_value_heads']}/"
+                               f"{r['intermediate_size']}/{r['num_hidden_layers']}",
+               "layers by": r["layer_metric"] if r.get("dropped_layers") else "",
+               "params": r["params"], "screen loss": r["screen_loss"], "loss": r.get("loss", "")}
+        if distilled:
+            row.update({"KL before": r.get("kl_before", ""), "KL distilled": r.get("distill_kl", ""),
+                        "ppl distilled": r.get("distill_perplexity", ""),
+                        "prefill tok/s": r.get("prefill_tokens_per_s", ""),
+                        "decode tok/s": r.get("decode_tokens_per_s", "")})
+        row["chosen"] = "*" if r.get("chosen") else ""
+        shown.append(row)
+    how = "by held-out KL after a short distillation" if distilled else "by zero-shot loss"
+    render_table(f"architecture search ({how}): best {len(rows)} of {len(table)} candidates", shown)
 
 
 # ----------------------------------------------------------------------------------------
@@ -728,7 +759,7 @@ def _recover_setup(p: argparse.ArgumentParser) -> None:
     add_model_flags(p, "teacher")
     add_data_flags(p)
     config_flag(p, "--teacher-cache", key="teacher_cache", metavar="DIR",
-                help="train from top-k teacher logits written by minicompress teacher-cache")
+                help="train from the sparse teacher targets written by minicompress teacher-cache")
     config_flag(p, "--tokens", key="tokens", help="training budget in tokens (e.g. 2M)")
     config_flag(p, "--global-batch-tokens", key="global_batch_tokens", help="tokens per optimizer step")
     config_flag(p, "--micro-batch-size", key="micro_batch_size", help="sequences per forward")
@@ -772,20 +803,23 @@ def recover_command(args: argparse.Namespace) -> int:
 
 
 def _teacher_cache_setup(p: argparse.ArgumentParser) -> None:
-    add_common(p, output_help="folder for the top-k logit shards")
+    add_common(p, output_help="folder for the teacher-target shards")
     add_model_flags(p, "teacher")
     add_data_flags(p)
     config_flag(p, "--tokens", key="tokens", help="tokens to cache (e.g. 2M)")
-    config_flag(p, "--top-k", key="top_k", help="logits kept per token (default 64)")
+    config_flag(p, "--kind", key="kind", choices=("sampled", "topk"),
+                help="sampled (default): tokens drawn from the teacher, unbiased; topk: largest logits")
+    config_flag(p, "--samples", key="samples", help="tokens drawn per position with --kind sampled (default 12)")
+    config_flag(p, "--top-k", key="top_k", help="logits kept per token with --kind topk (default 64)")
     config_flag(p, "--micro-batch-size", key="micro_batch_size", help="sequences per forward")
     config_flag(p, "--shard-tokens", key="shard_tokens", help="tokens per safetensors shard")
     config_flag(p, "--autocast", key="autocast", choices=AUTOCAST, help=AUTOCAST_HELP)
 
 
-@subcommand("teacher-cache", help="write a teacher's top-k logits for offline distillation",
+@subcommand("teacher-cache", help="write a teacher's sampled tokens or top-k logits for offline distillation",
             setup=_teacher_cache_setup)
 def teacher_cache_command(args: argparse.Namespace) -> int:
-    """``minicompress teacher-cache``: top-k teacher logits as safetensors shards."""
+    """``minicompress teacher-cache``: sparse teacher targets as safetensors shards."""
     from .config import TeacherCacheConfig
     from .teacher_cache import write_teacher_cache
 

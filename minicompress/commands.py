@@ -8,8 +8,12 @@ themselves. Every output folder is written atomically with its provenance record
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +26,8 @@ from .errors import MinicompressError
 from .models import load_config, load_model
 from .outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from .progress import progress_bar
-from .prune import apply_plan_, make_plan, search_architecture, validate_target
+from .prune import (apply_plan_, make_plan, pruned_copy, row_target, search_architecture, validate_target,
+                    zero_shot_ranking)
 from .scoring import ImportanceScores, score_model
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,7 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
         with atomic_folder(config.output, config.overwrite) as tmp:
             scores.save(tmp)
             write_provenance(tmp, provenance("score", config, scores_digest=scores.digest()))
+    distributed.barrier()  # torchrun: every rank returns once the scores are written
     return scores
 
 
@@ -104,6 +110,10 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
 
     The target is checked against the model's ``config.json`` (:func:`validate_target`)
     before any weights or data are loaded, so an impossible target fails in seconds.
+    With ``target.target_params`` the search ranks candidate shapes by zero-shot loss
+    (:func:`search_architecture`), then (``search_distill_candidates`` > 0) distils the
+    best few from the untouched original and keeps the lowest held-out KL
+    (:func:`distill_candidates`); only then is the model rewritten.
 
     Args:
         config: the prune configuration.
@@ -114,7 +124,8 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
 
     Returns:
         A report: original and pruned architecture, parameter counts, the plan, the
-        architecture search table when ``target.target_params`` was used, and ``seconds``.
+        architecture search table when ``target.target_params`` was used (also written
+        as ``search.json`` in the output; the ``chosen`` row is the result), and ``seconds``.
 
     Raises:
         MinicompressError: no target, conflicting targets, or an impossible target.
@@ -154,7 +165,16 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                                               batch_size=2, layer_scores=False), tokenizer)
         with progress_bar("search", None, unit="cand") as bar:
             chosen, search_table = search_architecture(model, scores, target.target_params, batches,
-                                                       layer_metric=target.layer_metric, progress=bar)
+                                                       layer_metric=target.layer_metric,
+                                                       width_multiple=target.width_multiple,
+                                                       finalists=max(6, config.search_distill_candidates),
+                                                       progress=bar)
+        best = zero_shot_ranking(search_table)[0]
+        if config.search_distill_candidates:
+            best = distill_candidates(config, model, tokenizer, scores, search_table)
+        chosen = row_target(best)
+        for row in search_table:
+            row["chosen"] = row is best
     else:
         chosen = {**explicit, "drop_layers": list(target.drop_layers), "layer_metric": target.layer_metric}
     plan = make_plan(scores, model.config, chosen)
@@ -176,6 +196,8 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            if search_table is not None:
+                (tmp / "search.json").write_text(json.dumps(search_table, indent=2) + "\n")
             report["seconds"] = round(time.perf_counter() - start, 2)
             record = provenance("prune", config, source_model=config.model.source,
                                 source_provenance=_source_provenance(config.model.source), **report,
@@ -184,6 +206,80 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
             write_model_card(tmp, record)
         report["output"] = str(config.output)
     return report
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def distill_candidates(config: PruneConfig, model, tokenizer, scores: ImportanceScores,
+                       table: list[dict[str, Any]]) -> dict[str, Any]:
+    """Minitron's choice (arXiv 2407.14679, sec. 4): distil the best zero-shot candidates
+    briefly and keep the one with the lowest held-out KL to the original.
+
+    Each of the ``config.search_distill_candidates`` best rows of
+    :func:`~minicompress.prune.zero_shot_ranking` is pruned from a copy of ``model``
+    (left as it was: weights, dtype, device, ``requires_grad``, train/eval mode),
+    distilled for ``config.search_distill_tokens`` tokens from ``model`` as live teacher
+    with :func:`~minicompress.distill.recover` (the same data, held-out split and seed for
+    every candidate; written to a temporary folder, then deleted), and timed with
+    :func:`~minicompress.evaluate.measure_speed` (128 prefill / 16 decode tokens).
+
+    Args:
+        config: the prune configuration (``search_recover`` settings).
+        model: the original model (the teacher; not modified).
+        tokenizer: its tokenizer.
+        scores: its importance scores.
+        table: the search table of :func:`~minicompress.prune.search_architecture`;
+            distilled rows gain ``kl_before``, ``distill_kl``, ``distill_perplexity``,
+            ``prefill_tokens_per_s`` and ``decode_tokens_per_s``.
+
+    Returns:
+        The chosen row (lowest ``distill_kl``; ties: the better zero-shot loss).
+
+    Raises:
+        MinicompressError: under torchrun, or from the distillation (e.g. too little data).
+    """
+    from . import distill
+    from .evaluate import measure_speed
+
+    if distributed.world_size() > 1:
+        raise MinicompressError("search_distill_candidates: the search distils candidates in one process, not under "
+                                "torchrun; set it to 0 or drop torchrun")
+    dtype = next(model.parameters()).dtype
+    finalists = zero_shot_ranking(table)[: config.search_distill_candidates]
+    state = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    parent = Path(config.output).expanduser().parent if config.output is not None else None
+    try:
+        for i, row in enumerate(finalists):
+            log.info("search: distilling candidate %d/%d (h/q/kv/ffn/L %s/%s/%s/%s/%s, %s) on %s tokens", i + 1,
+                     len(finalists), *(row[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                        "intermediate_size", "num_hidden_layers")),
+                     row["layer_metric"], f"{config.search_distill_tokens:,}")
+            student = pruned_copy(model, make_plan(scores, model.config, row)).requires_grad_(True)
+            with tempfile.TemporaryDirectory(prefix=".search-", dir=parent if parent and parent.is_dir() else None) \
+                    as tmp:
+                recover_config = config.search_recover_config(str(Path(tmp) / "candidate"),
+                                                              teacher_dtype=_DTYPE_NAMES.get(dtype, "auto"))
+                result = distill.recover(recover_config, student=student, teacher=model, tokenizer=tokenizer)
+            speed = measure_speed(student.eval(), model.config.vocab_size, prefill_tokens=128, decode_tokens=16,
+                                  repeats=1)
+            row.update(kl_before=result["before"].get("kl_to_teacher"), distill_kl=result["after"]["kl_to_teacher"],
+                       distill_perplexity=result["after"].get("perplexity"),
+                       prefill_tokens_per_s=speed["prefill_tokens_per_s"],
+                       decode_tokens_per_s=speed["decode_tokens_per_s"])
+            del student
+    finally:
+        for param, flag in state:
+            param.requires_grad_(flag)
+        model.train(training)
+
+    def key(rank_row):
+        rank, row = rank_row
+        kl = row["distill_kl"]
+        return (kl if math.isfinite(kl) else math.inf, rank)
+
+    return min(enumerate(finalists), key=key)[1]
 
 
 def _prune_streaming(config: PruneConfig, chosen: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,9 @@ LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl")
 STAGE_TEACHERS = ("original", "previous")
 #: RecoverConfig keys a run sets for each stage (not allowed in ``recover:`` sections).
 RUN_SETS_RECOVER_KEYS = ("student", "teacher", "teacher_cache", "data", "tokens", "output", "overwrite", "resume")
+#: RecoverConfig keys the prune's search sets for its short distillations (not allowed in ``search_recover``):
+#: the teacher is the original in memory, which must keep its dtype and device.
+PRUNE_SETS_SEARCH_RECOVER_KEYS = RUN_SETS_RECOVER_KEYS + ("eval_every", "teacher_dtype", "teacher_device")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -209,6 +212,9 @@ class TargetConfig:
             ``loss`` (LM-loss increase when dropped), ``contiguous`` (best block of k).
         norm_correction: rescale kept norm weights so each RMSNorm output keeps its
             calibration scale after embedding channels are removed.
+        width_multiple: ``target_params`` search only: hidden and FFN sizes of the
+            candidates are multiples of this (fast kernels; 1: the plain search grid).
+            Widths under 4x the multiple (tiny models) use the plain grid.
     """
 
     hidden_size: int | None = None
@@ -220,6 +226,7 @@ class TargetConfig:
     target_params: float | None = None
     layer_metric: str = "bi"
     norm_correction: bool = True
+    width_multiple: int = 64
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -230,6 +237,7 @@ class TargetConfig:
             raise ConfigError(f"target_params: {self.target_params} is neither a ratio in (0, 1] nor a whole "
                               "parameter count; use e.g. 0.5 or 70M")
         _check_choice("layer_metric", self.layer_metric, LAYER_METRICS)
+        _check_positive("width_multiple", self.width_multiple)
         if any(i < 0 for i in self.drop_layers):
             raise ConfigError(f"drop_layers: layer indices must be >= 0, got {list(self.drop_layers)}")
 
@@ -249,6 +257,15 @@ class PruneConfig:
         overwrite: replace an existing output.
         streaming: prune a local safetensors checkpoint one tensor at a time without
             loading the model (needs ``scores`` and explicit sizes / ``drop_layers``).
+        search_distill_candidates: ``target_params`` only: distil this many of the best
+            zero-shot candidates briefly from the original and keep the one with the
+            lowest held-out KL (Minitron sec. 4; 0: keep the best zero-shot candidate).
+        search_distill_tokens: training tokens of each candidate's short distillation.
+        search_recover: recovery settings of those distillations: keys of
+            :class:`RecoverConfig` except those the prune sets
+            (:data:`PRUNE_SETS_SEARCH_RECOVER_KEYS`); unset keys keep its defaults, but
+            ``global_batch_tokens`` defaults to the multiple of ``micro_batch_size *
+            data.seq_len`` nearest 8192.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -260,9 +277,63 @@ class PruneConfig:
     output: str | None = None
     overwrite: bool = False
     streaming: bool = False
+    search_distill_candidates: int = 4
+    search_distill_tokens: int = 65536
+    search_recover: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         _check_positive("search_batches", self.search_batches)
+        _check_positive("search_distill_candidates", self.search_distill_candidates, allow_zero=True)
+        _check_positive("search_distill_tokens", self.search_distill_tokens)
+        if self.target.target_params is not None and self.search_distill_candidates:
+            self.search_recover_config(output="search")  # fails early, naming the key
+
+    def search_recover_config(self, output: str, teacher_dtype: str = "auto") -> "RecoverConfig":
+        """The :class:`RecoverConfig` of one candidate's short distillation in the search.
+
+        Student and teacher are passed in memory (the configs only name ``model``); the
+        data is the prune's (read up to ``2 * (tokens + eval_tokens)`` or 1M tokens when
+        ``data.max_tokens`` is unset), with its seed, so every candidate sees the same
+        batches and the same held-out split.
+
+        Args:
+            output: folder the distilled candidate is written to (a temporary one).
+            teacher_dtype: the original's dtype, so :func:`~minicompress.distill.recover`
+                never casts it.
+
+        Raises:
+            ConfigError: a key the prune sets, an unknown key, an invalid value, no
+                held-out tokens, or a token budget below one step; the message names
+                ``search_recover.<key>`` or ``search_distill_tokens``.
+        """
+        allowed = [f.name for f in dataclasses.fields(RecoverConfig) if f.name not in PRUNE_SETS_SEARCH_RECOVER_KEYS]
+        for key in self.search_recover:
+            if key in PRUNE_SETS_SEARCH_RECOVER_KEYS:
+                raise ConfigError(f"search_recover.{key}: set by the prune for every candidate; remove it")
+            if key not in allowed:
+                raise ConfigError(f"search_recover.{key}: unknown key; allowed keys: {', '.join(allowed)}")
+        merged = dict(self.search_recover)
+        for key in ("micro_batch_size", "eval_tokens"):
+            merged[key] = _coerce(merged.get(key, getattr(RecoverConfig, key)), int, f"search_recover.{key}")
+        if "global_batch_tokens" not in merged:
+            per_micro = max(1, merged["micro_batch_size"] * self.data.seq_len)
+            merged["global_batch_tokens"] = per_micro * max(1, round(RecoverConfig.global_batch_tokens / per_micro))
+        data = self.data
+        if data.max_tokens is None:
+            data = dataclasses.replace(data, max_tokens=max(2 * (self.search_distill_tokens + merged["eval_tokens"]),
+                                                            1 << 20))
+        merged.update(student=self.model, teacher=self.model, data=data, tokens=self.search_distill_tokens,
+                      output=output, overwrite=True, resume=False, eval_every=0, teacher_dtype=teacher_dtype)
+        try:
+            recover = _build(RecoverConfig, merged)
+        except ConfigError as err:
+            key = str(err).partition(":")[0].split(".")[0]
+            if key == "tokens":
+                raise ConfigError(f"search_distill_{err}") from None
+            raise ConfigError(f"search_recover.{err}") from None
+        if not recover.eval_tokens:
+            raise ConfigError("search_recover.eval_tokens: the search ranks candidates by held-out KL; must be > 0")
+        return recover
 
 
 @dataclass(frozen=True)
@@ -354,7 +425,7 @@ class RecoverConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
     tokens: int = 1_000_000
     global_batch_tokens: int = 8192
-    micro_batch_size: int = 8
+    micro_batch_size: int = 4
     lr: float = 3e-4
     min_lr: float = 0.0
     warmup_steps: int = 10
@@ -429,7 +500,11 @@ class TeacherCacheConfig:
         teacher: the teacher model.
         data: the text to run the teacher on (same settings as the later ``recover``).
         tokens: number of tokens to cache.
-        top_k: logits kept per token.
+        kind: ``sampled`` (default): ``samples`` tokens drawn from the teacher per position
+            with their log-probs, an unbiased estimate of the full KL (Anshumann et al.,
+            ACL 2025); ``topk``: the ``top_k`` largest logits (biased: the tail is dropped).
+        top_k: logits kept per token (``kind="topk"``).
+        samples: tokens drawn per position (``kind="sampled"``).
         micro_batch_size: sequences per forward.
         shard_tokens: tokens per safetensors shard.
         values_dtype: dtype of the stored top-k logit values (``bfloat16`` or ``float32``);
@@ -442,7 +517,9 @@ class TeacherCacheConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
     tokens: int = 1_000_000
+    kind: str = "sampled"
     top_k: int = 64
+    samples: int = 12
     micro_batch_size: int = 8
     shard_tokens: int = 262144
     values_dtype: str = "bfloat16"
@@ -452,7 +529,9 @@ class TeacherCacheConfig:
 
     def __post_init__(self):
         _check_positive("tokens", self.tokens)
+        _check_choice("kind", self.kind, ("sampled", "topk"))
         _check_positive("top_k", self.top_k)
+        _check_positive("samples", self.samples)
         _check_choice("values_dtype", self.values_dtype, ("bfloat16", "float32"))
         _check_positive("micro_batch_size", self.micro_batch_size)
         _check_positive("shard_tokens", self.shard_tokens)

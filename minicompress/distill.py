@@ -192,7 +192,10 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         input_ids: ``[B, L]`` int64 on the student's device.
         loss: loss weights and kind.
         teacher: the frozen teacher (None for CE-only or with ``teacher_topk``).
-        teacher_topk: cached ``(values [B, L, k], indices [B, L, k])``.
+        teacher_topk: cached sparse teacher targets ``(values [B, L, k], indices [B, L, k])``
+            (top-k logits), or ``(values, indices, kind)`` from
+            :meth:`~minicompress.teacher_cache.TeacherCache.targets` with ``kind``
+            ``topk_kl`` or ``sampled_kl`` (values: the sampled tokens' teacher log-probs).
         intermediate: the intermediate-state loss module (needs ``teacher``).
         normalizer: scored targets of the whole step (None: this batch's own).
         autocast: ``none`` or ``bfloat16``.
@@ -238,11 +241,15 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
                 input_ids=input_ids.to(t_device), use_cache=False, output_hidden_states=want_states))
         t_hidden = t_out.last_hidden_state.to(device)
         t_weight = distributed.full_tensor(arch.lm_head_weight(teacher)).detach().to(device)
-    kind = "topk_kl" if teacher_topk is not None else loss.kind
+    kind, sparse = loss.kind, None
+    if teacher_topk is not None:
+        kind = teacher_topk[2] if len(teacher_topk) == 3 else "topk_kl"
+        sparse = (teacher_topk[0].to(device), teacher_topk[1].to(device))
     logit_loss, parts = losses.chunked_distill_loss(
         out.last_hidden_state, arch.lm_head_weight(student), t_hidden, t_weight,
         labels=labels,
-        teacher_topk=None if teacher_topk is None else (teacher_topk[0].to(device), teacher_topk[1].to(device)),
+        teacher_topk=sparse if kind == "topk_kl" else None,
+        teacher_samples=sparse if kind == "sampled_kl" else None,
         kl_weight=loss.kl_weight,
         ce_weight=loss.ce_weight, kind=kind, temperature=loss.temperature, beta=loss.beta,
         chunk_size=loss.chunk_size, student_softcap=arch.logit_softcap(student),
@@ -304,16 +311,17 @@ def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *
                     ids = cache.input_ids[rows].to(device)
                     with autocast_context(device, autocast):
                         hidden = final_hidden(student, ids)
-                    values, indices = cache.topk(rows)
+                    values, indices, kind = cache.targets(rows)
                     _, parts = losses.chunked_distill_loss(
                         hidden, arch.lm_head_weight(student), labels=shift_labels(ids),
-                        teacher_topk=(values.to(device), indices.to(device)), kl_weight=1.0, ce_weight=0.0,
-                        kind="topk_kl", chunk_size=chunk_size, student_softcap=arch.logit_softcap(student),
+                        teacher_topk=(values.to(device), indices.to(device)) if kind == "topk_kl" else None,
+                        teacher_samples=(values.to(device), indices.to(device)) if kind == "sampled_kl" else None,
+                        kl_weight=1.0, ce_weight=0.0, kind=kind, chunk_size=chunk_size, student_softcap=arch.logit_softcap(student),
                         return_components=True)
                     n = count_targets(ids)
                     kl_sum += float(parts["kl"]) * n
                     count += n
-            metrics["topk_kl_to_teacher"] = kl_sum / count
+            metrics[f"{cache.kind}_kl_to_teacher"] = kl_sum / count  # topk_ or sampled_kl_to_teacher
     finally:
         student.train(was_training)
     return metrics
@@ -570,7 +578,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
             for idx in micro:
                 input_ids = train_ids[idx].to(device)
-                topk = cache.topk(idx + n_eval) if cache is not None else None
+                topk = cache.targets(idx + n_eval) if cache is not None else None
                 loss, stats = micro_batch_loss(student, input_ids, loss=config.loss, teacher=teacher,
                                                teacher_topk=topk, intermediate=intermediate,
                                                normalizer=normalizer, autocast=autocast)

@@ -37,7 +37,8 @@ def plot_curves(records: list[dict], path: str | Path, title: str | None = None)
 
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_perplexity" in r]
-    kl_key = next((k for k in ("eval_kl_to_teacher", "eval_topk_kl_to_teacher") if any(k in r for r in evals)), None)
+    kl_key = next((k for k in ("eval_kl_to_teacher", "eval_sampled_kl_to_teacher", "eval_topk_kl_to_teacher")
+                   if any(k in r for r in evals)), None)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
     if train:
@@ -57,7 +58,8 @@ def plot_curves(records: list[dict], path: str | Path, title: str | None = None)
     if kl_key:
         pts = [r for r in evals if kl_key in r]
         ax.plot([r["tokens"] for r in pts], [r[kl_key] for r in pts], marker="o")
-    ax.set(title="held-out KL to teacher" + (" (top-k)" if kl_key == "eval_topk_kl_to_teacher" else ""),
+    ax.set(title="held-out KL to teacher" + {"eval_topk_kl_to_teacher": " (top-k)",
+                                             "eval_sampled_kl_to_teacher": " (sampled)"}.get(kl_key, ""),
            xlabel="tokens")
     if title:
         fig.suptitle(title)

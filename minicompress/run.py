@@ -231,7 +231,8 @@ def dry_run(config: RunConfig) -> dict[str, Any]:
             row.update({k: None for k in _SHAPE_KEYS})
             row.update(params=budget, note=f"searched at run time: {info['candidates']} uniform shapes of "
                                            f"{info['min_params']:,}-{info['max_params']:,} parameters")
-            student = _resized(original, {**_largest_candidate(original, budget), "head_dim": head_dim(original)})
+            student = _resized(original, {**_largest_candidate(original, budget, target.width_multiple),
+                                          "head_dim": head_dim(original)})
             known = False
             previous_budget = budget
         elif known:
@@ -270,10 +271,10 @@ def validate_target_for_stage(config: Any, target: TargetConfig, shape_known: bo
     return validate_target(config, dataclasses.replace(target, drop_layers=()))
 
 
-def _largest_candidate(config: Any, budget: int) -> dict[str, Any]:
+def _largest_candidate(config: Any, budget: int, width_multiple: int = 64) -> dict[str, Any]:
     from .prune import candidate_targets
 
-    best = candidate_targets(config, budget)[0]
+    best = candidate_targets(config, budget, width_multiple=width_multiple)[0]
     return {k: best[k] for k in _SHAPE_KEYS}
 
 
@@ -444,6 +445,14 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
     rows = [_report_row("original", base, base["parameters"], kl=0.0 if windows else None,
                         agreement=1.0 if windows else None)]
     for stage in stages:
+        pruned = Path(stage["folder"]).with_name(Path(stage["folder"]).name + ".pruned")
+        if pruned.is_dir():  # kept (keep_pruned): show what recovery brought back
+            model, _ = load_model(dataclasses.replace(config.model, source=str(pruned)))
+            result = evaluate(model, tokenizer, windows, teacher=teacher, source=str(pruned), **kwargs)
+            rows.append(_report_row(f"stage-{stage['index'] + 1}-{stage['name']} pruned", result, base["parameters"],
+                                    kl=result.get("kl_to_teacher"), agreement=result.get("top1_agreement"),
+                                    tokens=0))
+            del model
         model, _ = load_model(dataclasses.replace(config.model, source=stage["folder"]))
         result = evaluate(model, tokenizer, windows, teacher=teacher, source=stage["folder"], **kwargs)
         rows.append(_report_row(f"stage-{stage['index'] + 1}-{stage['name']}", result, base["parameters"],

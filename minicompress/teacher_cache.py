@@ -40,7 +40,9 @@ class TeacherCache:
         index: the parsed ``teacher_cache.json``.
         input_ids: ``[R, L]`` int64 token ids of every cached row, in order.
         seq_len: ``L``.
-        top_k: ``k``.
+        kind: ``topk`` (the teacher's top-k logits) or ``sampled`` (tokens drawn from the
+            teacher's distribution and their log-probs).
+        top_k: ``k``, the entries per position of either kind.
         vocab_size: the teacher's vocabulary size.
     """
 
@@ -57,6 +59,9 @@ class TeacherCache:
             raise MinicompressError(f"--teacher-cache: {index_path} is not a {CACHE_FORMAT} index")
         self.seq_len = int(self.index["seq_len"])
         self.top_k = int(self.index["top_k"])
+        self.kind = self.index.get("kind", "topk")
+        self._names = ("topk_values", "topk_indices") if self.kind == "topk" else \
+            ("sample_logprobs", "sample_indices")
         self.vocab_size = int(self.index["vocab_size"])
         self._handles, self._starts = [], []
         ids = []
@@ -74,28 +79,37 @@ class TeacherCache:
         return self.input_ids.shape[0]
 
     def topk(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached top-k logits of some rows.
+        """Cached entries of some rows: ``(values [B, L, k]`` in the stored dtype, ``indices
+        [B, L, k]`` int64): top-k logits (``kind="topk"``) or sampled tokens' log-probs.
 
         Args:
             rows: ``[B]`` row indices into the cache.
-
-        Returns:
-            ``(values [B, L, k]`` in the stored dtype, ``indices [B, L, k]`` int64).
         """
         values, indices = [], []
         for row in rows.tolist():
             shard = max(i for i, start in enumerate(self._starts) if start <= row)
             local = row - self._starts[shard]
             handle = self._handles[shard]
-            values.append(handle.get_slice("topk_values")[local:local + 1])
-            indices.append(handle.get_slice("topk_indices")[local:local + 1])
+            values.append(handle.get_slice(self._names[0])[local:local + 1])
+            indices.append(handle.get_slice(self._names[1])[local:local + 1])
         return torch.cat(values), torch.cat(indices).long()
+
+    def targets(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """``(values, indices, loss kind)`` of some rows for
+        :func:`minicompress.losses.chunked_distill_loss`: ``topk_kl`` or ``sampled_kl``."""
+        values, indices = self.topk(rows)
+        return values, indices, "topk_kl" if self.kind == "topk" else "sampled_kl"
 
 
 @torch.no_grad()
 def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module | None = None,
                         tokenizer: Any = None) -> dict:
-    """Run the teacher over the data and store its top-k logits per token, atomically.
+    """Run the teacher over the data and store sparse targets per token, atomically.
+
+    ``kind="topk"`` stores the teacher's top-k logits (biased: the tail's mass is dropped
+    and the rest renormalised); ``kind="sampled"`` stores ``samples`` tokens drawn from
+    the teacher's distribution with replacement and their log-probs, the unbiased
+    "Sparse Logit Sampling" target of Anshumann et al. (ACL 2025).
 
     The rows are the first ``tokens // seq_len`` sequences of
     ``data.load_sequences(config.data)`` -- the same order :func:`recover` reads with the
@@ -104,7 +118,9 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
     ``eval_tokens + tokens`` tokens covers a whole single-epoch recovery. Each shard
     ``shard-XXXXX.safetensors`` holds ``input_ids [r, L]`` int32, ``topk_values [r, L, k]``
     (``values_dtype``; the teacher's final logits, soft-capping applied) and
-    ``topk_indices [r, L, k]`` int32; ``teacher_cache.json`` indexes them.
+    ``topk_indices [r, L, k]`` int32 (``sampled``: ``sample_logprobs`` and
+    ``sample_indices``, draws seeded by ``data.seed`` and the shard); ``teacher_cache.json``
+    indexes them.
 
     Args:
         config: the cache settings (``output`` required).
@@ -126,8 +142,9 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
     teacher.eval()
     device = model_device(teacher)
     vocab = arch.lm_head_weight(teacher).shape[0]
-    if config.top_k > vocab:
+    if config.kind == "topk" and config.top_k > vocab:
         raise MinicompressError(f"top_k: {config.top_k} exceeds the teacher's vocabulary ({vocab})")
+    k = config.top_k if config.kind == "topk" else config.samples
     sequences = load_sequences(config.data, tokenizer)
     seq_len = sequences.shape[1]
     rows = min(sequences.shape[0], max(config.tokens // seq_len, 1))
@@ -145,6 +162,7 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
         for shard_start in range(0, rows, rows_per_shard):
             shard_ids = sequences[shard_start:shard_start + rows_per_shard]
             values, indices = [], []
+            gen = torch.Generator(device=device).manual_seed(config.data.seed * 1_000_003 + len(shards))
             for batch in shard_ids.split(config.micro_batch_size):
                 ids = batch.to(device)
                 with autocast_context(device, config.autocast):
@@ -154,16 +172,23 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
                 for chunk in flat.split(1024):  # never [b * L, V] at once
                     with autocast_context(device, config.autocast):
                         logits = arch.compute_logits(teacher, chunk)
-                    v, i = logits.float().topk(config.top_k, dim=-1)
+                    if config.kind == "topk":
+                        v, i = logits.float().topk(k, dim=-1)
+                    else:
+                        logp = torch.log_softmax(logits.float(), dim=-1)
+                        i = torch.multinomial(logp.exp(), k, replacement=True, generator=gen)
+                        v = logp.gather(-1, i)
                     v_parts.append(v.to(values_dtype).cpu())
                     i_parts.append(i.to(torch.int32).cpu())
-                values.append(torch.cat(v_parts).view(*batch.shape, config.top_k))
-                indices.append(torch.cat(i_parts).view(*batch.shape, config.top_k))
+                values.append(torch.cat(v_parts).view(*batch.shape, k))
+                indices.append(torch.cat(i_parts).view(*batch.shape, k))
                 bar.advance(batch.numel())
             name = f"shard-{len(shards):05d}.safetensors"
+            v_name, i_name = ("topk_values", "topk_indices") if config.kind == "topk" else \
+                ("sample_logprobs", "sample_indices")
             save_file({"input_ids": shard_ids.to(torch.int32).contiguous(),
-                       "topk_values": torch.cat(values).contiguous(),
-                       "topk_indices": torch.cat(indices).contiguous()}, str(tmp / name))
+                       v_name: torch.cat(values).contiguous(),
+                       i_name: torch.cat(indices).contiguous()}, str(tmp / name))
             shards.append({"file": name, "start": shard_start, "rows": int(shard_ids.shape[0])})
         seconds = time.perf_counter() - start_time
         index = {
@@ -173,7 +198,8 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
             "seq_len": seq_len,
             "rows": rows,
             "tokens": rows * seq_len,
-            "top_k": config.top_k,
+            "kind": config.kind,
+            "top_k": k,
             "vocab_size": vocab,
             "values_dtype": config.values_dtype,
             "softcap_applied": arch.logit_softcap(teacher),
@@ -183,5 +209,5 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
         write_json_atomic(tmp / CACHE_INDEX_FILE, index)
         summary = {k: v for k, v in index.items() if k != "shards"}
         write_provenance(tmp, provenance("teacher-cache", config, cache=summary))
-    return {"output": str(out), "rows": rows, "tokens": rows * seq_len, "top_k": config.top_k,
+    return {"output": str(out), "rows": rows, "tokens": rows * seq_len, "kind": config.kind, "top_k": k,
             "shards": len(shards), "seconds": seconds, "tokens_per_s": rows * seq_len / seconds}

@@ -43,10 +43,14 @@ def _env() -> dict:
 
 
 def _torchrun(*args: str, cwd: Path) -> None:
-    """``torchrun --nproc-per-node 2 -m minicompress ARGS`` on 127.0.0.1, one thread per rank."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "minicompress", *args, "--threads", "1", "--quiet"]
-    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=120)
+    """``torchrun --nproc-per-node 2 -m minicompress ARGS`` on 127.0.0.1, one thread per rank
+    (a second try with another port if a parallel test session took the free port first)."""
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "minicompress", *args, "--threads", "1", "--quiet"]
+        done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=120)
+        if done.returncode == 0 or "address already in use" not in done.stderr.lower() or attempt:
+            break
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
