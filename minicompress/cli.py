@@ -734,11 +734,11 @@ def _render_search(table: list[dict]) -> None:
     for r in rows:
         row = {"h/q/kv/ffn/L": f"{r['hidden_size']}/{r['num_attention_heads']}/{r['num_key_value_heads']}/"
                                f"{r['intermediate_size']}/{r['num_hidden_layers']}",
-               "layers by": r["layer_metric"] if r.get("dropped_layers") else "",
-               "params": r["params"], "screen loss": r["screen_loss"], "loss": r.get("loss", "")}
-        if distilled:
-            row.update({"KL before": r.get("kl_before", ""), "KL distilled": r.get("distill_kl", ""),
-                        "ppl distilled": r.get("distill_perplexity", ""),
+               "depth by": r["layer_metric"] if r.get("dropped_layers") else "",
+               "params": r["params"], "screen": r["screen_loss"], "loss": r.get("loss", "")}
+        if distilled:  # held-out KL to the original before / after the short distillation
+            row.update({"KL 0-shot": r.get("kl_before", ""), "KL KD": r.get("distill_kl", ""),
+                        "ppl KD": r.get("distill_perplexity", ""),
                         "prefill tok/s": r.get("prefill_tokens_per_s", ""),
                         "decode tok/s": r.get("decode_tokens_per_s", "")})
         row["chosen"] = "*" if r.get("chosen") else ""

@@ -177,7 +177,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
             row["chosen"] = row is best
     else:
         chosen = {**explicit, "drop_layers": list(target.drop_layers), "layer_metric": target.layer_metric}
-    plan = make_plan(scores, model.config, chosen)
+    plan = make_plan(scores, model.config, {**chosen, "norm_correction": target.norm_correction})
     apply_plan_(model, plan)
     pruned_params = count_parameters(model.config)
     report = {
@@ -298,7 +298,7 @@ def _prune_streaming(config: PruneConfig, chosen: dict[str, Any]) -> dict[str, A
     check_output(config.output, config.overwrite)
     hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=config.model.trust_remote_code)
     scores = ImportanceScores.load(config.scores)
-    plan = make_plan(scores, hf_config, chosen)
+    plan = make_plan(scores, hf_config, {**chosen, "norm_correction": config.target.norm_correction})
     original_params = count_parameters(hf_config)["total"]
     pruned_params = count_parameters(plan.new_config(hf_config))["total"]
     report = {

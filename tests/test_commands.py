@@ -81,13 +81,106 @@ def test_prune_target_params_searches_near_the_budget(tmp_path, tiny_model_dir, 
     out = tmp_path / "pruned"
     rc = main(["prune", "--model", str(model_dir), "--data", str(text_corpus), "--seq-len", "16",
                "--num-samples", "8", "--loss-samples", "0", "--target-params", "0.7", "--search-batches", "2",
-               "--output", str(out)])
+               "--search-distill-candidates", "0", "--output", str(out)])
     assert rc == 0
     record = json.loads((out / "minicompress.json").read_text())
     assert record["search"] and all("screen_loss" in r for r in record["search"])
     assert abs(record["parameters"]["ratio"] - 0.7) <= 0.03 * 0.7
     config = AutoModelForCausalLM.from_pretrained(out).config
     assert count_parameters(config)["total"] == record["parameters"]["pruned"]
+    # no distillation: the zero-shot best is chosen, and the table is saved beside the model
+    assert json.loads((out / "search.json").read_text()) == record["search"]
+    (chosen,) = [r for r in record["search"] if r["chosen"]]
+    assert chosen["loss"] == min(r["loss"] for r in record["search"] if "loss" in r)
+    assert not any("distill_kl" in r for r in record["search"])
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == \
+        (chosen["hidden_size"], chosen["intermediate_size"], chosen["num_hidden_layers"])
+
+
+SEARCH_RECOVER = ["search_recover.global_batch_tokens=64", "search_recover.micro_batch_size=2",
+                  "search_recover.eval_tokens=64", "search_recover.lr=1e-3"]
+SHAPE = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+
+
+def test_prune_search_distils_the_best_candidates_and_keeps_the_lowest_kl(tmp_path, tiny_model_dir, text_corpus,
+                                                                           capsys):
+    model_dir = tiny_model_dir("llama", num_hidden_layers=4)
+    out = tmp_path / "pruned"
+    rc = main(["prune", "--model", str(model_dir), "--data", str(text_corpus), "--seq-len", "16",
+               "--num-samples", "8", "--batch-size", "4", "--loss-samples", "4", "--target-params", "0.7",
+               "--search-batches", "2", "--width-multiple", "8", "--search-distill-candidates", "2",
+               "--search-distill-tokens", "128", "--output", str(out), *SEARCH_RECOVER])
+    assert rc == 0
+    assert "architecture search (by held-out KL after a short distillation)" in capsys.readouterr().out
+    record = json.loads((out / "minicompress.json").read_text())
+    table = record["search"]
+    assert json.loads((out / "search.json").read_text()) == table
+    assert all(r["hidden_size"] % 8 == 0 and r["intermediate_size"] % 8 == 0 for r in table)
+    distilled = [r for r in table if "distill_kl" in r]
+    assert len(distilled) == 2
+    finalists = sorted((r for r in table if "loss" in r), key=lambda r: r["loss"])
+    assert sorted(r["loss"] for r in distilled) == [r["loss"] for r in finalists[:2]]  # the zero-shot best 2
+    for r in distilled:
+        assert r["distill_kl"] < r["kl_before"] and r["distill_perplexity"] > 1
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+    (chosen,) = [r for r in table if r["chosen"]]
+    assert chosen["distill_kl"] == min(r["distill_kl"] for r in distilled)
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    assert tuple(getattr(config, k) for k in SHAPE) == tuple(chosen[k] for k in SHAPE)
+    assert record["target"]["layer_metric"] == chosen["layer_metric"]
+    assert [i for i in range(4) if i not in record["plan"]["layers"]] == chosen["dropped_layers"]
+    assert not list(tmp_path.glob(".search-*"))  # the distilled candidates are not kept
+
+
+def test_search_keeps_the_candidate_with_the_lowest_distilled_kl(tmp_path, tiny_model_dir, text_corpus,
+                                                                  monkeypatch):
+    """The choice, with the distillation replaced by chosen KLs; 0 candidates: the zero-shot choice."""
+    from minicompress import distill
+    from minicompress.models import load_model
+
+    model_dir = tiny_model_dir("llama", num_hidden_layers=4)
+    scores_dir = _score(tmp_path, model_dir, text_corpus)
+    calls = []
+    kls = iter([0.5, 0.2, 0.9])
+
+    def fake_recover(config, *, student, teacher, tokenizer):
+        calls.append({"shape": tuple(getattr(student.config, k) for k in SHAPE), "teacher": teacher,
+                      "teacher_layers": len(teacher.model.layers), "seed": config.seed, "tokens": config.tokens,
+                      "data": config.data, "eval_tokens": config.eval_tokens, "teacher_dtype": config.teacher_dtype,
+                      "trainable": all(p.requires_grad for p in student.parameters())})
+        teacher.requires_grad_(False)  # as the real one does: the prune must undo it
+        return {"before": {"kl_to_teacher": 1.0}, "after": {"kl_to_teacher": next(kls), "perplexity": 9.0}}
+
+    monkeypatch.setattr(distill, "recover", fake_recover)
+
+    def run(k, output):
+        cfg = build_config(PruneConfig, overrides=[
+            f"model.source={model_dir}", f"data.source={text_corpus}", "data.seq_len=16", f"scores={scores_dir}",
+            "target.target_params=0.7", "search_batches=2", f"search_distill_candidates={k}",
+            "search_distill_tokens=128", f"output={output}", *SEARCH_RECOVER])
+        model, tok = load_model(cfg.model)
+        return model, prune(cfg, model=model, tokenizer=tok)
+
+    model, report = run(3, tmp_path / "k3")
+    table = report["search"]
+    ranked = sorted((r for r in table if "loss" in r), key=lambda r: r["loss"])
+    assert [c["shape"] for c in calls] == [tuple(r[k] for k in SHAPE) for r in ranked[:3]]
+    assert all(c["teacher"] is model and c["teacher_layers"] == 4 and c["trainable"] for c in calls)
+    assert len({(c["seed"], c["tokens"], c["data"], c["eval_tokens"]) for c in calls}) == 1  # a fair comparison
+    assert calls[0]["tokens"] == 128 and calls[0]["teacher_dtype"] == "float32"
+    assert [r["distill_kl"] for r in ranked[:3]] == [0.5, 0.2, 0.9]
+    assert [r["chosen"] for r in ranked[:3]] == [False, True, False] and sum(r["chosen"] for r in table) == 1
+    assert report["target"] == {**{k: ranked[1][k] for k in SHAPE}, "layer_metric": ranked[1]["layer_metric"]}
+    assert tuple(getattr(model.config, k) for k in SHAPE) == tuple(ranked[1][k] for k in SHAPE)
+    assert all(p.requires_grad for p in model.parameters())  # the teacher's flags were restored
+
+    calls.clear()
+    model0, report0 = run(0, tmp_path / "k0")
+    assert not calls
+    assert [(r["screen_loss"], r.get("loss")) for r in report0["search"]] == \
+        [(r["screen_loss"], r.get("loss")) for r in table]  # the same zero-shot ranking
+    assert report0["target"] == {**{k: ranked[0][k] for k in SHAPE}, "layer_metric": ranked[0]["layer_metric"]}
+    assert tuple(getattr(model0.config, k) for k in SHAPE) == tuple(ranked[0][k] for k in SHAPE)
 
 
 def test_prune_refuses_to_overwrite_and_bad_targets(tmp_path, tiny_llama, text_corpus, capsys):
@@ -153,3 +246,39 @@ def test_prune_then_recover_and_teacher_cache_from_the_cli(tmp_path, tiny_llama,
     assert main(["teacher-cache", "--teacher", str(tiny_llama), *common, "--tokens", "128", "--top-k", "8",
                  "--output", str(cache)]) == 0
     assert list(cache.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["search_recover.output=x"], "search_recover.output: set by the prune"),
+    (["search_recover.teacher_dtype=bfloat16"], "search_recover.teacher_dtype: set by the prune"),
+    (["search_recover.steps=3"], "search_recover.steps: unknown key"),
+    (["search_recover.eval_tokens=0"], "search_recover.eval_tokens: the search ranks candidates by held-out KL"),
+    (["search_recover.lr=-1"], "search_recover.lr: must be a number > 0"),
+    (["search_distill_tokens=1000"], "search_distill_tokens: the budget (1000) is less than one optimizer step"),
+    (["search_distill_candidates=-1"], "search_distill_candidates: must be a number >= 0"),
+    (["target.width_multiple=0"], "target.width_multiple: must be a number > 0"),
+])
+def test_search_distillation_settings_are_checked_up_front(overrides, match):
+    from minicompress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")) as err:
+        build_config(PruneConfig, overrides=["target.target_params=0.5", *overrides])
+    assert "\n" not in str(err.value)
+    # defaults adapt to the sequence length; explicit targets never read search_recover
+    cfg = build_config(PruneConfig, overrides=["target.target_params=0.5", "data.seq_len=100"])
+    assert cfg.search_recover_config("o").global_batch_tokens == 8000
+    build_config(PruneConfig, overrides=["target.hidden_size=16", "search_recover.eval_tokens=0"])
+
+
+def test_no_norm_correction_flag_reaches_the_plan(tmp_path, tiny_llama, text_corpus):
+    """--no-norm-correction keeps every norm weight as it was (scale 1); the default rescales."""
+    scores_dir = _score(tmp_path, tiny_llama, text_corpus)
+    plans = {}
+    for flag in ([], ["--no-norm-correction"]):
+        out = tmp_path / f"pruned{len(flag)}"
+        assert main(["prune", "--model", str(tiny_llama), "--data", str(text_corpus), "--seq-len", "16",
+                     "--scores", str(scores_dir), "--hidden-size", "24", "--output", str(out), *flag]) == 0
+        plans[bool(flag)] = json.loads((out / "minicompress.json").read_text())["plan"]
+    assert plans[True]["final_norm_scale"] == 1.0
+    assert all(s == 1.0 for layer in plans[True]["norm_scales"] for s in layer)
+    assert plans[False]["final_norm_scale"] != 1.0

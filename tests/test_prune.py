@@ -12,7 +12,8 @@ from conftest import TINY_MODEL_TYPES, make_tiny_model
 from minicompress.arch import count_parameters, decoder_layers, get_adapter
 from minicompress.errors import MinicompressError
 from minicompress.prune import (PrunePlan, apply_plan_, candidate_targets, make_plan, plan_parameters, pruned_copy,
-                                search_architecture, slice_parameter)
+                                row_target, search_architecture, search_candidates, slice_parameter,
+                                validate_target, zero_shot_ranking)
 from minicompress.scoring import score_model
 
 SHRINK = {"hidden_size": 24, "intermediate_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -246,3 +247,32 @@ def test_hidden_size_must_divide_by_heads_where_transformers_checks_it(tmp_path)
                           intermediate_size=192, head_dim=16)
     cands = candidate_targets(big.config, 0.6, tolerance=0.05)
     assert cands and all(c["hidden_size"] % c["num_attention_heads"] == 0 for c in cands)
+
+
+def test_search_candidates_have_aligned_widths_and_both_layer_metrics():
+    model, scores = _scored("llama", num_hidden_layers=4, hidden_size=128, intermediate_size=256, head_dim=32)
+    for i, v in enumerate([0.9, 0.8, 0.7, 0.1]):  # Block Importance drops layer 3 first, then 2
+        scores.block_distance[i, i + 1] = scores.block_distance[i + 1, i] = v
+    scores.layer_loss = torch.tensor([3.0, 0.1, 2.0, 1.0])  # the loss metric drops layer 1 first, then 3
+    cands = search_candidates(scores, model.config, 0.6, tolerance=0.05, width_multiple=32)
+    assert cands and all(c["hidden_size"] % 32 == 0 and c["intermediate_size"] % 32 == 0 for c in cands)
+    assert all(c["hidden_size"] % c["num_attention_heads"] == 0 for c in cands)  # transformers' llama rule
+    assert any(c["num_hidden_layers"] == 4 and c["hidden_size"] < 128 for c in cands)  # width-only shapes
+    shallow = [c for c in cands if c["num_hidden_layers"] < 4]
+    assert {c["layer_metric"] for c in shallow} == {"bi", "loss"}
+    assert {(c["num_hidden_layers"], c["layer_metric"], tuple(c["dropped_layers"])) for c in shallow} <= \
+        {(3, "bi", (3,)), (3, "loss", (1,)), (2, "bi", (2, 3)), (2, "loss", (1, 3))}
+    for cand in cands[::4]:  # every shape is a valid model of the closed-form size
+        small = pruned_copy(model, make_plan(scores, model.config, cand))
+        assert sum(p.numel() for p in small.parameters()) == cand["params"]
+    plain = candidate_targets(model.config, 0.6, tolerance=0.05, width_multiple=1)
+    assert any(c["intermediate_size"] % 32 or c["hidden_size"] % 32 for c in plain)  # 1: the finer plain grid
+    assert candidate_targets(model.config, 0.6, tolerance=0.05, width_multiple=128) == plain  # widths < 4 x 128
+    assert validate_target(model.config, {"target_params": 0.6, "width_multiple": 32})["candidates"] < len(plain)
+    best, table = search_architecture(model, scores, 0.6, [_ids(5, (2, 16))], tolerance=0.05, width_multiple=32,
+                                      finalists=3, layer_metric="loss")
+    assert len(table) == len(cands) and best == row_target(zero_shot_ranking(table)[0])
+    assert best["layer_metric"] in ("bi", "loss") and len(zero_shot_ranking(table)) == 3
+    scores.layer_loss = None  # scored without loss_samples: Block Importance only
+    assert {c["layer_metric"] for c in search_candidates(scores, model.config, 0.6, tolerance=0.05,
+                                                         width_multiple=32)} == {"bi"}
