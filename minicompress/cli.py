@@ -905,6 +905,8 @@ def run_stages_command(args: argparse.Namespace) -> int:
         raise ConfigError("--output: a run needs a folder (--output DIR, or output: in the YAML)")
     result = run(cfg)
     report = result["report"]
+    if report is None:  # torchrun: rank 0 reports
+        return 0
     shown = []
     for row in report["rows"]:
         shown.append({"model": row["model"], "params": _count(row["parameters"]), "ratio": row["ratio"],

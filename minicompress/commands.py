@@ -191,7 +191,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
         "scores_digest": scores.digest(),
         "search": search_table,
     }
-    if config.output is not None:
+    if config.output is not None and distributed.is_main():  # torchrun: every rank pruned alike; rank 0 writes
         with atomic_folder(config.output, config.overwrite) as tmp:
             model.save_pretrained(tmp)
             if tokenizer is not None:
@@ -204,6 +204,8 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                 **(record_extra or {}))
             write_provenance(tmp, record)
             write_model_card(tmp, record)
+    if config.output is not None:
+        distributed.barrier()
         report["output"] = str(config.output)
     return report
 

@@ -315,7 +315,7 @@ def _prepare_folder(out: Path, config: RunConfig, plan: dict[str, Any]) -> None:
 
 def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path, digest: str,
                original_total: int, original_shape: dict[str, Any]) -> None:
-    from . import commands
+    from . import commands, distributed
     from .checkpoint import working_folder
     from .distill import recover
 
@@ -345,7 +345,8 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
         log.info("stage %d (%s): recovering on %s tokens from %s", index + 1, stage.name, f"{stage.tokens:,}",
                  teacher.source)
         recover(recover_config)
-        if not config.keep_pruned:
+        distributed.barrier()
+        if not config.keep_pruned and distributed.is_main():
             shutil.rmtree(pruned, ignore_errors=True)
 
 
@@ -368,12 +369,17 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
         MinicompressError: any problem with the config (before anything is loaded), a
             run folder of other settings, or a failure of a stage (named).
     """
+    from . import distributed
+
     config = load_run_config(config, overrides)
     if config.output is None:
         raise ConfigError("output: a run needs a folder (--output or output: in the YAML)")
     plan = dry_run(config)
     out = Path(config.output).expanduser()
-    _prepare_folder(out, config, plan)
+    distributed.init_from_env()  # torchrun: every rank prunes and recovers; rank 0 writes and reports
+    if distributed.is_main():
+        _prepare_folder(out, config, plan)
+    distributed.barrier()
     original_total = plan["original"]["parameters"]["total"]
     timings_path = out / TIMINGS
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -395,7 +401,8 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
             except MinicompressError as err:
                 raise MinicompressError(f"stages[{i}] ({stage.name}): {err}") from None
             timings[final.name] = timings.get(final.name, 0.0) + time.perf_counter() - start
-            write_json_atomic(timings_path, timings)
+            if distributed.is_main():
+                write_json_atomic(timings_path, timings)
             status = "done"
         result = {"index": i, "name": stage.name, "folder": str(final), "status": status,
                   "seconds": timings.get(final.name), "tokens": stage.tokens}
@@ -403,8 +410,11 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
         if on_stage_end is not None:
             on_stage_end(result)
         previous = dataclasses.replace(config.model, source=str(final))
-    report = evaluate_run(config, results)
-    write_report(out, report)
+    report = None
+    if distributed.is_main():
+        report = evaluate_run(config, results)
+        write_report(out, report)
+    distributed.barrier()
     return {"output": str(out), "plan": plan, "stages": results, "report": report}
 
 

@@ -168,3 +168,28 @@ def test_two_rank_scores_equal_one_process_scores(setup):
     for name, expected in one.tensors().items():
         torch.testing.assert_close(two.tensors()[name], expected, rtol=1e-5, atol=1e-7, msg=name)
     assert two.base_loss == pytest.approx(one.base_loss, rel=1e-6)
+
+
+def test_run_under_torchrun_equals_one_process(setup, tmp_path):
+    """``torchrun -m minicompress run``: every rank scores its share and prunes alike, rank 0
+    writes; recovery is sharded; the final stage equals a single-process run."""
+    from minicompress.run import run
+
+    folders, corpus = setup["folders"], setup["corpus"]
+    recover = dict(global_batch_tokens=4 * SEQ, micro_batch_size=1, lr=1e-2, warmup_steps=1, eval_tokens=5 * SEQ,
+                   eval_batch_size=2, autocast="none", save_every=2)
+    config = {"model": {"source": str(folders["teacher"])}, "data": {"source": str(corpus), "seq_len": SEQ},
+              "score": {"num_samples": 8, "batch_size": 2, "loss_samples": 0, "autocast": "none"},
+              "recover": recover, "report": {"speed": False, "autocast": "none"},
+              "stages": [{"name": "small", "target": {"intermediate_size": 32, "num_hidden_layers": 2},
+                          "tokens": 4 * 4 * SEQ}]}
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(json.dumps(config))
+    _torchrun("run", str(yaml), "--output", str(tmp_path / "two"), cwd=tmp_path)
+    one = run(str(yaml), {"output": str(tmp_path / "one")})
+    two_final = load_file(str(tmp_path / "two" / "stage-1-small" / "model.safetensors"))
+    one_final = load_file(str(Path(one["stages"][-1]["folder"]) / "model.safetensors"))
+    assert two_final.keys() == one_final.keys()
+    for key in one_final:
+        torch.testing.assert_close(two_final[key], one_final[key], **WEIGHT_TOL)
+    assert (tmp_path / "two" / "report.json").is_file()
