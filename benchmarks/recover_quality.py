@@ -262,9 +262,7 @@ def main() -> None:
                          "output": str(output), "resume": True}
             cfg = build_config(RecoverConfig, overrides=overrides)
             eval_every = args.eval_every or max(tokens // cfg.global_batch_tokens // 8, 1)
-            cfg = dataclasses.replace(
-                cfg, eval_every=eval_every, save_every=eval_every,
-                warmup_steps=min(cfg.warmup_steps, max(tokens // cfg.global_batch_tokens // 10, 1)))
+            cfg = dataclasses.replace(cfg, eval_every=eval_every, save_every=eval_every)
             if spec.get("cache"):
                 cache = ensure_cache(spec["cache"], args, tokenizer, teacher, cfg.data.seq_len,
                                      tokens + args.held_out_tokens + cfg.data.seq_len, console)

@@ -845,6 +845,8 @@ def _run_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="check the whole config and show each stage's shape, parameters, token budget and "
                         "memory; loads no weights")
+    p.add_argument("--ranks", type=int, default=1, metavar="N",
+                   help="with --dry-run: memory per rank of a torchrun + FSDP2 run on N processes (default 1)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 helps when other jobs share the cores)")
     add_logging_flags(p)
@@ -878,7 +880,9 @@ def run_stages_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"CONFIG.yaml: file not found: {args.config}")
     cfg = build_from_args(RunConfig, args)
     if args.dry_run:
-        plan = dry_run(cfg)
+        if args.ranks < 1:
+            raise ConfigError(f"--ranks: must be >= 1, got {args.ranks}")
+        plan = dry_run(cfg, ranks=args.ranks)
         original = plan["original"]
         total = original["parameters"]["total"]
         rows = [{"stage": 0, "name": "original", "h/q/kv/ffn/L": _shape_cell(original), "params": _count(total),
@@ -891,12 +895,18 @@ def run_stages_command(args: argparse.Namespace) -> int:
                          "tokens": _count(r["tokens"]) if r["tokens"] else "0 (prune only)",
                          "teacher": r["teacher"] if r["tokens"] else "-",
                          "memory": _gib(r["memory_bytes"])})
+        per = f", memory per rank of {args.ranks}" if args.ranks > 1 else ""
         render_table(f"dry run of {args.config}: {cfg.model.source} in {len(plan['stages'])} stage(s), "
-                     "no weights loaded", rows)
+                     f"no weights loaded{per}", rows)
         notes = [f"stage {r['stage']} ({r['name']}): {r['note']}" for r in plan["stages"] if r["note"]]
         console = _console()
         for note in notes:
             console.print(note, markup=False)
+        if args.ranks > 1:
+            console.print(f"memory: per rank of {args.ranks} (torchrun + FSDP2) for the recovery: sharded student "
+                          "weights + grads + AdamW and teacher weights, gathered layers, root groups, activations "
+                          "(README: Large models); prune whole checkpoints with prune --streaming", markup=False)
+            return 0
         console.print("memory: one process; recovery = weights + grads + AdamW moments of the student (16 bytes "
                       "per parameter in float32) + teacher weights + activations, pruning = input + pruned "
                       "weights (README: Progressive runs)", markup=False)

@@ -387,7 +387,8 @@ class RecoverConfig:
         micro_batch_size: sequences per forward.
         lr: peak learning rate.
         min_lr: final learning rate of the cosine decay.
-        warmup_steps: linear warmup steps.
+        warmup_steps: linear warmup steps (None, the default: a tenth of the steps, between 1
+            and 10).
         weight_decay: AdamW weight decay.
         grad_clip: max gradient norm (0: off).
         loss: the distillation loss.
@@ -428,7 +429,7 @@ class RecoverConfig:
     micro_batch_size: int = 4
     lr: float = 3e-4
     min_lr: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int | None = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
@@ -458,7 +459,7 @@ class RecoverConfig:
         _check_positive("micro_batch_size", self.micro_batch_size)
         _check_positive("lr", self.lr)
         _check_positive("min_lr", self.min_lr, allow_zero=True)
-        _check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("warmup_steps", self.warmup_steps, allow_zero=True, allow_none=True)
         _check_positive("weight_decay", self.weight_decay, allow_zero=True)
         _check_positive("grad_clip", self.grad_clip, allow_zero=True)
         _check_choice("autocast", self.autocast, AUTOCAST)

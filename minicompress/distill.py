@@ -103,6 +103,12 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
+def default_warmup_steps(total_steps: int) -> int:
+    """Warmup when ``warmup_steps`` is not set: a tenth of the run, between 1 and 10 steps
+    (10 steps of a 16-step, 131k-token recovery would spend most of it warming up)."""
+    return min(10, max(1, total_steps // 10))
+
+
 def batch_indices(num_sequences: int, step: int, micro_step: int, *, micro_batch_size: int,
                   accum_steps: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Training-sequence indices of one micro batch, a pure function of its position.
@@ -512,6 +518,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             f"data.seq_len * world_size ({config.micro_batch_size} * {seq_len} * {world} = {tokens_per_micro})")
     accum_steps = config.global_batch_tokens // tokens_per_micro  # micro batches per step and rank
     total_steps = config.tokens // config.global_batch_tokens
+    warmup_steps = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total_steps)
     epochs = total_steps * accum_steps * config.micro_batch_size * world / n_train
     if epochs > 1:
         log.warning("recover: %d training sequences are read %.1f times (tokens=%d)", n_train, epochs, config.tokens)
@@ -562,7 +569,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         bar.advance(start_step * config.global_batch_tokens)
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+            lr = lr_at(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=warmup_steps,
                        total_steps=total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -623,7 +630,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                     "step": done, "tokens": done * config.global_batch_tokens, "seconds": elapsed,
                     "data_position": done * accum_steps * config.micro_batch_size * world,
                     "scheduler": {"kind": "warmup_cosine", "lr": config.lr, "min_lr": config.min_lr,
-                                  "warmup_steps": config.warmup_steps, "total_steps": total_steps},
+                                  "warmup_steps": warmup_steps, "total_steps": total_steps},
                     "config": to_dict(config), "before": before,
                     "metrics_bytes": metrics_path.stat().st_size if main else None,
                 }

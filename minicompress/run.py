@@ -85,8 +85,8 @@ def stage_folder(output: str | Path, index: int, name: str) -> Path:
 
 
 def estimate_memory(student: Any, teacher: Any | None, recover: RecoverConfig | None, *, dtype: str = "float32",
-                    device: str = "cpu", prune_input: Any | None = None) -> dict[str, int]:
-    """Rough peak memory of one stage in one process, from configs only.
+                    device: str = "cpu", prune_input: Any | None = None, ranks: int = 1) -> dict[str, int]:
+    """Rough peak memory of one stage in one process (or per rank of ``ranks``), from configs only.
 
     With ``P_s``/``P_t`` the closed-form sizes of student and teacher, ``w`` the bytes of
     a weight in ``dtype`` and ``w_t`` in ``recover.teacher_dtype`` (``auto``: 2 bytes
@@ -110,6 +110,16 @@ def estimate_memory(student: Any, teacher: Any | None, recover: RecoverConfig | 
     The result is ``max(prune, weights + grads + adamw + teacher + activations)``; the
     allocator, CUDA context and data add to it.
 
+    With ``ranks = N > 1`` (torchrun + FSDP2, ``docs``: README "Large models") it is the
+    memory of one rank: the student's weights, gradients and AdamW state and the
+    teacher's weights are sharded (``/ N``); each rank also holds the layers being
+    gathered (``gathered = 2 w_l (2 L_t + 2 L_s) + 2 L_s``: this layer and the prefetched
+    next one of each model in bf16/``w_l`` bytes, plus the student's unsharded layer
+    gradient; ``L`` = parameters per layer), the root groups kept gathered (``root = w_l
+    (E_t + 2 E_s)``, ``E = V h``, twice when untied) and its own activations; with
+    ``activation_checkpointing`` only each layer's input ``a B T h n`` is saved plus one
+    layer's activations. Pruning is not sharded (``prune`` stays whole).
+
     Args:
         student: config of the stage's output.
         teacher: config of its teacher (None: prune only).
@@ -132,16 +142,39 @@ def estimate_memory(student: Any, teacher: Any | None, recover: RecoverConfig | 
         q, k, d = student.num_attention_heads, num_kv_heads(student), head_dim(student)
         vocab = student.vocab_size
         chunk = recover.loss.chunk_size or auto_chunk_size(vocab)
-        bf16 = recover.autocast == "bfloat16" or (recover.autocast == "auto" and device in ("cuda", "auto"))
+        if recover.autocast == "auto" and device == "cpu":
+            from .hardware import cpu_has_native_bf16
+
+            bf16 = cpu_has_native_bf16()
+        else:
+            bf16 = recover.autocast == "bfloat16" or (recover.autocast == "auto" and device in ("cuda", "auto"))
         w_t = (2 if bf16 else 4) if recover.teacher_dtype == "auto" else _DTYPE_BYTES[recover.teacher_dtype]
+        a = 2 if bf16 else 4
+        per_layer = 7 * h + 3 * q * d + 3 * k * d + 4 * f
+        saved_layers = n
+        if ranks > 1 and recover.activation_checkpointing:
+            saved_layers = 1
+        p_t = count_parameters(teacher)["total"]
         out.update({
-            "weights": w * p_s, "grads": w * p_s, "adamw": 2 * w * p_s,
-            "teacher": w_t * count_parameters(teacher)["total"],
-            "activations": (2 if bf16 else 4) * b * t
-            * (n * (7 * h + 3 * q * d + 3 * k * d + 4 * f) + h + teacher.hidden_size) + 12 * chunk * vocab,
+            "weights": w * p_s // ranks, "grads": w * p_s // ranks, "adamw": 2 * w * p_s // ranks,
+            "teacher": w_t * p_t // ranks,
+            "activations": a * b * t * (saved_layers * per_layer + h + teacher.hidden_size) + 12 * chunk * vocab
+            + (a * b * t * h * n if saved_layers != n else 0),
         })
+        if ranks > 1:
+            w_l = 2 if bf16 else 4
+
+            def embedding(cfg: Any) -> int:
+                return cfg.vocab_size * cfg.hidden_size * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
+
+            e_s, e_t = embedding(student), embedding(teacher)
+            layer_s = (p_s - e_s) // max(n, 1)
+            layer_t = (p_t - e_t) // max(teacher.num_hidden_layers, 1)
+            out["gathered"] = w_l * (2 * layer_t + 2 * layer_s) + w_l * layer_s
+            out["root"] = w_l * (e_t + 2 * e_s)
     train = sum(v for key, v in out.items() if key != "prune")
-    out["total"] = max(out["prune"], train)
+    # per rank: recovery only (a checkpoint larger than memory is pruned with prune --streaming)
+    out["total"] = train if ranks > 1 and train else max(out["prune"], train)
     return out
 
 
@@ -186,7 +219,7 @@ def _original_config(config: RunConfig):
     return hf
 
 
-def dry_run(config: RunConfig) -> dict[str, Any]:
+def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
     """Check a whole run from configs only and describe every stage; loads no weights.
 
     The original's ``config.json`` comes from its folder, a ``config.json`` file, the
@@ -198,6 +231,8 @@ def dry_run(config: RunConfig) -> dict[str, Any]:
 
     Args:
         config: the run.
+        ranks: estimate the memory of one rank of a torchrun + FSDP2 run on ``ranks``
+            processes (1: a single process).
 
     Returns:
         ``{"model", "original": describe(original), "stages": [row, ...]}``; each row has
@@ -253,7 +288,7 @@ def dry_run(config: RunConfig) -> dict[str, Any]:
                                                   output="stage")
             teacher_config = original if row["teacher"] == "original" else current
         memory = estimate_memory(student, teacher_config, recover, dtype=config.model.dtype,
-                                 device=config.model.device, prune_input=current)
+                                 device=config.model.device, prune_input=current, ranks=ranks)
         row["memory_bytes"] = memory["total"]
         row["memory"] = memory
         rows.append(row)

@@ -288,3 +288,7 @@ def test_sampled_teacher_cache_holds_teacher_draws_and_trains(corpus, models, ti
     config = _config(corpus, tmp_path / "out", teacher=None, teacher_cache=str(cache_dir), tokens=5 * 64)
     result = distill.recover(config, student=student, tokenizer=tiny_tokenizer)
     assert result["after"]["sampled_kl_to_teacher"] < result["before"]["sampled_kl_to_teacher"]
+
+
+def test_default_warmup_is_a_tenth_of_the_run_between_1_and_10():
+    assert [distill.default_warmup_steps(n) for n in (1, 9, 16, 50, 122, 10_000)] == [1, 1, 1, 5, 10, 10]
