@@ -399,23 +399,6 @@ def load_for_flag(model_config, flag: str = "--model"):
         raise MinicompressError(message) from None
 
 
-def _model_config_of(source: str, trust_remote_code: bool = False):
-    """The transformers config of a model source without loading weights (None for GGUF)."""
-    from transformers import AutoConfig
-
-    from .models import resolve_source
-
-    target, extra = resolve_source(source)
-    if extra.get("gguf"):
-        return None
-    try:
-        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        if extra.get("hub"):
-            return None  # load_model gives the one-line offline error
-        raise MinicompressError(f"--model {source}: {str(err).splitlines()[0]}") from None
-
-
 # ----------------------------------------------------------------------------------------
 # info
 
@@ -439,7 +422,9 @@ def model_info(source: str, *, trust_remote_code: bool = False, count: bool = Tr
     from .config import ModelConfig
 
     model_config = ModelConfig(source=source, trust_remote_code=trust_remote_code)
-    config = _model_config_of(source, trust_remote_code)
+    from .models import load_config
+
+    config = load_config(source, trust_remote_code=trust_remote_code)
     model = None
     if config is not None:
         try:
