@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=262144, help="total recovery tokens of each arm")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="recover.* overrides for both arms")
-    p.add_argument("--num-samples", type=int, default=128, help="calibration samples of each prune")
+    p.add_argument("--num-samples", type=int, default=64, help="calibration samples of each prune")
     p.add_argument("--workdir", default=str(WORKDIR))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(OUT))
@@ -72,7 +72,7 @@ def arm_config(name: str, args) -> RunConfig:
         "data": {"source": str(DATA / "corpus"), "seq_len": 512},
         "eval_data": {"source": str(DATA / "wikitext2" / "test.txt"), "seq_len": 512, "max_tokens": 16384},
         "output": str(Path(args.workdir) / name),
-        "score": {"num_samples": args.num_samples, "loss_samples": 32},
+        "score": {"num_samples": args.num_samples, "loss_samples": 0},
         "recover": recover,
         "stages": stages,
     })

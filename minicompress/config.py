@@ -396,7 +396,7 @@ class RecoverConfig:
         teacher_dtype: dtype of the frozen teacher's weights; ``auto`` (default): bfloat16 when
             ``autocast`` resolves to bf16 (the teacher has no master weights to keep, and
             its forward runs 1.4x faster than under autocast with float32 weights on an
-            AMX CPU), else float32.
+            AMX CPU), else float32; a teacher passed in memory keeps its own dtype.
         teacher_device: device of the teacher (None: the student's).
         activation_checkpointing: recompute each decoder layer's activations in backward
             instead of keeping them (about a third more compute, activation memory of one

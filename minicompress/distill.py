@@ -470,8 +470,10 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     device = resolve_device(config.student.device) if world > 1 and on_host else model_device(student)
     precision = describe_precision(config.autocast, device)
     autocast = precision["resolved"]
-    teacher_dtype = config.teacher_dtype if config.teacher_dtype != "auto" else (
-        "bfloat16" if autocast == "bfloat16" else "float32")
+    teacher_dtype = config.teacher_dtype
+    if teacher_dtype == "auto":  # an in-memory teacher keeps its dtype: the caller's model is not cast
+        teacher_dtype = next((k for k, v in TORCH_DTYPES.items() if v == next(teacher.parameters()).dtype),
+                             "float32") if teacher is not None else ("bfloat16" if autocast == "bfloat16" else "float32")
     precision["teacher_dtype"] = teacher_dtype
     log.info("recover: precision %s (%s)", "bf16 autocast" if autocast == "bfloat16" else "float32",
              precision["reason"])

@@ -292,3 +292,18 @@ def test_sampled_teacher_cache_holds_teacher_draws_and_trains(corpus, models, ti
 
 def test_default_warmup_is_a_tenth_of_the_run_between_1_and_10():
     assert [distill.default_warmup_steps(n) for n in (1, 9, 16, 50, 122, 10_000)] == [1, 1, 1, 5, 10, 10]
+
+
+def test_bf16_recovery_trains_and_leaves_an_in_memory_teacher_as_it_was(corpus, models, tiny_tokenizer, tmp_path):
+    """autocast bfloat16 with teacher_dtype auto: the caller's float32 teacher is not cast or
+    changed, the student still learns, and the precision is recorded."""
+    teacher, student = models
+    before = _state(teacher)
+    result = distill.recover(_config(corpus, tmp_path / "out", autocast="bfloat16"), student=student,
+                             teacher=teacher, tokenizer=tiny_tokenizer)
+    assert next(teacher.parameters()).dtype == torch.float32
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert next(student.parameters()).dtype == torch.float32  # master weights stay float32
+    assert result["after"]["kl_to_teacher"] < result["before"]["kl_to_teacher"]
+    record = json.loads((tmp_path / "out" / "minicompress.json").read_text())["recovery"]["precision"]
+    assert record["resolved"] == "bfloat16" and record["teacher_dtype"] == "float32"
