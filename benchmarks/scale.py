@@ -1,6 +1,6 @@
 """Scale: peak memory of ``prune --streaming`` vs the in-memory prune on real checkpoints.
 
-Part ``memory`` (the only part so far): for each built-in model (SmolLM2-135M, Gemma-3-270M,
+Part ``memory``: for each built-in model (SmolLM2-135M, Gemma-3-270M,
 float32 safetensors converted from GGUF), scores are computed once in this process
 (few calibration samples from ``../shared/data/corpus``; they only choose the kept
 units), a plan is made, and then each path runs in its own fresh subprocess with one
@@ -18,7 +18,8 @@ most the largest source tensor + 10%. The two outputs are compared tensor by ten
 Prints a rich table and writes ``benchmarks/out/scale.json`` (and ``scale.md``).
 
 Run: ``python benchmarks/scale.py --part memory [--models smollm2-135m gemma3-270m]``.
-A ``throughput`` part (2-process vs 1-process recovery) can be added next to ``memory``.
+Part ``throughput`` runs ``benchmarks/scale_throughput.py``: tokens/s of recovery on 2 gloo
+processes vs 1 (torchrun + FSDP2) on a small random-weight Llama.
 """
 
 from __future__ import annotations
@@ -237,7 +238,9 @@ def markdown(rows: list[dict], cpu: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("memory",), default="memory", help="which measurement to run")
+    parser.add_argument("--part", choices=("memory", "throughput"), default="memory",
+                        help="memory: streaming vs in-memory prune; throughput: 2-process vs 1-process recovery "
+                             "(benchmarks/scale_throughput.py, its flags after --)")
     parser.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--num-samples", type=int, default=8, help="calibration samples for the scores")
     parser.add_argument("--seq-len", type=int, default=128)
@@ -247,7 +250,15 @@ def main() -> None:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.part == "throughput":
+        import subprocess
+        import sys
+
+        raise SystemExit(subprocess.call([sys.executable, str(Path(__file__).with_name("scale_throughput.py")),
+                                          *[a for a in rest if a != "--"]]))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.child:
         child(args)
         return
