@@ -385,7 +385,8 @@ class RecoverConfig:
         tokens: training budget in tokens.
         global_batch_tokens: tokens per optimizer step (gradient accumulation fills it).
         micro_batch_size: sequences per forward.
-        lr: peak learning rate.
+        lr: peak learning rate (1e-3: the best of 1e-4, 3e-4, 1e-3, 2e-3 and 4e-3 at 131k tokens,
+            benchmarks/RESULTS.md; Minitron's 1e-4 was for billions of tokens).
         min_lr: final learning rate of the cosine decay.
         warmup_steps: linear warmup steps (None, the default: a tenth of the steps, between 1
             and 10).
@@ -427,7 +428,7 @@ class RecoverConfig:
     tokens: int = 1_000_000
     global_batch_tokens: int = 8192
     micro_batch_size: int = 4
-    lr: float = 3e-4
+    lr: float = 1e-3
     min_lr: float = 0.0
     warmup_steps: int | None = None
     weight_decay: float = 0.0
