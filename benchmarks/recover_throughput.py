@@ -51,7 +51,6 @@ reports each variant's share of the FLOP limit ``(2 N_teacher + 6 N_student)`` p
 
 from __future__ import annotations
 
-import os
 import sys
 
 import argparse

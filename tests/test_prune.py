@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import TINY_MODEL_TYPES, make_tiny_model
-from minicompress.arch import count_parameters, decoder_layers, get_adapter
+from minicompress.arch import count_parameters, decoder_layers
 from minicompress.errors import MinicompressError
 from minicompress.prune import (PrunePlan, apply_plan_, candidate_targets, make_plan, plan_parameters, pruned_copy,
                                 row_target, search_architecture, search_candidates, slice_parameter,
