@@ -265,7 +265,7 @@ class PruneConfig:
             :class:`RecoverConfig` except those the prune sets
             (:data:`PRUNE_SETS_SEARCH_RECOVER_KEYS`); unset keys keep its defaults, but
             ``global_batch_tokens`` defaults to the multiple of ``micro_batch_size *
-            data.seq_len`` nearest 8192.
+            data.seq_len`` nearest the default (4,096).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -383,7 +383,8 @@ class RecoverConfig:
         teacher_cache: folder written by ``minicompress teacher-cache``.
         data: training text.
         tokens: training budget in tokens.
-        global_batch_tokens: tokens per optimizer step (gradient accumulation fills it).
+        global_batch_tokens: tokens per optimizer step (gradient accumulation fills it); 4,096
+            (8 sequences of 512) beat 8,192 and 16,384 at 131k tokens (benchmarks/RESULTS.md).
         micro_batch_size: sequences per forward.
         lr: peak learning rate (1e-3: the best of 1e-4, 3e-4, 1e-3, 2e-3 and 4e-3 at 131k tokens,
             benchmarks/RESULTS.md; Minitron's 1e-4 was for billions of tokens).
@@ -426,7 +427,7 @@ class RecoverConfig:
     teacher_cache: str | None = None
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
     tokens: int = 1_000_000
-    global_batch_tokens: int = 8192
+    global_batch_tokens: int = 4096
     micro_batch_size: int = 4
     lr: float = 1e-3
     min_lr: float = 0.0

@@ -266,7 +266,7 @@ def test_search_distillation_settings_are_checked_up_front(overrides, match):
     assert "\n" not in str(err.value)
     # defaults adapt to the sequence length; explicit targets never read search_recover
     cfg = build_config(PruneConfig, overrides=["target.target_params=0.5", "data.seq_len=100"])
-    assert cfg.search_recover_config("o").global_batch_tokens == 8000
+    assert cfg.search_recover_config("o").global_batch_tokens == 4000  # 10 x 4 x 100, nearest 4,096
     build_config(PruneConfig, overrides=["target.hidden_size=16", "search_recover.eval_tokens=0"])
 
 
