@@ -112,10 +112,6 @@ def evaluate_wikitext(model, windows, teacher) -> dict:
     return {k: res[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "teacher_perplexity") if k in res}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def ensure_cache(spec: dict, args, tokenizer, teacher, seq_len: int, need_tokens: int, console: Console) -> Path:
     """The teacher cache of this kind covering ``need_tokens`` (built once, shared by runs)."""
     kind = spec["kind"]
@@ -275,14 +271,14 @@ def main() -> None:
             if (output / "minicompress.json").is_file():  # finished earlier
                 rec = json.loads((output / "minicompress.json").read_text())["recovery"]
                 res.update(seconds=rec["seconds"], train_tokens_per_s=rec["tokens_trained"] / max(rec["seconds"], 1e-9),
-                           metrics=read_metrics(output / "metrics.jsonl"), wikitext_curve=read_jsonl(curve_path))
+                           metrics=read_metrics(output / "metrics.jsonl"), wikitext_curve=read_metrics(curve_path))
                 console.log(f"{name}: finished earlier, skipped")
                 save_record()
                 continue
             work = working_folder(output)
             ckpt = latest_checkpoint(work) if work.exists() else None
             done_tokens = json.loads((ckpt / "state.json").read_text())["tokens"] if ckpt else 0
-            curve = [r for r in read_jsonl(curve_path) if r["tokens"] <= done_tokens]
+            curve = [r for r in read_metrics(curve_path) if r["tokens"] <= done_tokens]
             if not curve:
                 curve = [{"tokens": 0, **base}] if not spec.get("scratch") else []
             curve_path.write_text("".join(json.dumps(r) + "\n" for r in curve))

@@ -504,8 +504,8 @@ def bench_defaults(args, console: Console) -> dict:
             times[key].append(seconds)
             console.log(f"{key} rep {rep}: {seconds:.2f}s ({ids.numel() / seconds:.0f} tok/s), loss {value:.4f}")
     rates = {"bfloat16": gemm_rate(torch.bfloat16), "float32": gemm_rate(torch.float32)}
-    n_teacher = count_params(teacher)
-    n_student = count_params(student)
+    n_teacher = arch.count_parameters(teacher.config)["total"]  # a tied embedding counted once
+    n_student = arch.count_parameters(student.config)["total"]
     rows = {}
     base_key = max(list(variants)[:2], key=lambda k: ids.numel() / statistics.median(times[k]))
     for key, (_, kind) in variants.items():
@@ -523,11 +523,6 @@ def bench_defaults(args, console: Console) -> dict:
             "seq_len": args.seq_len, "precision": precision, "gemm_flops": rates, "teacher_params": n_teacher,
             "student_params": n_student, "baseline": base_key, "variants": rows,
             "cpu": {"model": model_name, "avx512_bf16": "avx512_bf16" in lscpu, "amx_bf16": "amx_bf16" in lscpu}}
-
-
-def count_params(model) -> int:
-    """Unique parameters (a tied embedding counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def render_defaults(res: dict, console: Console) -> str:

@@ -565,16 +565,31 @@ def _sync_module_attributes(model: nn.Module, adapter: ArchAdapter, plan: PruneP
         embed.embed_scale.fill_(scale)
 
 
-def _check_against_config(model: nn.Module) -> None:
+def check_shapes_match_config(config: Any, shapes: dict[str, tuple[int, ...]], message: str) -> None:
+    """Refuse parameter shapes that a stock model built from ``config`` would not have.
+
+    Args:
+        config: the (pruned) transformers config.
+        shapes: parameter name -> shape, as ``named_parameters()`` lists them (a tied
+            ``lm_head`` appears once, as the embedding).
+        message: the error's text before the first differing entries.
+
+    Raises:
+        MinicompressError: names up to three differing ``(name, shape)`` entries.
+    """
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(copy.deepcopy(model.config))
+        reference = AutoModelForCausalLM.from_config(copy.deepcopy(config))
     want = {n: tuple(p.shape) for n, p in reference.named_parameters()}
-    have = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    if want != have:
-        diff = sorted(set(want.items()) ^ set(have.items()))[:3]
-        raise MinicompressError(f"pruning: rewritten model does not match its config: {diff}")
+    if want != shapes:
+        diff = sorted(set(want.items()) ^ set(shapes.items()))[:3]
+        raise MinicompressError(f"{message}: {diff}")
+
+
+def _check_against_config(model: nn.Module) -> None:
+    check_shapes_match_config(model.config, {n: tuple(p.shape) for n, p in model.named_parameters()},
+                              "pruning: rewritten model does not match its config")
 
 
 def pruned_copy(model: nn.Module, plan: PrunePlan) -> nn.Module:

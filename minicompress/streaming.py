@@ -43,7 +43,7 @@ from safetensors import safe_open
 from .arch import get_adapter, head_dim, num_kv_heads
 from .errors import MinicompressError
 from .outputs import atomic_folder, check_output, provenance, write_provenance
-from .prune import PrunePlan, slice_parameter
+from .prune import PrunePlan, check_shapes_match_config, slice_parameter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -200,15 +200,8 @@ def _layout(folder: Path, config: Any, plan: PrunePlan, max_chunk_bytes: int) ->
 
 
 def _check_against_new_config(entries: list[_Entry], new_config: Any) -> None:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(new_config)
-    want = {n: tuple(p.shape) for n, p in reference.named_parameters()}
-    have = {e.name: e.shape for e in entries}
-    if want != have:
-        diff = sorted(set(want.items()) ^ set(have.items()))[:3]
-        raise MinicompressError(f"--streaming: pruned tensors do not match the pruned config: {diff}")
+    check_shapes_match_config(new_config, {e.name: tuple(e.shape) for e in entries},
+                              "--streaming: pruned tensors do not match the pruned config")
 
 
 def _shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
