@@ -55,7 +55,7 @@ from minicompress.config import DataConfig, ModelConfig, RecoverConfig, TeacherC
 from minicompress.data import bos_token_id, load_token_stream
 from minicompress.evaluate import eval_windows, evaluate_perplexity
 from minicompress.hardware import describe_precision
-from minicompress.metrics import read_metrics
+from minicompress.metrics import held_out_kl_key, read_metrics
 from minicompress.models import load_model
 from minicompress.teacher_cache import write_teacher_cache
 
@@ -156,8 +156,7 @@ def plot(results: dict, teacher_ppl: float, path: Path, title: str) -> None:
     for name, res in results.items():
         curve = res["wikitext_curve"]
         held = [r for r in res["metrics"] if "eval_perplexity" in r]
-        kl_key = next((k for k in ("eval_kl_to_teacher", "eval_sampled_kl_to_teacher", "eval_topk_kl_to_teacher")
-                       if any(k in r for r in held)), None)
+        kl_key = held_out_kl_key(held)
         axes[0].plot([r["tokens"] for r in curve], [r["perplexity"] for r in curve], marker="o", label=name)
         axes[1].plot([r["tokens"] for r in curve], [r["kl_to_teacher"] for r in curve], marker="o", label=name)
         if kl_key:

@@ -18,6 +18,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def held_out_kl_key(records: list[dict]) -> str | None:
+    """The held-out KL key the evaluation records carry: against the live teacher first,
+    else against a sampled or top-k cache (None without any)."""
+    return next((k for k in ("eval_kl_to_teacher", "eval_sampled_kl_to_teacher", "eval_topk_kl_to_teacher")
+                 if any(k in r for r in records)), None)
+
+
 def plot_curves(records: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Plot training loss and held-out perplexity / KL against tokens into a PNG.
 
@@ -37,8 +44,7 @@ def plot_curves(records: list[dict], path: str | Path, title: str | None = None)
 
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_perplexity" in r]
-    kl_key = next((k for k in ("eval_kl_to_teacher", "eval_sampled_kl_to_teacher", "eval_topk_kl_to_teacher")
-                   if any(k in r for r in evals)), None)
+    kl_key = held_out_kl_key(evals)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
     if train:
