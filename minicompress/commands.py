@@ -23,7 +23,8 @@ from .arch import count_parameters, describe
 from .config import PruneConfig, ScoreConfig
 from .data import iterate_batches, load_sequences, sample_calibration
 from .errors import MinicompressError
-from .models import load_config, load_model
+from .hardware import describe_precision
+from .models import load_config, load_model, load_model_on_rank0, resolve_device
 from .outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from .progress import progress_bar
 from .prune import (apply_plan_, make_plan, pruned_copy, row_target, search_architecture, validate_target,
@@ -60,9 +61,12 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
         model: an already loaded model (else ``config.model`` is loaded).
         tokenizer: its tokenizer.
 
-    Under torchrun every rank loads the model, scores every ``world_size``-th calibration
-    batch and the running sums are all-reduced (``score_model(reduce=...)``), so each rank
-    holds the single-process scores; rank 0 alone writes them.
+    Under torchrun the model is sharded with FSDP2 (rank 0 alone reads the weights, every
+    rank keeps ``1 / world_size`` of them, a layer is gathered only while it runs), each rank
+    scores every ``world_size``-th calibration batch and the running sums are all-reduced
+    (``score_model(reduce=...)``), so each rank holds the single-process scores; rank 0
+    alone writes them. A model too large for one device is scored this way. An in-memory
+    ``model`` is scored whole on every rank (data parallel only).
 
     Returns:
         :class:`~minicompress.scoring.ImportanceScores`.
@@ -72,7 +76,14 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
         check_output(config.output, config.overwrite)
     if config.data.source is None:
         raise MinicompressError("--data: scoring needs calibration text (never the evaluation split)")
-    if model is None:
+    sharded = model is None and world > 1
+    if sharded:
+        model, tokenizer, weights = load_model_on_rank0(config.model)
+        device = resolve_device(config.model.device)
+        distributed.shard_model(model, device=device, from_rank0=True, weights=weights,
+                                mixed_precision=describe_precision(config.autocast, device)["resolved"] == "bfloat16")
+        del weights
+    elif model is None:
         model, tokenizer = load_model(config.model)
     batches, loss_batches = calibration_batches(config, tokenizer)
     n = sum(b.shape[0] for b in batches)
@@ -82,8 +93,13 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
             raise MinicompressError(f"num_samples: {n} samples make {len(batches)} batches of batch_size "
                                     f"{config.batch_size}, fewer than the {world} ranks; lower batch_size")
         rank = distributed.rank()
-        batches, loss_batches = batches[rank::world], (loss_batches[rank::world] if loss_batches else None)
-        n, reduce = sum(b.shape[0] for b in batches), distributed.all_reduce_sum
+        shares = [batches[rank::world], loss_batches[rank::world] if loss_batches else None]
+        if sharded:  # the same number of forwards on every rank: pad the shorter shares with idle ones
+            for share, whole in zip(shares, (batches, loss_batches)):
+                if share is not None:
+                    share += [None] * (-(-len(whole) // world) - len(share))
+        batches, loss_batches = shares
+        n, reduce = sum(b.shape[0] for b in batches if b is not None), distributed.all_reduce_sum
     start = time.perf_counter()
     with progress_bar("score", n, unit="samples") as bar:
         scores = score_model(model, batches, sequence_aggregation=config.sequence_aggregation,
@@ -91,6 +107,7 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
                              autocast=config.autocast, progress=bar,
                              meta={"source": config.model.source, "data": config.data.source}, reduce=reduce)
     scores.meta["seconds"] = round(time.perf_counter() - start, 2)
+    scores.meta.update(world_size=world, fsdp=sharded)
     if config.output is not None and distributed.is_main():
         with atomic_folder(config.output, config.overwrite) as tmp:
             scores.save(tmp)
@@ -139,13 +156,17 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
         raise MinicompressError("target: nothing to prune; set --target-params, explicit sizes or --drop-layers")
     if config.streaming:
         return _prune_streaming(config, {**explicit, "drop_layers": list(target.drop_layers),
-                                         "layer_metric": target.layer_metric})
+                                         "layer_metric": target.layer_metric}, record_extra=record_extra)
     if config.output is not None:
         check_output(config.output, config.overwrite)
     hf_config = model.config if model is not None else load_config(
         config.model.source, trust_remote_code=config.model.trust_remote_code)
     if hf_config is not None:  # None for GGUF: checked once loaded, still before scoring
         validate_target(hf_config, target)
+    if (model is None and distributed.world_size() > 1 and target.target_params is None and config.output is not None
+            and _streamable(config.model)):
+        return _prune_sharded(config, {**explicit, "drop_layers": list(target.drop_layers),
+                                       "layer_metric": target.layer_metric}, record_extra)
     if model is None:
         model, tokenizer = load_model(config.model)
         if hf_config is None:
@@ -284,8 +305,42 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     return min(enumerate(finalists), key=key)[1]
 
 
-def _prune_streaming(config: PruneConfig, chosen: dict[str, Any]) -> dict[str, Any]:
-    """``prune --streaming``: plan from saved scores and config.json, slice tensor by tensor."""
+def _streamable(model: Any) -> bool:
+    """Whether ``model`` (a ModelConfig) names a local safetensors folder a streaming prune can read."""
+    from .streaming import streaming_source
+
+    try:
+        streaming_source(model.source)
+    except MinicompressError:
+        return False
+    return True
+
+
+def _prune_sharded(config: PruneConfig, chosen: dict[str, Any], record_extra: dict[str, Any] | None) -> dict[str, Any]:
+    """``prune`` under torchrun with explicit sizes: no rank ever holds the whole model.
+
+    The scores come from :func:`score` with the model sharded by FSDP2 over the ranks (or
+    from ``config.scores``); rank 0 then slices the checkpoint one tensor at a time
+    (:func:`_prune_streaming`) while the others wait; every rank returns the report.
+    """
+    scores = ImportanceScores.load(config.scores) if config.scores is not None else score(
+        dataclasses.replace(config.score, model=config.model, data=config.data, output=None))
+    report, error = None, None
+    if distributed.is_main():
+        try:
+            report = _prune_streaming(config, chosen, scores=scores, record_extra=record_extra)
+        except MinicompressError as err:
+            error = str(err)
+    report, error = distributed.broadcast_object((report, error))
+    if error is not None:
+        raise MinicompressError(error)
+    return report
+
+
+def _prune_streaming(config: PruneConfig, chosen: dict[str, Any], *, scores: ImportanceScores | None = None,
+                     record_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``prune --streaming``: plan from the scores (``scores``, else ``config.scores``) and
+    config.json, slice tensor by tensor."""
     from transformers import AutoConfig
 
     from .streaming import prune_checkpoint_streaming, streaming_source
@@ -293,13 +348,14 @@ def _prune_streaming(config: PruneConfig, chosen: dict[str, Any]) -> dict[str, A
     if config.target.target_params is not None:
         raise MinicompressError("--streaming: --target-params needs the loaded model (its search ranks pruned "
                                 "candidates by loss); give explicit sizes such as --hidden-size, or --drop-layers")
-    if config.scores is None:
+    if config.scores is None and scores is None:
         raise MinicompressError("--streaming: needs --scores (write them first with minicompress score, "
                                 "possibly distributed); a streaming prune never loads the model to score it")
     folder = streaming_source(config.model.source)
     check_output(config.output, config.overwrite)
     hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=config.model.trust_remote_code)
-    scores = ImportanceScores.load(config.scores)
+    if scores is None:
+        scores = ImportanceScores.load(config.scores)
     plan = make_plan(scores, hf_config, {**chosen, "norm_correction": config.target.norm_correction})
     original_params = count_parameters(hf_config)["total"]
     pruned_params = count_parameters(plan.new_config(hf_config))["total"]
@@ -315,7 +371,7 @@ def _prune_streaming(config: PruneConfig, chosen: dict[str, Any]) -> dict[str, A
         "streaming": True,
     }
     record = provenance("prune", config, source_model=config.model.source,
-                        source_provenance=_source_provenance(str(folder)), **report)
+                        source_provenance=_source_provenance(str(folder)), **report, **(record_extra or {}))
     report["checkpoint"] = prune_checkpoint_streaming(folder, plan, config.output, overwrite=config.overwrite,
                                                       record=record)
     report["output"] = str(config.output)

@@ -62,7 +62,7 @@ from .evaluate import autocast_context, evaluate_perplexity, final_hidden, model
 from .checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, working_folder
 from .measure import synchronize
 from .metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
-from .models import TORCH_DTYPES, load_model, resolve_device
+from .models import TORCH_DTYPES, load_model, load_model_on_rank0, resolve_device
 from .outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from .progress import progress_bar
 from .teacher_cache import TeacherCache
@@ -459,11 +459,13 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     distributed.barrier()
     torch.manual_seed(config.seed)
 
-    on_host = False
+    on_host, student_weights = False, None
     if student is None:
-        on_host = world > 1  # torchrun: load into host memory, shard_model moves each rank's shards
-        student, tokenizer = load_model(dataclasses.replace(config.student, device="cpu") if on_host
-                                        else config.student, for_training=True)
+        on_host = world > 1  # torchrun: rank 0 reads the weights, shard_model hands each rank its shards
+        if on_host:
+            student, tokenizer, student_weights = load_model_on_rank0(config.student, for_training=True)
+        else:
+            student, tokenizer = load_model(config.student, for_training=True)
     elif tokenizer is None:
         raise MinicompressError("tokenizer: pass tokenizer= together with an in-memory student")
     student.train()
@@ -479,10 +481,15 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
              precision["reason"])
 
     cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
+    t_from_rank0, teacher_weights = False, None  # an in-memory teacher is whole on every rank
     if teacher is None and cache is None and config.teacher is not None:  # CE-only still evaluates KL
         t_config = dataclasses.replace(config.teacher, dtype=teacher_dtype,
                                        device=config.teacher_device or device.type)
-        teacher, _ = load_model(dataclasses.replace(t_config, device="cpu") if world > 1 else t_config)
+        if world > 1:
+            teacher, _, teacher_weights = load_model_on_rank0(t_config)
+            t_from_rank0 = True
+        else:
+            teacher, _ = load_model(t_config)
     if teacher is not None:
         t_device = torch.device(config.teacher_device) if config.teacher_device else device
         t_dtype = TORCH_DTYPES[teacher_dtype]
@@ -528,9 +535,13 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     if world > 1:  # FSDP2: parameters, gradients and optimizer state are sharded over the ranks
         distributed.shard_model(student, device=device, mixed_precision=autocast == "bfloat16",
                                 reshard_after_forward=config.reshard_after_forward,
-                                activation_checkpointing=config.activation_checkpointing)
+                                activation_checkpointing=config.activation_checkpointing, from_rank0=on_host,
+                                weights=student_weights)
+        del student_weights
         if teacher is not None:  # no backward would ever free gathered teacher layers: always reshard
-            distributed.shard_model(teacher, device=t_device, mixed_precision=autocast == "bfloat16")
+            distributed.shard_model(teacher, device=t_device, mixed_precision=autocast == "bfloat16",
+                                    from_rank0=t_from_rank0, weights=teacher_weights)
+        del teacher_weights
     elif config.activation_checkpointing:
         distributed.enable_activation_checkpointing(student)
 

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import types
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -145,7 +147,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def shard_model(model: torch.nn.Module, *, mixed_precision: bool, reshard_after_forward: bool = True,
-                activation_checkpointing: bool = False, device: torch.device | str | None = None) -> torch.nn.Module:
+                activation_checkpointing: bool = False, device: torch.device | str | None = None,
+                from_rank0: bool = False, weights: Mapping[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """Shard a ``*ForCausalLM`` over the ranks with FSDP2 ``fully_shard``, in place.
 
     Each decoder layer (``model.model.layers[i]``) becomes an FSDP unit, then the root
@@ -173,6 +176,13 @@ def shard_model(model: torch.nn.Module, *, mixed_precision: bool, reshard_after_
         device: where the shards live (``cuda`` means this rank's GPU; None: where the
             model is). A model in host memory moves one FSDP unit at a time, so a GPU
             never holds more than one whole layer of it.
+        from_rank0: ``model``'s parameters are on the ``meta`` device on every rank
+            (:func:`minicompress.models.load_model_on_rank0`) and rank 0 has ``weights``.
+            After sharding, each rank allocates its shards (``to_empty``, its buffers
+            kept) and takes its rows of every tensor rank 0 broadcasts, one tensor at a
+            time (:func:`broadcast_weights_`).
+        weights: on rank 0 with ``from_rank0``, state-dict names to full tensors (any
+            ``Mapping``, e.g. a lazy :class:`minicompress.models.SafetensorsWeights`).
 
     Returns:
         ``model`` (now an ``FSDPModule``; parameters are ``DTensor`` shards).
@@ -182,7 +192,15 @@ def shard_model(model: torch.nn.Module, *, mixed_precision: bool, reshard_after_
 
     if activation_checkpointing:
         enable_activation_checkpointing(model)
+    empty = any(p.is_meta for p in model.parameters())
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if empty != from_rank0:
+        raise ValueError("shard_model: from_rank0=True goes with parameters on the meta device, and only with them")
+    if from_rank0 and is_main() and weights is None:
+        raise ValueError("shard_model: from_rank0=True needs rank 0's weights=")
+    if device.type == "meta":
+        raise ValueError("shard_model: pass device= for a model whose parameters are on the meta device")
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()} if from_rank0 else {}
     mesh = init_device_mesh(device.type, (world_size(),))
     policy = MixedPrecisionPolicy()
     if mixed_precision and device.type == "cuda":
@@ -190,6 +208,12 @@ def shard_model(model: torch.nn.Module, *, mixed_precision: bool, reshard_after_
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy)  # the root keeps its group gathered until backward
+    if from_rank0:  # allocate this rank's shards (to_empty also blanks the buffers: put them back), then fill them
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(buffers[name])
+        broadcast_weights_(model, weights)
     if any(p.requires_grad for p in model.parameters()):
         for module in model.modules():
             if hasattr(module, "set_gradient_divide_factor"):  # a plain SUM: no PREMUL_SUM (gloo has none)
@@ -198,6 +222,92 @@ def shard_model(model: torch.nn.Module, *, mixed_precision: bool, reshard_after_
     setattr(model, _ROOT_CALL, types.MethodType(lambda self, fn: fn(), model))
     register_fsdp_forward_method(model, _ROOT_CALL)
     return model
+
+
+#: largest block of a tensor broadcast at once (a [V, H] embedding goes in row blocks)
+BROADCAST_BLOCK_BYTES = 64 << 20
+
+
+@torch.no_grad()
+def broadcast_weights_(model: torch.nn.Module, weights: Mapping[str, torch.Tensor] | None,
+                       block_bytes: int | None = None) -> None:
+    """Fill a sharded model with rank 0's tensors, one block of rows at a time.
+
+    For each state-dict entry (tied names once, read under whichever name ``weights``
+    has), rank 0 reads a block of at most ``block_bytes`` (whole rows of dim 0), casts it
+    to the parameter's dtype and broadcasts it; every rank copies the rows of the block
+    that fall in its shard. FSDP2 shards dim 0 as ``torch.chunk`` does: rank ``r`` of
+    ``N`` holds rows ``[r c, r c + c)`` with ``c = ceil(rows / N)``. A rank's extra memory
+    is one block; with a lazy mapping that has ``read_rows`` and ``shape``
+    (:class:`minicompress.models.SafetensorsWeights`) rank 0 reads only that block, and
+    from a plain ``dict`` each entry is dropped once sent.
+
+    Args:
+        model: sharded with FSDP2 (parameters are ``DTensor`` shards on their device).
+        weights: rank 0: state-dict names to full tensors; other ranks: ignored.
+        block_bytes: the largest block broadcast at once (default :data:`BROADCAST_BLOCK_BYTES`).
+
+    Raises:
+        KeyError: (rank 0) a tensor is missing from ``weights``.
+        ValueError: (rank 0) a tensor of another shape.
+    """
+    from torch.distributed.tensor import DTensor
+
+    main, me, world = is_main(), rank(), world_size()
+    block_bytes = block_bytes or BROADCAST_BLOCK_BYTES
+    state = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(name)
+    for names in groups.values():
+        target = state[names[0]]
+        local = target.to_local() if isinstance(target, DTensor) else target
+        source = None
+        if main:
+            source = next((n for n in names if n in weights), None)
+            if source is None:
+                raise KeyError(f"shard_model: no tensor {' or '.join(names)} in rank 0's weights")
+            shape = weights.shape(source) if hasattr(weights, "shape") else tuple(weights[source].shape)
+            if tuple(shape) != tuple(target.shape):
+                raise ValueError(f"shard_model: {source} has shape {tuple(shape)}, the model's is {tuple(target.shape)}")
+        if target.dim() == 0:
+            blocks, mine = [(None, None)], (None, None)
+        else:
+            rows = target.shape[0]
+            row_bytes = max(math.prod(target.shape[1:]) * target.element_size(), 1)
+            step = max(block_bytes // row_bytes, 1)
+            blocks = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+            mine = (0, rows)
+            if isinstance(target, DTensor):
+                chunk = -(-rows // world)
+                first = min(me * chunk, rows)
+                mine = (first, first + local.shape[0])
+                if local.shape[0] != min(chunk, rows - first):
+                    raise AssertionError(f"shard_model: {names[0]} shard of {local.shape[0]} rows, "
+                                         f"expected {min(chunk, rows - first)}")
+        for a, b in blocks:
+            if main:
+                if a is None:
+                    block = weights[source]
+                elif hasattr(weights, "read_rows"):
+                    block = weights.read_rows(source, a, b)
+                else:
+                    block = weights[source][a:b]
+                block = block.to(device=local.device, dtype=target.dtype)
+            else:
+                shape = target.shape if a is None else (b - a, *target.shape[1:])
+                block = torch.empty(shape, dtype=target.dtype, device=local.device)
+            dist.broadcast(block, src=0)
+            if a is None:
+                local.copy_(block)
+                continue
+            lo, hi = max(a, mine[0]), min(b, mine[1])  # the rows of this block in this rank's shard
+            if lo < hi:
+                local[lo - mine[0]:hi - mine[0]].copy_(block[lo - a:hi - a])
+            del block
+        if main and isinstance(weights, dict):
+            for name in names:  # a tied lm_head's entry too
+                weights.pop(name, None)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

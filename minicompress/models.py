@@ -12,10 +12,14 @@ it is removed here, so every loaded model is a plain float model.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -174,6 +178,23 @@ def resolve_source(source: str) -> tuple[str, dict[str, Any]]:
     return source, {"hub": True}
 
 
+def local_folder(source: str) -> Path | None:
+    """The local Hugging Face folder of ``source``: a folder, a built-in's converted folder,
+    or a Hub id's snapshot in the local cache (never downloaded here); None for a GGUF file
+    or a Hub id that is not cached."""
+    target, extra = resolve_source(source)
+    if extra.get("gguf"):
+        return None
+    if not extra.get("hub"):
+        return Path(target)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=target, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or no huggingface_hub: no local folder
+        return None
+
+
 def load_config(source: str, *, trust_remote_code: bool = False, convert: bool = True):
     """The transformers config of a model source, without loading any weights.
 
@@ -269,9 +290,193 @@ def load_model(config: ModelConfig | str, *, for_training: bool = False):
     device = resolve_device(config.device)
     model.to(device)
     model.train(for_training)
+    return model, _finish_tokenizer(tokenizer)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every ``nn.Parameter`` registered inside goes to the ``meta`` device (no storage);
+    buffers (RoPE ``inv_freq`` ...) stay real, computed from the config as usual."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def safetensors_files(folder: str | Path) -> dict[str, Path]:
+    """Where each tensor of a single-file or sharded safetensors checkpoint lives.
+
+    Returns:
+        ``{tensor name: shard path}`` in file order.
+
+    Raises:
+        MinicompressError: no ``model.safetensors`` / index, or the index names a missing shard.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if (folder / SAFETENSORS_INDEX).is_file():
+        weight_map = json.loads((folder / SAFETENSORS_INDEX).read_text())["weight_map"]
+        out = {}
+        for file in sorted(set(weight_map.values())):
+            path = folder / file
+            if not path.is_file():
+                raise MinicompressError(f"{folder / SAFETENSORS_INDEX} names {file}, which is missing")
+            with safe_open(str(path), framework="pt") as f:
+                out.update({k: path for k in f.keys() if weight_map.get(k) == file})
+        return out
+    if (folder / SAFETENSORS_FILE).is_file():
+        with safe_open(str(folder / SAFETENSORS_FILE), framework="pt") as f:
+            return {k: folder / SAFETENSORS_FILE for k in f.keys()}
+    raise MinicompressError(f"{folder} has no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
+
+
+class SafetensorsWeights(Mapping):
+    """The tensors of a local safetensors checkpoint by name, each read from disk when asked for.
+
+    Holding it costs nothing; ``weights[name]`` reads that one tensor (a copy out of the
+    memory-mapped file), so a loop that uses and drops each tensor in turn never holds
+    more than one.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.files = safetensors_files(self.folder)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name``, from the file header (nothing read)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` (dim 0), read alone."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_slice(name)[start:stop]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """State-dict names grouped by the tensor they name (a tied ``lm_head`` shares the embedding's)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def _lazy_weights(model: torch.nn.Module, folder: Path) -> SafetensorsWeights | None:
+    """The checkpoint's tensors, when every state-dict entry of ``model`` is in it by name
+    (any one name of a tied group) with the right shape; else None (transformers renames
+    or converts something on load)."""
+    weights = SafetensorsWeights(folder)
+    state = model.state_dict(keep_vars=True)
+    for names in _tied_groups(model):
+        found = next((n for n in names if n in weights.files), None)
+        if found is None or weights.shape(found) != tuple(state[names[0]].shape):
+            return None
+    return weights
+
+
+def _finish_tokenizer(tokenizer: Any) -> Any:
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def load_model_on_rank0(config: ModelConfig | str, *, for_training: bool = False):
+    """Prepare a model for FSDP2 sharding without any rank holding all of it.
+
+    Every rank builds the architecture (the config and tokenizer come from rank 0) with its
+    parameters on the ``meta`` device and its buffers (RoPE ``inv_freq`` ...) computed as
+    usual. Rank 0 also gets the weights: for a local safetensors folder whose tensor names
+    match the model (any Hugging Face Llama / Qwen / Gemma folder, the built-in models) a
+    lazy :class:`SafetensorsWeights`, read one tensor at a time; otherwise (GGUF, renamed
+    or converted checkpoints) the state dict of a model loaded with :func:`load_model`.
+    :func:`minicompress.distributed.shard_model` (``from_rank0=True, weights=...``) then
+    broadcasts tensor by tensor and every rank keeps its shard, so a rank's host memory is
+    its shards plus one tensor (rank 0 on the fallback path: the whole model once).
+
+    Args:
+        config: a :class:`ModelConfig` or a bare source string.
+        for_training: keep the model in train mode (default: eval mode).
+
+    Returns:
+        ``(model, tokenizer, weights)``: ``weights`` is a mapping of state-dict names to
+        tensors on rank 0, None on the other ranks.
+
+    Raises:
+        MinicompressError: on every rank, when rank 0 could not read the source.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import distributed
+
+    if isinstance(config, str):
+        config = ModelConfig(source=config)
+    config = dataclasses.replace(config, device="cpu")
+    dtype = TORCH_DTYPES[config.dtype]
+    main = distributed.is_main()
+    weights, loaded, payload = None, None, None
+    if main:
+        try:
+            folder = local_folder(config.source)
+            hf_config = None
+            if folder is not None and folder.is_dir() and (folder / "config.json").is_file() and (
+                    (folder / SAFETENSORS_FILE).is_file() or (folder / SAFETENSORS_INDEX).is_file()):
+                hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=config.trust_remote_code)
+                if getattr(hf_config, "quantization_config", None) is not None:
+                    hf_config = None  # quantized weights: transformers must dequantise them
+            if hf_config is not None:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=config.trust_remote_code)
+            else:
+                loaded, tokenizer = load_model(config, for_training=for_training)
+                hf_config = loaded.config
+            payload = ("ok", hf_config, _finish_tokenizer(tokenizer))
+        except MinicompressError as err:
+            payload = ("error", str(err), None)
+    status, hf_config, tokenizer = distributed.broadcast_object(payload)
+    if status == "error":
+        raise MinicompressError(hf_config)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=config.trust_remote_code)
+    get_adapter(model)
+    model.train(for_training)
+    if main:
+        if loaded is None:
+            weights = _lazy_weights(model, local_folder(config.source))
+            if weights is None:
+                log.info("%s: tensor names differ from the model's; loading it whole on rank 0", config.source)
+                loaded, _ = load_model(config, for_training=for_training)
+        if loaded is not None:
+            weights = dict(loaded.state_dict())
+            del loaded
+    return model, tokenizer, weights
 
 
 def resolve_device(device: str) -> torch.device:

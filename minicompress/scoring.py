@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .arch import compute_logits, decoder_layers, get_adapter, head_dim
+from .distributed import run_in_root
 from .errors import MinicompressError
 
 SCORES_FILE = "scores.safetensors"
@@ -404,6 +405,12 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Ten
     Returns:
         ``(sum of NLL over scored targets, number of targets)``.
     """
+    # a model sharded with FSDP2 gathers its root group (embedding, final norm, lm_head) for the call
+    return run_in_root(model, lambda: _lm_loss(model, input_ids, attention_mask, chunk_tokens), reshard=True)
+
+
+def _lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             chunk_tokens: int) -> tuple[float, int]:
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
@@ -457,6 +464,11 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
             sums are reduced before the batch aggregation, so every rank gets the scores
             of one process over all the batches.
 
+    A model sharded with FSDP2 (:func:`minicompress.distributed.shard_model`) is scored
+    the same way; every rank must then make the same number of forwards, so a rank with
+    fewer batches pads its lists with ``None``: each ``None`` is a forward of one sample
+    of its first batch whose activations and loss are discarded.
+
     Returns:
         :class:`ImportanceScores`.
     """
@@ -465,12 +477,20 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
     device = model_device(model)
     scorer = ActivationScorer(model, sequence_aggregation, batch_aggregation)
     samples = 0
+    real = [b for b in batches if b is not None]
+    if not real:
+        raise MinicompressError("num_samples: no calibration batch to score")
+    idle = real[0][0][:1] if isinstance(real[0], tuple) else real[0][:1]  # [1, T]: an idle rank's forward
     for batch in batches:
+        if batch is None:
+            with autocast_context(device, autocast):
+                run_in_root(model, lambda: model.model(input_ids=idle.to(device), use_cache=False), reshard=True)
+            continue
         ids, mask = batch if isinstance(batch, tuple) else (batch, None)
         ids = ids.to(device)
         mask = mask.to(device) if mask is not None else None
         with scorer.attached(mask), autocast_context(device, autocast):
-            model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            run_in_root(model, lambda: model.model(input_ids=ids, attention_mask=mask, use_cache=False), reshard=True)
         samples += ids.shape[0]
         if progress is not None:
             progress.advance(ids.shape[0])
@@ -486,7 +506,7 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
         "num_key_value_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
         "intermediate_size": cfg.intermediate_size,
         "num_samples": samples,
-        "seq_len": int(batches[0][0].shape[-1] if isinstance(batches[0], tuple) else batches[0].shape[-1]),
+        "seq_len": int(idle.shape[-1]),
         "sequence_aggregation": sequence_aggregation,
         "batch_aggregation": batch_aggregation,
         **(meta or {}),
@@ -494,8 +514,8 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
     scores = scorer.result(info)
     if loss_batches or (reduce is not None and loss_batches is not None):
         scores.base_loss, scores.layer_loss = layer_loss_increase(model, loss_batches, autocast=autocast,
-                                                                  progress=progress, reduce=reduce)
-        scores.meta["loss_samples"] = sum(b.shape[0] for b in loss_batches)
+                                                                  progress=progress, reduce=reduce, idle=idle)
+        scores.meta["loss_samples"] = sum(b.shape[0] for b in loss_batches if b is not None)
         if reduce is not None:
             scores.meta["loss_samples"] = int(reduce(torch.tensor(float(scores.meta["loss_samples"]),
                                                                   dtype=torch.float64)))
@@ -504,12 +524,14 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
 
 @torch.no_grad()
 def layer_loss_increase(model: nn.Module, batches: list[torch.Tensor], autocast: str = "none",
-                        progress=None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-                        ) -> tuple[float, torch.Tensor]:
+                        progress=None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        idle: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
     """LM loss of the full model and the increase when each single layer is skipped.
 
     With ``reduce`` (several ranks, each with its share of ``batches``) the summed NLL
-    and target counts are summed over ranks before dividing.
+    and target counts are summed over ranks before dividing. A ``None`` in ``batches``
+    (a sharded model's padding, see :func:`score_model`) runs ``idle`` ``[1, T]`` and
+    discards its loss.
 
     Returns:
         ``(base_loss, [L] increase)``.
@@ -521,9 +543,12 @@ def layer_loss_increase(model: nn.Module, batches: list[torch.Tensor], autocast:
     def mean_loss() -> float:
         total, count = 0.0, 0
         for ids in batches:
+            if ids is None and idle is None:
+                raise ValueError("layer_loss_increase: a None batch needs idle=")
             with autocast_context(device, autocast):
-                s, c = lm_loss(model, ids.to(device))
-            total, count = total + s, count + c
+                s, c = lm_loss(model, (idle if ids is None else ids).to(device))
+            if ids is not None:
+                total, count = total + s, count + c
         if reduce is not None:
             total, count = reduce(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / count

@@ -42,11 +42,11 @@ from safetensors import safe_open
 
 from .arch import get_adapter, head_dim, num_kv_heads
 from .errors import MinicompressError
-from .outputs import atomic_folder, check_output, provenance, write_provenance
+from .outputs import atomic_folder, check_output, provenance, write_model_card, write_provenance
+from .models import SAFETENSORS_FILE as SINGLE_FILE
+from .models import SAFETENSORS_INDEX as INDEX_FILE
 from .prune import PrunePlan, check_shapes_match_config, slice_parameter
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 512 << 20
 DEFAULT_MAX_CHUNK_BYTES = 16 << 20
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
@@ -101,35 +101,33 @@ def streaming_source(source: str) -> Path:
     Raises:
         MinicompressError: ``source`` is not a local folder with ``config.json`` and safetensors.
     """
-    from .models import BUILTIN_MODELS, builtin_folder
+    from .models import BUILTIN_MODELS, local_folder
 
-    if source in BUILTIN_MODELS:
-        return builtin_folder(source)
-    path = Path(source).expanduser()
-    if not (path.is_dir() and (path / "config.json").is_file() and has_safetensors(path)):
+    try:
+        path = local_folder(source)
+    except MinicompressError:
+        path = None
+    if path is None or not (path.is_dir() and (path / "config.json").is_file() and has_safetensors(path)):
         raise MinicompressError(
-            f"--streaming: --model must be a local Hugging Face folder with config.json and safetensors weights "
-            f"(or a built-in name: {', '.join(BUILTIN_MODELS)}), got {source!r}"
+            f"--streaming: --model must be a local Hugging Face folder with config.json and safetensors weights, "
+            f"a Hub id already in the local cache (hf download ID), or a built-in name "
+            f"({', '.join(BUILTIN_MODELS)}); got {source!r}"
         )
     return path
 
 
 def _source_files(folder: Path) -> list[tuple[Path, list[str]]]:
     """``[(shard path, tensor names)]`` of a single-file or sharded safetensors checkpoint."""
-    if (folder / INDEX_FILE).is_file():
-        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        out = []
-        for file in sorted(set(weight_map.values())):
-            path = folder / file
-            if not path.is_file():
-                raise MinicompressError(f"--streaming: {folder / INDEX_FILE} names {file}, which is missing")
-            with safe_open(str(path), framework="pt") as f:
-                out.append((path, [k for k in f.keys() if weight_map.get(k) == file]))
-        return out
-    if (folder / SINGLE_FILE).is_file():
-        with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
-            return [(folder / SINGLE_FILE, list(f.keys()))]
-    raise MinicompressError(f"--streaming: {folder} has no {SINGLE_FILE} or {INDEX_FILE}")
+    from .models import safetensors_files
+
+    try:
+        files = safetensors_files(folder)
+    except MinicompressError as err:
+        raise MinicompressError(f"--streaming: {err}") from None
+    grouped: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        grouped.setdefault(path, []).append(name)
+    return list(grouped.items())
 
 
 def pruned_config(config: Any, plan: PrunePlan, dtype: torch.dtype | None = None) -> Any:
@@ -350,5 +348,6 @@ def prune_checkpoint_streaming(source_folder: str | Path, plan: PrunePlan, outpu
                                                                   plan=plan.to_dict())
         out["streaming"] = True
         write_provenance(tmp, out)
+        write_model_card(tmp, out)
     return {"output": str(output_folder), "shards": names, "tensors": len(entries), "skipped": skipped,
             "total_size": total, "largest_tensor_bytes": max((e.source_nbytes for e in entries), default=0)}

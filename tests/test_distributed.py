@@ -154,6 +154,97 @@ def test_two_rank_checkpoint_resumes_on_two_ranks_and_in_one_process(setup):
     assert not work.exists()
 
 
+def _rank0_reads_worker(rank: int, port: int, config: RecoverConfig) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), MINICOMPRESS_PROGRESS="0")
+    torch.set_num_threads(1)
+    if rank:  # any read of the weights on rank 1 fails the run
+        from minicompress import models
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("rank 1 read a checkpoint")
+
+        models.load_model = refuse
+    distill.recover(config)
+
+
+def test_only_rank_zero_reads_the_weights_and_the_run_is_unchanged(setup):
+    """Rank 1 builds student and teacher on the meta device and gets its shards from rank 0
+    (its ``load_model`` raises); the run equals the torchrun one, losses and weights."""
+    import torch.multiprocessing as mp
+
+    output = setup["root"] / "rank0-reads"
+    mp.start_processes(_rank0_reads_worker, args=(_free_port(), dataclasses.replace(setup["config"], output=str(output))),
+                       nprocs=2, start_method="spawn")
+    _assert_same_run(output, setup["root"] / "two")
+
+
+def _broadcast_worker(rank: int, port: int, folder: str, lazy: bool, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), MINICOMPRESS_PROGRESS="0")
+    torch.set_num_threads(1)
+    from minicompress import distributed
+    from minicompress.models import SafetensorsWeights, load_model, load_model_on_rank0
+
+    distributed.init_from_env()
+    distributed.BROADCAST_BLOCK_BYTES = 300  # a few rows per block: every tensor goes in several blocks
+    model, _, weights = load_model_on_rank0(folder)
+    if rank == 0:
+        assert isinstance(weights, SafetensorsWeights)
+        if not lazy:  # the fallback: a loaded model's state dict, emptied as it is sent
+            weights = dict(load_model(folder)[0].state_dict())
+    distributed.shard_model(model, mixed_precision=False, device="cpu", from_rank0=True, weights=weights)
+    if rank == 0 and not lazy:
+        assert weights == {}
+    full = distributed.full_state_dict(model)
+    if rank == 0:
+        torch.save({k: v.clone() for k, v in full.items()}, out)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("lazy", [True, False])
+def test_weights_broadcast_in_blocks_equal_a_plain_load(tmp_path, model_type, lazy):
+    """Odd row counts (37 FFN rows: 19 + 18 per rank), tied (llama) and untied (qwen3)
+    embeddings, blocks of 2-9 rows: the gathered shards equal ``load_model``'s tensors."""
+    import torch.multiprocessing as mp
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    from minicompress.models import load_model
+
+    folder = tmp_path / "model"
+    make_tiny_model(model_type, seed=3, intermediate_size=37).save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    out = tmp_path / "gathered.pt"
+    mp.start_processes(_broadcast_worker, args=(_free_port(), str(folder), lazy, str(out)), nprocs=2,
+                       start_method="spawn")
+    gathered = torch.load(out, weights_only=True)
+    expected = load_model(str(folder))[0].state_dict()
+    assert gathered.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(gathered[name], tensor), name
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
+def test_empty_model_has_no_weights_and_real_buffers(model_type):
+    from conftest import make_tiny_model, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from minicompress import distributed
+    from minicompress.models import _parameters_on_meta
+
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    assert all(p.is_meta for p in model.parameters())
+    buffers = dict(model.named_buffers())
+    reference = dict(make_tiny_model(model_type).named_buffers())  # RoPE inv_freq is computed, not loaded
+    assert buffers.keys() == reference.keys() and buffers
+    for name, buf in reference.items():
+        assert torch.equal(buffers[name], buf), name
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the patch is gone
+    with pytest.raises(ValueError, match="from_rank0=True"):
+        distributed.shard_model(model, mixed_precision=False, device="cpu")
+
+
 def test_two_rank_scores_equal_one_process_scores(setup):
     root = setup["root"]
     common = dict(model=ModelConfig(source=str(setup["folders"]["teacher"])), num_samples=10, batch_size=2,
@@ -165,6 +256,8 @@ def test_two_rank_scores_equal_one_process_scores(setup):
     two = ImportanceScores.load(root / "scores-two")
     assert two.meta["num_samples"] == one.meta["num_samples"] == 10
     assert two.meta["loss_samples"] == 6
+    assert two.meta["fsdp"] is True and two.meta["world_size"] == 2  # 5 batches and 3 loss batches: rank 1 idles once
+    assert one.meta["fsdp"] is False
     for name, expected in one.tensors().items():
         torch.testing.assert_close(two.tensors()[name], expected, rtol=1e-5, atol=1e-7, msg=name)
     assert two.base_loss == pytest.approx(one.base_loss, rel=1e-6)
@@ -186,6 +279,9 @@ def test_run_under_torchrun_equals_one_process(setup, tmp_path):
     yaml = tmp_path / "run.yaml"
     yaml.write_text(json.dumps(config))
     _torchrun("run", str(yaml), "--output", str(tmp_path / "two"), cwd=tmp_path)
+    # explicit sizes of a local folder: scored with FSDP2 shards, sliced tensor by tensor on rank 0
+    student_record = json.loads((tmp_path / "two" / "stage-1-small" / "minicompress.json").read_text())
+    assert student_record["streaming"] is True and student_record["command"] == "prune"
     one = run(str(yaml), {"output": str(tmp_path / "one")})
     two_final = load_file(str(tmp_path / "two" / "stage-1-small" / "model.safetensors"))
     one_final = load_file(str(Path(one["stages"][-1]["folder"]) / "model.safetensors"))

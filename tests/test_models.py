@@ -191,3 +191,26 @@ def test_real_smollm2_gguf_loads_and_saves(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "smollm2")
     tokenizer.save_pretrained(tmp_path / "smollm2")
     assert (tmp_path / "smollm2" / "config.json").is_file()
+
+
+def test_hub_id_in_the_local_cache_is_a_local_folder(tmp_path, monkeypatch, make_tiny_model):
+    """A Hub id already downloaded resolves to its snapshot folder (for streaming prune and
+    rank-0 loading), without the network; one that is not cached has none."""
+    import huggingface_hub.constants
+
+    from minicompress.models import local_folder
+    from minicompress.streaming import streaming_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    make_tiny_model("llama").save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    assert local_folder("acme/tiny-llama") == snapshot
+    assert streaming_source("acme/tiny-llama") == snapshot
+    assert local_folder("acme/not-downloaded") is None
+    with pytest.raises(MinicompressError, match="already in the local cache"):
+        streaming_source("acme/not-downloaded")
+    assert local_folder(str(snapshot)) == snapshot
