@@ -42,9 +42,12 @@ Prints a rich table; writes ``benchmarks/out/recover_throughput.json``.
 ``--mode defaults`` (issue 9) instead times the library's *default* recovery step
 (:class:`~minicompress.config.RecoverConfig` defaults: ``autocast: auto``, so bf16 on CPUs
 with AVX512-BF16/AMX; the teacher in bf16; micro batches of 4) against the previous
-default, the float32 live-teacher step (micro batches of 1 and of 8), and the default
-step fed by a sampled teacher cache (no teacher forward), all on ``--student`` in one
-process, interleaved. It also measures this machine's GEMM rate in bf16 and float32 and
+default, the float32 live-teacher step (micro batches of 1 and of 8), the bf16 step with
+eager layers (the default before ``compile: auto``), and the same fed by a sampled teacher
+cache (no teacher forward), eager and compiled, all on ``--student`` in one process,
+interleaved (compiled variants use a deep copy of the models whose decoder layers went
+through :func:`minicompress.distill.compile_layers_`; same weights, lr 0, so every
+variant's loss must agree). It also measures this machine's GEMM rate in bf16 and float32 and
 reports each variant's share of the FLOP limit ``(2 N_teacher + 6 N_student)`` per token
 (``6 N_student`` with a cache). Writes ``benchmarks/out/recover_defaults.json``.
 """
@@ -74,7 +77,7 @@ from minicompress import arch
 from minicompress.config import DataConfig
 from minicompress.data import load_sequences
 from minicompress.config import LossConfig
-from minicompress.distill import _make_optimizer, count_targets, micro_batch_loss, shift_labels
+from minicompress.distill import _make_optimizer, compile_layers_, count_targets, micro_batch_loss, shift_labels
 from minicompress.evaluate import autocast_context
 from minicompress.losses import chunked_distill_loss
 from minicompress.measure import PeakMemory, release_free_heap
@@ -471,19 +474,28 @@ def bench_defaults(args, console: Console) -> dict:
     loss_cfg = LossConfig()
     normalizer = count_targets(ids)
 
-    def make(autocast, t_model, mb, use_cache=False):
+    # the same weights again, decoder layers compiled (what recover does by default for >= 262k tokens)
+    student_c, teacher_c = copy.deepcopy(student), copy.deepcopy(teacher_low)
+    compile_layers_(student_c)
+    compile_layers_(teacher_c)
+    optimizer_c = _make_optimizer([p for p in student_c.parameters()], lr=0.0, weight_decay=0.0)
+
+    def make(autocast, t_model, mb, use_cache=False, compiled=False):
+        s_model, opt = (student_c, optimizer_c) if compiled else (student, optimizer)
+        t_model = teacher_c if compiled and t_model is teacher_low else t_model
+
         def step():
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             total = 0.0
             for start in range(0, ids.shape[0], mb):
                 part = slice(start, start + mb)
                 targets = (cached[0][part], cached[1][part], "sampled_kl") if use_cache else None
-                loss, _ = micro_batch_loss(student, ids[part], loss=loss_cfg, teacher=None if use_cache else t_model,
+                loss, _ = micro_batch_loss(s_model, ids[part], loss=loss_cfg, teacher=None if use_cache else t_model,
                                            teacher_topk=targets, normalizer=normalizer, autocast=autocast)
                 loss.backward()
                 total += float(loss.detach())
-            optimizer.step()
+            opt.step()
             return time.perf_counter() - t0, total
         return step
 
@@ -491,8 +503,11 @@ def bench_defaults(args, console: Console) -> dict:
     variants = {
         "float32 live, micro 1 (previous)": (make("none", teacher, 1), "live"),
         "float32 live, micro 8 (previous default)": (make("none", teacher, 8), "live"),
-        f"default live ({auto}, micro {mb})": (make(auto, teacher_low, mb), "live"),
-        f"default, sampled cache ({auto}, micro {mb})": (make(auto, teacher_low, mb, use_cache=True), "cached"),
+        f"{auto} live, eager (previous default)": (make(auto, teacher_low, mb), "live"),
+        f"default live ({auto}, compiled, micro {mb})": (make(auto, teacher_low, mb, compiled=True), "live"),
+        f"{auto}, sampled cache, eager": (make(auto, teacher_low, mb, use_cache=True), "cached"),
+        f"default, sampled cache ({auto}, compiled, micro {mb})": (make(auto, teacher_low, mb, use_cache=True,
+                                                                        compiled=True), "cached"),
     }
     for key, (fn, _) in variants.items():  # warm-up (allocates AdamW's state, the loss buffers)
         fn()
@@ -512,7 +527,7 @@ def bench_defaults(args, console: Console) -> dict:
         step_s = statistics.median(times[key])
         tps = ids.numel() / step_s
         flops = (6 * n_student + (2 * n_teacher if kind == "live" else 0))
-        rate = rates["bfloat16" if auto == "bfloat16" and key.startswith("default") else "float32"]
+        rate = rates["bfloat16" if auto == "bfloat16" and not key.startswith("float32") else "float32"]
         rows[key] = {"tokens_per_s": tps, "step_s": step_s, "times": times[key], "flop_per_token": flops,
                      "flop_limit_tokens_per_s": rate / flops, "share_of_flop_limit": tps * flops / rate}
     for key in rows:

@@ -32,7 +32,7 @@ LATEST_FILE = "latest.json"
 DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint
 # Keys that may change between an interrupted run and its resumption.
 RESUME_FREE_KEYS = ("resume", "overwrite", "eval_every", "save_every", "checkpoint_keep", "log_every",
-                    "eval_batch_size", "activation_checkpointing", "reshard_after_forward")
+                    "eval_batch_size", "activation_checkpointing", "reshard_after_forward", "compile")
 
 
 

@@ -764,6 +764,9 @@ def _recover_setup(p: argparse.ArgumentParser) -> None:
                 help="continue from the last checkpoint in <output>.partial")
     config_flag(p, "--activation-checkpointing", key="activation_checkpointing", action="store_const", const=True,
                 help="recompute layer activations in backward (less memory, about 1/3 more compute)")
+    config_flag(p, "--compile", key="compile", choices=("auto", "true", "false"),
+                help="torch.compile the decoder layers; auto (default): for runs of >= 262,144 tokens in one process "
+                     "with a compiler backend")
     config_flag(p, "--no-reshard-after-forward", key="reshard_after_forward", action="store_const", const=False,
                 help="torchrun/FSDP2: keep each layer's gathered weights from forward to backward (faster, more memory)")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 
 import torch
 
@@ -88,3 +89,41 @@ def describe_precision(setting: str, device: torch.device | str) -> dict:
         reason = f"{kind} {'with' if resolved == 'bfloat16' else 'without'} bf16 support"
     return {"autocast": setting, "resolved": resolved, "device": kind, "reason": reason,
             "master_weights": "float32", "loss_arithmetic": "float32"}
+
+
+#: ``compile: auto`` compiles runs of at least this many tokens (compiling costs about 25 s;
+#: the compiled step is 1.3x faster on the AMX CPU of ``benchmarks/RESULTS.md``, so this
+#: pays back after about 80k tokens there)
+COMPILE_MIN_TOKENS = 262144
+
+
+def resolve_compile(setting: bool | str, device: torch.device | str, *, tokens: int, world_size: int = 1,
+                    activation_checkpointing: bool = False) -> tuple[bool, str]:
+    """Whether a recovery compiles its decoder layers, and why.
+
+    Args:
+        setting: ``auto``, True or False.
+        device: where the student trains.
+        tokens: the run's token budget.
+        world_size: processes under torchrun.
+        activation_checkpointing: recomputed layers are left eager.
+
+    Returns:
+        ``(compile, reason)``.
+    """
+    if setting is not True and setting is not False and setting != "auto":
+        raise ValueError(f"compile: {setting!r} is not allowed; choose auto, true or false")
+    if isinstance(setting, bool):
+        return setting, f"compile={str(setting).lower()} (forced)"
+    kind = torch.device(device).type
+    if world_size > 1:
+        return False, "several processes: torch.compile with FSDP2 is not tested here"
+    if activation_checkpointing:
+        return False, "activation checkpointing"
+    if tokens < COMPILE_MIN_TOKENS:
+        return False, f"a short run ({tokens:,} < {COMPILE_MIN_TOKENS:,} tokens): compiling would not pay back"
+    if kind == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        return False, "no C++ compiler for the CPU backend"
+    if kind not in ("cpu", "cuda"):
+        return False, f"{kind}: not tried"
+    return True, f"{kind}, {tokens:,} tokens"

@@ -307,3 +307,40 @@ def test_bf16_recovery_trains_and_leaves_an_in_memory_teacher_as_it_was(corpus, 
     assert result["after"]["kl_to_teacher"] < result["before"]["kl_to_teacher"]
     record = json.loads((tmp_path / "out" / "minicompress.json").read_text())["recovery"]["precision"]
     assert record["resolved"] == "bfloat16" and record["teacher_dtype"] == "float32"
+
+
+def test_compiled_recovery_equals_eager_and_is_undone(corpus, make_tiny_model, tiny_tokenizer, tmp_path):
+    """``compile=true`` (decoder layers through inductor) trains the same numbers as eager
+    (float32: per-step losses to 1e-4, weights to 1e-4), records the choice, and leaves the
+    in-memory models uncompiled; ``auto`` stays eager for a short run."""
+    results = {}
+    for mode in (False, True):
+        teacher = make_tiny_model("llama", seed=0)
+        student = make_tiny_model("llama", seed=1, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+        out = tmp_path / f"compile-{mode}"
+        distill.recover(_config(corpus, out, compile=mode, tokens=3 * 64), student=student, teacher=teacher,
+                        tokenizer=tiny_tokenizer)
+        assert all(layer._compiled_call_impl is None for layer in [*student.model.layers, *teacher.model.layers])
+        record = json.loads((out / "minicompress.json").read_text())["recovery"]["precision"]
+        assert record["compile"] is mode
+        results[mode] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+                         _state(student))
+    (eager, w_eager), (compiled, w_compiled) = results[False], results[True]
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager]
+    for a, b in zip(compiled, eager):
+        assert a.get("loss") == pytest.approx(b.get("loss"), rel=1e-4)
+        assert a.get("eval_nll") == pytest.approx(b.get("eval_nll"), rel=1e-4)
+    for name, value in w_eager.items():
+        torch.testing.assert_close(w_compiled[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_auto_decides_by_run_and_hardware():
+    from minicompress.hardware import COMPILE_MIN_TOKENS, resolve_compile
+
+    assert resolve_compile("auto", "cpu", tokens=COMPILE_MIN_TOKENS - 1)[0] is False
+    assert resolve_compile("auto", "cpu", tokens=COMPILE_MIN_TOKENS, world_size=2)[0] is False
+    assert resolve_compile("auto", "cpu", tokens=COMPILE_MIN_TOKENS, activation_checkpointing=True)[0] is False
+    assert resolve_compile(True, "cpu", tokens=1) == (True, "compile=true (forced)")
+    assert resolve_compile(False, "cpu", tokens=10**9)[0] is False
+    with pytest.raises(ConfigError, match="compile: must be auto, true or false"):
+        RecoverConfig(teacher=ModelConfig(source="x"), compile="yes")
