@@ -133,6 +133,7 @@ class EvalConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False, documents="file"))
     teacher: ModelConfig | None = None
     stride: int | None = None
+    enabled: bool = True
     batch_size: int = 4
     autocast: str = "auto"
     speed: bool = True
@@ -593,6 +594,9 @@ class ReportConfig:
     """The end-of-run comparison of the original and every stage (``report.*``).
 
     Attributes:
+        enabled: write the report at the end of the run (it loads the original and each
+            stage whole, one at a time, in rank 0's process: turn it off for models that
+            do not fit one device).
         batch_size: evaluation windows per forward.
         autocast: ``auto`` (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), float32 elsewhere; ``none`` or ``bfloat16`` force it.
         speed: measure greedy-decode tokens/s (batch 1, KV cache).
@@ -600,6 +604,7 @@ class ReportConfig:
         decode_tokens: generated tokens of the speed test.
     """
 
+    enabled: bool = True
     batch_size: int = 4
     autocast: str = "auto"
     speed: bool = True

@@ -446,7 +446,7 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
             on_stage_end(result)
         previous = dataclasses.replace(config.model, source=str(final))
     report = None
-    if distributed.is_main():
+    if distributed.is_main() and config.report.enabled:
         report = evaluate_run(config, results)
         write_report(out, report)
     distributed.barrier()

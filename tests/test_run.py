@@ -143,6 +143,11 @@ def test_cli_run_rerun_and_refusals(tmp_path, tiny_llama, text_corpus, capsys):
     assert main(["run", str(path), "--output", str(tmp_path / "other")]) == 2
     assert "is not a minicompress run folder" in capsys.readouterr().err
     assert (tmp_path / "other" / "precious.txt").is_file()
+    # report.enabled=false (models that do not fit one device): the stages, no report
+    silent = run(dataclasses.replace(config, output=str(tmp_path / "silent"),
+                                     report=dataclasses.replace(config.report, enabled=False)))
+    assert silent["report"] is None and silent["stages"][0]["status"] == "done"
+    assert not (tmp_path / "silent" / "report.json").exists()
 
 
 def _as_yaml(config: RunConfig) -> dict:
