@@ -245,7 +245,8 @@ def test_ce_only_needs_no_teacher(corpus, models, tiny_tokenizer, tmp_path):
 
 def test_intermediate_state_loss_trains_its_projection(corpus, models, tiny_tokenizer, tmp_path):
     teacher, student = models
-    config = _config(corpus, tmp_path / "is", tokens=2 * 64, loss=LossConfig(intermediate_weight=1.0))
+    config = _config(corpus, tmp_path / "is", tokens=2 * 64,
+                     loss=LossConfig(kl_weight=1.0, ce_weight=0.0, intermediate_weight=1.0))
     result = distill.recover(config, student=student, teacher=teacher, tokenizer=tiny_tokenizer)
     train = [r for r in result["metrics"] if "loss" in r]
     assert all(r["is"] > 0 and r["loss"] == pytest.approx(2 * r["kl"], rel=1e-4) for r in train)
