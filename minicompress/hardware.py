@@ -97,6 +97,11 @@ def describe_precision(setting: str, device: torch.device | str) -> dict:
 COMPILE_MIN_TOKENS = 262144
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor's CPU backend would use (None: there is none on PATH)."""
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
 def resolve_compile(setting: bool | str, device: torch.device | str, *, tokens: int, world_size: int = 1,
                     activation_checkpointing: bool = False) -> tuple[bool, str]:
     """Whether a recovery compiles its decoder layers, and why.
@@ -122,7 +127,7 @@ def resolve_compile(setting: bool | str, device: torch.device | str, *, tokens: 
         return False, "activation checkpointing"
     if tokens < COMPILE_MIN_TOKENS:
         return False, f"a short run ({tokens:,} < {COMPILE_MIN_TOKENS:,} tokens): compiling would not pay back"
-    if kind == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+    if kind == "cpu" and not cpp_compiler():
         return False, "no C++ compiler for the CPU backend"
     if kind not in ("cpu", "cuda"):
         return False, f"{kind}: not tried"
