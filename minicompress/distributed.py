@@ -30,6 +30,7 @@ import atexit
 import logging
 import math
 import os
+import time
 import types
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -76,8 +77,30 @@ def init_from_env() -> int:
 
 
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group together (at exit, on every rank).
+
+    A gloo peer that exits while this process still holds its connections can make gloo's
+    I/O thread abort this process ("terminate called without an active exception", seen
+    as SIGABRT after a finished run). So every rank waits for the others (barrier), tears
+    its group down, then counts itself out on the rendezvous store and leaves only when
+    every rank has (at most 60 s).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+        dist.barrier()
         dist.destroy_process_group()
+        store.add(_EXIT_KEY, 1)
+        deadline = time.monotonic() + 60
+        while store.add(_EXIT_KEY, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # noqa: BLE001 - a peer already gone (or the store with it): nothing left to wait for
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_EXIT_KEY = "minicompress/exited"
 
 
 def is_distributed() -> bool:
