@@ -193,6 +193,15 @@ def describe(config: Any) -> dict[str, Any]:
     return summary
 
 
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """``state_dict`` names grouped by the tensor they name, in state-dict order (a tied
+    ``lm_head.weight`` is in the embedding's group)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
 def lm_head_weight(model: nn.Module):
     """``[V, H]`` output projection weight (the embedding when tied)."""
     return model.get_output_embeddings().weight

@@ -23,7 +23,7 @@ from .arch import count_parameters, describe
 from .config import PruneConfig, ScoreConfig
 from .data import iterate_batches, load_sequences, sample_calibration
 from .errors import MinicompressError
-from .hardware import describe_precision
+from .hardware import resolve_autocast
 from .models import load_config, load_model, load_model_on_rank0, resolve_device
 from .outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from .progress import progress_bar
@@ -81,7 +81,7 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
         model, tokenizer, weights = load_model_on_rank0(config.model)
         device = resolve_device(config.model.device)
         distributed.shard_model(model, device=device, from_rank0=True, weights=weights,
-                                mixed_precision=describe_precision(config.autocast, device)["resolved"] == "bfloat16")
+                                mixed_precision=resolve_autocast(config.autocast, device) == "bfloat16")
         del weights
     elif model is None:
         model, tokenizer = load_model(config.model)

@@ -133,7 +133,6 @@ class EvalConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False, documents="file"))
     teacher: ModelConfig | None = None
     stride: int | None = None
-    enabled: bool = True
     batch_size: int = 4
     autocast: str = "auto"
     speed: bool = True

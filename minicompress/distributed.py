@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from .arch import decoder_layers
+from .arch import decoder_layers, tied_groups
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +279,7 @@ def broadcast_weights_(model: torch.nn.Module, weights: Mapping[str, torch.Tenso
     main, me, world = is_main(), rank(), world_size()
     block_bytes = block_bytes or BROADCAST_BLOCK_BYTES
     state = model.state_dict(keep_vars=True)
-    groups: dict[int, list[str]] = {}
-    for name, tensor in state.items():
-        groups.setdefault(id(tensor), []).append(name)
-    for names in groups.values():
+    for names in tied_groups(model):
         target = state[names[0]]
         local = target.to_local() if isinstance(target, DTensor) else target
         source = None

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .arch import get_adapter
+from .arch import get_adapter, tied_groups
 from .config import ModelConfig
 from .errors import MinicompressError
 
@@ -343,6 +343,12 @@ def safetensors_files(folder: str | Path) -> dict[str, Path]:
     raise MinicompressError(f"{folder} has no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
 
 
+def has_safetensors(folder: str | Path) -> bool:
+    """Whether ``folder`` holds ``model.safetensors`` or ``model.safetensors.index.json``."""
+    folder = Path(folder)
+    return (folder / SAFETENSORS_FILE).is_file() or (folder / SAFETENSORS_INDEX).is_file()
+
+
 class SafetensorsWeights(Mapping):
     """The tensors of a local safetensors checkpoint by name, each read from disk when asked for.
 
@@ -382,21 +388,13 @@ class SafetensorsWeights(Mapping):
         return len(self.files)
 
 
-def _tied_groups(model: torch.nn.Module) -> list[list[str]]:
-    """State-dict names grouped by the tensor they name (a tied ``lm_head`` shares the embedding's)."""
-    groups: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
-    return list(groups.values())
-
-
 def _lazy_weights(model: torch.nn.Module, folder: Path) -> SafetensorsWeights | None:
     """The checkpoint's tensors, when every state-dict entry of ``model`` is in it by name
     (any one name of a tied group) with the right shape; else None (transformers renames
     or converts something on load)."""
     weights = SafetensorsWeights(folder)
     state = model.state_dict(keep_vars=True)
-    for names in _tied_groups(model):
+    for names in tied_groups(model):
         found = next((n for n in names if n in weights.files), None)
         if found is None or weights.shape(found) != tuple(state[names[0]].shape):
             return None
@@ -442,13 +440,12 @@ def load_model_on_rank0(config: ModelConfig | str, *, for_training: bool = False
     config = dataclasses.replace(config, device="cpu")
     dtype = TORCH_DTYPES[config.dtype]
     main = distributed.is_main()
-    weights, loaded, payload = None, None, None
+    weights, loaded, payload, folder = None, None, None, None
     if main:
         try:
             folder = local_folder(config.source)
             hf_config = None
-            if folder is not None and folder.is_dir() and (folder / "config.json").is_file() and (
-                    (folder / SAFETENSORS_FILE).is_file() or (folder / SAFETENSORS_INDEX).is_file()):
+            if folder is not None and (folder / "config.json").is_file() and has_safetensors(folder):
                 hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=config.trust_remote_code)
                 if getattr(hf_config, "quantization_config", None) is not None:
                     hf_config = None  # quantized weights: transformers must dequantise them
@@ -469,7 +466,7 @@ def load_model_on_rank0(config: ModelConfig | str, *, for_training: bool = False
     model.train(for_training)
     if main:
         if loaded is None:
-            weights = _lazy_weights(model, local_folder(config.source))
+            weights = _lazy_weights(model, folder)
             if weights is None:
                 log.info("%s: tensor names differ from the model's; loading it whole on rank 0", config.source)
                 loaded, _ = load_model(config, for_training=for_training)

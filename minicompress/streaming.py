@@ -42,9 +42,10 @@ from safetensors import safe_open
 
 from .arch import get_adapter, head_dim, num_kv_heads
 from .errors import MinicompressError
-from .outputs import atomic_folder, check_output, provenance, write_model_card, write_provenance
 from .models import SAFETENSORS_FILE as SINGLE_FILE
 from .models import SAFETENSORS_INDEX as INDEX_FILE
+from .models import has_safetensors
+from .outputs import atomic_folder, check_output, provenance, write_model_card, write_provenance
 from .prune import PrunePlan, check_shapes_match_config, slice_parameter
 
 DEFAULT_MAX_SHARD_BYTES = 512 << 20
@@ -87,12 +88,6 @@ class _Entry:
         for d in self.source_shape:
             n *= d
         return n * self.dtype.itemsize
-
-
-def has_safetensors(folder: str | Path) -> bool:
-    """Whether ``folder`` holds ``model.safetensors`` or ``model.safetensors.index.json``."""
-    folder = Path(folder)
-    return (folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()
 
 
 def streaming_source(source: str) -> Path:
