@@ -677,6 +677,8 @@ def _prune_setup(p: argparse.ArgumentParser) -> None:
     config_flag(p, "--search-distill-tokens", key="search_distill_tokens",
                 help="training tokens of each candidate's short distillation (default 64K; settings: "
                      "search_recover.<key>=value)")
+    config_flag(p, "--resume", key="resume", action="store_const", const=True,
+                help="--target-params: continue an interrupted search from <output>.partial")
     config_flag(p, "--streaming", key="streaming", action="store_const", const=True,
                 help="prune a local safetensors checkpoint one tensor at a time without loading it "
                      "(needs --scores and explicit sizes or --drop-layers)")
@@ -1013,7 +1015,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             _quiet_transformers(getattr(args, "verbose", False))
-            return run_command(SUBCOMMANDS[args._subcommand].run, args)
+            status = run_command(SUBCOMMANDS[args._subcommand].run, args)
+        if status == 0 and "torch" in sys.modules:  # under torchrun: leave the process group together
+            from .distributed import finish
+
+            finish()
+        return status
     finally:
         if previous_threads is not None:
             import torch

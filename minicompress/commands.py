@@ -8,13 +8,15 @@ themselves. Every output folder is written atomically with its provenance record
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,8 +26,10 @@ from .config import PruneConfig, ScoreConfig
 from .data import iterate_batches, load_sequences, sample_calibration
 from .errors import MinicompressError
 from .hardware import resolve_autocast
+from .checkpoint import working_folder
 from .models import load_config, load_model, load_model_on_rank0, resolve_device
-from .outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
+from .outputs import (atomic_folder, check_output, provenance, read_provenance, write_json_atomic, write_model_card,
+                      write_provenance)
 from .progress import progress_bar
 from .prune import (apply_plan_, make_plan, pruned_copy, row_target, search_architecture, validate_target,
                     zero_shot_ranking)
@@ -175,24 +179,38 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
     original_params = count_parameters(model.config)
 
     score_config = dataclasses.replace(config.score, model=config.model, data=config.data, output=None)
+    work = _search_working_folder(config)
     if config.scores is not None:
         scores = ImportanceScores.load(config.scores)
+    elif work is not None and (work / "scores").is_dir():
+        scores = ImportanceScores.load(work / "scores")
+        log.info("search: resuming from %s (scores, %s)", work,
+                 "candidate table" if (work / SEARCH_FILE).is_file() else "no candidates yet")
     else:
         scores = score(score_config, model=model, tokenizer=tokenizer)
+        if work is not None:
+            (work / "scores").mkdir()
+            scores.save(work / "scores")
 
     search_table = None
     if target.target_params is not None:
-        batches, _ = calibration_batches(dataclasses.replace(score_config, num_samples=config.search_batches * 2,
-                                                              batch_size=2, layer_scores=False), tokenizer)
-        with progress_bar("search", None, unit="cand") as bar:
-            chosen, search_table = search_architecture(model, scores, target.target_params, batches,
-                                                       layer_metric=target.layer_metric,
-                                                       width_multiple=target.width_multiple,
-                                                       finalists=max(6, config.search_distill_candidates),
-                                                       progress=bar)
+        if work is not None and (work / SEARCH_FILE).is_file():
+            search_table = json.loads((work / SEARCH_FILE).read_text())
+        else:
+            batches, _ = calibration_batches(dataclasses.replace(score_config, num_samples=config.search_batches * 2,
+                                                                  batch_size=2, layer_scores=False), tokenizer)
+            with progress_bar("search", None, unit="cand") as bar:
+                _, search_table = search_architecture(model, scores, target.target_params, batches,
+                                                      layer_metric=target.layer_metric,
+                                                      width_multiple=target.width_multiple,
+                                                      finalists=max(6, config.search_distill_candidates),
+                                                      progress=bar)
+        save_table = None if work is None else (lambda: write_json_atomic(work / SEARCH_FILE, search_table))
+        if save_table is not None:
+            save_table()
         best = zero_shot_ranking(search_table)[0]
         if config.search_distill_candidates:
-            best = distill_candidates(config, model, tokenizer, scores, search_table)
+            best = distill_candidates(config, model, tokenizer, scores, search_table, on_candidate=save_table)
         chosen = row_target(best)
         for row in search_table:
             row["chosen"] = row is best
@@ -225,17 +243,64 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                 **(record_extra or {}))
             write_provenance(tmp, record)
             write_model_card(tmp, record)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     if config.output is not None:
         distributed.barrier()
         report["output"] = str(config.output)
     return report
 
 
+#: the candidate table of an architecture search in progress (in ``<output>.partial``)
+SEARCH_FILE = "search.json"
+_SEARCH_STATE = "search-state.json"
+#: prune settings that change nothing an interrupted search has already computed
+_SEARCH_RESUME_FREE_KEYS = ("output", "overwrite", "resume")
+
+
+def _search_digest(config: PruneConfig) -> str:
+    basis = {k: v for k, v in dataclasses.asdict(config).items() if k not in _SEARCH_RESUME_FREE_KEYS}
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _search_working_folder(config: PruneConfig) -> Path | None:
+    """The folder that keeps an architecture search's progress, ready to use, or None.
+
+    A ``target_params`` prune with an output, in one process, keeps its scores and its
+    candidate table (each distilled candidate's row as soon as it is done) in
+    ``<output>.partial``; ``resume`` continues from there, skipping what is done. The
+    folder is deleted once the output is written.
+
+    Raises:
+        MinicompressError: progress of an interrupted search is there and neither
+            ``resume`` nor ``overwrite`` is set, or ``resume`` finds other settings
+            without ``overwrite`` (with it, the search starts over).
+    """
+    if config.target.target_params is None or config.output is None or distributed.world_size() > 1:
+        return None
+    work = working_folder(config.output)
+    state = work / _SEARCH_STATE
+    digest = _search_digest(config)
+    if state.is_file() and config.resume:
+        if json.loads(state.read_text()).get("digest") == digest:
+            return work
+        if not config.overwrite:
+            raise MinicompressError(f"resume: {work} holds a search with other settings; pass --overwrite to "
+                                    "start over")
+    if state.is_file() and not config.overwrite:
+        raise MinicompressError(f"resume: {work} holds the progress of an interrupted architecture search; "
+                                "pass --resume to continue it or --overwrite to start over")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    write_json_atomic(state, {"digest": digest, "command": "prune"})
+    return work
+
+
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def distill_candidates(config: PruneConfig, model, tokenizer, scores: ImportanceScores,
-                       table: list[dict[str, Any]]) -> dict[str, Any]:
+                       table: list[dict[str, Any]], *, on_candidate: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Minitron's choice (arXiv 2407.14679, sec. 4): distil the best zero-shot candidates
     briefly and keep the one with the lowest held-out KL to the original.
 
@@ -254,7 +319,9 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
         scores: its importance scores.
         table: the search table of :func:`~minicompress.prune.search_architecture`;
             distilled rows gain ``kl_before``, ``distill_kl``, ``distill_perplexity``,
-            ``prefill_tokens_per_s`` and ``decode_tokens_per_s``.
+            ``prefill_tokens_per_s`` and ``decode_tokens_per_s``. Rows that have them
+            already (a resumed search) are not distilled again.
+        on_candidate: called after each candidate is distilled (the prune saves the table).
 
     Returns:
         The chosen row (lowest ``distill_kl``; ties: the better zero-shot loss).
@@ -275,6 +342,9 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     parent = Path(config.output).expanduser().parent if config.output is not None else None
     try:
         for i, row in enumerate(finalists):
+            if "distill_kl" in row:
+                log.info("search: candidate %d/%d was distilled before the interruption", i + 1, len(finalists))
+                continue
             log.info("search: distilling candidate %d/%d (h/q/kv/ffn/L %s/%s/%s/%s/%s, %s) on %s tokens", i + 1,
                      len(finalists), *(row[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
                                                         "intermediate_size", "num_hidden_layers")),
@@ -292,6 +362,8 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
                        prefill_tokens_per_s=speed["prefill_tokens_per_s"],
                        decode_tokens_per_s=speed["decode_tokens_per_s"])
             del student
+            if on_candidate is not None:
+                on_candidate()
     finally:
         for param, flag in state:
             param.requires_grad_(flag)

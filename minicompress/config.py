@@ -255,6 +255,8 @@ class PruneConfig:
         search_batches: calibration batches for ranking candidate architectures.
         output: folder for the pruned HF model.
         overwrite: replace an existing output.
+        resume: continue an interrupted ``target_params`` search from ``<output>.partial``
+            (its scores and every candidate distilled before the interruption).
         streaming: prune a local safetensors checkpoint one tensor at a time without
             loading the model (needs ``scores`` and explicit sizes / ``drop_layers``).
         search_distill_candidates: ``target_params`` only: distil this many of the best
@@ -276,6 +278,7 @@ class PruneConfig:
     search_batches: int = 4
     output: str | None = None
     overwrite: bool = False
+    resume: bool = False
     streaming: bool = False
     search_distill_candidates: int = 4
     search_distill_tokens: int = 65536

@@ -76,14 +76,17 @@ def init_from_env() -> int:
     return world
 
 
-def _destroy() -> None:
-    """Leave the process group together (at exit, on every rank).
+def finish() -> None:
+    """Leave the process group together after a command succeeded (every rank calls it).
 
-    A gloo peer that exits while this process still holds its connections can make gloo's
-    I/O thread abort this process ("terminate called without an active exception", seen
-    as SIGABRT after a finished run). So every rank waits for the others (barrier), tears
-    its group down, then counts itself out on the rendezvous store and leaves only when
-    every rank has (at most 60 s).
+    A gloo peer that exits while another still holds its connections (or pending work)
+    can make the other's gloo threads abort it at teardown ("terminate called without an
+    active exception", SIGABRT after a finished run). So every rank waits for the others
+    (barrier), tears its group down, then counts itself out on the rendezvous store and
+    leaves only when every rank has (at most 60 s). ``minicompress`` calls it when a
+    command returns 0; Python callers under torchrun call it at the end of their script.
+    A failed rank must not call it: the barrier would wait for peers that are still in
+    the collective the failed rank left (the ``atexit`` hook only tears down instead).
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -96,8 +99,18 @@ def _destroy() -> None:
         while store.add(_EXIT_KEY, 0) < world and time.monotonic() < deadline:
             time.sleep(0.01)
     except Exception:  # noqa: BLE001 - a peer already gone (or the store with it): nothing left to wait for
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _destroy()
+
+
+def _destroy() -> None:
+    """At exit: tear the process group down without waiting for anyone.
+
+    Reached after :func:`finish` (then a no-op) or on a failed rank, which must exit at
+    once so that torchrun sees the failure and stops the other ranks (a barrier here would
+    hang them all until the collective timeout).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 _EXIT_KEY = "minicompress/exited"

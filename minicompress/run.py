@@ -370,7 +370,8 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
         log.info("stage %d (%s): pruning %s", index + 1, stage.name, previous.source)
         prune_config = PruneConfig(model=previous, data=config.data, score=config.score,
                                    target=_stage_target(stage.target, original_total),
-                                   search_batches=config.search_batches, output=str(pruned))
+                                   search_batches=config.search_batches, output=str(pruned),
+                                   resume=True, overwrite=True)  # a search of other settings starts over
         commands.prune(prune_config, record_extra=extra)
     if stage.tokens:
         teacher = config.model if stage.teacher == "original" or index == 0 else previous

@@ -132,6 +132,75 @@ def test_prune_search_distils_the_best_candidates_and_keeps_the_lowest_kl(tmp_pa
     assert not list(tmp_path.glob(".search-*"))  # the distilled candidates are not kept
 
 
+def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, tiny_model_dir, text_corpus,
+                                                                     monkeypatch, capsys):
+    """Killed during its second candidate's distillation, the search keeps the scores and the
+    first candidate in ``<output>.partial``; ``--resume`` scores nothing again, distils only
+    the second candidate and writes what an uninterrupted search writes."""
+    from safetensors.torch import load_file
+
+    from minicompress import commands, distill
+
+    model_dir = tiny_model_dir("llama", num_hidden_layers=4)
+    real_recover, real_score = distill.recover, commands.score
+    calls = {"recover": 0, "score": 0}
+
+    def counting_score(*args, **kwargs):
+        calls["score"] += 1
+        return real_score(*args, **kwargs)
+
+    def recover(*args, kill_at=None, **kwargs):
+        calls["recover"] += 1
+        if calls["recover"] == kill_at:
+            raise RuntimeError("killed")
+        return real_recover(*args, **kwargs)
+
+    monkeypatch.setattr(commands, "score", counting_score)
+
+    def prune_args(out):
+        return ["prune", "--model", str(model_dir), "--data", str(text_corpus), "--seq-len", "16",
+                "--num-samples", "8", "--batch-size", "4", "--loss-samples", "4", "--target-params", "0.7",
+                "--search-batches", "2", "--width-multiple", "8", "--search-distill-candidates", "2",
+                "--search-distill-tokens", "128", "--output", str(out), *SEARCH_RECOVER]
+
+    monkeypatch.setattr(distill, "recover", recover)
+    assert main(prune_args(tmp_path / "whole")) == 0
+    assert calls == {"recover": 2, "score": 1} and not (tmp_path / "whole.partial").exists()
+
+    out, calls["recover"], calls["score"] = tmp_path / "resumed", 0, 0
+    monkeypatch.setattr(distill, "recover", lambda *a, **k: recover(*a, kill_at=2, **k))
+    with pytest.raises(RuntimeError, match="killed"):
+        main(prune_args(out))
+    work = tmp_path / "resumed.partial"
+    assert not out.exists() and (work / "scores" / "scores.safetensors").is_file()
+    assert sum("distill_kl" in r for r in json.loads((work / "search.json").read_text())) == 1
+    capsys.readouterr()
+    assert main(prune_args(out)) == 2  # neither --resume nor --overwrite
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and err.count("\n") == 1
+    assert main(prune_args(out) + ["--search-batches", "3", "--resume"]) == 2  # other settings
+    assert "other settings" in capsys.readouterr().err and (work / "search.json").is_file()
+
+    calls["recover"], calls["score"] = 0, 0
+    monkeypatch.setattr(distill, "recover", recover)
+    assert main(prune_args(out) + ["--resume"]) == 0
+    assert calls == {"recover": 1, "score": 0} and not work.exists()
+    speed = ("prefill_tokens_per_s", "decode_tokens_per_s")
+    whole, resumed = (json.loads((tmp_path / name / "search.json").read_text()) for name in ("whole", "resumed"))
+    assert [{k: v for k, v in r.items() if k not in speed} for r in resumed] == \
+        [{k: v for k, v in r.items() if k not in speed} for r in whole]
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    # --overwrite without --resume starts over
+    monkeypatch.setattr(distill, "recover", lambda *a, **k: recover(*a, kill_at=calls["recover"] + 1, **k))
+    with pytest.raises(RuntimeError, match="killed"):
+        main(prune_args(tmp_path / "again"))
+    monkeypatch.setattr(distill, "recover", recover)
+    calls["score"] = 0
+    assert main(prune_args(tmp_path / "again") + ["--overwrite"]) == 0 and calls["score"] == 1
+
+
 def test_search_keeps_the_candidate_with_the_lowest_distilled_kl(tmp_path, tiny_model_dir, text_corpus,
                                                                   monkeypatch):
     """The choice, with the distillation replaced by chosen KLs; 0 candidates: the zero-shot choice."""
