@@ -146,7 +146,12 @@ def run_name(way: str, sweep_key: str | None, value: str | None) -> str:
     return f"{name}-{sweep_key.replace('.', '_')}{value}" if sweep_key else name
 
 
-def plot(results: dict, teacher_ppl: float, path: Path, title: str) -> None:
+def target_factor(student_parameters: int, teacher_parameters: int) -> float:
+    """Issue 9's target: within 1.2x the teacher's perplexity at 70% of its size, 1.5x at 50%."""
+    return 1.2 if student_parameters >= 0.6 * teacher_parameters else 1.5
+
+
+def plot(results: dict, teacher_ppl: float, path: Path, title: str, target: float = 1.5) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +168,7 @@ def plot(results: dict, teacher_ppl: float, path: Path, title: str) -> None:
             axes[2].plot([r["tokens"] for r in held if kl_key in r], [r[kl_key] for r in held if kl_key in r],
                          marker=".", label=f"{name} ({kl_key[5:]})")
     axes[0].axhline(teacher_ppl, color="k", ls="--", lw=1, label=f"teacher {teacher_ppl:.1f}")
-    axes[0].axhline(1.5 * teacher_ppl, color="gray", ls=":", lw=1, label="1.5x teacher")
+    axes[0].axhline(target * teacher_ppl, color="gray", ls=":", lw=1, label=f"{target}x teacher (target)")
     axes[0].set(title="WikiText-2 test perplexity (16k tokens)", xlabel="tokens", yscale="log")
     axes[1].set(title="WikiText-2 KL(teacher || student)", xlabel="tokens", yscale="log")
     axes[2].set(title="held-out corpus KL (as trained against)", xlabel="tokens", yscale="log")
@@ -209,7 +214,8 @@ def main() -> None:
     if args.render:
         record = json.loads(out_json.read_text())
         render(record, console)
-        plot(record["runs"], record["teacher_wikitext_perplexity"], out_json.with_suffix(".png"), record["title"])
+        plot(record["runs"], record["teacher_wikitext_perplexity"], out_json.with_suffix(".png"), record["title"],
+             target_factor(record["student_parameters"], record["teacher_parameters"]))
         return
     base_dir = Path(args.workdir) / tag
     base_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +247,8 @@ def main() -> None:
     def save_record() -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(record, indent=2) + "\n")
-        plot(results, teacher_ppl, out_json.with_suffix(".png"), record["title"])
+        plot(results, teacher_ppl, out_json.with_suffix(".png"), record["title"],
+             target_factor(record["student_parameters"], record["teacher_parameters"]))
 
     for way in args.ways.split(","):
         spec = WAYS[way]
