@@ -116,6 +116,8 @@ def parse_args() -> argparse.Namespace:
                    help="time only lm_head + loss + backward on fixed hidden states (Liger's own benchmark setup)")
     p.add_argument("--append", action="store_true", help="keep the other models' results already in --output")
     p.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
+    p.add_argument("--without-bf16", action="store_true",
+                   help="--mode defaults: time the defaults of a CPU without native bf16 (autocast resolves to none)")
     p.add_argument("--mode", default="variants", choices=("variants", "defaults"),
                    help="variants: ours vs naive vs Liger (issue 4); defaults: default step vs the float32 step")
     return p.parse_args()
@@ -456,7 +458,7 @@ def bench_defaults(args, console: Console) -> dict:
     from minicompress.models import TORCH_DTYPES
 
     defaults = RecoverConfig(teacher=None, loss=LossConfig(kl_weight=0.0, ce_weight=1.0))
-    precision = describe_precision(defaults.autocast, "cpu")
+    precision = describe_precision("none" if args.without_bf16 else defaults.autocast, "cpu")
     auto = precision["resolved"]
     teacher_dtype = "bfloat16" if auto == "bfloat16" else "float32"
     teacher, student, tokenizer = load_pair("smollm2-135m", args.student, args.perturb)
