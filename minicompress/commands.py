@@ -8,7 +8,6 @@ themselves. Every output folder is written atomically with its provenance record
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -25,11 +24,11 @@ from .arch import count_parameters, describe
 from .config import PruneConfig, ScoreConfig
 from .data import iterate_batches, load_sequences, sample_calibration
 from .errors import MinicompressError
-from .hardware import resolve_autocast
 from .checkpoint import working_folder
+from .hardware import resolve_autocast
 from .models import load_config, load_model, load_model_on_rank0, resolve_device
-from .outputs import (atomic_folder, check_output, provenance, read_provenance, write_json_atomic, write_model_card,
-                      write_provenance)
+from .outputs import (atomic_folder, check_output, provenance, read_provenance, settings_digest, write_json_atomic,
+                      write_model_card, write_provenance)
 from .progress import progress_bar
 from .prune import (apply_plan_, make_plan, pruned_copy, row_target, search_architecture, validate_target,
                     zero_shot_ranking)
@@ -194,6 +193,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
 
     search_table = None
     if target.target_params is not None:
+        save_table = None if work is None else (lambda: write_json_atomic(work / SEARCH_FILE, search_table))
         if work is not None and (work / SEARCH_FILE).is_file():
             search_table = json.loads((work / SEARCH_FILE).read_text())
         else:
@@ -205,9 +205,8 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                                       width_multiple=target.width_multiple,
                                                       finalists=max(6, config.search_distill_candidates),
                                                       progress=bar)
-        save_table = None if work is None else (lambda: write_json_atomic(work / SEARCH_FILE, search_table))
-        if save_table is not None:
-            save_table()
+            if save_table is not None:
+                save_table()
         best = zero_shot_ranking(search_table)[0]
         if config.search_distill_candidates:
             best = distill_candidates(config, model, tokenizer, scores, search_table, on_candidate=save_table)
@@ -259,8 +258,7 @@ _SEARCH_RESUME_FREE_KEYS = ("output", "overwrite", "resume")
 
 
 def _search_digest(config: PruneConfig) -> str:
-    basis = {k: v for k, v in dataclasses.asdict(config).items() if k not in _SEARCH_RESUME_FREE_KEYS}
-    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+    return settings_digest({k: v for k, v in dataclasses.asdict(config).items() if k not in _SEARCH_RESUME_FREE_KEYS})
 
 
 def _search_working_folder(config: PruneConfig) -> Path | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -68,6 +69,12 @@ def atomic_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    """sha256 of a settings dict (keys sorted; values JSON or their ``str``): a resumed run
+    compares it with the digest its interrupted run saved."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -47,7 +46,7 @@ from typing import Any, Callable
 from .arch import count_parameters, describe, get_adapter, head_dim, num_kv_heads
 from .config import ModelConfig, PruneConfig, RecoverConfig, RunConfig, TargetConfig, build_config, to_dict
 from .errors import ConfigError, MinicompressError
-from .outputs import provenance, read_provenance, write_json_atomic, write_provenance
+from .outputs import provenance, read_provenance, settings_digest, write_json_atomic, write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +330,7 @@ def _stage_digest(config: RunConfig, index: int) -> str:
         stages.append(entry)
     basis = {"model": to_dict(config.model), "data": to_dict(config.data), "score": to_dict(config.score),
              "search_batches": config.search_batches, "stages": stages}
-    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()
+    return settings_digest(basis)
 
 
 def _prepare_folder(out: Path, config: RunConfig, plan: dict[str, Any]) -> None:
