@@ -30,7 +30,7 @@ import torch
 
 from minicompress.config import DataConfig, ModelConfig
 from minicompress.data import bos_token_id, load_token_stream
-from minicompress.evaluate import eval_windows, evaluate_perplexity, measure_speed
+from minicompress.evaluation import eval_windows, evaluate_perplexity, measure_speed
 from minicompress.measure import PeakMemory
 from minicompress.models import load_model
 from minicompress.outputs import versions, write_json_atomic

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from minicompress.config import build_config, RunConfig
-from minicompress.run import run
+from minicompress.recipes.run import run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"

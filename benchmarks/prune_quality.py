@@ -29,11 +29,12 @@ from rich.table import Table
 
 from minicompress.arch import count_parameters, decoder_layers
 from minicompress.config import DataConfig, ScoreConfig
-from minicompress.commands import calibration_batches
+from minicompress.recipes.score import calibration_batches
 from minicompress.data import load_token_stream
-from minicompress.evaluate import eval_windows, evaluate_perplexity
+from minicompress.evaluation import eval_windows, evaluate_perplexity
 from minicompress.models import load_model
-from minicompress.prune import make_plan, pruned_copy, search_architecture
+from minicompress.prune import make_plan, pruned_copy
+from minicompress.search import search_architecture
 from minicompress.scoring import ImportanceScores, score_model
 
 ROOT = Path(__file__).resolve().parent.parent

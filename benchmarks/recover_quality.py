@@ -15,7 +15,7 @@ token budget (``--tokens``). The ways (``--ways``):
 ``--sweep key=v1,v2,...`` runs every way once per value of a ``RecoverConfig`` key (e.g.
 ``lr``, ``global_batch_tokens``, ``data.seq_len``); ``--set key=value`` fixes one for all.
 
-Every run is a plain ``distill.recover`` with checkpoints, so a killed benchmark resumes
+Every run is a plain ``recover`` with checkpoints, so a killed benchmark resumes
 where it stopped: run the same command again (runs, checkpoints, caches and curves live under
 ``--workdir``, default ``~/.cache/minicompress/runs/recover_quality``; finished runs are
 skipped). At every evaluation (``--eval-every`` steps, also a checkpoint) the student is
@@ -47,17 +47,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from minicompress import distill
+from minicompress.recipes import recover as recover_recipe
 from minicompress.arch import count_parameters
 from minicompress.checkpoint import latest_checkpoint, working_folder
 from minicompress.config import DataConfig, ModelConfig, RecoverConfig, TeacherCacheConfig, build_config, \
     parse_overrides, to_dict
 from minicompress.data import bos_token_id, load_token_stream
-from minicompress.evaluate import eval_windows, evaluate_perplexity
+from minicompress.evaluation import eval_windows, evaluate_perplexity
 from minicompress.hardware import describe_precision
 from minicompress.metrics import held_out_kl_key, read_metrics
 from minicompress.models import load_model
-from minicompress.teacher_cache import write_teacher_cache
+from minicompress.recipes.teacher_cache import write_teacher_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -317,7 +317,7 @@ def main() -> None:
             console.log(f"{name}: {'resuming at ' + format(done_tokens, ',') if done_tokens else 'starting'}"
                         f" ({tokens:,} tokens, eval every {eval_every} steps)")
             t0 = time.perf_counter()
-            rec = distill.recover(cfg, student=student, teacher=None if spec.get("cache") else teacher,
+            rec = recover_recipe.recover(cfg, student=student, teacher=None if spec.get("cache") else teacher,
                                   tokenizer=tokenizer, callback=callback)
             res.update(seconds=rec["seconds"], train_tokens_per_s=rec["tokens_per_s"], metrics=rec["metrics"])
             console.log(f"{name}: done in {(time.perf_counter() - t0) / 60:.1f} min")

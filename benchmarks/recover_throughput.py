@@ -8,7 +8,7 @@ batch, side by side in one process, for
 
 Variants:
 
-* ``ours``: the library's recovery step, :func:`minicompress.distill.micro_batch_loss` over
+* ``ours``: the library's recovery step, :func:`minicompress.train.micro_batch_loss` over
   micro batches of ``--micro-batch-size`` sequences with gradient accumulation (what
   ``minicompress recover --micro-batch-size M`` runs): final hidden states of both models +
   :func:`minicompress.losses.chunked_distill_loss` (fused lm_head + KL with the closed-form
@@ -46,7 +46,7 @@ default, the float32 live-teacher step (micro batches of 1 and of 8), the bf16 s
 eager layers (the default before ``compile: auto``), and the same fed by a sampled teacher
 cache (no teacher forward), eager and compiled, all on ``--student`` in one process,
 interleaved (compiled variants use a deep copy of the models whose decoder layers went
-through :func:`minicompress.distill.compile_layers_`; same weights, lr 0, so every
+through :func:`minicompress.train.compile_layers_`; same weights, lr 0, so every
 variant's loss must agree). It also measures this machine's GEMM rate in bf16 and float32 and
 reports each variant's share of the FLOP limit ``(2 N_teacher + 6 N_student)`` per token
 (``6 N_student`` with a cache). Writes ``benchmarks/out/recover_defaults.json``.
@@ -77,8 +77,8 @@ from minicompress import arch
 from minicompress.config import DataConfig
 from minicompress.data import load_sequences
 from minicompress.config import LossConfig
-from minicompress.distill import _make_optimizer, compile_layers_, count_targets, micro_batch_loss, shift_labels
-from minicompress.evaluate import autocast_context
+from minicompress.train import make_optimizer, compile_layers_, count_targets, micro_batch_loss, shift_labels
+from minicompress.runtime import autocast_context
 from minicompress.losses import chunked_distill_loss
 from minicompress.measure import PeakMemory, release_free_heap
 from minicompress.models import load_model
@@ -291,7 +291,7 @@ def bench_model(name: str, args, console: Console) -> dict:
     teacher, student, tokenizer = load_pair(name, args.student if name.startswith("smollm") else None, args.perturb)
     ids = load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
                                     max_tokens=batch * args.seq_len * 4), tokenizer)[:batch]
-    optimizer = _make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
+    optimizer = make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
     extra_chunks = tuple(int(c) for c in args.ours_chunks.split(",") if c)
     wanted = args.variants.split(",") + [f"ours-chunk{c}" for c in extra_chunks]
     liger_error = None
@@ -472,7 +472,7 @@ def bench_defaults(args, console: Console) -> dict:
                                   generator=torch.Generator().manual_seed(0)).view(*ids.shape, 12)
         cached = (logp.gather(-1, draws).to(torch.bfloat16), draws)
         del logp
-    optimizer = _make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
+    optimizer = make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
     loss_cfg = LossConfig()
     normalizer = count_targets(ids)
 
@@ -480,7 +480,7 @@ def bench_defaults(args, console: Console) -> dict:
     student_c, teacher_c = copy.deepcopy(student), copy.deepcopy(teacher_low)
     compile_layers_(student_c)
     compile_layers_(teacher_c)
-    optimizer_c = _make_optimizer([p for p in student_c.parameters()], lr=0.0, weight_decay=0.0)
+    optimizer_c = make_optimizer([p for p in student_c.parameters()], lr=0.0, weight_decay=0.0)
 
     def make(autocast, t_model, mb, use_cache=False, compiled=False):
         s_model, opt = (student_c, optimizer_c) if compiled else (student, optimizer)

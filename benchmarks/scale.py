@@ -148,7 +148,7 @@ def _plan(name: str, folder: Path, args, work: Path) -> tuple[Path, dict]:
     from transformers import AutoConfig
 
     from minicompress.arch import count_parameters
-    from minicompress.commands import score
+    from minicompress.recipes.score import score
     from minicompress.config import DataConfig, ModelConfig, ScoreConfig
     from minicompress.prune import make_plan
 

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from minicompress.commands import calibration_batches
+from minicompress.recipes.score import calibration_batches
 from minicompress.config import DataConfig, ScoreConfig
 from minicompress.models import load_model
 from minicompress.scoring import ActivationScorer

@@ -13,21 +13,19 @@ minicompress`` (and the CLI's start-up) loads neither torch nor transformers:
 * ``mc.make_plan(scores, config, target)`` -> a pure :class:`~minicompress.prune.PrunePlan`
 * ``mc.apply_plan_(model, plan)`` rewrites the model in place
 * ``mc.recover(RecoverConfig(...), student=..., teacher=..., tokenizer=...)`` distils
-  (:func:`minicompress.distill.recover`)
+  (:func:`minicompress.recipes.recover.recover`)
 * ``mc.evaluate(model, tokenizer, "test.txt", teacher=...)`` -> perplexity, KL, size, speed
-  (:func:`minicompress.evaluate.evaluate`)
-* ``mc.run(RunConfig or "run.yaml")`` runs progressive stages (:func:`minicompress.run.run`)
+  (:func:`minicompress.evaluation.evaluate`)
+* ``mc.run(RunConfig or "run.yaml")`` runs progressive stages (:func:`minicompress.recipes.run.run`);
+  ``mc.dry_run(config)`` checks one without loading weights
 
 plus the configs (``mc.RecoverConfig``, ``mc.RunConfig``, ``mc.build_config`` ...) and
-``mc.count_parameters``. ``mc.evaluate`` and ``mc.run`` are modules that can be called:
-``mc.evaluate(...)`` calls ``mc.evaluate.evaluate(...)``.
+``mc.count_parameters``.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -38,11 +36,12 @@ _API = {
     "ImportanceScores": ("scoring", "ImportanceScores"),
     "make_plan": ("prune", "make_plan"),
     "apply_plan_": ("prune", "apply_plan_"),
-    "validate_target": ("prune", "validate_target"),
+    "validate_target": ("search", "validate_target"),
     "PrunePlan": ("prune", "PrunePlan"),
-    "recover": ("distill", "recover"),
-    "evaluate": ("evaluate", None),
-    "run": ("run", None),
+    "recover": ("recipes.recover", "recover"),
+    "evaluate": ("evaluation", "evaluate"),
+    "run": ("recipes.run", "run"),
+    "dry_run": ("recipes.run", "dry_run"),
     "count_parameters": ("arch", "count_parameters"),
     "build_config": ("config", "build_config"),
     "ModelConfig": ("config", "ModelConfig"),
@@ -69,18 +68,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_API))
-
-
-def _make_callable(module_name: str, function_name: str) -> None:
-    """Make module ``module_name`` callable as its function ``function_name``.
-
-    ``minicompress.evaluate`` and ``minicompress.run`` are both submodules and API
-    functions; importing a submodule rebinds the package attribute to the module, so the
-    module itself forwards calls to its function.
-    """
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return getattr(self, function_name)(*args, **kwargs)
-
-    sys.modules[module_name].__class__ = _CallableModule

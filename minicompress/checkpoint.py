@@ -25,7 +25,7 @@ import torch
 from . import distributed
 from .config import RecoverConfig, to_dict
 from .errors import MinicompressError
-from .evaluate import model_device
+from .runtime import model_device
 from .outputs import write_json_atomic
 
 LATEST_FILE = "latest.json"

@@ -384,71 +384,8 @@ def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
 # Model loading with the flag named in errors
 
 
-def load_for_flag(model_config, flag: str = "--model"):
-    """:func:`~minicompress.models.load_model`, with errors naming ``flag`` (``--teacher``)."""
-    from .models import load_model
-
-    try:
-        return load_model(model_config)
-    except MinicompressError as err:
-        message = str(err)
-        if message.startswith("--model"):
-            message = flag + message[len("--model"):]
-        elif not message.startswith("--"):
-            message = f"{flag} {model_config.source}: {message}"
-        raise MinicompressError(message) from None
-
-
 # ----------------------------------------------------------------------------------------
 # info
-
-
-PARAM_COMPONENTS = ("embedding", "lm_head", "attention", "mlp", "norms", "total", "non_embedding")
-
-
-def model_info(source: str, *, trust_remote_code: bool = False, count: bool = True) -> dict:
-    """Architecture summary and parameter breakdown of a model source.
-
-    Args:
-        source: model folder, ``.gguf`` file, Hub id or built-in name.
-        trust_remote_code: allow custom model code.
-        count: also load the weights and count unique parameters.
-
-    Returns:
-        ``{"source", "architecture", "parameters": [{component, count, percent}],
-        "closed_form_total", "counted_total", "counted_matches_closed_form"}``.
-    """
-    from .arch import describe, get_adapter
-    from .config import ModelConfig
-
-    model_config = ModelConfig(source=source, trust_remote_code=trust_remote_code)
-    from .models import load_config
-
-    config = load_config(source, trust_remote_code=trust_remote_code)
-    model = None
-    if config is not None:
-        try:
-            get_adapter(config)
-        except MinicompressError as err:
-            raise MinicompressError(f"--model {source}: {err}") from None
-    if config is None or count:
-        model, _ = load_for_flag(model_config, "--model")
-        config = model.config
-    summary = describe(config)
-    closed = summary.pop("parameters")
-    total = closed["total"]
-    rows = [{"component": k, "count": closed[k], "percent": 100.0 * closed[k] / total if total else 0.0}
-            for k in PARAM_COMPONENTS]
-    out = {"source": source, "architecture": summary, "parameters": rows, "closed_form_total": total}
-    if model is not None:
-        seen, counted = set(), 0
-        for p in model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                counted += p.numel()
-        out["counted_total"] = counted
-        out["counted_matches_closed_form"] = counted == total
-    return out
 
 
 def _info_setup(p: argparse.ArgumentParser) -> None:
@@ -469,6 +406,8 @@ def info_command(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.output, args.overwrite)
+    from .recipes.info import model_info
+
     result = model_info(args.model, trust_remote_code=args.trust_remote_code, count=not args.config_only)
     arch = dict(result["architecture"])
     render_table(f"{args.model}: architecture", arch)
@@ -485,68 +424,6 @@ def info_command(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------
 # eval
-
-
-def run_eval(cfg) -> dict:
-    """Run ``minicompress eval`` for a resolved :class:`~minicompress.config.EvalConfig`.
-
-    Returns:
-        A flat results dict: perplexity (and teacher agreement), parameters, size on
-        disk, peak memory of the perplexity run, and prefill/decode speed.
-    """
-    from . import data as data_mod
-    from .evaluate import eval_windows, evaluate_perplexity, measure_speed, model_device, parameter_summary
-    from .measure import PeakMemory
-    from .models import size_on_disk
-
-    model, tokenizer = load_for_flag(cfg.model, "--model")
-    teacher = None
-    if cfg.teacher is not None:
-        teacher, _ = load_for_flag(cfg.teacher, "--teacher")
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise MinicompressError(
-                f"--teacher: vocabulary size {teacher.config.vocab_size} differs from the model's "
-                f"{model.config.vocab_size}; KL needs the same tokenizer")
-    stream = data_mod.load_token_stream(cfg.data, tokenizer)
-    bos = data_mod.bos_token_id(tokenizer)
-    windows = eval_windows(stream, cfg.data.seq_len, cfg.stride, bos)
-    if not windows:
-        raise MinicompressError(
-            f"--seq-len: the text has only {stream.numel()} tokens, fewer than one window of {cfg.data.seq_len}")
-    log.info("evaluating %s on %d tokens: %d windows of %d", cfg.model.source, stream.numel(), len(windows),
-             cfg.data.seq_len)
-    device = model_device(model)
-    with PeakMemory(device) as mem:
-        ppl = evaluate_perplexity(model, windows, teacher=teacher, batch_size=cfg.batch_size,
-                                  autocast=cfg.autocast)
-    params = parameter_summary(model)
-    results: dict[str, Any] = {
-        "perplexity": ppl["perplexity"],
-        "nll": ppl["nll"],
-        "tokens": ppl["tokens"],
-        "windows": ppl["windows"],
-        "eval_tokens_per_s": ppl["tokens_per_s"],
-    }
-    for key in ("kl_to_teacher", "top1_agreement", "teacher_perplexity", "teacher_nll"):
-        if key in ppl:
-            results[key] = ppl[key]
-    results.update({
-        "parameters": params["total"],
-        "non_embedding_parameters": params["non_embedding"],
-        "closed_form_parameters": params["closed_form_total"],
-        "size_on_disk_bytes": size_on_disk(cfg.model.source),
-        "eval_peak_memory_bytes": mem.peak,
-        "model_type": model.config.model_type,
-    })
-    if cfg.speed:
-        speed = measure_speed(model, model.config.vocab_size, prefill_tokens=cfg.prefill_tokens,
-                              decode_tokens=cfg.decode_tokens, autocast=cfg.autocast)
-        results.update({
-            "prefill_tokens_per_s": speed["prefill_tokens_per_s"],
-            "decode_tokens_per_s": speed["decode_tokens_per_s"],
-            "speed_peak_memory_bytes": speed["peak_memory_bytes"],
-        })
-    return results
 
 
 def _eval_setup(p: argparse.ArgumentParser) -> None:
@@ -580,6 +457,8 @@ def eval_command(args: argparse.Namespace) -> int:
     cfg = build_from_args(EvalConfig, args)
     if cfg.output is not None:
         check_output(cfg.output, cfg.overwrite)
+    from .recipes.eval import run_eval
+
     results = run_eval(cfg)
     shown = dict(results)
     for key in ("size_on_disk_bytes", "eval_peak_memory_bytes", "speed_peak_memory_bytes"):
@@ -637,7 +516,7 @@ def _layer_rows(scores) -> list[dict]:
             setup=_score_setup)
 def score_command(args: argparse.Namespace) -> int:
     """``minicompress score``: Minitron activation importance, written for reuse by ``prune``."""
-    from .commands import score
+    from .recipes.score import score
     from .config import ScoreConfig
     from .distributed import is_main
 
@@ -687,7 +566,7 @@ def _prune_setup(p: argparse.ArgumentParser) -> None:
 @subcommand("prune", help="score, plan and rewrite a model into a smaller stock HF model", setup=_prune_setup)
 def prune_command(args: argparse.Namespace) -> int:
     """``minicompress prune``: writes a stock HF folder plus ``minicompress.json``."""
-    from .commands import prune
+    from .recipes.prune import prune
     from .config import PruneConfig
 
     cfg = build_from_args(PruneConfig, args, output_needed_for="prune needs a folder for the pruned model")
@@ -777,7 +656,7 @@ def _recover_setup(p: argparse.ArgumentParser) -> None:
 def recover_command(args: argparse.Namespace) -> int:
     """``minicompress recover``: knowledge-distillation recovery; writes a stock HF folder."""
     from .config import RecoverConfig
-    from .distill import recover
+    from .recipes.recover import recover
     from .distributed import is_main
 
     cfg = build_from_args(RecoverConfig, args, output_needed_for="recover needs a folder for the recovered model")
@@ -811,7 +690,7 @@ def _teacher_cache_setup(p: argparse.ArgumentParser) -> None:
 def teacher_cache_command(args: argparse.Namespace) -> int:
     """``minicompress teacher-cache``: sparse teacher targets as safetensors shards."""
     from .config import TeacherCacheConfig
-    from .teacher_cache import write_teacher_cache
+    from .recipes.teacher_cache import write_teacher_cache
 
     cfg = build_from_args(TeacherCacheConfig, args, output_needed_for="teacher-cache needs a folder for the shards")
     report = write_teacher_cache(cfg)
@@ -864,7 +743,7 @@ def _gib(n: int | None) -> str:
 def run_stages_command(args: argparse.Namespace) -> int:
     """``minicompress run CONFIG.yaml [--dry-run]``: every stage, then ``report.json/.md/.png``."""
     from .config import RunConfig
-    from .run import REPORT_JSON, dry_run, run
+    from .recipes.run import REPORT_JSON, dry_run, run
 
     if not Path(args.config).expanduser().is_file():
         raise ConfigError(f"CONFIG.yaml: file not found: {args.config}")

@@ -301,7 +301,7 @@ class PruneConfig:
 
         Args:
             output: folder the distilled candidate is written to (a temporary one).
-            teacher_dtype: the original's dtype, so :func:`~minicompress.distill.recover`
+            teacher_dtype: the original's dtype, so :func:`~minicompress.recipes.recover.recover`
                 never casts it.
 
         Raises:

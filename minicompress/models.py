@@ -501,3 +501,16 @@ def size_on_disk(source: str) -> int | None:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
+
+
+def load_for_flag(model_config, flag: str = "--model"):
+    """:func:`~minicompress.models.load_model`, with errors naming ``flag`` (``--teacher``)."""
+    try:
+        return load_model(model_config)
+    except MinicompressError as err:
+        message = str(err)
+        if message.startswith("--model"):
+            message = flag + message[len("--model"):]
+        elif not message.startswith("--"):
+            message = f"{flag} {model_config.source}: {message}"
+        raise MinicompressError(message) from None

@@ -472,7 +472,7 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
     Returns:
         :class:`ImportanceScores`.
     """
-    from .evaluate import autocast_context, model_device
+    from .runtime import autocast_context, model_device
 
     device = model_device(model)
     scorer = ActivationScorer(model, sequence_aggregation, batch_aggregation)
@@ -536,7 +536,7 @@ def layer_loss_increase(model: nn.Module, batches: list[torch.Tensor], autocast:
     Returns:
         ``(base_loss, [L] increase)``.
     """
-    from .evaluate import autocast_context, model_device
+    from .runtime import autocast_context, model_device
 
     device = model_device(model)
 

@@ -6,9 +6,9 @@ import json
 
 import yaml
 
-from minicompress.commands import prune
+from minicompress.recipes.prune import prune
 from minicompress.config import PruneConfig, RecoverConfig, build_config
-from minicompress.distill import recover
+from minicompress.recipes.recover import recover
 from minicompress.outputs import model_card
 
 

@@ -13,7 +13,7 @@ from minicompress import cli
 from minicompress.cli import flags_to_overrides, main, render_table
 from minicompress.config import DataConfig
 from minicompress.data import bos_token_id, load_token_stream
-from minicompress.evaluate import eval_windows, evaluate_perplexity
+from minicompress.evaluation import eval_windows, evaluate_perplexity
 from minicompress.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]

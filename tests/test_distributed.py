@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minicompress import checkpoint, distill
-from minicompress.commands import score
+from minicompress import checkpoint
+from minicompress.recipes import recover as recover_recipe
+from minicompress.recipes.score import score
 from minicompress.config import DataConfig, LossConfig, ModelConfig, RecoverConfig, ScoreConfig
 from minicompress.scoring import ImportanceScores
 
@@ -111,7 +112,7 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(setup):
 
     two = setup["root"] / "two"
     one = setup["root"] / "one"
-    distill.recover(dataclasses.replace(setup["config"], output=str(one)))
+    recover_recipe.recover(dataclasses.replace(setup["config"], output=str(one)))
     _assert_same_run(two, one)
     record = json.loads((two / "minicompress.json").read_text())["recovery"]
     assert record["world_size"] == 2 and record["steps"] == 4
@@ -142,7 +143,7 @@ def _killed_worker(rank: int, port: int, config: RecoverConfig, kill_after: int)
             raise _Killed
 
     try:
-        distill.recover(config, callback=kill)
+        recover_recipe.recover(config, callback=kill)
     except _Killed:
         pass
     _leave_group()
@@ -162,7 +163,7 @@ def test_two_rank_checkpoint_resumes_on_two_ranks_and_in_one_process(setup):
     saved = json.loads((checkpoint.latest_checkpoint(work) / "state.json").read_text())
     assert saved["world_size"] == 2 and saved["data_position"] == 3 * 4
 
-    result = distill.recover(config)  # one process, no process group
+    result = recover_recipe.recover(config)  # one process, no process group
     assert result["resumed_from_step"] == 3
     _assert_same_run(output, setup["root"] / "two")
     assert not work.exists()
@@ -179,7 +180,7 @@ def _rank0_reads_worker(rank: int, port: int, config: RecoverConfig) -> None:
             raise AssertionError("rank 1 read a checkpoint")
 
         models.load_model = refuse
-    distill.recover(config)
+    recover_recipe.recover(config)
     _leave_group()
 
 
@@ -300,7 +301,7 @@ def test_a_failing_rank_ends_the_torchrun_job_at_once(tmp_path):
 def test_run_under_torchrun_equals_one_process(setup, tmp_path):
     """``torchrun -m minicompress run``: every rank scores its share and prunes alike, rank 0
     writes; recovery is sharded; the final stage equals a single-process run."""
-    from minicompress.run import run
+    from minicompress.recipes.run import run
 
     folders, corpus = setup["folders"], setup["corpus"]
     recover = dict(global_batch_tokens=4 * SEQ, micro_batch_size=1, lr=1e-2, warmup_steps=1, eval_tokens=5 * SEQ,

@@ -11,9 +11,8 @@ from transformers import AutoModelForCausalLM
 from conftest import TINY_MODEL_TYPES, make_tiny_model
 from minicompress.arch import count_parameters, decoder_layers
 from minicompress.errors import MinicompressError
-from minicompress.prune import (PrunePlan, apply_plan_, candidate_targets, make_plan, plan_parameters, pruned_copy,
-                                row_target, search_architecture, search_candidates, slice_parameter,
-                                validate_target, zero_shot_ranking)
+from minicompress.prune import PrunePlan, apply_plan_, make_plan, plan_parameters, pruned_copy, slice_parameter
+from minicompress.search import candidate_targets, row_target, search_architecture, search_candidates, validate_target, zero_shot_ranking
 from minicompress.scoring import score_model
 
 SHRINK = {"hidden_size": 24, "intermediate_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1,

@@ -14,7 +14,8 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the target was checked")
 
-    monkeypatch.setattr("minicompress.commands.load_model", refuse)
+    monkeypatch.setattr("minicompress.recipes.prune.load_model", refuse)
+    monkeypatch.setattr("minicompress.recipes.score.load_model", refuse)
 
 
 def _prune(model_dir, tmp_path, *flags) -> list[str]:

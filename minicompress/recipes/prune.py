@@ -19,104 +19,21 @@ from typing import Any, Callable
 
 import torch
 
-from . import distributed
-from .arch import count_parameters, describe
-from .config import PruneConfig, ScoreConfig
-from .data import iterate_batches, load_sequences, sample_calibration
-from .errors import MinicompressError
-from .checkpoint import working_folder
-from .hardware import resolve_autocast
-from .models import load_config, load_model, load_model_on_rank0, resolve_device
-from .outputs import (atomic_folder, check_output, provenance, read_provenance, settings_digest, write_json_atomic,
+from .. import distributed
+from ..arch import count_parameters, describe
+from ..config import PruneConfig
+from ..errors import MinicompressError
+from ..checkpoint import working_folder
+from ..models import load_config, load_model
+from ..outputs import (atomic_folder, check_output, provenance, read_provenance, settings_digest, write_json_atomic,
                       write_model_card, write_provenance)
-from .progress import progress_bar
-from .prune import (apply_plan_, make_plan, pruned_copy, row_target, search_architecture, validate_target,
-                    zero_shot_ranking)
-from .scoring import ImportanceScores, score_model
+from ..progress import progress_bar
+from ..prune import apply_plan_, make_plan, pruned_copy
+from ..search import row_target, search_architecture, validate_target, zero_shot_ranking
+from ..scoring import ImportanceScores
+from .score import calibration_batches, score
 
 log = logging.getLogger(__name__)
-
-
-def calibration_batches(config: ScoreConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Calibration batches for scoring and the (smaller) batches for the layer-loss score.
-
-    Returns:
-        ``(batches, loss_batches)``: lists of ``[B, L]`` tensors.
-    """
-    data = config.data
-    if data.max_tokens is None:  # read only what the samples need (with slack for shuffling)
-        data = dataclasses.replace(data, max_tokens=max(config.num_samples * data.seq_len * 4, 1 << 20))
-    sequences = sample_calibration(load_sequences(data, tokenizer), config.num_samples, data.seed)
-    if sequences.shape[0] < config.num_samples:
-        log.warning("calibration: only %d sequences of %d tokens available (asked for %d)",
-                    sequences.shape[0], data.seq_len, config.num_samples)
-    batches = list(iterate_batches(sequences, config.batch_size))
-    loss_batches = list(iterate_batches(sequences[: config.loss_samples], config.batch_size)) \
-        if config.layer_scores and config.loss_samples else []
-    return batches, loss_batches
-
-
-def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScores:
-    """Score a model on calibration data; write the scores if ``config.output`` is set.
-
-    Args:
-        config: the score configuration.
-        model: an already loaded model (else ``config.model`` is loaded).
-        tokenizer: its tokenizer.
-
-    Under torchrun the model is sharded with FSDP2 (rank 0 alone reads the weights, every
-    rank keeps ``1 / world_size`` of them, a layer is gathered only while it runs), each rank
-    scores every ``world_size``-th calibration batch and the running sums are all-reduced
-    (``score_model(reduce=...)``), so each rank holds the single-process scores; rank 0
-    alone writes them. A model too large for one device is scored this way. An in-memory
-    ``model`` is scored whole on every rank (data parallel only).
-
-    Returns:
-        :class:`~minicompress.scoring.ImportanceScores`.
-    """
-    world = distributed.init_from_env()
-    if config.output is not None:
-        check_output(config.output, config.overwrite)
-    if config.data.source is None:
-        raise MinicompressError("--data: scoring needs calibration text (never the evaluation split)")
-    sharded = model is None and world > 1
-    if sharded:
-        model, tokenizer, weights = load_model_on_rank0(config.model)
-        device = resolve_device(config.model.device)
-        distributed.shard_model(model, device=device, from_rank0=True, weights=weights,
-                                mixed_precision=resolve_autocast(config.autocast, device) == "bfloat16")
-        del weights
-    elif model is None:
-        model, tokenizer = load_model(config.model)
-    batches, loss_batches = calibration_batches(config, tokenizer)
-    n = sum(b.shape[0] for b in batches)
-    reduce = None
-    if world > 1:  # this rank's share; None: no layer-loss score on any rank
-        if len(batches) < world:
-            raise MinicompressError(f"num_samples: {n} samples make {len(batches)} batches of batch_size "
-                                    f"{config.batch_size}, fewer than the {world} ranks; lower batch_size")
-        rank = distributed.rank()
-        shares = [batches[rank::world], loss_batches[rank::world] if loss_batches else None]
-        if sharded:  # the same number of forwards on every rank: pad the shorter shares with idle ones
-            for share, whole in zip(shares, (batches, loss_batches)):
-                if share is not None:
-                    share += [None] * (-(-len(whole) // world) - len(share))
-        batches, loss_batches = shares
-        n, reduce = sum(b.shape[0] for b in batches if b is not None), distributed.all_reduce_sum
-    start = time.perf_counter()
-    with progress_bar("score", n, unit="samples") as bar:
-        scores = score_model(model, batches, sequence_aggregation=config.sequence_aggregation,
-                             batch_aggregation=config.batch_aggregation, loss_batches=loss_batches,
-                             autocast=config.autocast, progress=bar,
-                             meta={"source": config.model.source, "data": config.data.source}, reduce=reduce)
-    scores.meta["seconds"] = round(time.perf_counter() - start, 2)
-    scores.meta.update(world_size=world, fsdp=sharded)
-    if config.output is not None and distributed.is_main():
-        with atomic_folder(config.output, config.overwrite) as tmp:
-            scores.save(tmp)
-            write_provenance(tmp, provenance("score", config, scores_digest=scores.digest()))
-    distributed.barrier()  # torchrun: every rank returns once the scores are written
-    return scores
 
 
 def _explicit_sizes(target) -> dict[str, Any]:
@@ -306,9 +223,9 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     :func:`~minicompress.prune.zero_shot_ranking` is pruned from a copy of ``model``
     (left as it was: weights, dtype, device, ``requires_grad``, train/eval mode),
     distilled for ``config.search_distill_tokens`` tokens from ``model`` as live teacher
-    with :func:`~minicompress.distill.recover` (the same data, held-out split and seed for
+    with :func:`~minicompress.recipes.recover.recover` (the same data, held-out split and seed for
     every candidate; written to a temporary folder, then deleted), and timed with
-    :func:`~minicompress.evaluate.measure_speed` (128 prefill / 16 decode tokens).
+    :func:`~minicompress.evaluation.measure_speed` (128 prefill / 16 decode tokens).
 
     Args:
         config: the prune configuration (``search_recover`` settings).
@@ -327,8 +244,8 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     Raises:
         MinicompressError: under torchrun, or from the distillation (e.g. too little data).
     """
-    from . import distill
-    from .evaluate import measure_speed
+    from . import recover as recover_recipe
+    from ..evaluation import measure_speed
 
     if distributed.world_size() > 1:
         raise MinicompressError("search_distill_candidates: the search distils candidates in one process, not under "
@@ -352,7 +269,7 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
                     as tmp:
                 recover_config = config.search_recover_config(str(Path(tmp) / "candidate"),
                                                               teacher_dtype=_DTYPE_NAMES.get(dtype, "auto"))
-                result = distill.recover(recover_config, student=student, teacher=model, tokenizer=tokenizer)
+                result = recover_recipe.recover(recover_config, student=student, teacher=model, tokenizer=tokenizer)
             speed = measure_speed(student.eval(), model.config.vocab_size, prefill_tokens=128, decode_tokens=16,
                                   repeats=1)
             row.update(kl_before=result["before"].get("kl_to_teacher"), distill_kl=result["after"]["kl_to_teacher"],
@@ -377,7 +294,7 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
 
 def _streamable(model: Any) -> bool:
     """Whether ``model`` (a ModelConfig) names a local safetensors folder a streaming prune can read."""
-    from .streaming import streaming_source
+    from ..streaming import streaming_source
 
     try:
         streaming_source(model.source)
@@ -413,7 +330,7 @@ def _prune_streaming(config: PruneConfig, chosen: dict[str, Any], *, scores: Imp
     config.json, slice tensor by tensor."""
     from transformers import AutoConfig
 
-    from .streaming import prune_checkpoint_streaming, streaming_source
+    from ..streaming import prune_checkpoint_streaming, streaming_source
 
     if config.target.target_params is not None:
         raise MinicompressError("--streaming: --target-params needs the loaded model (its search ranks pruned "

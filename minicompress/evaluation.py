@@ -11,7 +11,6 @@ states, so a 262k vocabulary (Gemma-3) never materialises ``[B, L, V]`` float32.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Iterator
@@ -20,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from .arch import compute_logits, count_parameters
-from .hardware import resolve_autocast
 from .losses import auto_chunk_size
 from .measure import PeakMemory, synchronize
 from .progress import progress_bar
+from .runtime import autocast_context, final_hidden, model_device
 
 #: Bytes of one ``[chunk, V]`` float32 logits block during evaluation.
 VOCAB_CHUNK_BYTES = 128 * 1024**2
@@ -33,24 +32,6 @@ def vocab_chunk_tokens(vocab_size: int) -> int:
     """Tokens per logits chunk: a power of two in [64, 1024] within ``VOCAB_CHUNK_BYTES``
     (512 for SmolLM2's 49,152-token vocabulary, 128 for Gemma-3's 262,144)."""
     return auto_chunk_size(vocab_size, VOCAB_CHUNK_BYTES, smallest=64)
-
-
-def autocast_context(device: torch.device | str, autocast: str):
-    """``torch.autocast`` in bf16 for ``autocast == "bfloat16"`` (and for ``"auto"`` where
-    :func:`minicompress.hardware.resolve_autocast` picks bf16), else a no-op context."""
-    if resolve_autocast(autocast, device) == "bfloat16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Device of a model's first parameter."""
-    return next(model.parameters()).device
-
-
-def final_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, L, H]`` post-final-norm hidden states (the input of ``lm_head``)."""
-    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -292,9 +273,3 @@ def evaluate(model: torch.nn.Module, tokenizer=None, data=None, *, teacher: torc
         out["prefill_tokens_per_s"] = result["prefill_tokens_per_s"]
         out["decode_tokens_per_s"] = result["decode_tokens_per_s"]
     return out
-
-
-# ``minicompress.evaluate`` is this module and, called, the function above (``mc.evaluate(...)``).
-from . import _make_callable  # noqa: E402
-
-_make_callable(__name__, "evaluate")

@@ -1,4 +1,4 @@
-"""Tests for minicompress.distill: the recovery loop, checkpoints, teacher cache, outputs.
+"""Tests for minicompress.train: the recovery loop, checkpoints, teacher cache, outputs.
 
 Tiny float32 models from conftest (vocab 256, hidden 32); a few optimizer steps each.
 """
@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
-from minicompress import checkpoint, distill, teacher_cache
+from minicompress import checkpoint, teacher_cache, train
+from minicompress.recipes import recover as recover_recipe
+from minicompress.recipes import teacher_cache as teacher_cache_recipe
 from minicompress.config import DataConfig, LossConfig, ModelConfig, RecoverConfig, TeacherCacheConfig
 from minicompress.data import load_sequences
 from minicompress.errors import ConfigError, MinicompressError
@@ -69,10 +71,10 @@ def test_three_steps_lower_loss_and_leave_teacher_untouched(corpus, models, tiny
     batch = load_sequences(config.data, tiny_tokenizer)[1:]
     teacher_before = _state(teacher)
     with torch.no_grad():
-        loss_before, _ = distill.micro_batch_loss(student, batch, loss=config.loss, teacher=teacher)
-    result = distill.recover(config, student=student, teacher=teacher, tokenizer=tiny_tokenizer)
+        loss_before, _ = train.micro_batch_loss(student, batch, loss=config.loss, teacher=teacher)
+    result = recover_recipe.recover(config, student=student, teacher=teacher, tokenizer=tiny_tokenizer)
     with torch.no_grad():
-        loss_after, _ = distill.micro_batch_loss(student, batch, loss=config.loss, teacher=teacher)
+        loss_after, _ = train.micro_batch_loss(student, batch, loss=config.loss, teacher=teacher)
     assert result["steps"] == 3
     assert loss_after < loss_before - 0.05
     for key, value in teacher.state_dict().items():
@@ -83,24 +85,24 @@ def test_three_steps_lower_loss_and_leave_teacher_untouched(corpus, models, tiny
 
 def test_lr_schedule_closed_form():
     kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=4, total_steps=20)
-    assert distill.lr_at(0, **kw) == pytest.approx(2.5e-4)
-    assert distill.lr_at(3, **kw) == pytest.approx(1e-3)
-    assert distill.lr_at(4, **kw) == pytest.approx(1e-3)
+    assert train.lr_at(0, **kw) == pytest.approx(2.5e-4)
+    assert train.lr_at(3, **kw) == pytest.approx(1e-3)
+    assert train.lr_at(4, **kw) == pytest.approx(1e-3)
     for step in (5, 12, 19):
         p = (step - 4) / 16
-        assert distill.lr_at(step, **kw) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * p)) * 9e-4)
-    assert distill.lr_at(12, **kw) == pytest.approx(5.5e-4)  # half way: the mean of lr and min_lr
-    assert distill.lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=4) == 1.0
+        assert train.lr_at(step, **kw) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * p)) * 9e-4)
+    assert train.lr_at(12, **kw) == pytest.approx(5.5e-4)  # half way: the mean of lr and min_lr
+    assert train.lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=4) == 1.0
 
 
 def test_batch_indices_walk_epochs_and_partition_ranks():
     n, mbs, accum = 10, 2, 1
-    first_epoch = torch.cat([distill.batch_indices(n, s, 0, micro_batch_size=mbs, accum_steps=accum) for s in range(5)])
+    first_epoch = torch.cat([train.batch_indices(n, s, 0, micro_batch_size=mbs, accum_steps=accum) for s in range(5)])
     assert first_epoch.tolist() == list(range(10))  # epoch 0 keeps load_sequences' (seeded) order
-    second = torch.cat([distill.batch_indices(n, s, 0, micro_batch_size=mbs, accum_steps=accum, seed=3)
+    second = torch.cat([train.batch_indices(n, s, 0, micro_batch_size=mbs, accum_steps=accum, seed=3)
                         for s in range(5, 10)])
     assert sorted(second.tolist()) == list(range(10)) and second.tolist() != list(range(10))
-    ranks = [distill.batch_indices(16, 0, m, micro_batch_size=2, accum_steps=2, rank=r, world_size=2)
+    ranks = [train.batch_indices(16, 0, m, micro_batch_size=2, accum_steps=2, rank=r, world_size=2)
              for m in range(2) for r in range(2)]
     assert sorted(torch.cat(ranks).tolist()) == list(range(8))  # ranks x micro steps tile the step
 
@@ -111,14 +113,14 @@ def test_gradient_accumulation_equals_one_big_batch(models, loss):
     ids = torch.randint(4, 200, (4, SEQ), generator=torch.Generator().manual_seed(0))
 
     student.zero_grad()
-    big, _ = distill.micro_batch_loss(student, ids, loss=loss, teacher=teacher)
+    big, _ = train.micro_batch_loss(student, ids, loss=loss, teacher=teacher)
     big.backward()
     grads_big = {n: p.grad.clone() for n, p in student.named_parameters()}
 
     student.zero_grad()
-    normalizer = distill.count_targets(ids)
+    normalizer = train.count_targets(ids)
     for half in ids.split(2):
-        part, _ = distill.micro_batch_loss(student, half, loss=loss, teacher=teacher, normalizer=normalizer)
+        part, _ = train.micro_batch_loss(student, half, loss=loss, teacher=teacher, normalizer=normalizer)
         part.backward()
     for name, p in student.named_parameters():
         torch.testing.assert_close(p.grad, grads_big[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -131,7 +133,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(corpus, make_tiny_mode
 
     common = dict(tokens=6 * 64, eval_every=2, loss=LossConfig(kl_weight=1.0, ce_weight=0.3))
     teacher, student = pair()
-    full = distill.recover(_config(corpus, tmp_path / "full", save_every=2, **common),
+    full = recover_recipe.recover(_config(corpus, tmp_path / "full", save_every=2, **common),
                            student=student, teacher=teacher, tokenizer=tiny_tokenizer)
     reference = _state(student)
 
@@ -145,14 +147,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(corpus, make_tiny_mode
     teacher, student = pair()
     output = tmp_path / "resumed"
     with pytest.raises(Killed):
-        distill.recover(_config(corpus, output, save_every=1, checkpoint_keep=2, **common),
+        recover_recipe.recover(_config(corpus, output, save_every=1, checkpoint_keep=2, **common),
                         student=student, teacher=teacher, tokenizer=tiny_tokenizer, callback=kill_after_3)
     assert not output.exists() and checkpoint.working_folder(output).is_dir()
     with pytest.raises(MinicompressError, match="resume"):  # a stale checkpoint is never silently dropped
-        distill.recover(_config(corpus, output, **common), student=student, teacher=teacher, tokenizer=tiny_tokenizer)
+        recover_recipe.recover(_config(corpus, output, **common), student=student, teacher=teacher, tokenizer=tiny_tokenizer)
 
     teacher, student = pair()  # a fresh process: models re-initialised, state comes from the checkpoint
-    resumed = distill.recover(_config(corpus, output, resume=True, **common),
+    resumed = recover_recipe.recover(_config(corpus, output, resume=True, **common),
                               student=student, teacher=teacher, tokenizer=tiny_tokenizer)
     assert resumed["resumed_from_step"] == 3
     for key, value in student.state_dict().items():
@@ -166,7 +168,7 @@ def test_teacher_cache_round_trip_and_recover_from_cache(corpus, models, tiny_to
     teacher, student = models
     data = DataConfig(source=str(corpus), seq_len=SEQ)
     cache_dir = tmp_path / "cache"
-    summary = teacher_cache.write_teacher_cache(
+    summary = teacher_cache_recipe.write_teacher_cache(
         TeacherCacheConfig(teacher=ModelConfig(source="in-memory"), data=data, tokens=20 * SEQ, kind="topk", top_k=8,
                            micro_batch_size=3, shard_tokens=8 * SEQ, values_dtype="float32", output=str(cache_dir)),
         teacher=teacher, tokenizer=tiny_tokenizer)
@@ -184,7 +186,7 @@ def test_teacher_cache_round_trip_and_recover_from_cache(corpus, models, tiny_to
 
     config = _config(corpus, tmp_path / "out", teacher=None, teacher_cache=str(cache_dir),
                      loss=LossConfig(kind="topk_kl"), tokens=5 * 64)
-    result = distill.recover(config, student=student, tokenizer=tiny_tokenizer)
+    result = recover_recipe.recover(config, student=student, tokenizer=tiny_tokenizer)
     assert result["after"]["topk_kl_to_teacher"] < result["before"]["topk_kl_to_teacher"]
     losses = [r["loss"] for r in result["metrics"] if "loss" in r]
     assert losses[-1] < losses[0]
@@ -200,7 +202,7 @@ def test_final_folder_is_a_stock_hf_model_with_recovery_record(corpus, make_tiny
     teacher = make_tiny_model("llama", seed=0)
     output = tmp_path / "recovered"
     config = _config(corpus, output, student=ModelConfig(source=str(student_dir)), tokens=2 * 64)
-    result = distill.recover(config, teacher=teacher)
+    result = recover_recipe.recover(config, teacher=teacher)
 
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.hidden_size == 16
@@ -226,11 +228,11 @@ def test_refuses_existing_output_without_overwrite(corpus, models, tiny_tokenize
     output = tmp_path / "exists"
     output.mkdir()
     with pytest.raises(MinicompressError, match="--output.*overwrite"):
-        distill.recover(_config(corpus, output), student=student, teacher=teacher, tokenizer=tiny_tokenizer)
+        recover_recipe.recover(_config(corpus, output), student=student, teacher=teacher, tokenizer=tiny_tokenizer)
     with pytest.raises(MinicompressError, match="--output"):
-        teacher_cache.write_teacher_cache(TeacherCacheConfig(data=DataConfig(source=str(corpus)), output=str(output)),
+        teacher_cache_recipe.write_teacher_cache(TeacherCacheConfig(data=DataConfig(source=str(corpus)), output=str(output)),
                                     teacher=teacher, tokenizer=tiny_tokenizer)
-    distill.recover(_config(corpus, output, tokens=64, overwrite=True), student=student, teacher=teacher,
+    recover_recipe.recover(_config(corpus, output, tokens=64, overwrite=True), student=student, teacher=teacher,
                     tokenizer=tiny_tokenizer)
     assert (output / "config.json").is_file()
 
@@ -238,7 +240,7 @@ def test_refuses_existing_output_without_overwrite(corpus, models, tiny_tokenize
 def test_ce_only_needs_no_teacher(corpus, models, tiny_tokenizer, tmp_path):
     _, student = models
     config = _config(corpus, tmp_path / "ce", teacher=None, loss=LossConfig(kl_weight=0.0, ce_weight=1.0))
-    result = distill.recover(config, student=student, tokenizer=tiny_tokenizer)
+    result = recover_recipe.recover(config, student=student, tokenizer=tiny_tokenizer)
     assert "kl_to_teacher" not in result["after"]
     assert result["after"]["perplexity"] < result["before"]["perplexity"]
     assert all(r["kl"] == 0.0 for r in result["metrics"] if "loss" in r)
@@ -248,7 +250,7 @@ def test_intermediate_state_loss_trains_its_projection(corpus, models, tiny_toke
     teacher, student = models
     config = _config(corpus, tmp_path / "is", tokens=2 * 64,
                      loss=LossConfig(kl_weight=1.0, ce_weight=0.0, intermediate_weight=1.0))
-    result = distill.recover(config, student=student, teacher=teacher, tokenizer=tiny_tokenizer)
+    result = recover_recipe.recover(config, student=student, teacher=teacher, tokenizer=tiny_tokenizer)
     train = [r for r in result["metrics"] if "loss" in r]
     assert all(r["is"] > 0 and r["loss"] == pytest.approx(2 * r["kl"], rel=1e-4) for r in train)
 
@@ -271,7 +273,7 @@ def test_sampled_teacher_cache_holds_teacher_draws_and_trains(corpus, models, ti
     teacher, student = models
     data = DataConfig(source=str(corpus), seq_len=SEQ)
     cache_dir = tmp_path / "sampled"
-    summary = teacher_cache.write_teacher_cache(
+    summary = teacher_cache_recipe.write_teacher_cache(
         TeacherCacheConfig(teacher=ModelConfig(source="in-memory"), data=data, tokens=20 * SEQ, kind="sampled",
                            samples=64, values_dtype="float32", output=str(cache_dir)),
         teacher=teacher, tokenizer=tiny_tokenizer)
@@ -288,12 +290,12 @@ def test_sampled_teacher_cache_holds_teacher_draws_and_trains(corpus, models, ti
     assert abs(float(values.mean(-1).mean() + entropy.mean())) < 0.1 * float(entropy.mean())
 
     config = _config(corpus, tmp_path / "out", teacher=None, teacher_cache=str(cache_dir), tokens=5 * 64)
-    result = distill.recover(config, student=student, tokenizer=tiny_tokenizer)
+    result = recover_recipe.recover(config, student=student, tokenizer=tiny_tokenizer)
     assert result["after"]["sampled_kl_to_teacher"] < result["before"]["sampled_kl_to_teacher"]
 
 
 def test_default_warmup_is_a_tenth_of_the_run_between_1_and_10():
-    assert [distill.default_warmup_steps(n) for n in (1, 9, 16, 50, 122, 10_000)] == [1, 1, 1, 5, 10, 10]
+    assert [train.default_warmup_steps(n) for n in (1, 9, 16, 50, 122, 10_000)] == [1, 1, 1, 5, 10, 10]
 
 
 def test_bf16_recovery_trains_and_leaves_an_in_memory_teacher_as_it_was(corpus, models, tiny_tokenizer, tmp_path):
@@ -301,7 +303,7 @@ def test_bf16_recovery_trains_and_leaves_an_in_memory_teacher_as_it_was(corpus, 
     changed, the student still learns, and the precision is recorded."""
     teacher, student = models
     before = _state(teacher)
-    result = distill.recover(_config(corpus, tmp_path / "out", autocast="bfloat16"), student=student,
+    result = recover_recipe.recover(_config(corpus, tmp_path / "out", autocast="bfloat16"), student=student,
                              teacher=teacher, tokenizer=tiny_tokenizer)
     assert next(teacher.parameters()).dtype == torch.float32
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
@@ -321,7 +323,7 @@ def test_compiled_recovery_equals_eager_and_is_undone(corpus, make_tiny_model, t
         teacher = make_tiny_model("llama", seed=0)
         student = make_tiny_model("llama", seed=1, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
         out = tmp_path / f"compile-{mode}"
-        distill.recover(_config(corpus, out, compile=mode, tokens=3 * 64), student=student, teacher=teacher,
+        recover_recipe.recover(_config(corpus, out, compile=mode, tokens=3 * 64), student=student, teacher=teacher,
                         tokenizer=tiny_tokenizer)
         assert all(layer._compiled_call_impl is None for layer in [*student.model.layers, *teacher.model.layers])
         record = json.loads((out / "minicompress.json").read_text())["recovery"]["precision"]

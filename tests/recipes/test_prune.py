@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from minicompress.arch import count_parameters
 from minicompress.cli import main
-from minicompress.commands import prune
+from minicompress.recipes.prune import prune
 from minicompress.config import PruneConfig, build_config
 from minicompress.scoring import ImportanceScores
 
@@ -139,10 +139,11 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
     the second candidate and writes what an uninterrupted search writes."""
     from safetensors.torch import load_file
 
-    from minicompress import commands, distill
+    from minicompress.recipes import prune as prune_recipe
+    from minicompress.recipes import recover as recover_recipe
 
     model_dir = tiny_model_dir("llama", num_hidden_layers=4)
-    real_recover, real_score = distill.recover, commands.score
+    real_recover, real_score = recover_recipe.recover, prune_recipe.score
     calls = {"recover": 0, "score": 0}
 
     def counting_score(*args, **kwargs):
@@ -155,7 +156,7 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
             raise RuntimeError("killed")
         return real_recover(*args, **kwargs)
 
-    monkeypatch.setattr(commands, "score", counting_score)
+    monkeypatch.setattr(prune_recipe, "score", counting_score)
 
     def prune_args(out):
         return ["prune", "--model", str(model_dir), "--data", str(text_corpus), "--seq-len", "16",
@@ -163,12 +164,12 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
                 "--search-batches", "2", "--width-multiple", "8", "--search-distill-candidates", "2",
                 "--search-distill-tokens", "128", "--output", str(out), *SEARCH_RECOVER]
 
-    monkeypatch.setattr(distill, "recover", recover)
+    monkeypatch.setattr(recover_recipe, "recover", recover)
     assert main(prune_args(tmp_path / "whole")) == 0
     assert calls == {"recover": 2, "score": 1} and not (tmp_path / "whole.partial").exists()
 
     out, calls["recover"], calls["score"] = tmp_path / "resumed", 0, 0
-    monkeypatch.setattr(distill, "recover", lambda *a, **k: recover(*a, kill_at=2, **k))
+    monkeypatch.setattr(recover_recipe, "recover", lambda *a, **k: recover(*a, kill_at=2, **k))
     with pytest.raises(RuntimeError, match="killed"):
         main(prune_args(out))
     work = tmp_path / "resumed.partial"
@@ -182,7 +183,7 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
     assert "other settings" in capsys.readouterr().err and (work / "search.json").is_file()
 
     calls["recover"], calls["score"] = 0, 0
-    monkeypatch.setattr(distill, "recover", recover)
+    monkeypatch.setattr(recover_recipe, "recover", recover)
     assert main(prune_args(out) + ["--resume"]) == 0
     assert calls == {"recover": 1, "score": 0} and not work.exists()
     speed = ("prefill_tokens_per_s", "decode_tokens_per_s")
@@ -193,10 +194,10 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
     # --overwrite without --resume starts over
-    monkeypatch.setattr(distill, "recover", lambda *a, **k: recover(*a, kill_at=calls["recover"] + 1, **k))
+    monkeypatch.setattr(recover_recipe, "recover", lambda *a, **k: recover(*a, kill_at=calls["recover"] + 1, **k))
     with pytest.raises(RuntimeError, match="killed"):
         main(prune_args(tmp_path / "again"))
-    monkeypatch.setattr(distill, "recover", recover)
+    monkeypatch.setattr(recover_recipe, "recover", recover)
     calls["score"] = 0
     assert main(prune_args(tmp_path / "again") + ["--overwrite"]) == 0 and calls["score"] == 1
 
@@ -204,7 +205,7 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
 def test_search_keeps_the_candidate_with_the_lowest_distilled_kl(tmp_path, tiny_model_dir, text_corpus,
                                                                   monkeypatch):
     """The choice, with the distillation replaced by chosen KLs; 0 candidates: the zero-shot choice."""
-    from minicompress import distill
+    from minicompress.recipes import recover as recover_recipe
     from minicompress.models import load_model
 
     model_dir = tiny_model_dir("llama", num_hidden_layers=4)
@@ -220,7 +221,7 @@ def test_search_keeps_the_candidate_with_the_lowest_distilled_kl(tmp_path, tiny_
         teacher.requires_grad_(False)  # as the real one does: the prune must undo it
         return {"before": {"kl_to_teacher": 1.0}, "after": {"kl_to_teacher": next(kls), "perplexity": 9.0}}
 
-    monkeypatch.setattr(distill, "recover", fake_recover)
+    monkeypatch.setattr(recover_recipe, "recover", fake_recover)
 
     def run(k, output):
         cfg = build_config(PruneConfig, overrides=[

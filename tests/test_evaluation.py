@@ -1,4 +1,4 @@
-"""Tests for minicompress.evaluate against naive Hugging Face reference loops."""
+"""Tests for minicompress.evaluation against naive Hugging Face reference loops."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL_TYPES, make_tiny_model
-from minicompress import evaluate as ev
-from minicompress.evaluate import eval_windows, evaluate_perplexity, measure_speed, parameter_summary
+from minicompress import evaluation as ev
+from minicompress.evaluation import eval_windows, evaluate_perplexity, measure_speed, parameter_summary
 
 
 def random_stream(n: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:

@@ -5,7 +5,7 @@ compresses in stages: each stage prunes the previous stage's model (scored anew 
 calibration text) and recovers it by distillation, and the paper found distilling every
 stage from the *original* model better than from the previous stage, so that is the
 default teacher. A :class:`~minicompress.config.RunConfig` lists the stages; this module
-runs them with :func:`minicompress.commands.prune` and :func:`minicompress.distill.recover`
+runs them with :func:`minicompress.recipes.prune.prune` and :func:`minicompress.recipes.recover.recover`
 and compares every result with the original at the end.
 
 The run folder::
@@ -43,10 +43,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .arch import count_parameters, describe, get_adapter, head_dim, num_kv_heads
-from .config import ModelConfig, PruneConfig, RecoverConfig, RunConfig, TargetConfig, build_config, to_dict
-from .errors import ConfigError, MinicompressError
-from .outputs import provenance, read_provenance, settings_digest, write_json_atomic, write_provenance
+from ..arch import count_parameters, describe, get_adapter, head_dim, num_kv_heads
+from ..config import ModelConfig, PruneConfig, RecoverConfig, RunConfig, TargetConfig, build_config, to_dict
+from ..errors import ConfigError, MinicompressError
+from ..outputs import provenance, read_provenance, settings_digest, write_json_atomic, write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def estimate_memory(student: Any, teacher: Any | None, recover: RecoverConfig | 
     p_s = count_parameters(student)["total"]
     out = {"prune": w * (p_s + (count_parameters(prune_input)["total"] if prune_input is not None else p_s))}
     if recover is not None and teacher is not None:
-        from .losses import auto_chunk_size
+        from ..losses import auto_chunk_size
 
         b, t = recover.micro_batch_size, recover.data.seq_len
         h, f, n = student.hidden_size, student.intermediate_size, student.num_hidden_layers
@@ -142,7 +142,7 @@ def estimate_memory(student: Any, teacher: Any | None, recover: RecoverConfig | 
         vocab = student.vocab_size
         chunk = recover.loss.chunk_size or auto_chunk_size(vocab)
         if recover.autocast == "auto" and device == "cpu":
-            from .hardware import cpu_has_native_bf16
+            from ..hardware import cpu_has_native_bf16
 
             bf16 = cpu_has_native_bf16()
         else:
@@ -205,7 +205,7 @@ def _check_data_source(key: str, source: str | None) -> None:
 
 
 def _original_config(config: RunConfig):
-    from .models import load_config
+    from ..models import load_config
 
     hf = load_config(config.model.source, trust_remote_code=config.model.trust_remote_code, convert=False)
     if hf is None:
@@ -298,7 +298,7 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
 def validate_target_for_stage(config: Any, target: TargetConfig, shape_known: bool = True) -> dict[str, Any]:
     """:func:`~minicompress.prune.validate_target`; with an unknown input shape (after a
     search) only the widths and depth against ``config`` (the original) are checked."""
-    from .prune import validate_target
+    from ..search import validate_target
 
     if shape_known or target.target_params is not None:
         return validate_target(config, target)
@@ -306,7 +306,7 @@ def validate_target_for_stage(config: Any, target: TargetConfig, shape_known: bo
 
 
 def _largest_candidate(config: Any, budget: int, width_multiple: int = 64) -> dict[str, Any]:
-    from .prune import candidate_targets
+    from ..search import candidate_targets
 
     best = candidate_targets(config, budget, width_multiple=width_multiple)[0]
     return {k: best[k] for k in _SHAPE_KEYS}
@@ -349,9 +349,10 @@ def _prepare_folder(out: Path, config: RunConfig, plan: dict[str, Any]) -> None:
 
 def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path, digest: str,
                original_total: int, original_shape: dict[str, Any]) -> None:
-    from . import commands, distributed
-    from .checkpoint import working_folder
-    from .distill import recover
+    from .. import distributed
+    from . import prune as prune_recipe
+    from ..checkpoint import working_folder
+    from .recover import recover
 
     stage = config.stages[index]
     extra = {"run_stage": {"index": index, "of": len(config.stages), "name": stage.name, "digest": digest,
@@ -371,7 +372,7 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
                                    target=_stage_target(stage.target, original_total),
                                    search_batches=config.search_batches, output=str(pruned),
                                    resume=True, overwrite=True)  # a search of other settings starts over
-        commands.prune(prune_config, record_extra=extra)
+        prune_recipe.prune(prune_config, record_extra=extra)
     if stage.tokens:
         teacher = config.model if stage.teacher == "original" or index == 0 else previous
         student = dataclasses.replace(config.model, source=str(pruned))
@@ -404,7 +405,7 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
         MinicompressError: any problem with the config (before anything is loaded), a
             run folder of other settings, or a failure of a stage (named).
     """
-    from . import distributed
+    from .. import distributed
 
     config = load_run_config(config, overrides)
     if config.output is None:
@@ -471,9 +472,9 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
     Returns:
         ``{"columns", "rows", "eval_data", "original"}``.
     """
-    from . import data as data_mod
-    from .evaluate import eval_windows, evaluate
-    from .models import load_model
+    from .. import data as data_mod
+    from ..evaluation import eval_windows, evaluate
+    from ..models import load_model
 
     rep = config.report
     teacher, tokenizer = load_model(config.model)
@@ -580,9 +581,3 @@ def write_report(folder: str | Path, report: dict[str, Any]) -> None:
     write_json_atomic(folder / REPORT_JSON, report)
     (folder / REPORT_MD).write_text(report_markdown(report))
     plot_report(report, folder / REPORT_PNG)
-
-
-# ``minicompress.run`` is this module and, called, the function above (``mc.run(...)``).
-from . import _make_callable  # noqa: E402
-
-_make_callable(__name__, "run")

@@ -13,17 +13,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import minicompress.distill
-from minicompress import run as run_module
+import minicompress.recipes.recover
+from minicompress.recipes import run as run_module
 from minicompress.cli import main
 from minicompress.config import RunConfig, build_config
 from minicompress.errors import MinicompressError
-from minicompress.evaluate import evaluate
+from minicompress.evaluation import evaluate
 from minicompress.models import load_model
 from minicompress.outputs import read_provenance
-from minicompress.run import REPORT_COLUMNS, dry_run, estimate_memory, run
+from minicompress.recipes.run import REPORT_COLUMNS, dry_run, estimate_memory, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG_JSONS = ROOT / "tests" / "data" / "configs"
 
 
@@ -73,7 +73,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama, text_
     assert (out / "stage-1-ffn" / "minicompress.json").is_file() and not (out / "stage-2-width").exists()
 
     # killed again in the middle of stage 2's recovery (after its first checkpoint)
-    real_recover = minicompress.distill.recover
+    real_recover = minicompress.recipes.recover.recover
 
     def kill_at_step_1(cfg, **kwargs):
         def callback(record):
@@ -81,11 +81,11 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_llama, text_
                 raise KeyboardInterrupt
         return real_recover(cfg, callback=callback, **kwargs)
 
-    monkeypatch.setattr(minicompress.distill, "recover", kill_at_step_1)
+    monkeypatch.setattr(minicompress.recipes.recover, "recover", kill_at_step_1)
     with pytest.raises(KeyboardInterrupt):
         run(config)
     assert (out / "stage-2-width.partial").is_dir() and (out / "stage-2-width.pruned").is_dir()
-    monkeypatch.setattr(minicompress.distill, "recover", real_recover)
+    monkeypatch.setattr(minicompress.recipes.recover, "recover", real_recover)
 
     resumed = run(config)
     assert [s["status"] for s in resumed["stages"]] == ["skipped", "done"]
@@ -268,5 +268,5 @@ def test_api_is_lazy_and_callable():
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert mc.make_plan.__name__ == "make_plan" and mc.score.__name__ == "score_model"
-    assert mc.run is run_module and run_module.run is run and callable(mc.run) and mc.run.dry_run is dry_run
-    assert callable(mc.evaluate) and mc.evaluate.evaluate is evaluate and mc.recover.__module__ == "minicompress.distill"
+    assert mc.run is run and mc.dry_run is dry_run and mc.evaluate is evaluate
+    assert mc.recover.__module__ == "minicompress.recipes.recover"

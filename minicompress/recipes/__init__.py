@@ -1,0 +1,12 @@
+"""Recipes: one module per command, the only code that loads models, places them on ranks
+and writes folders.
+
+Each recipe is one function whose signature is its CLI (as in litgpt): ``info``,
+``eval``, ``score``, ``prune``, ``recover``, ``teacher_cache``, ``run``. It decides when and
+where things happen (which model to load, on which rank, which folder to write and when
+to resume), and hands tensors to the components below it, which never touch disk or
+ranks: :mod:`minicompress.scoring`, :mod:`minicompress.prune`, :mod:`minicompress.search`,
+:mod:`minicompress.train`, :mod:`minicompress.losses`, :mod:`minicompress.evaluation`,
+:mod:`minicompress.arch` and :mod:`minicompress.runtime`. :mod:`minicompress.cli` keeps the
+registry of subcommands and their flags.
+"""
