@@ -21,43 +21,22 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import DATA, OUT, cpu_facts, load_average, make_console, table, versions, write_json
 
 from minicompress.config import DataConfig, ModelConfig
 from minicompress.data import bos_token_id, load_token_stream
 from minicompress.evaluation import eval_windows, evaluate_perplexity, measure_speed
 from minicompress.measure import PeakMemory
 from minicompress.models import load_model
-from minicompress.outputs import versions, write_json_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "test.txt"
+WIKITEXT = DATA / "wikitext2" / "test.txt"
 # (weights dtype, autocast)
 VARIANTS = (("float32", "none"), ("bfloat16", "none"), ("float32", "bfloat16"))
-
-
-def loadavg() -> list[float] | None:
-    """The 1/5/15-minute load averages (other processes sharing the CPU skew timings)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def cpu_name() -> str:
-    """The CPU model name from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def run_one(model, tokenizer, *, name: str, weights: str, autocast: str, stream: torch.Tensor, seq_len: int,
@@ -106,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast modes of the anchor-protocol rows (the anchor itself used bfloat16, "
                              "which adds about 15 minutes here)")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "eval_smollm2.json"))
+    parser.add_argument("--output", default=str(OUT / "eval_smollm2.json"))
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,16 +94,14 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ["MINICOMPRESS_PROGRESS"] = "0"
         hf_logging.disable_progress_bar()
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=max(160, Console().width))
+    console = make_console()
     if not Path(args.data).is_file():
         console.print(f"error: --data: {args.data} not found", style="red")
         return 2
     started = time.perf_counter()
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "loadavg_start": loadavg(), "versions": versions(), "argv": sys.argv,
+    cpu = cpu_facts()
+    info = {"cpu": cpu["model"], "cores": os.cpu_count(), "cpu_facts": cpu, "torch_threads": torch.get_num_threads(),
+            "loadavg_start": load_average(), "versions": versions(), "argv": sys.argv,
             "data": args.data, "max_tokens": args.max_tokens or None}
     rows = []
     for name in args.models:
@@ -158,21 +135,19 @@ def main(argv: list[str] | None = None) -> int:
                             f"{row['eval_seconds']:.0f} s")
         del fp32_model
         gc.collect()
-    info["loadavg_end"] = loadavg()
+    info["loadavg_end"] = load_average()
     info["total_seconds"] = time.perf_counter() - started
 
-    table = Table(title=f"WikiText-2 test perplexity and speed ({info['cpu']}, {info['torch_threads']} threads)")
-    for col in ("model", "weights", "autocast", "protocol", "seq", "windows", "ppl", "eval tok/s", "prefill tok/s",
-                "decode tok/s", "peak MiB", "s"):
-        table.add_column(col, justify="left" if col in ("model", "weights", "autocast", "protocol") else "right")
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
-    for r in rows:
-        table.add_row(r["model"], r["weights"], r["autocast"], r["protocol"], str(r["seq_len"]), str(r["windows"]),
-                      f"{r['perplexity']:.3f}", f"{r['eval_tokens_per_s']:.1f}",
-                      fmt(r.get("prefill_tokens_per_s"), ".1f"), fmt(r.get("decode_tokens_per_s"), ".2f"),
-                      f"{r['eval_peak_mib']:.0f}", f"{r['eval_seconds']:.0f}")
-    console.print(table)
-    out = write_json_atomic(args.output, {"benchmark": "eval_smollm2", **info, "rows": rows})
+    console.print(table(
+        f"WikiText-2 test perplexity and speed ({info['cpu']}, {info['torch_threads']} threads)",
+        ("model", "weights", "autocast", "protocol", "seq", "windows", "ppl", "eval tok/s", "prefill tok/s",
+         "decode tok/s", "peak MiB", "s"),
+        [(r["model"], r["weights"], r["autocast"], r["protocol"], r["seq_len"], r["windows"], f"{r['perplexity']:.3f}",
+          f"{r['eval_tokens_per_s']:.1f}", fmt(r.get("prefill_tokens_per_s"), ".1f"),
+          fmt(r.get("decode_tokens_per_s"), ".2f"), f"{r['eval_peak_mib']:.0f}", f"{r['eval_seconds']:.0f}")
+         for r in rows], left=4))
+    out = write_json(args.output, {"benchmark": "eval_smollm2", **info, "rows": rows})
     console.print(f"wrote {out} in {info['total_seconds']:.0f} s (load average {info['loadavg_start']} -> "
                   f"{info['loadavg_end']})")
     return 0

@@ -23,24 +23,18 @@ import os
 os.environ.setdefault("MINICOMPRESS_PROGRESS", "0")
 
 import argparse
-import datetime as dt
-import json
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import common
 import torch
-from rich.console import Console
-from rich.table import Table
+from common import DATA, make_console, run_record, table, write_json
 
 from minicompress.config import build_config, RunConfig
 from minicompress.recipes.run import run
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-OUT = ROOT / "benchmarks" / "out" / "progressive.json"
+OUT = common.OUT / "progressive.json"
 WORKDIR = Path("~/.cache/minicompress/runs/progressive").expanduser()
 
 FINAL = {"intermediate_size": 640, "num_hidden_layers": 16}
@@ -82,7 +76,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    console = Console(width=160)
+    console = make_console()
     results = {}
     for name in ("one-shot", "two-stage"):
         t0 = time.perf_counter()
@@ -92,26 +86,19 @@ def main() -> None:
                          "wall_s": time.perf_counter() - t0}
         console.log(f"{name}: {final}")
     original = results["one-shot"]["report"]["rows"][0]
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    record = {"date": dt.date.today().isoformat(), "argv": sys.argv, "tokens_per_arm": args.tokens,
-              "cpu": next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), ""),
-              "avx512_bf16": "avx512_bf16" in lscpu, "amx_bf16": "amx_bf16" in lscpu,
-              "original": original, "arms": results}
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    table = Table(title=f"SmolLM2-135M to 0.447: one shot vs two stages, {args.tokens:,} recovery tokens each")
-    cols = ("arm", "parameters", "WikiText-2 ppl", "x original", "KL to original", "top-1", "wall min")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "arm" else "right")
+    record = run_record(tokens_per_arm=args.tokens, original=original, arms=results)
+    out = write_json(args.output, record)
+    rows = []
     for name, res in [("original", {"final": original, "wall_s": 0})] + list(results.items()):
         row = res["final"]
-        table.add_row(name, f"{row.get('parameters', 0):,}", f"{row.get('perplexity') or 0:.2f}",
-                      f"{(row.get('perplexity') or 0) / original['perplexity']:.2f}",
-                      f"{row['kl_to_original']:.3f}" if row.get("kl_to_original") is not None else "-",
-                      f"{row['top1_agreement']:.3f}" if row.get("top1_agreement") is not None else "-",
-                      f"{res['wall_s'] / 60:.1f}")
-    console.print(table)
+        rows.append((name, f"{row.get('parameters', 0):,}", f"{row.get('perplexity') or 0:.2f}",
+                     f"{(row.get('perplexity') or 0) / original['perplexity']:.2f}",
+                     f"{row['kl_to_original']:.3f}" if row.get("kl_to_original") is not None else "-",
+                     f"{row['top1_agreement']:.3f}" if row.get("top1_agreement") is not None else "-",
+                     f"{res['wall_s'] / 60:.1f}"))
+    console.print(table(f"SmolLM2-135M to 0.447: one shot vs two stages, {args.tokens:,} recovery tokens each",
+                        ("arm", "parameters", "WikiText-2 ppl", "x original", "KL to original", "top-1", "wall min"),
+                        rows))
     console.log(f"wrote {out}")
 
 

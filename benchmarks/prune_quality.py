@@ -19,13 +19,12 @@ table, writes ``benchmarks/out/prune_quality.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+import common
 import torch
-from rich.console import Console
-from rich.table import Table
+from common import DATA, OUT, run_record, write_json
 
 from minicompress.arch import count_parameters, decoder_layers
 from minicompress.config import DataConfig, ScoreConfig
@@ -37,8 +36,6 @@ from minicompress.prune import make_plan, pruned_copy
 from minicompress.search import search_architecture
 from minicompress.scoring import ImportanceScores, score_model
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
 
 
 def magnitude_scores(model, like: ImportanceScores) -> ImportanceScores:
@@ -87,14 +84,14 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.7", help="comma-separated: which of ~50%% / ~70%% to run")
     parser.add_argument("--only-search", action="store_true", help="skip the fixed width and depth rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on shared cores)")
-    parser.add_argument("--scores", default=str(ROOT / "benchmarks" / "out" / "smollm2_scores"),
+    parser.add_argument("--scores", default=str(OUT / "smollm2_scores"),
                         help="scores folder: reused if present, else written after scoring")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "prune_quality.json"))
+    parser.add_argument("--output", default=str(OUT / "prune_quality.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = {float(b) for b in args.budgets.split(",")}
-    console = Console()
+    console = common.make_console()
     torch.manual_seed(0)
     t0 = time.perf_counter()
 
@@ -160,17 +157,14 @@ def main() -> None:
     if 0.7 in budgets and not args.only_search:  # the anchors' second fixed width shape, for a direct comparison
         run("~67% width", "activation", scores, {"hidden_size": 512, "num_attention_heads": 6, "intermediate_size": 1024})
 
-    table = Table(title=f"SmolLM2-135M pruned, no recovery: WikiText-2 ppl (first {args.eval_tokens:,} tokens, windows 512)")
-    for col in ("group", "importance", "shape h/q/kv/ffn/L", "params", "ratio", "ppl"):
-        table.add_column(col, justify="right" if col in ("params", "ratio", "ppl") else "left")
-    for r in rows:
-        table.add_row(r["group"], r["method"], r["shape"], f"{r['params']:,}", f"{r['ratio']:.3f}", f"{r['ppl']:,.1f}")
-    console.print(table)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "searches": searches, "score_seconds": score_seconds,
-                               "num_samples": args.num_samples, "loss_samples": args.loss_samples,
-                               "eval_tokens": args.eval_tokens, "seconds": time.perf_counter() - t0}, indent=2))
+    console.print(common.table(
+        f"SmolLM2-135M pruned, no recovery: WikiText-2 ppl (first {args.eval_tokens:,} tokens, windows 512)",
+        ("group", "importance", "shape h/q/kv/ffn/L", "params", "ratio", "ppl"),
+        [(r["group"], r["method"], r["shape"], f"{r['params']:,}", f"{r['ratio']:.3f}", f"{r['ppl']:,.1f}")
+         for r in rows], left=3))
+    out = write_json(args.output, run_record(rows=rows, searches=searches, score_seconds=score_seconds,
+                                             num_samples=args.num_samples, loss_samples=args.loss_samples,
+                                             eval_tokens=args.eval_tokens, seconds=time.perf_counter() - t0))
     console.print(f"wrote {out} ({time.perf_counter() - t0:.0f}s)")
 
 

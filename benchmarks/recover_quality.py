@@ -37,21 +37,20 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import DATA, OUT, cpu_facts, versions
 from rich.console import Console
 from rich.table import Table
 
 from minicompress.recipes import recover as recover_recipe
 from minicompress.arch import count_parameters
 from minicompress.checkpoint import latest_checkpoint, working_folder
-from minicompress.config import DataConfig, ModelConfig, RecoverConfig, TeacherCacheConfig, build_config, \
-    parse_overrides, to_dict
+from minicompress.config import DataConfig, ModelConfig, RecoverConfig, SourceConfig, TeacherCacheConfig, \
+    build_config, parse_overrides, to_dict
 from minicompress.data import bos_token_id, load_token_stream
 from minicompress.evaluation import eval_windows, evaluate_perplexity
 from minicompress.hardware import describe_precision
@@ -59,9 +58,6 @@ from minicompress.metrics import held_out_kl_key, read_metrics
 from minicompress.models import load_model
 from minicompress.recipes.teacher_cache import write_teacher_cache
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-OUT = ROOT / "benchmarks" / "out"
 WORKDIR = Path("~/.cache/minicompress/runs/recover_quality").expanduser()
 
 WAYS = {
@@ -71,6 +67,12 @@ WAYS = {
     "scratch+kl": dict(loss=dict(kl_weight=1.0, ce_weight=0.0), scratch=True),
     "kl-topk": dict(loss=dict(kl_weight=1.0, ce_weight=0.0), cache=dict(kind="topk", top_k=64)),
     "kl-sampled": dict(loss=dict(kl_weight=1.0, ce_weight=0.0), cache=dict(kind="sampled", samples=12)),
+    # issue 16: the default loss on the corpus, on the teacher's own text (minicompress generate), and a mix
+    "corpus": dict(loss=dict(kl_weight=0.5, ce_weight=0.5)),
+    "gen": dict(loss=dict(kl_weight=0.5, ce_weight=0.5), generated=True),
+    "gen-kl": dict(loss=dict(kl_weight=1.0, ce_weight=0.0), generated=True),
+    "mix": dict(loss=dict(kl_weight=0.5, ce_weight=0.5), mix=True),
+    "mix-kl": dict(loss=dict(kl_weight=1.0, ce_weight=0.0), mix=True),
 }
 
 
@@ -89,6 +91,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0,
                    help="optimizer steps between evaluations and checkpoints (0: 8 points per run)")
     p.add_argument("--held-out-tokens", type=int, default=8192, help="corpus tokens held out for the curves")
+    p.add_argument("--generated", default=None,
+                   help="output of minicompress generate (a sampled teacher cache + text.jsonl) for the gen/mix ways")
+    p.add_argument("--mix-weight", type=float, default=0.5, help="corpus weight of the mix ways (generated: the rest)")
     p.add_argument("--tag", default=None, help="name of this benchmark (default: from tokens and sweep)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(WORKDIR))
@@ -102,6 +107,17 @@ def wikitext_windows(path: str, tokenizer, tokens: int, seq_len: int = 512):
     stream = load_token_stream(DataConfig(source=path, seq_len=seq_len, max_tokens=tokens, shuffle=False,
                                           documents="file"), tokenizer)
     return eval_windows(stream, seq_len, bos_token_id=bos_token_id(tokenizer))
+
+
+def corpus_held_out_windows(path: str, tokenizer, tokens: int, seed: int, seq_len: int = 512):
+    """The corpus sequences ``recover`` holds out (the first ``ceil(tokens / seq_len)`` of the
+    seeded shuffle): the same text in every way, never trained on (a mixture holds out the
+    same rows of each source)."""
+    from minicompress.data import as_tensor, load_sequences
+
+    n = -(-tokens // seq_len)
+    rows = as_tensor(load_sequences(DataConfig(source=path, seq_len=seq_len, seed=seed), tokenizer)[:n])
+    return [(row, row.numel() - 1) for row in rows]
 
 
 def evaluate_wikitext(model, windows, teacher) -> dict:
@@ -219,18 +235,19 @@ def main() -> None:
         return
     base_dir = Path(args.workdir) / tag
     base_dir.mkdir(parents=True, exist_ok=True)
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
-    flags = subprocess.run("lscpu | grep Flags", shell=True, capture_output=True, text=True).stdout
-    machine = {"cpu": cpu.strip() or platform.processor(), "avx512_bf16": "avx512_bf16" in flags,
-               "amx_bf16": "amx_bf16" in flags, "threads": args.threads, "torch": torch.__version__}
+    cpu = cpu_facts()
+    machine = {"cpu": cpu["model"], "avx512_bf16": cpu["avx512_bf16"], "amx_bf16": cpu["amx_bf16"],
+               "threads": args.threads, "torch": torch.__version__, "cpu_facts": cpu, "versions": versions()}
 
     teacher, tokenizer = load_model(args.teacher)
     precision = describe_precision("auto", "cpu")
     if precision["resolved"] == "bfloat16":
         teacher = teacher.to(torch.bfloat16)  # what recover's teacher_dtype=auto does
     windows = wikitext_windows(args.wikitext, tokenizer, args.wikitext_tokens)
+    corpus_windows = corpus_held_out_windows(args.data, tokenizer, args.held_out_tokens, args.seed)
     student0, _ = load_model(args.student)
     base = evaluate_wikitext(student0, windows, teacher)
+    corpus_base = evaluate_wikitext(student0, corpus_windows, teacher)
     teacher_ppl = base.pop("teacher_perplexity")
     console.log(f"teacher WikiText-2 ppl {teacher_ppl:.2f}; pruned student {base}")
     student_params = count_parameters(student0.config)["total"]
@@ -241,7 +258,8 @@ def main() -> None:
               "precision": precision, "teacher": args.teacher, "student": args.student,
               "student_parameters": student_params, "teacher_parameters": count_parameters(teacher.config)["total"],
               "teacher_wikitext_perplexity": teacher_ppl, "wikitext_scored_tokens": sum(n for _, n in windows),
-              "pruned_wikitext": base, "runs": results,
+              "pruned_wikitext": base, "pruned_corpus_held_out": corpus_base,
+              "teacher_corpus_perplexity": corpus_base.get("teacher_perplexity"), "runs": results,
               "title": f"{Path(args.student).name}: recovery at {tokens:,} tokens ({tag})"}
 
     def save_record() -> None:
@@ -265,6 +283,16 @@ def main() -> None:
             cfg = build_config(RecoverConfig, overrides=overrides)
             eval_every = args.eval_every or max(tokens // cfg.global_batch_tokens // 8, 1)
             cfg = dataclasses.replace(cfg, eval_every=eval_every, save_every=eval_every)
+            if spec.get("generated") or spec.get("mix"):
+                if not args.generated:
+                    raise SystemExit(f"--generated: the {way} way needs the folder minicompress generate wrote")
+            if spec.get("generated"):
+                cfg = dataclasses.replace(cfg, teacher=None, teacher_cache=args.generated,
+                                          loss=dataclasses.replace(cfg.loss, kind="sampled_kl"))
+            if spec.get("mix"):
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=None, mixture=(
+                    SourceConfig(args.data, args.mix_weight),
+                    SourceConfig(str(Path(args.generated) / "text.jsonl"), 1 - args.mix_weight))))
             if spec.get("cache"):
                 cache = ensure_cache(spec["cache"], args, tokenizer, teacher, cfg.data.seq_len,
                                      tokens + args.held_out_tokens + cfg.data.seq_len, console)
@@ -286,7 +314,8 @@ def main() -> None:
             done_tokens = json.loads((ckpt / "state.json").read_text())["tokens"] if ckpt else 0
             curve = [r for r in read_metrics(curve_path) if r["tokens"] <= done_tokens]
             if not curve:
-                curve = [{"tokens": 0, **base}] if not spec.get("scratch") else []
+                curve = [{"tokens": 0, **base, **{f"corpus_{k}": v for k, v in corpus_base.items()
+                                                   if k != "teacher_perplexity"}}] if not spec.get("scratch") else []
             curve_path.write_text("".join(json.dumps(r) + "\n" for r in curve))
             res["wikitext_curve"] = curve
             state = {"student": None}
@@ -297,6 +326,8 @@ def main() -> None:
                     return
                 point = {"tokens": step_record["tokens"], **evaluate_wikitext(state["student"], windows, teacher)}
                 point.pop("teacher_perplexity", None)
+                held = evaluate_wikitext(state["student"], corpus_windows, teacher)
+                point.update({f"corpus_{k}": v for k, v in held.items() if k != "teacher_perplexity"})
                 res["wikitext_curve"].append(point)
                 with curve_path.open("a") as f:
                     f.write(json.dumps(point) + "\n")
@@ -317,7 +348,8 @@ def main() -> None:
             console.log(f"{name}: {'resuming at ' + format(done_tokens, ',') if done_tokens else 'starting'}"
                         f" ({tokens:,} tokens, eval every {eval_every} steps)")
             t0 = time.perf_counter()
-            rec = recover_recipe.recover(cfg, student=student, teacher=None if spec.get("cache") else teacher,
+            rec = recover_recipe.recover(cfg, student=student,
+                                         teacher=None if spec.get("cache") or spec.get("generated") else teacher,
                                   tokenizer=tokenizer, callback=callback)
             res.update(seconds=rec["seconds"], train_tokens_per_s=rec["tokens_per_s"], metrics=rec["metrics"])
             console.log(f"{name}: done in {(time.perf_counter() - t0) / 60:.1f} min")

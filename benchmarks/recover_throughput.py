@@ -62,16 +62,16 @@ import datetime as dt
 import functools
 import gc
 import json
-import platform
 import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import common
 import torch
 import torch.nn.functional as F
+from common import DATA, GiB as GIB, cpu_facts, make_console, run_record, write_json
 from rich.console import Console
-from rich.table import Table
 
 from minicompress import arch
 from minicompress.config import DataConfig
@@ -83,10 +83,7 @@ from minicompress.losses import chunked_distill_loss
 from minicompress.measure import PeakMemory, release_free_heap
 from minicompress.models import load_model
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-OUT = ROOT / "benchmarks" / "out" / "recover_throughput.json"
-GIB = 1024**3
+OUT = common.OUT / "recover_throughput.json"
 
 
 def parse_args() -> argparse.Namespace:
@@ -396,20 +393,20 @@ def _ratios(row: dict, naive: dict) -> tuple[str, str]:
             f"{row['extra_peak_bytes'] / max(naive['extra_peak_bytes'], 1):.2f}")
 
 
-def render(results: list[dict]) -> Table:
-    table = Table(title="Recovery step: one AdamW step of forward-KL distillation, float32, CPU")
-    for col in ("model", "tokens", "variant", "tokens/s", "x naive", "extra peak GiB", "x naive mem", "loss"):
-        table.add_column(col, justify="right" if col not in ("model", "variant") else "left")
+def render(results: list[dict]):
+    rows = []
     for res in results:
         naive = res["variants"].get("naive", {})
         for key, row in res["variants"].items():
             if "error" in row:
-                table.add_row(res["model"], str(res["tokens"]), key, "-", "-", "-", "-", row["error"][:60])
+                rows.append((res["model"], res["tokens"], key, "-", "-", "-", "-", row["error"][:60]))
                 continue
             x_tp, x_mem = _ratios(row, naive)
-            table.add_row(res["model"], str(res["tokens"]), key, f"{row['tokens_per_s']:.0f}", x_tp,
-                          f"{row['extra_peak_gib']:.2f}", x_mem, f"{row['loss']:.5f}")
-    return table
+            rows.append((res["model"], res["tokens"], key, f"{row['tokens_per_s']:.0f}", x_tp,
+                         f"{row['extra_peak_gib']:.2f}", x_mem, f"{row['loss']:.5f}"))
+    return common.table("Recovery step: one AdamW step of forward-KL distillation, float32, CPU",
+                        ("model", "tokens", "variant", "tokens/s", "x naive", "extra peak GiB", "x naive mem", "loss"),
+                        rows, left=("model", "variant"))
 
 
 def markdown(results: list[dict]) -> str:
@@ -451,8 +448,6 @@ def gemm_rate(dtype: torch.dtype, tokens: int = 2048, d_in: int = 576, d_out: in
 
 def bench_defaults(args, console: Console) -> dict:
     """The default recovery step vs the previous float32 default, one process, interleaved."""
-    import subprocess
-
     from minicompress.config import RecoverConfig
     from minicompress.hardware import describe_precision
     from minicompress.models import TORCH_DTYPES
@@ -534,27 +529,25 @@ def bench_defaults(args, console: Console) -> dict:
                      "flop_limit_tokens_per_s": rate / flops, "share_of_flop_limit": tps * flops / rate}
     for key in rows:
         rows[key]["x_previous"] = rows[key]["tokens_per_s"] / rows[base_key]["tokens_per_s"]
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
     return {"mode": "defaults", "student": args.student, "tokens": ids.numel(), "batch": batch,
             "seq_len": args.seq_len, "precision": precision, "gemm_flops": rates, "teacher_params": n_teacher,
             "student_params": n_student, "baseline": base_key, "variants": rows,
-            "cpu": {"model": model_name, "avx512_bf16": "avx512_bf16" in lscpu, "amx_bf16": "amx_bf16" in lscpu}}
+            "cpu": cpu_facts()}
 
 
 def render_defaults(res: dict, console: Console) -> str:
-    table = Table(title=f"Default recovery step, {res['tokens']} tokens/step, {res['cpu']['model']} "
-                        f"(avx512_bf16={res['cpu']['avx512_bf16']}, amx={res['cpu']['amx_bf16']})")
-    for col in ("variant", "tokens/s", "x previous", "FLOP/token", "FLOP-limit tok/s", "share of limit"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
+    rows = []
     lines = ["| variant | tokens/s | x previous | MFLOP/token | FLOP-limit tok/s | share of limit |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for key, row in res["variants"].items():
         cells = (f"{row['tokens_per_s']:.0f}", f"{row['x_previous']:.2f}", f"{row['flop_per_token'] / 1e6:.0f}",
                  f"{row['flop_limit_tokens_per_s']:.0f}", f"{row['share_of_flop_limit']:.0%}")
-        table.add_row(key, *cells)
+        rows.append((key, *cells))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    console.print(table)
+    console.print(common.table(f"Default recovery step, {res['tokens']} tokens/step, {res['cpu']['model']} "
+                               f"(avx512_bf16={res['cpu']['avx512_bf16']}, amx={res['cpu']['amx_bf16']})",
+                               ("variant", "tokens/s", "x previous", "FLOP/token", "FLOP-limit tok/s",
+                                "share of limit"), rows))
     rates = res["gemm_flops"]
     lines.append(f"\nGEMM rate (F.linear 2048x576x1536): bf16 {rates['bfloat16'] / 1e12:.2f} TFLOP/s, "
                  f"float32 {rates['float32'] / 1e12:.2f} TFLOP/s.")
@@ -563,7 +556,7 @@ def render_defaults(res: dict, console: Console) -> str:
 
 def main() -> None:
     args = parse_args()
-    console = Console(width=160)
+    console = make_console()
     if args.mode == "defaults":
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
@@ -573,9 +566,8 @@ def main() -> None:
         else:
             res = bench_defaults(args, console)
             res.update(date=dt.date.today().isoformat(), argv=sys.argv, torch=torch.__version__,
-                       threads=torch.get_num_threads())
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(res, indent=2) + "\n")
+                       threads=torch.get_num_threads(), versions=common.versions())
+            write_json(out, res)
         sys.stdout.write(render_defaults(res, console))
         return
     if args.render:
@@ -592,11 +584,9 @@ def main() -> None:
     for name in args.models.split(","):
         results = [r for r in results if r["model"] != name]
         results.append(bench_model(name, args, console))
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        record = {"date": dt.date.today().isoformat(), "argv": sys.argv, "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                  "seconds": time.perf_counter() - started, "results": results}
-        Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
+        record = run_record(argv=sys.argv, torch=torch.__version__, threads=torch.get_num_threads(),
+                            seconds=time.perf_counter() - started, results=results)
+        write_json(args.output, record)
     console.print(render(results))
     sys.stdout.write(markdown(results))
 

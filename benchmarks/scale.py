@@ -33,8 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CORPUS = ROOT.parent / "shared" / "data" / "corpus"
+from common import DATA, OUT, MiB, cpu_facts, make_console, run_record, status_kib, table, write_json
+
+CORPUS = DATA / "corpus"
 TARGETS = {
     # 576 -> 480 (6 heads of 64 over 2 KV heads), FFN 1536 -> 768, 30 -> 18 layers
     "smollm2-135m": {"hidden_size": 480, "num_attention_heads": 6, "num_key_value_heads": 2,
@@ -43,14 +44,6 @@ TARGETS = {
     "gemma3-270m": {"hidden_size": 512, "num_attention_heads": 2, "num_key_value_heads": 1,
                     "intermediate_size": 1024, "num_hidden_layers": 12},
 }
-MiB = 1 << 20
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
 
 
 # ----------------------------------------------------------------------------------------
@@ -75,7 +68,7 @@ def child(args: argparse.Namespace) -> None:
     with torch.device("meta"):  # import the model class in both paths before the baseline
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.folder))
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
-    base_kb = _status_kb("VmRSS")
+    base_kb = status_kib("VmRSS")
     start = time.perf_counter()
     if args.child == "streaming":
         prune_checkpoint_streaming(args.folder, plan, args.out)
@@ -85,7 +78,7 @@ def child(args: argparse.Namespace) -> None:
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)
     seconds = time.perf_counter() - start
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kib("VmHWM")
     print(json.dumps({"baseline_mib": base_kb / 1024, "peak_mib": peak_kb / 1024,
                       "peak_above_baseline_mib": (peak_kb - base_kb) / 1024, "seconds": seconds}))
 
@@ -199,32 +192,20 @@ def part_memory(args) -> list[dict]:
     return rows
 
 
-def _cpu() -> dict:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("Model name")), "?")
-    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("Flags")), [])
-    return {"model": model, "cores": os.cpu_count(),
-            "native_bf16": {f: f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile")}}
-
-
 def render(rows: list[dict], cpu: dict):
-    from rich.table import Table
-
-    table = Table(title=f"prune peak memory above baseline (1 thread; {cpu['model']})")
-    for col in ("model", "checkpoint", "largest tensor", "in-memory peak", "streaming peak",
-                "limit (+10%)", "met", "in-mem s", "stream s", "identical"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["model"], f"{r['checkpoint_mib']:.0f} MiB",
-                      f"{r['largest_tensor_mib']:.0f} MiB", f"{r['in_memory']['peak_above_baseline_mib']:.0f} MiB",
-                      f"{r['streaming']['peak_above_baseline_mib']:.0f} MiB", f"{r['streaming_limit_mib']:.0f} MiB",
-                      "yes" if r["target_met"] else "NO", f"{r['in_memory']['seconds']:.1f}",
-                      f"{r['streaming']['seconds']:.1f}", str(r["identical"]))
-    return table
+    return table(f"prune peak memory above baseline (1 thread; {cpu['model']})",
+                 ("model", "checkpoint", "largest tensor", "in-memory peak", "streaming peak", "limit (+10%)", "met",
+                  "in-mem s", "stream s", "identical"),
+                 [(r["model"], f"{r['checkpoint_mib']:.0f} MiB", f"{r['largest_tensor_mib']:.0f} MiB",
+                   f"{r['in_memory']['peak_above_baseline_mib']:.0f} MiB",
+                   f"{r['streaming']['peak_above_baseline_mib']:.0f} MiB", f"{r['streaming_limit_mib']:.0f} MiB",
+                   "yes" if r["target_met"] else "NO", f"{r['in_memory']['seconds']:.1f}",
+                   f"{r['streaming']['seconds']:.1f}", r["identical"]) for r in rows], left=0)
 
 
 def markdown(rows: list[dict], cpu: dict) -> str:
-    lines = [f"CPU: {cpu['model']}, {cpu['cores']} cores, native bf16 flags {cpu['native_bf16']}; 1 torch thread",
+    flags = {f: cpu.get(f) for f in ("avx512_bf16", "amx_bf16", "amx_tile")}
+    lines = [f"CPU: {cpu['model']}, {cpu['cpus']} cores, native bf16 flags {flags}; 1 torch thread",
              "", "| model | checkpoint MiB | largest tensor MiB | in-memory peak MiB | streaming peak MiB | "
              "limit MiB | met | in-memory s | streaming s | identical |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -245,16 +226,13 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=8, help="calibration samples for the scores")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--workdir", default=None, help="where temporary outputs go (default: system temp)")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "scale.json"))
+    parser.add_argument("--output", default=str(OUT / "scale.json"))
     parser.add_argument("--child", choices=("in-memory", "streaming"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.part == "throughput":
-        import subprocess
-        import sys
-
         raise SystemExit(subprocess.call([sys.executable, str(Path(__file__).with_name("scale_throughput.py")),
                                           *[a for a in rest if a != "--"]]))
     if rest:
@@ -263,15 +241,11 @@ def main() -> None:
         child(args)
         return
     os.environ.setdefault("MINICOMPRESS_PROGRESS", "0")
-    from rich.console import Console
-
-    cpu = _cpu()
+    cpu = cpu_facts()
     parts = {"memory": part_memory}
     rows = parts[args.part](args)
-    Console(width=160).print(render(rows, cpu))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"part": args.part, "cpu": cpu, "rows": rows}, indent=2))
+    make_console().print(render(rows, cpu))
+    out = write_json(args.output, run_record(part=args.part, rows=rows))
     out.with_suffix(".md").write_text(markdown(rows, cpu))
 
 

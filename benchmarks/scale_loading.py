@@ -27,22 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MiB = 1 << 20
+from common import OUT, ROOT, MiB, free_port, make_console, run_record, status_kib, table, write_json
 
 
 def _status_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
+    return status_kib(key) / 1024
 
 
 def child(args: argparse.Namespace) -> None:
@@ -104,18 +99,12 @@ def synthetic_folder(name: str, work: Path) -> str:
     return str(folder)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_way(model: str, way: str, work: Path) -> dict:
     out = Path(tempfile.mkdtemp(dir=work))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINICOMPRESS_PROGRESS": "0", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), __file__, "--child", "--model", model, "--way", way, "--out", str(out)]
+           "--master-port", str(free_port()), __file__, "--child", "--model", model, "--way", way, "--out", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-4000:])
@@ -126,7 +115,7 @@ def run_way(model: str, way: str, work: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m", "llama-300m"])
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "scale_loading.json"))
+    p.add_argument("--output", default=str(OUT / "scale_loading.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--way", choices=("rank0", "every-rank"), help=argparse.SUPPRESS)
@@ -136,13 +125,10 @@ def main() -> None:
         child(args)
         return
 
-    from rich.console import Console
-    from rich.table import Table
-
     from minicompress.arch import count_parameters
     from minicompress.models import load_config
 
-    console = Console()
+    console = make_console()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
@@ -156,21 +142,15 @@ def main() -> None:
                 console.log(f"{model} / {way}: peaks " + ", ".join(f"{r['peak_mib']:.0f}" for r in res["ranks"])
                             + f" MiB; shards equal: {same}")
 
-    table = Table(title="loading for FSDP2 on 2 ranks: host memory above the process baseline (MiB)")
-    for col in ("model", "fp32 weights", "way", "rank 0 peak", "rank 1 peak", "rank 1 after", "seconds", "same shards"):
-        table.add_column(col, justify="left" if col in ("model", "way") else "right")
+    shown = []
     for r in rows:
         r0, r1 = r["ranks"]
-        table.add_row(r["model"], f"{r['float32_mib']:.0f}", r["way"], f"{r0['peak_mib']:.0f}", f"{r1['peak_mib']:.0f}",
-                      f"{r1['after_mib']:.0f}", f"{max(r0['seconds'], r1['seconds']):.1f}", str(r["same_shards"]))
-    console.print(table)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "")
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu": name,
-                               "cpu_flags": [f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in cpu],
-                               "command": "python benchmarks/scale_loading.py", "rows": rows}, indent=2) + "\n")
+        shown.append((r["model"], f"{r['float32_mib']:.0f}", r["way"], f"{r0['peak_mib']:.0f}", f"{r1['peak_mib']:.0f}",
+                      f"{r1['after_mib']:.0f}", f"{max(r0['seconds'], r1['seconds']):.1f}", r["same_shards"]))
+    console.print(table("loading for FSDP2 on 2 ranks: host memory above the process baseline (MiB)",
+                        ("model", "fp32 weights", "way", "rank 0 peak", "rank 1 peak", "rank 1 after", "seconds",
+                         "same shards"), shown, left=("model", "way")))
+    out = write_json(args.output, run_record(rows=rows))
     console.log(f"wrote {out}")
 
 

@@ -25,12 +25,9 @@ prints a rich table and writes ``benchmarks/out/scale_throughput.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,14 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "out" / "scale_throughput.json"
+import common
+from common import free_port, make_console, run_record, write_json
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+OUT = common.OUT / "scale_throughput.json"
 
 
 def prepare(folder: Path, *, hidden: int = 256, layers: int = 4, vocab: int = 8192, words: int = 40_000) -> dict:
@@ -123,7 +116,7 @@ def recovery_throughput(world_size: int, *, models: dict, workdir: Path, steps: 
             "--quiet"]
     if world_size > 1:
         args = ["-m", "torch.distributed.run", "--nproc-per-node", str(world_size), "--master-addr", "127.0.0.1",
-                "--master-port", str(_free_port()), *args]
+                "--master-port", str(free_port()), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINICOMPRESS_PROGRESS": "0", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, *args], cwd=workdir, env=env, capture_output=True, text=True)
@@ -143,41 +136,20 @@ def recovery_throughput(world_size: int, *, models: dict, workdir: Path, steps: 
     }
 
 
-def cpu_facts() -> dict:
-    """CPU model (``lscpu``), logical CPUs, bf16 flags and the load average."""
-    model = ""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
-    except OSError:
-        pass
-    flags = set()
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        pass
-    return {"model": model, "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "amx_tile": "amx_tile" in flags,
-            "load_average": os.getloadavg()}
-
-
 def render(result: dict):
     """A rich table of a result written by :func:`main`."""
-    from rich.table import Table
-
     runs = result["runs"]
     base = next(r for r in runs if r["world_size"] == 1)["tokens_per_s"]
     cfg = result["setup"]
-    table = Table(title=f"recover throughput, random Llama {cfg['parameters'] / 1e6:.1f}M params (hidden "
-                        f"{cfg['hidden']}, {cfg['layers']} layers, vocab {cfg['vocab']}), {cfg['global_batch_tokens']} "
-                        f"tokens/step, seq {cfg['seq_len']}, {cfg['autocast']}, gloo, 1 thread/rank")
-    for column in ("ranks", "tokens/s", "step s", "speed-up", "efficiency", "wall s", "final loss"):
-        table.add_column(column, justify="right")
+    rows = []
     for r in runs:
         speedup = r["tokens_per_s"] / base
-        table.add_row(str(r["world_size"]), f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f}", f"{speedup:.2f}x",
-                      f"{speedup / r['world_size']:.0%}", f"{r['wall_s']:.1f}", f"{r['losses'][-1]:.5f}")
-    return table
+        rows.append((r["world_size"], f"{r['tokens_per_s']:,.0f}", f"{r['step_s']:.3f}", f"{speedup:.2f}x",
+                     f"{speedup / r['world_size']:.0%}", f"{r['wall_s']:.1f}", f"{r['losses'][-1]:.5f}"))
+    return common.table(f"recover throughput, random Llama {cfg['parameters'] / 1e6:.1f}M params (hidden "
+                        f"{cfg['hidden']}, {cfg['layers']} layers, vocab {cfg['vocab']}), {cfg['global_batch_tokens']} "
+                        f"tokens/step, seq {cfg['seq_len']}, {cfg['autocast']}, gloo, 1 thread/rank",
+                        ("ranks", "tokens/s", "step s", "speed-up", "efficiency", "wall s", "final loss"), rows, left=0)
 
 
 def main() -> None:
@@ -194,9 +166,7 @@ def main() -> None:
     p.add_argument("--output", default=str(OUT))
     p.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
     args = p.parse_args()
-    from rich.console import Console
-
-    console = Console()
+    console = make_console()
     if args.render:
         console.print(render(json.loads(Path(args.render).read_text())))
         return
@@ -208,20 +178,13 @@ def main() -> None:
                                     micro_batch_size=args.micro_batch_size,
                                     global_batch_tokens=args.global_batch_tokens, autocast=args.autocast)
                 for w in args.world_sizes.split(",")]
-    import torch
-
-    result = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {**cpu_facts(), "python": platform.python_version(), "torch": torch.__version__},
-        "setup": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "seq_len": args.seq_len,
-                  "micro_batch_size": args.micro_batch_size, "global_batch_tokens": args.global_batch_tokens,
-                  "steps": args.steps, "autocast": args.autocast, "parameters": models["parameters"]},
-        "runs": runs,
-    }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = run_record(
+        setup={"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "seq_len": args.seq_len,
+               "micro_batch_size": args.micro_batch_size, "global_batch_tokens": args.global_batch_tokens,
+               "steps": args.steps, "autocast": args.autocast, "parameters": models["parameters"]},
+        runs=runs)
+    result["machine"] = {**result["cpu"], **result["versions"]}  # the key earlier results used
+    out = write_json(args.output, result)
     console.print(render(result))
     console.print(f"wrote {out}")
 

@@ -11,21 +11,17 @@ Run: ``python benchmarks/scoring_overhead.py [--batches 6 --batch-size 4 --seq-l
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from common import DATA, OUT, print_table, run_record, write_json
 
 from minicompress.recipes.score import calibration_batches
 from minicompress.config import DataConfig, ScoreConfig
 from minicompress.models import load_model
 from minicompress.scoring import ActivationScorer
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @torch.no_grad()
@@ -36,12 +32,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on shared cores)")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "out" / "scoring_overhead.json"))
+    parser.add_argument("--output", default=str(OUT / "scoring_overhead.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    cfg = ScoreConfig(data=DataConfig(source=str(ROOT.parent / "shared" / "data" / "corpus"), seq_len=args.seq_len),
+    cfg = ScoreConfig(data=DataConfig(source=str(DATA / "corpus"), seq_len=args.seq_len),
                       num_samples=args.batches * args.batch_size, batch_size=args.batch_size, layer_scores=False)
     batches, _ = calibration_batches(cfg, tokenizer)
     scorer = ActivationScorer(model)
@@ -68,16 +64,13 @@ def main() -> None:
         "overhead_total": sum(hooked) / sum(plain) - 1,
         "per_batch_ratio": [h / p for h, p in zip(hooked, plain)],
     }
-    table = Table(title=f"Scoring overhead on {args.model}: {len(batches)} batches x {tokens} tokens")
-    for col in ("pass", "median s/batch", "tokens/s"):
-        table.add_column(col, justify="right")
-    table.add_row("plain forward", f"{result['plain_s_median']:.3f}", f"{result['plain_tokens_per_s']:,.0f}")
-    table.add_row("with importance hooks", f"{result['hooked_s_median']:.3f}", f"{result['hooked_tokens_per_s']:,.0f}")
-    table.add_row("overhead (median / total)", f"{result['overhead']:+.1%}", f"{result['overhead_total']:+.1%}")
-    Console().print(table)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    print_table(f"Scoring overhead on {args.model}: {len(batches)} batches x {tokens} tokens",
+                ("pass", "median s/batch", "tokens/s"),
+                [("plain forward", f"{result['plain_s_median']:.3f}", f"{result['plain_tokens_per_s']:,.0f}"),
+                 ("with importance hooks", f"{result['hooked_s_median']:.3f}", f"{result['hooked_tokens_per_s']:,.0f}"),
+                 ("overhead (median / total)", f"{result['overhead']:+.1%}", f"{result['overhead_total']:+.1%}")],
+                left=0)
+    write_json(args.output, run_record(**result))
 
 
 if __name__ == "__main__":

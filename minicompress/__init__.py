@@ -15,7 +15,7 @@ minicompress`` (and the CLI's start-up) loads neither torch nor transformers:
 * ``mc.recover(RecoverConfig(...), student=..., teacher=..., tokenizer=...)`` distils
   (:func:`minicompress.recipes.recover.recover`)
 * ``mc.evaluate(model, tokenizer, "test.txt", teacher=...)`` -> perplexity, KL, size, speed
-  (:func:`minicompress.evaluation.evaluate`)
+  (:func:`minicompress.recipes.eval.evaluate_model`)
 * ``mc.run(RunConfig or "run.yaml")`` runs progressive stages (:func:`minicompress.recipes.run.run`);
   ``mc.dry_run(config)`` checks one without loading weights
 
@@ -39,7 +39,7 @@ _API = {
     "validate_target": ("search", "validate_target"),
     "PrunePlan": ("prune", "PrunePlan"),
     "recover": ("recipes.recover", "recover"),
-    "evaluate": ("evaluation", "evaluate"),
+    "evaluate": ("recipes.eval", "evaluate_model"),
     "run": ("recipes.run", "run"),
     "dry_run": ("recipes.run", "dry_run"),
     "count_parameters": ("arch", "count_parameters"),

@@ -40,6 +40,11 @@ class ArchAdapter:
         hidden_divisible_by_heads: the transformers config rejects a ``hidden_size`` that
             is not a multiple of ``num_attention_heads`` (llama, gemma3 in transformers 5),
             even with an explicit ``head_dim``.
+        q_proj, k_proj, v_proj, o_proj: the attention projections inside ``attn`` (the
+            input of ``o_proj`` is the heads' output, scored per head).
+        gate_proj, up_proj, down_proj: the gated MLP's projections inside ``mlp`` (the
+            input of ``down_proj`` is the neurons' output, scored per neuron).
+        q_norm, k_norm: the per-head norms of ``qk_norm`` families.
     """
 
     model_type: str
@@ -53,6 +58,15 @@ class ArchAdapter:
     scaled_embeddings: bool = False
     per_layer_keys: tuple[str, ...] = ("layer_types",)
     hidden_divisible_by_heads: bool = False
+    q_proj: str = "q_proj"
+    k_proj: str = "k_proj"
+    v_proj: str = "v_proj"
+    o_proj: str = "o_proj"
+    gate_proj: str = "gate_proj"
+    up_proj: str = "up_proj"
+    down_proj: str = "down_proj"
+    q_norm: str = "q_norm"
+    k_norm: str = "k_norm"
 
     @property
     def all_layer_norms(self) -> tuple[str, ...]:

@@ -183,6 +183,11 @@ def add_data_flags(parser: argparse.ArgumentParser, key: str = "data") -> None:
 
     config_flag(parser, "--data", key=f"{key}.source", metavar="SOURCE",
                 help=".txt/.jsonl/.json/.parquet file, a folder of them, or a Hub dataset name[:config][@split]")
+    config_flag(parser, "--data-mix", key=f"{key}.mixture", metavar="SOURCE=WEIGHT,...",
+                help="several sources drawn by weight each step, e.g. corpus/=0.7,generated/text.jsonl=0.3 "
+                     "(instead of --data)")
+    config_flag(parser, "--no-token-store", key=f"{key}.token_store", action="store_const", const=False,
+                help="tokenise in memory every run instead of the memory-mapped token store")
     config_flag(parser, "--text-field", key=f"{key}.text_field", help="field holding the text (default: text)")
     config_flag(parser, "--seq-len", key=f"{key}.seq_len", help="tokens per sequence / window")
     config_flag(parser, "--max-tokens", key=f"{key}.max_tokens", help="read at most this many tokens (e.g. 16k)")
@@ -349,19 +354,41 @@ def write_result(path: str | Path | None, record: dict) -> Path | None:
     return out
 
 
-def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Show ``minicompress`` log messages on stderr through a rich handler.
+class _StderrHandler(logging.StreamHandler):
+    """A plain stream handler that writes to whatever ``sys.stderr`` is at the time."""
 
-    Default level INFO; ``verbose`` DEBUG; ``quiet`` WARNING.
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Show ``minicompress`` log messages on stderr.
+
+    On a terminal through a rich handler; off a terminal (``2> file``, ``nohup``, CI) as
+    plain one-line records, ``<time> <LEVEL> <message>``, never wrapped, so that a log
+    file holds one line per message, the progress lines of
+    :mod:`minicompress.progress` included. Default level INFO; ``verbose`` DEBUG;
+    ``quiet`` WARNING.
     """
-    from rich.logging import RichHandler
+    from .progress import on_terminal
 
     logger = logging.getLogger("minicompress")
     for handler in list(logger.handlers):
         if getattr(handler, "_minicompress", False):
             logger.removeHandler(handler)
-    handler = RichHandler(console=_console(stderr=True), show_path=False, show_time=False, markup=False,
-                          rich_tracebacks=False)
+    if on_terminal():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=_console(stderr=True), show_path=False, show_time=False, markup=False,
+                              rich_tracebacks=False)
+    else:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     handler._minicompress = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
@@ -695,6 +722,39 @@ def teacher_cache_command(args: argparse.Namespace) -> int:
     cfg = build_from_args(TeacherCacheConfig, args, output_needed_for="teacher-cache needs a folder for the shards")
     report = write_teacher_cache(cfg)
     render_table(f"teacher cache {cfg.teacher.source} -> {cfg.output}",
+                 {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
+    return 0
+
+
+def _generate_setup(p: argparse.ArgumentParser) -> None:
+    add_common(p, output_help="folder: a teacher cache for recover --teacher-cache, plus text.jsonl")
+    add_model_flags(p, "teacher")
+    add_data_flags(p)
+    config_flag(p, "--tokens", key="tokens", help="tokens to generate, whole rows of --seq-len (e.g. 1M)")
+    config_flag(p, "--prompt-tokens", key="prompt_tokens",
+                help="with --data: the first tokens of its sequences start the rows (default 4); without "
+                     "--data each row starts from one vocabulary id (LLM-QAT)")
+    config_flag(p, "--greedy-tokens", key="greedy_tokens", help="generated tokens taken greedily first (default 3)")
+    config_flag(p, "--top-k", key="top_k", help="sample from the k most likely tokens (default 50; 0: all)")
+    config_flag(p, "--top-p", key="top_p", help="nucleus mass (default 1: off)")
+    config_flag(p, "--temperature", key="temperature", help="sampling temperature (default 1)")
+    config_flag(p, "--samples", key="samples", help="sparse teacher targets kept per position (default 12)")
+    config_flag(p, "--batch-size", key="batch_size", help="rows decoded together (default 64)")
+    config_flag(p, "--resume", key="resume", action="store_const", const=True,
+                help="continue an interrupted run from <output>.partial")
+    config_flag(p, "--autocast", key="autocast", choices=AUTOCAST, help=AUTOCAST_HELP)
+
+
+@subcommand("generate", help="sample recovery text from the teacher with its sparse targets (data-free distillation)",
+            setup=_generate_setup)
+def generate_command(args: argparse.Namespace) -> int:
+    """``minicompress generate``: the teacher's own text, as a teacher cache plus JSONL."""
+    from .config import GenerateConfig
+    from .recipes.generate import generate
+
+    cfg = build_from_args(GenerateConfig, args, output_needed_for="generate needs a folder to write to")
+    report = generate(cfg)
+    render_table(f"generated by {cfg.teacher.source} -> {cfg.output}",
                  {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
     return 0
 

@@ -13,6 +13,7 @@ Knobs use Hugging Face vocabulary (``hidden_size``, ``intermediate_size``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -30,10 +31,16 @@ AUTOCAST = ("auto", "none", "bfloat16")
 DOCUMENT_MODES = ("split", "file")
 AGGREGATIONS = ("mean", "l2", "var")
 LAYER_METRICS = ("bi", "loss", "contiguous")
-LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl")
+#: Logit divergences of ``loss.kind`` (the one list: :mod:`minicompress.losses` imports it).
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl", "sampled_kl")
+#: Kinds whose teacher is a sparse target per token, read from a teacher cache.
+SPARSE_LOSS_KINDS = ("topk_kl", "sampled_kl")
 STAGE_TEACHERS = ("original", "previous")
 #: RecoverConfig keys a run sets for each stage (not allowed in ``recover:`` sections).
 RUN_SETS_RECOVER_KEYS = ("student", "teacher", "teacher_cache", "data", "tokens", "output", "overwrite", "resume")
+#: keys of a run's ``search:`` section (and a stage's): PruneConfig's ``search_batches``,
+#: ``search_distill_candidates``, ``search_distill_tokens``, ``search_recover``, and ``target.width_multiple``.
+RUN_SEARCH_KEYS = ("batches", "distill_candidates", "distill_tokens", "recover", "width_multiple")
 #: RecoverConfig keys the prune's search sets for its short distillations (not allowed in ``search_recover``):
 #: the teacher is the original in memory, which must keep its dtype and device.
 PRUNE_SETS_SEARCH_RECOVER_KEYS = RUN_SETS_RECOVER_KEYS + ("eval_every", "teacher_dtype", "teacher_device")
@@ -77,6 +84,31 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One source of a data mixture and its sampling weight.
+
+    Attributes:
+        source: a text source as :attr:`DataConfig.source` (file, folder, Hub dataset).
+        weight: its share of the training sequences (> 0; weights are normalised).
+    """
+
+    source: str = ""
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.source or not str(self.source).strip():
+            raise ConfigError("source: must name a file, folder or Hub dataset")
+        if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"weight: must be a number > 0, got {self.weight!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "SourceConfig":
+        """``PATH=WEIGHT`` (or ``PATH``, weight 1), the ``--data-mix`` form."""
+        path, sep, weight = str(text).strip().rpartition("=")
+        return cls(source=path, weight=float(weight)) if sep else cls(source=weight)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """A text source, tokenised, EOS-joined and packed into fixed-length sequences.
 
@@ -91,6 +123,14 @@ class DataConfig:
         documents: ``split`` treats blank-line separated blocks of a ``.txt`` file as
             documents (EOS between them); ``file`` keeps each file as one document, the
             standard protocol for WikiText perplexity.
+        mixture: several sources drawn by weight instead of ``source`` (YAML: ``data:`` as
+            a list of ``{source, weight}``; flag: ``--data-mix PATH=W,PATH=W``). Each
+            optimizer step draws its sequences by weight, deterministically
+            (:mod:`minicompress.mixture`).
+        token_store: tokenise a source once into a memory-mapped token store under
+            ``$MINICOMPRESS_TOKEN_CACHE`` (default ``~/.cache/minicompress/tokens``) and
+            reuse it in every later run and on every rank (:mod:`minicompress.token_store`);
+            false: tokenise in memory every time.
     """
 
     source: str | None = None
@@ -100,8 +140,12 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     documents: str = "split"
+    mixture: tuple[SourceConfig, ...] = ()
+    token_store: bool = True
 
     def __post_init__(self):
+        if self.mixture and self.source is not None:
+            raise ConfigError("mixture: give either source or a mixture of sources, not both")
         _check_positive("seq_len", self.seq_len)
         if self.seq_len < 2:
             raise ConfigError(f"seq_len: must be at least 2, got {self.seq_len}")
@@ -489,12 +533,15 @@ class RecoverConfig:
             raise ConfigError("teacher: KL recovery needs --teacher or --teacher-cache (or set loss.kl_weight=0)")
         if self.loss.intermediate_weight > 0 and self.teacher is None:
             raise ConfigError("loss.intermediate_weight: the intermediate-state loss needs --teacher")
-        if self.loss.kl_weight > 0 and self.loss.kind == "topk_kl" and self.teacher_cache is None:
-            raise ConfigError("loss.kind: topk_kl needs --teacher-cache; use forward_kl with a live teacher")
+        if self.loss.kl_weight > 0 and self.loss.kind in SPARSE_LOSS_KINDS and self.teacher_cache is None:
+            raise ConfigError(f"loss.kind: {self.loss.kind} needs --teacher-cache; use forward_kl with a live teacher")
         if self.teacher_cache is not None:
-            if self.loss.kind not in ("forward_kl", "topk_kl"):
+            if self.data.mixture:
+                raise ConfigError("data.mixture: --teacher-cache trains on the cache's own rows; a mixture needs a "
+                                  "live --teacher (give the generated text as a mixture source instead)")
+            if self.loss.kind not in ("forward_kl",) + SPARSE_LOSS_KINDS:
                 raise ConfigError(f"loss.kind: {self.loss.kind} needs full teacher logits; "
-                                  "--teacher-cache supports forward_kl / topk_kl only")
+                                  "--teacher-cache supports forward_kl / topk_kl / sampled_kl only")
             if self.loss.intermediate_weight > 0:
                 raise ConfigError("loss.intermediate_weight: needs a live --teacher, not --teacher-cache")
         tokens_per_micro = self.micro_batch_size * self.data.seq_len
@@ -557,6 +604,75 @@ class TeacherCacheConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    """``minicompress generate``: recovery data sampled from the teacher (data-free distillation).
+
+    LLM-QAT (Liu et al., arXiv 2305.17888) generated its training text from the model
+    itself: one start token per vocabulary id, the next few tokens greedy, the rest sampled
+    (top-k 50, temperature 1). With ``data.source`` set, the rows start from the first
+    ``prompt_tokens`` tokens of that text's sequences instead.
+
+    Attributes:
+        teacher: the model that writes the text.
+        data: ``seq_len`` of every generated row; ``source`` (optional): a text whose
+            sequences' first ``prompt_tokens`` tokens start the rows.
+        tokens: tokens to generate (whole rows of ``data.seq_len``).
+        prompt_tokens: tokens of a user text's sequence that start a row (with ``data.source``).
+        greedy_tokens: generated tokens after the start taken greedily (LLM-QAT: 2-4).
+        top_k: sampling keeps the ``top_k`` most likely tokens (0: all).
+        top_p: nucleus sampling mass (1: off).
+        temperature: sampling temperature of the continuation (the stored targets are
+            always the temperature-1 distribution).
+        samples: sparse targets kept per position: tokens drawn from the teacher's full
+            distribution with their log-probs (the ``sampled`` teacher-cache kind).
+        batch_size: rows decoded together (the KV cache grows with it).
+        shard_tokens: tokens per safetensors shard (a killed run resumes at a shard).
+        seed: seeds the start tokens and every shard's sampling.
+        autocast: ``auto`` (default): bf16 where the hardware has native bf16; ``none`` or
+            ``bfloat16`` force it.
+        output: the folder: a teacher cache (``recover --teacher-cache``) plus ``text.jsonl``.
+        overwrite: replace an existing output.
+        resume: continue an interrupted run from ``<output>.partial``.
+    """
+
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
+    tokens: int = 1_000_000
+    prompt_tokens: int = 4
+    greedy_tokens: int = 3
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    samples: int = 12
+    batch_size: int = 64
+    shard_tokens: int = 262144
+    seed: int = 0
+    autocast: str = "auto"
+    output: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        _check_positive("tokens", self.tokens)
+        if self.tokens < self.data.seq_len:
+            raise ConfigError(f"tokens: {self.tokens} is less than one sequence of data.seq_len={self.data.seq_len}")
+        _check_positive("prompt_tokens", self.prompt_tokens)
+        if self.prompt_tokens >= self.data.seq_len:
+            raise ConfigError(f"prompt_tokens: must be below data.seq_len ({self.data.seq_len}), got {self.prompt_tokens}")
+        _check_positive("greedy_tokens", self.greedy_tokens, allow_zero=True)
+        _check_positive("top_k", self.top_k, allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        _check_positive("temperature", self.temperature)
+        _check_positive("samples", self.samples)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("shard_tokens", self.shard_tokens)
+        _check_choice("autocast", self.autocast, AUTOCAST)
+        if self.data.mixture:
+            raise ConfigError("data.mixture: generate starts rows from one text; give data.source")
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One stage of ``minicompress run``: prune the previous stage's model, then recover it.
 
@@ -571,6 +687,8 @@ class StageConfig:
             model best) or ``previous`` (the previous stage's output).
         recover: overrides of the run's ``recover`` defaults for this stage (keys of
             :class:`RecoverConfig`, e.g. ``lr``, ``loss: {ce_weight: 0.1}``).
+        search: overrides of the run's ``search`` settings for this stage (keys of
+            :data:`RUN_SEARCH_KEYS`, e.g. ``distill_candidates: 2``).
     """
 
     name: str = ""
@@ -578,6 +696,7 @@ class StageConfig:
     tokens: int = 0
     teacher: str = "original"
     recover: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(self.name)):
@@ -635,9 +754,16 @@ class RunConfig:
             ``source``: the report has no perplexity / KL columns). Read as whole files
             without shuffling, like ``minicompress eval``.
         score: scoring settings of every stage (its ``model``/``data`` are the run's).
-        search_batches: calibration batches ranking candidate shapes (``target_params``).
+        search_batches: calibration batches ranking candidate shapes (``target_params``;
+            ``search: {batches: ...}`` says the same and wins).
         recover: recovery defaults of every stage: keys of :class:`RecoverConfig`
             except those the run sets (:data:`RUN_SETS_RECOVER_KEYS`).
+        search: architecture-search settings of every ``target_params`` stage (a stage's
+            own ``search:`` overrides them), keys of :data:`RUN_SEARCH_KEYS`:
+            ``batches``, ``distill_candidates``, ``distill_tokens`` and ``recover`` (the
+            :class:`PruneConfig` fields ``search_batches``, ``search_distill_candidates``,
+            ``search_distill_tokens``, ``search_recover``) and ``width_multiple`` (the
+            stage's ``target.width_multiple``). They are part of each stage's digest.
         stages: the stages, in order; each prunes the previous stage's output.
         report: settings of the end-of-run evaluation.
         keep_pruned: keep each stage's pruned-but-not-recovered folder
@@ -654,6 +780,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=lambda: ScoreConfig(num_samples=256))
     search_batches: int = 4
     recover: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
     stages: tuple[StageConfig, ...] = ()
     report: ReportConfig = field(default_factory=ReportConfig)
     keep_pruned: bool = False
@@ -676,6 +803,91 @@ class RunConfig:
             if stage.tokens:
                 self.stage_recover_config(i, student=ModelConfig(source="student"), teacher=self.model,
                                           output="stage")
+            self.stage_prune_config(i, model=self.model)  # checks the search settings, naming the key
+
+    def _stage_search(self, index: int) -> tuple[dict[str, Any], dict[str, str]]:
+        """The merged ``search`` settings of stage ``index`` and where each key came from."""
+        stage = self.stages[index]
+        for where, mapping in (("search", self.search), (f"stages[{index}].search", stage.search)):
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"{where}: expected a mapping of {', '.join(RUN_SEARCH_KEYS)}, got {mapping!r}")
+            for key in mapping:
+                if key not in RUN_SEARCH_KEYS:
+                    raise ConfigError(f"{where}.{key}: unknown key; allowed keys of {where}: "
+                                      f"{', '.join(RUN_SEARCH_KEYS)}")
+        merged = _merge(dict(self.search), dict(stage.search))
+        origin = {key: f"stages[{index}].search" if key in stage.search else "search" for key in merged}
+        if "recover" in merged and not isinstance(merged["recover"], dict):
+            raise ConfigError(f"{origin['recover']}.recover: expected a mapping of RecoverConfig keys, "
+                              f"got {merged['recover']!r}")
+        return merged, origin
+
+    def stage_target(self, index: int) -> TargetConfig:
+        """Stage ``index``'s target, with ``search.width_multiple`` applied to a ``target_params`` stage.
+
+        Raises:
+            ConfigError: ``width_multiple`` given both in the stage's target and in ``search``.
+        """
+        stage = self.stages[index]
+        target = stage.target
+        merged, origin = self._stage_search(index)
+        if target.target_params is None or "width_multiple" not in merged:
+            return target
+        where = f"{origin['width_multiple']}.width_multiple"
+        value = _coerce(merged["width_multiple"], int, where)
+        if target.width_multiple != TargetConfig.width_multiple and target.width_multiple != value:
+            raise ConfigError(f"{where}: {value} differs from stages[{index}].target.width_multiple "
+                              f"({target.width_multiple}); give it once")
+        try:
+            return dataclasses.replace(target, width_multiple=value)
+        except ConfigError as err:
+            raise ConfigError(f"{origin['width_multiple']}.{err}") from None
+
+    def stage_prune_config(self, index: int, *, model: ModelConfig, target: TargetConfig | None = None,
+                           output: str | None = None, resume: bool = False, overwrite: bool = False) -> PruneConfig:
+        """The :class:`PruneConfig` of stage ``index``: the run's data and scoring, the stage's
+        target and the ``search`` settings (the run's, then the stage's own).
+
+        Args:
+            index: the stage.
+            model: the model the stage prunes.
+            target: the target to use (default :meth:`stage_target`; a run passes it with a
+                ``target_params`` ratio turned into a count of the original's parameters);
+                ``search.width_multiple`` is applied to it.
+            output: the pruned model's folder.
+            resume: continue an interrupted search in ``<output>.partial``.
+            overwrite: replace an existing output (and a search of other settings).
+
+        Raises:
+            ConfigError: an unknown or invalid search setting, naming ``search.<key>`` or
+                ``stages[i].search.<key>``.
+        """
+        merged, origin = self._stage_search(index)
+        resolved = self.stage_target(index)
+        if target is None:
+            target = resolved
+        elif target.target_params is not None:
+            target = dataclasses.replace(target, width_multiple=resolved.width_multiple)
+        data: dict[str, Any] = {"model": model, "data": self.data, "score": self.score, "target": target,
+                                "search_batches": merged.get("batches", self.search_batches), "output": output,
+                                "resume": resume, "overwrite": overwrite}
+        for key, name in (("distill_candidates", "search_distill_candidates"),
+                          ("distill_tokens", "search_distill_tokens"), ("recover", "search_recover")):
+            if key in merged:
+                data[name] = merged[key]
+        try:
+            return _build(PruneConfig, data)
+        except ConfigError as err:
+            key, sep, rest = str(err).partition(":")
+            short = {"search_batches": "batches", "search_distill_candidates": "distill_candidates",
+                     "search_distill_tokens": "distill_tokens"}.get(key)
+            if short is None and key.startswith("search_recover."):
+                short = "recover." + key[len("search_recover."):]
+            if short is None:
+                raise
+            if short == "batches" and "batches" not in merged:
+                raise ConfigError(f"search_batches:{rest}") from None
+            raise ConfigError(f"{origin.get(short.split('.')[0], 'search')}.{short}:{rest}") from None
 
     def stage_recover_config(self, index: int, *, student: ModelConfig, teacher: ModelConfig, output: str,
                              resume: bool = False) -> "RecoverConfig":
@@ -737,8 +949,17 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if _is_dataclass_type(inner):
         if isinstance(value, inner):
             return value
+        if isinstance(value, str) and hasattr(inner, "parse"):  # --data-mix PATH=WEIGHT
+            try:
+                return inner.parse(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected PATH=WEIGHT, got {value!r}") from None
+            except ConfigError as err:
+                raise ConfigError(f"{path}.{err}") from None
         if isinstance(value, str) and "source" in {f.name for f in dataclasses.fields(inner)}:
             value = {"source": value}
+        if inner is DataConfig and isinstance(value, (list, tuple)):  # data: [{source, weight}, ...]
+            value = {"mixture": list(value)}
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {inner.__name__} keys, got {value!r}")
         return _build(inner, value, path)
@@ -814,6 +1035,8 @@ def _build(cls: type, data: dict, prefix: str = ""):
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
+        if isinstance(value, list) and isinstance(out.get(key), dict) and "mixture" in out[key]:
+            value = {"mixture": value, "source": None}  # data: [{source, weight}, ...] keeps the other data keys
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:

@@ -11,7 +11,9 @@ feeds distillation. Empty, binary or undecodable input raises a one-line error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -219,17 +221,135 @@ def load_token_stream(config: DataConfig, tokenizer) -> torch.Tensor:
     return tokenize_documents(docs, tokenizer, config.max_tokens)
 
 
-def load_sequences(config: DataConfig, tokenizer) -> torch.Tensor:
+def token_cache_dir() -> Path:
+    """Where token stores live: ``$MINICOMPRESS_TOKEN_CACHE``, else ``<$MINICOMPRESS_CACHE>/tokens``."""
+    if os.environ.get("MINICOMPRESS_TOKEN_CACHE"):
+        return Path(os.environ["MINICOMPRESS_TOKEN_CACHE"]).expanduser()
+    return Path(os.environ.get("MINICOMPRESS_CACHE", Path.home() / ".cache" / "minicompress")).expanduser() / "tokens"
+
+
+def load_sequences(config: DataConfig, tokenizer, source: str | None = None):
     """Read, tokenise, pack and (optionally) shuffle a data source.
 
+    With ``config.token_store`` (the default) the source is tokenised once into a token
+    store (:func:`minicompress.token_store.get_or_build`; a second run re-tokenises
+    nothing) and the result is a lazy :class:`~minicompress.token_store.SequenceView` over
+    its memory map: the same rows, in the same order, as the in-memory path.
+
+    Args:
+        config: the data settings.
+        tokenizer: the model's tokenizer.
+        source: read this source instead of ``config.source`` (one source of a mixture).
+
     Returns:
-        ``[N, config.seq_len]`` int64; shuffled with ``config.seed`` when ``config.shuffle``.
+        ``[N, config.seq_len]`` int64 rows (a tensor, or a view that indexes like one);
+        shuffled with ``config.seed`` when ``config.shuffle``.
     """
+    source = source if source is not None else config.source
+    if source is None:
+        raise MinicompressError("--data: a data source is required")
+    if config.token_store:
+        from .token_store import get_or_build
+
+        store = get_or_build(token_cache_dir(), source, tokenizer, text_field=config.text_field,
+                             documents=config.documents, max_tokens=config.max_tokens)
+        body = config.seq_len - (1 if bos_token_id(tokenizer) is not None else 0)
+        if store.num_tokens < body:
+            raise MinicompressError(f"--data: only {store.num_tokens} tokens, fewer than one sequence of "
+                                    f"seq_len={config.seq_len}")
+        return store.sequences(config.seq_len, bos_token_id(tokenizer), shuffle=config.shuffle, seed=config.seed)
+    config = dataclasses.replace(config, source=source)
     seqs = pack(load_token_stream(config, tokenizer), config.seq_len, bos_token_id(tokenizer))
     if config.shuffle:
         order = torch.randperm(seqs.shape[0], generator=torch.Generator().manual_seed(config.seed))
         seqs = seqs[order]
     return seqs
+
+
+def as_tensor(rows) -> torch.Tensor:
+    """``rows`` as a ``[N, L]`` tensor (a :class:`~minicompress.token_store.SequenceView` is read)."""
+    return rows if isinstance(rows, torch.Tensor) else rows.tensor()
+
+
+#: Sequences per block of a mixture: each block holds every source's exact share.
+MIXTURE_BLOCK = 100
+
+
+class TrainingData:
+    """Held-out and training rows of one source or of a weighted mixture of sources.
+
+    Every source holds out its first ``n_eval`` rows (the same rows whatever the mixture,
+    so a source's held-out text never changes with the weights); training reads the rest.
+    One source: micro batch rows are ``train[batch_indices(...)]``, exactly as before.
+    Several: the micro batch's stream positions map to a source and a position in that
+    source by :func:`minicompress.mixture.mixture_positions` (a pure function of the
+    position, so ``resume`` and sharding stay exact), then to a row by
+    :func:`~minicompress.mixture.source_epoch_index`.
+
+    Attributes:
+        sources: the source names, in order.
+        weights: their normalised weights (``[1.0]`` for one source).
+        eval_ids: ``[E, L]`` held-out rows of every source, concatenated.
+        num_train: training rows of all sources together.
+    """
+
+    def __init__(self, rows: list, weights: list[float] | None, n_eval: int, *, names: list[str], seed: int = 0):
+        from .mixture import check_weights
+
+        self.sources = names
+        raw = check_weights(weights) if weights is not None else [1.0]
+        self.weights = [w / sum(raw) for w in raw]
+        self._train = [r[n_eval:] for r in rows]
+        self.seed = seed
+        for name, train in zip(names, self._train):
+            if len(train) == 0:
+                raise MinicompressError(f"eval_tokens: holding out {n_eval} sequences of {name} leaves none to "
+                                        "train on; lower eval_tokens or add data")
+        self.eval_ids = torch.cat([as_tensor(r[:n_eval]) for r in rows]) if n_eval else \
+            torch.empty(0, rows[0].shape[1], dtype=torch.long)
+        self.num_train = sum(len(t) for t in self._train)
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` training rows at global stream positions ``positions`` ``[B]``."""
+        from .mixture import mixture_positions, source_epoch_index
+
+        if len(self._train) == 1:
+            return as_tensor(self._train[0][source_epoch_index(positions, len(self._train[0]), self.seed)])
+        sources, within = mixture_positions(positions, self.weights, MIXTURE_BLOCK, self.seed)
+        out = torch.empty(positions.numel(), self._train[0].shape[1], dtype=torch.long)
+        for s, train in enumerate(self._train):
+            sel = sources == s
+            if sel.any():
+                out[sel] = as_tensor(train[source_epoch_index(within[sel], len(train), self.seed)])
+        return out
+
+    def tokens_per_source(self, positions: int, seq_len: int) -> dict[str, int]:
+        """Training tokens each source supplies over the first ``positions`` stream positions."""
+        from .mixture import tokens_per_source
+
+        if len(self._train) == 1:
+            return {self.sources[0]: positions * seq_len}
+        counts = tokens_per_source(positions, self.weights, MIXTURE_BLOCK, seq_len, seed=self.seed)
+        return dict(zip(self.sources, counts))
+
+
+def load_training_data(config: DataConfig, tokenizer, eval_tokens: int, *, seed: int = 0) -> TrainingData:
+    """The held-out and training rows of ``config`` (one source or ``config.mixture``).
+
+    ``seed`` orders epochs after the first and the mixture's blocks (the run's seed).
+
+    Raises:
+        MinicompressError: no source, a bad weight, or too little data to hold out ``eval_tokens``.
+    """
+    import math
+
+    specs = [(m.source, m.weight) for m in config.mixture] or [(config.source, None)]
+    if specs[0][0] is None:
+        raise MinicompressError("--data: a data source is required")
+    rows = [load_sequences(config, tokenizer, source=src) for src, _ in specs]
+    n_eval = math.ceil(eval_tokens / config.seq_len) if eval_tokens else 0
+    weights = [w for _, w in specs] if config.mixture else None
+    return TrainingData(rows, weights, n_eval, names=[src for src, _ in specs], seed=seed)
 
 
 def sample_calibration(sequences: torch.Tensor, num_samples: int, seed: int = 0) -> torch.Tensor:

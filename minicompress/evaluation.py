@@ -175,10 +175,10 @@ def measure_speed(model: torch.nn.Module, vocab_size: int, *, prefill_tokens: in
                 out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
                 synchronize(device)
                 t1 = time.perf_counter()
-                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-                for _ in range(decode_tokens):
-                    out = model(input_ids=token, past_key_values=cache, use_cache=True)
-                    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+                for _ in range(decode_tokens):  # transformers 5: ``cache=`` (``past_key_values=`` is deprecated)
+                    out = model(input_ids=token, cache=cache, use_cache=True)
+                    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
                 synchronize(device)
                 t2 = time.perf_counter()
             if rep:  # the first pass warms up kernels and allocators
@@ -204,72 +204,45 @@ def parameter_summary(model: torch.nn.Module) -> dict:
     return {"total": total, "non_embedding": closed["non_embedding"], "closed_form_total": closed["total"]}
 
 
-def evaluate(model: torch.nn.Module, tokenizer=None, data=None, *, teacher: torch.nn.Module | None = None,
-             seq_len: int = 1024, max_tokens: int | None = None, stride: int | None = None, batch_size: int = 4,
-             autocast: str = "auto", speed: bool = False, prefill_tokens: int = 256, decode_tokens: int = 32,
-             source: str | None = None) -> dict:
-    """Held-out perplexity of a model (and agreement with a teacher, size and speed).
-
-    This is ``minicompress eval`` on an in-memory model, and what ``import minicompress as
-    mc; mc.evaluate(model, tokenizer, "test.txt")`` calls. The text is read as whole
-    files without shuffling, tokenised as one stream and cut into ``seq_len`` windows
-    (:func:`eval_windows`; BOS prepended for tokenizers that add one).
+def evaluate(model: torch.nn.Module, windows: list[tuple[torch.Tensor, int]] | None = None, *,
+             teacher: torch.nn.Module | None = None, batch_size: int = 4, autocast: str = "auto", speed: bool = False,
+             prefill_tokens: int = 256, decode_tokens: int = 32) -> dict:
+    """The evaluation pipeline on ready windows: perplexity (and agreement with a teacher),
+    parameters, peak memory and speed. The recipes read the text into windows
+    (:func:`minicompress.recipes.eval.evaluate_model`) and add the size on disk.
 
     Args:
         model: a supported ``*ForCausalLM``.
-        tokenizer: its tokenizer (needed with a text ``data``).
-        data: a text source (file, folder, Hub dataset), a
-            :class:`~minicompress.config.DataConfig`, ready ``[(window [L], n_scored)]``
-            windows, or None (no perplexity: parameters, size and speed only).
+        windows: ``[(window [L], n_scored)]`` from :func:`eval_windows` (None: no perplexity).
         teacher: a reference model with the same vocabulary for ``kl_to_teacher``
             (KL(teacher || model) per token) and ``top1_agreement``.
-        seq_len: window length for a text source.
-        max_tokens: read at most this many tokens of a text source.
-        stride: sliding-window stride (None: non-overlapping windows).
         batch_size: windows per forward.
         autocast: ``auto``, ``none`` or ``bfloat16``.
         speed: also measure prefill / greedy-decode tokens/s (batch 1, KV cache).
         prefill_tokens: prompt length of the speed test.
         decode_tokens: generated tokens of the speed test.
-        source: the model's folder or GGUF file, for ``size_on_disk_bytes``.
 
     Returns:
-        ``{"parameters", "non_embedding_parameters"}`` plus, with data, ``perplexity``,
-        ``nll``, ``tokens``, ``windows`` (and with a teacher ``kl_to_teacher``,
-        ``top1_agreement``, ``teacher_perplexity``), with ``source``
-        ``size_on_disk_bytes``, and with ``speed`` ``prefill_tokens_per_s`` and
-        ``decode_tokens_per_s``.
-
-    Raises:
-        MinicompressError: unreadable data, or fewer tokens than one window.
+        ``parameters``, ``non_embedding_parameters``, ``closed_form_parameters``,
+        ``model_type``; with windows ``perplexity``, ``nll``, ``tokens``, ``windows``,
+        ``eval_tokens_per_s``, ``eval_peak_memory_bytes`` (and with a teacher
+        ``kl_to_teacher``, ``top1_agreement``, ``teacher_perplexity``, ``teacher_nll``); with
+        ``speed`` ``prefill_tokens_per_s``, ``decode_tokens_per_s``, ``speed_peak_memory_bytes``.
     """
-    from .errors import MinicompressError
-
+    out: dict = {}
+    if windows is not None:
+        with PeakMemory(model_device(model)) as mem:
+            result = evaluate_perplexity(model, windows, teacher=teacher, batch_size=batch_size, autocast=autocast)
+        out.update({k: v for k, v in result.items() if k != "tokens_per_s"})
+        out["eval_tokens_per_s"] = result["tokens_per_s"]
+        out["eval_peak_memory_bytes"] = mem.peak
     params = parameter_summary(model)
-    out: dict = {"parameters": params["total"], "non_embedding_parameters": params["non_embedding"]}
-    if data is not None:
-        if isinstance(data, list):
-            windows = data
-        else:
-            from . import data as data_mod
-            from .config import DataConfig
-
-            config = data if isinstance(data, DataConfig) else DataConfig(
-                source=str(data), seq_len=seq_len, max_tokens=max_tokens, shuffle=False, documents="file")
-            stream = data_mod.load_token_stream(config, tokenizer)
-            windows = eval_windows(stream, config.seq_len, stride, data_mod.bos_token_id(tokenizer))
-            if not windows:
-                raise MinicompressError(f"seq_len: the text has only {stream.numel()} tokens, fewer than one "
-                                        f"window of {config.seq_len}")
-        result = evaluate_perplexity(model, windows, teacher=teacher, batch_size=batch_size, autocast=autocast)
-        out.update({k: v for k, v in result.items() if k not in ("tokens_per_s", "teacher_nll")})
-    if source is not None:
-        from .models import size_on_disk
-
-        out["size_on_disk_bytes"] = size_on_disk(source)
+    out.update({"parameters": params["total"], "non_embedding_parameters": params["non_embedding"],
+                "closed_form_parameters": params["closed_form_total"], "model_type": model.config.model_type})
     if speed:
         result = measure_speed(model, model.config.vocab_size, prefill_tokens=prefill_tokens,
                                decode_tokens=decode_tokens, autocast=autocast)
-        out["prefill_tokens_per_s"] = result["prefill_tokens_per_s"]
-        out["decode_tokens_per_s"] = result["decode_tokens_per_s"]
+        out.update({"prefill_tokens_per_s": result["prefill_tokens_per_s"],
+                    "decode_tokens_per_s": result["decode_tokens_per_s"],
+                    "speed_peak_memory_bytes": result["peak_memory_bytes"]})
     return out

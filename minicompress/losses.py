@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LOSS_KINDS, SPARSE_LOSS_KINDS
+
 __all__ = [
     "DIVERGENCE_KINDS",
     "softcap",
@@ -72,10 +74,10 @@ __all__ = [
     "default_layer_map",
 ]
 
-#: Values accepted by ``chunked_distill_loss(kind=...)``.
-DIVERGENCE_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl", "sampled_kl")
+#: Values accepted by ``chunked_distill_loss(kind=...)``: the config's list (one list).
+DIVERGENCE_KINDS = LOSS_KINDS
 #: Kinds whose teacher is a sparse target per token (from a teacher cache).
-SPARSE_KINDS = ("topk_kl", "sampled_kl")
+SPARSE_KINDS = SPARSE_LOSS_KINDS
 
 
 # --------------------------------------------------------------------------

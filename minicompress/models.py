@@ -34,9 +34,26 @@ log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-#: ``config.json`` of each built-in model, shipped so that configs can be checked (``run --dry-run``)
-#: before the model is converted.
+#: ``config.json`` of each built-in model (``<name>.json``), shipped so that configs can be checked
+#: (``run --dry-run``) before the model is converted, and the public ``config.json`` of every Hub model
+#: a shipped recipe in ``configs/`` names (``<org>--<name>.json``), for dry runs without the Hub cache.
 PACKAGED_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def packaged_config(source: str) -> Path | None:
+    """The ``config.json`` shipped with minicompress for a built-in name or a Hub id, or None.
+
+    Only configs, for checks that read no weights (``run --dry-run``): a Hub id
+    ``org/name`` is stored as ``org--name.json`` (the Hub cache's spelling).
+    """
+    if source in BUILTIN_MODELS:
+        name = source
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        name = source.replace("/", "--")
+    else:
+        return None
+    path = PACKAGED_CONFIGS / f"{name}.json"
+    return path if path.is_file() else None
 
 
 def cache_dir() -> Path:
@@ -217,7 +234,7 @@ def load_config(source: str, *, trust_remote_code: bool = False, convert: bool =
     path = Path(source).expanduser()
     if source in BUILTIN_MODELS and not convert:
         folder = cache_dir() / "models" / source
-        target, extra = str(folder if (folder / "config.json").is_file() else PACKAGED_CONFIGS / f"{source}.json"), {}
+        target, extra = str(folder if (folder / "config.json").is_file() else packaged_config(source)), {}
     elif path.suffix == ".json" and path.is_file():
         target, extra = str(path), {}
     else:

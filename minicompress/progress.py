@@ -1,15 +1,28 @@
-"""Rich progress bars with throughput and ETA for long work.
+"""Progress with throughput and ETA for long work: a rich bar on a terminal, log lines elsewhere.
 
-Library code reports progress through :func:`progress_bar`; it writes to stderr and is
-silent when ``MINICOMPRESS_PROGRESS=0`` (tests) or when not attached to a terminal and
-``MINICOMPRESS_PROGRESS`` is unset... except that the CLI turns it on explicitly.
+Library code reports progress through :func:`progress_bar`. It is silent when
+``MINICOMPRESS_PROGRESS=0`` (tests, ``-q``). Otherwise, with stderr on a terminal (or in
+Jupyter) it draws a rich bar; off a terminal (``nohup``, CI, a scheduler, ``2> file``)
+a live bar would only print when it ends, so it logs a plain line instead (logger
+``minicompress.progress``, level INFO) every ``MINICOMPRESS_PROGRESS_INTERVAL`` seconds
+(default 30) and once at the end::
+
+    score 64/128 samples (50.0%) 2.13 samples/s elapsed 00:30 ETA 00:30 loss 3.1
+
+The CLI's logging setup (:func:`minicompress.cli.setup_logging`) sends those lines to
+stderr; a library caller sees them once it configures ``logging`` for INFO.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
-from typing import Iterator
+import sys
+import threading
+import time
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
@@ -33,6 +46,142 @@ def progress_enabled() -> bool:
     return os.environ.get("MINICOMPRESS_PROGRESS", "1") != "0"
 
 
+log = logging.getLogger(__name__)
+
+#: seconds between two log lines off a terminal (``MINICOMPRESS_PROGRESS_INTERVAL`` overrides it)
+DEFAULT_LOG_INTERVAL = 30.0
+#: the clock of the log lines (tests replace it)
+clock = time.monotonic
+
+
+def log_interval() -> float:
+    """Seconds between progress log lines: ``MINICOMPRESS_PROGRESS_INTERVAL`` (>= 0), else 30."""
+    text = os.environ.get("MINICOMPRESS_PROGRESS_INTERVAL", "").strip()
+    try:
+        value = float(text) if text else DEFAULT_LOG_INTERVAL
+    except ValueError:
+        value = DEFAULT_LOG_INTERVAL
+    return value if math.isfinite(value) and value >= 0 else DEFAULT_LOG_INTERVAL
+
+
+def on_terminal() -> bool:
+    """Whether stderr is a terminal a live bar can redraw (or a Jupyter notebook)."""
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):  # a replaced or closed stream
+        pass
+    return Console(stderr=True).is_jupyter
+
+
+def _clock_time(seconds: float) -> str:
+    """``mm:ss`` (``h:mm:ss`` from an hour on)."""
+    seconds = int(max(seconds, 0.0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+
+
+def _field(value: Any) -> str:
+    if isinstance(value, float) and not float(value).is_integer():
+        return f"{value:.4g}"
+    return _amount(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+class _LogBar:
+    """Progress as plain log lines: every ``interval`` seconds (on an update, or from a
+    heartbeat thread while a long step runs) and once at the end."""
+
+    def __init__(self, description: str, total: float | None, unit: str, interval: float):
+        self.description, self.total, self.unit, self.interval = description, total, unit, interval
+        self.done = 0.0
+        self.fields: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._start = self._last = clock()
+        self._last_done = 0.0
+        self._stop = threading.Event()
+        self._thread = None
+        if interval > 0:
+            self._thread = threading.Thread(target=self._heartbeat, name="minicompress-progress", daemon=True)
+            self._thread.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._maybe_emit()
+
+    def line(self, final: bool = False) -> str:
+        """The log line as of now (``final``: the rate over the whole run, no ETA)."""
+        now = clock()
+        elapsed = now - self._start
+        if final:
+            rate = self.done / elapsed if elapsed > 0 else None
+        else:  # the rate since the previous line, as rich's bar shows a recent speed
+            span = now - self._last
+            rate = (self.done - self._last_done) / span if span > 0 else None
+            if not rate and elapsed > 0:
+                rate = self.done / elapsed
+        parts = [self.description]
+        if self.total:
+            percent = 100 * self.done / self.total
+            parts.append(f"{_amount(self.done)}/{_amount(self.total)} {self.unit} ({percent:.1f}%)")
+        else:
+            parts.append(f"{_amount(self.done)} {self.unit}")
+        if rate is None:
+            parts.append(f"? {self.unit}/s")
+        else:
+            parts.append(f"{rate:,.0f} {self.unit}/s" if rate >= 100 else f"{rate:.2f} {self.unit}/s")
+        parts.append(f"elapsed {_clock_time(elapsed)}")
+        if self.total:
+            remaining = max(self.total - self.done, 0.0)
+            parts.append("ETA " + (_clock_time(remaining / rate) if rate else
+                                   ("00:00" if remaining == 0 else "?")))
+        parts += [f"{key} {_field(value)}" for key, value in self.fields.items()]
+        return " ".join(parts)
+
+    def _emit(self, final: bool = False) -> None:
+        text = self.line(final)
+        self._last, self._last_done = clock(), self.done
+        log.info("%s", text)
+
+    def _maybe_emit(self) -> None:
+        with self._lock:
+            if clock() - self._last >= self.interval:
+                self._emit()
+
+    def advance(self, amount: float = 1, **fields) -> None:
+        with self._lock:
+            self.done += amount
+            self._set(fields)
+        self._maybe_emit()
+
+    def update(self, **fields) -> None:
+        with self._lock:
+            self._set(fields)
+        self._maybe_emit()
+
+    def _set(self, fields: dict[str, Any]) -> None:
+        if "total" in fields:
+            self.total = fields.pop("total")
+        if "completed" in fields:
+            self.done = fields.pop("completed")
+        if "description" in fields:
+            self.description = fields.pop("description")
+        fields.pop("advance", None)
+        fields.pop("refresh", None)
+        fields.pop("visible", None)
+        self.fields.update(fields)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._emit(final=True)
+
+
 class _Bar:
     def __init__(self, progress: Progress | None, task_id):
         self._progress, self._task = progress, task_id
@@ -48,7 +197,8 @@ class _Bar:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: float | None, unit: str = "it", extra: str = "") -> Iterator[_Bar]:
-    """A rich progress bar (bar, count, throughput, elapsed, ETA) on stderr.
+    """A rich progress bar (bar, count, throughput, elapsed, ETA) on stderr; off a terminal,
+    log lines (see the module docstring).
 
     Args:
         description: label on the left.
@@ -57,10 +207,19 @@ def progress_bar(description: str, total: float | None, unit: str = "it", extra:
         extra: a rich format string of task fields shown at the end (e.g. ``"loss {task.fields[loss]:.3f}"``).
 
     Yields:
-        An object with ``advance(n, **fields)`` and ``update(**fields)``.
+        An object with ``advance(n, **fields)`` and ``update(**fields)``; off a terminal,
+        fields other than ``total``, ``completed`` and ``description`` end the log line
+        as ``name value``.
     """
     if not progress_enabled():
         yield _Bar(None, None)
+        return
+    if not on_terminal():
+        bar = _LogBar(description, total, unit, log_interval())
+        try:
+            yield bar
+        finally:
+            bar.close()
         return
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]

@@ -407,20 +407,21 @@ def slice_parameter(name: str, tensor: torch.Tensor, plan: PrunePlan,
     nr = torch.tensor(plan.neurons[j], dtype=torch.long)
     module, _, kind = rest.rpartition(".")
     leaf = module.rpartition(".")[2]
-    if leaf in ("q_proj", "k_proj", "v_proj"):
-        rows = q_rows if leaf == "q_proj" else kv_rows
+    a = adapter
+    if leaf in (a.q_proj, a.k_proj, a.v_proj):
+        rows = q_rows if leaf == a.q_proj else kv_rows
         out = tensor.index_select(0, rows)
         return new_name, (out.index_select(1, ch) if kind == "weight" else out).clone()
-    if leaf == "o_proj":
+    if leaf == a.o_proj:
         if kind == "weight":
             return new_name, tensor.index_select(0, ch).index_select(1, q_rows).clone()
         return new_name, tensor.index_select(0, ch).clone()
-    if leaf in ("q_norm", "k_norm"):
+    if leaf in (a.q_norm, a.k_norm):
         return new_name, tensor.clone()
-    if leaf in ("gate_proj", "up_proj"):
+    if leaf in (a.gate_proj, a.up_proj):
         out = tensor.index_select(0, nr)
         return new_name, (out.index_select(1, ch) if kind == "weight" else out).clone()
-    if leaf == "down_proj":
+    if leaf == a.down_proj:
         out = tensor.index_select(0, ch)
         return new_name, (out.index_select(1, nr) if kind == "weight" else out).clone()
     if leaf in adapter.all_layer_norms:

@@ -278,8 +278,9 @@ class ActivationScorer:
             for i, layer in enumerate(layers):
                 attn = getattr(layer, self.adapter.attn)
                 mlp = getattr(layer, self.adapter.mlp)
-                handles.append(attn.o_proj.register_forward_pre_hook(self._head_hook(i)))
-                handles.append(mlp.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
+                o_proj, down_proj = getattr(attn, self.adapter.o_proj), getattr(mlp, self.adapter.down_proj)
+                handles.append(o_proj.register_forward_pre_hook(self._head_hook(i)))
+                handles.append(down_proj.register_forward_pre_hook(self._neuron_hook(i)))
                 for norm_name in self.adapter.input_norms:
                     handles.append(getattr(layer, norm_name).register_forward_hook(self._channel_hook))
                 for k, norm_name in enumerate(self.adapter.all_layer_norms):

@@ -21,11 +21,15 @@ A store is a folder::
 torchrun the local rank 0 builds while the other ranks wait for it.
 
 Why a flat memmap and not ``datasets`` (Arrow): an Arrow table of per-document token
-lists memory-maps as well, but packing and shuffling across document boundaries then
-need either a second packed copy or per-row offset arithmetic through Arrow's chunked
-arrays, and the stream of uint16 ids as a list column costs an extra int32/int64 offset
-per document; the flat file is 2 bytes per token, has no dependency, and any row of any
-packing is one ``memmap`` slice.
+lists memory-maps as well, but packing across document boundaries needs the flat stream
+of the list column (a copy once the column has several chunks, and the ids are int32 or
+int64 by default) or offset arithmetic through the chunks. Measured with
+``benchmarks/data_path.py --arrow`` (3.07M SmolLM2 tokens, 2 shared AMD EPYC cores):
+``Dataset.map`` + ``save_to_disk`` took 16-19 s and 11.7 MiB (int32) against 13-17 s and
+5.8 MiB (uint16) here; the next run's ``load_from_disk`` + flat stream + first micro
+batch took 0.70-0.86 s and +41 MiB of anonymous memory, against 0.14 s and +0.1 MiB for
+:func:`open_token_store` + :meth:`TokenStore.sequences` + 4 rows. The flat file also
+needs no dependency, and any row of any packing is one ``memmap`` slice.
 """
 
 from __future__ import annotations
@@ -37,18 +41,20 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import socket
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
 from .errors import MinicompressError
 from .outputs import atomic_folder, write_json_atomic
 from .progress import progress_bar
+
+if TYPE_CHECKING:  # torch is imported where used: tokenising workers never load it
+    import torch
 
 FORMAT = "minicompress-token-store"
 VERSION = 1
@@ -61,7 +67,7 @@ BLOCK_BYTES = 64 << 20
 #: documents per tokenizer call (as :func:`minicompress.data.tokenize_documents`).
 BATCH_DOCS = 256
 #: characters per tokenizer call (a batch is cut earlier when its documents are long).
-BATCH_CHARS = 4 << 20
+BATCH_CHARS = 1 << 20
 #: seconds between two looks at a store another rank is building.
 POLL_SECONDS = 1.0
 #: seconds a waiting rank waits for the builder (``$MINICOMPRESS_STORE_TIMEOUT`` overrides).
@@ -454,6 +460,10 @@ class SequenceView:
         import torch
 
         n = len(self._rows)
+        if isinstance(key, tuple):  # view[rows, cols]: read the rows, then index the tensor
+            rows = self[key[0]]
+            rows = rows.tensor() if isinstance(rows, SequenceView) else rows
+            return rows[(slice(None),) + key[1:]] if rows.ndim == 2 else rows[key[1:]]
         if isinstance(key, slice):
             sub = range(n)[key]
             if isinstance(self._rows, range):
@@ -595,13 +605,14 @@ def build_token_store(folder: str | Path, source: str, tokenizer, *, text_field:
     is written into a temporary sibling folder and renamed into place at the end: a build
     that fails leaves nothing.
 
-    ``num_proc > 1`` encodes batches in a ``spawn`` pool (order kept). A Hugging Face fast
-    tokenizer already spreads a batch over cores (Rust threads, unless
-    ``TOKENIZERS_PARALLELISM=false``), but turning its ids into Python lists and then into
-    an array runs on one core; measured on 2 cores (AMD EPYC, SmolLM2's tokenizer, 3.1M
-    tokens, ``benchmarks/data_path.py``), ``num_proc=2`` built at about the same rate as
-    ``num_proc=1`` once the pool's start-up (~3 s to import torch and transformers in each
-    worker) is paid, so it only pays off on many cores and large corpora.
+    ``num_proc > 1`` encodes batches in a ``spawn`` pool (order kept, at most ``2 *
+    num_proc`` batches in flight). A Hugging Face fast tokenizer already spreads a batch
+    over all cores (Rust threads, unless ``TOKENIZERS_PARALLELISM=false``); only turning
+    its ids into Python lists and then into an array runs on one core. Measured on 2
+    shared cores (AMD EPYC, SmolLM2's tokenizer, 3.07M tokens, ``benchmarks/data_path.py``,
+    two runs): ``num_proc=1`` 13.4 / 17.4 s, ``num_proc=2`` 20.4 / 22.0 s: each worker first spends seconds
+    importing transformers and the tokenizer's own threads already used both cores. Keep
+    ``num_proc=1`` unless there are many idle cores and hundreds of millions of tokens.
 
     Args:
         folder: the store folder to create.
@@ -648,7 +659,7 @@ def build_token_store(folder: str | Path, source: str, tokenizer, *, text_field:
                         ids, num_docs = ids[:keep], num_docs + int(np.searchsorted(starts, keep, "left"))
                     else:
                         num_docs += len(ends)
-                    out.write(ids.tobytes())
+                    out.write(memoryview(ids))
                     total += len(ids)
                     bar.advance(nbytes, description=f"tokenising ({total:,} tok)")
                     if max_tokens is not None and total >= max_tokens:
@@ -768,7 +779,7 @@ def get_or_build(cache_root: str | Path, source: str, tokenizer, *, text_field: 
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         lock.unlink()
-        if saw_lock and not locked:
+        if saw_lock and not locked and not builder:  # a builder takes over instead
             raise MinicompressError(f"token store {folder}: the rank building it stopped without finishing; "
                                     "see its error")
         saw_lock = saw_lock or locked

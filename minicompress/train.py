@@ -44,6 +44,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -53,6 +56,8 @@ from .errors import MinicompressError
 from .hardware import resolve_autocast
 from .runtime import autocast_context, final_hidden, model_device
 from .evaluation import evaluate_perplexity
+from .measure import synchronize
+from .mixture import source_epoch_index
 from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,14 @@ def default_warmup_steps(total_steps: int) -> int:
     return min(10, max(1, total_steps // 10))
 
 
+def batch_positions(step: int, micro_step: int, *, micro_batch_size: int, accum_steps: int, rank: int = 0,
+                    world_size: int = 1) -> torch.Tensor:
+    """Stream positions ``[micro_batch_size]`` of one micro batch (see :func:`batch_indices`):
+    ``((step * accum_steps + micro_step) * world_size + rank) * micro_batch_size`` onwards."""
+    micro = (step * accum_steps + micro_step) * world_size + rank
+    return torch.arange(micro * micro_batch_size, (micro + 1) * micro_batch_size)
+
+
 def batch_indices(num_sequences: int, step: int, micro_step: int, *, micro_batch_size: int,
                   accum_steps: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Training-sequence indices of one micro batch, a pure function of its position.
@@ -121,18 +134,9 @@ def batch_indices(num_sequences: int, step: int, micro_step: int, *, micro_batch
     Returns:
         ``[micro_batch_size]`` int64 indices in ``[0, N)``.
     """
-    micro = (step * accum_steps + micro_step) * world_size + rank
-    positions = torch.arange(micro * micro_batch_size, (micro + 1) * micro_batch_size)
-    epochs, within = positions // num_sequences, positions % num_sequences
-    out = within.clone()
-    for epoch in epochs.unique().tolist():
-        if epoch == 0:
-            continue
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
-        perm = torch.randperm(num_sequences, generator=gen)
-        sel = epochs == epoch
-        out[sel] = perm[within[sel]]
-    return out
+    positions = batch_positions(step, micro_step, micro_batch_size=micro_batch_size, accum_steps=accum_steps,
+                                rank=rank, world_size=world_size)
+    return source_epoch_index(positions, num_sequences, seed)
 
 
 def shift_labels(input_ids: torch.Tensor) -> torch.Tensor:
@@ -410,3 +414,106 @@ def compile_layers_(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+
+
+# ----------------------------------------------------------------------------------------
+# The training loop
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The step arithmetic of a run: pure numbers, decided once by the recipe.
+
+    Attributes:
+        lr: peak learning rate.
+        min_lr: learning rate the cosine decays to.
+        warmup_steps: steps of linear warmup.
+        total_steps: optimizer steps of the whole run.
+        tokens_per_step: tokens of one optimizer step over all ranks (``global_batch_tokens``).
+        grad_clip: global gradient-norm clip (0: none).
+    """
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+    tokens_per_step: int
+    grad_clip: float = 1.0
+
+    def lr_at(self, step: int) -> float:
+        """:func:`lr_at` of this schedule."""
+        return lr_at(step, lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
+                     total_steps=self.total_steps)
+
+
+#: ``batches(step)`` -> this rank's micro batches of optimizer step ``step``: ``[(input_ids [B, L],
+#: cached teacher targets or None)]``, a pure function of the step (resume needs no loader state).
+Batches = Callable[[int], list[tuple[torch.Tensor, Any]]]
+
+
+def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Batches,
+          optimizer: torch.optim.Optimizer, schedule: Schedule, on_step: Callable[[dict], None] | None = None, *,
+          loss: LossConfig, device: torch.device, start_step: int = 0, autocast: str = "none",
+          intermediate: losses.IntermediateStateLoss | None = None) -> None:
+    """Distil ``student`` from ``teacher`` for ``schedule.total_steps - start_step`` optimizer steps.
+
+    Each step: set the learning rate, take the step's micro batches, weight each by its
+    share of the step's targets (summed over ranks), accumulate gradients, clip the global
+    norm, take an AdamW step. Nothing here loads, saves or evaluates: ``on_step`` gets
+    each step's record (``step``, ``tokens``, ``lr``, ``loss``, ``kl``, ``ce``, ``grad_norm``,
+    ``tokens_per_s``, ``step_seconds``) and does that.
+
+    Args:
+        student: the student in train mode (FSDP2-sharded under torchrun).
+        teacher: the frozen teacher, or None (cached targets or CE only).
+        batches: this rank's micro batches of a step (see :data:`Batches`).
+        optimizer: the optimizer over the student's (and ``intermediate``'s) parameters.
+        schedule: learning rate and step arithmetic.
+        on_step: called after every optimizer step with its record.
+        loss: loss weights and kind.
+        device: where the student's inputs go.
+        start_step: the first step to run (a resumed run's checkpoint step).
+        autocast: ``none`` or ``bfloat16``.
+        intermediate: Minitron's intermediate-state loss module (one process only).
+
+    Raises:
+        MinicompressError: a non-finite gradient norm.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for step in range(start_step, schedule.total_steps):
+        t0 = time.perf_counter()
+        lr = schedule.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        micro = batches(step)  # this step's micro batches and the targets they score, over all ranks
+        normalizer = sum(count_targets(ids) for ids, _ in micro)
+        if distributed.world_size() > 1:
+            normalizer = int(distributed.all_reduce_sum(torch.tensor(normalizer, dtype=torch.int64)))
+
+        sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
+        for input_ids, targets in micro:
+            value, stats = micro_batch_loss(student, input_ids.to(device), loss=loss, teacher=teacher,
+                                            teacher_topk=targets, intermediate=intermediate, normalizer=normalizer,
+                                            autocast=autocast)
+            value.backward()
+            share = stats["targets"] / normalizer
+            for key in ("loss", "kl", "ce", "is"):
+                if key in stats:
+                    sums[key] = sums.get(key, 0.0) + stats[key] * share
+        if distributed.world_size() > 1:  # each rank summed its share of the global batch
+            reduced = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+            sums = dict(zip(sums, reduced.tolist()))
+
+        max_norm = schedule.grad_clip if schedule.grad_clip > 0 else float("inf")  # DTensor grads: a global norm
+        grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        if not math.isfinite(grad_norm):
+            raise MinicompressError(f"lr: the gradient norm is {grad_norm} at step {step + 1}; lower lr")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        seconds = time.perf_counter() - t0
+        if on_step is not None:
+            on_step({"step": step + 1, "tokens": (step + 1) * schedule.tokens_per_step, "lr": lr, **sums,
+                     "grad_norm": grad_norm, "tokens_per_s": schedule.tokens_per_step / seconds,
+                     "step_seconds": seconds})

@@ -27,7 +27,8 @@ Fixtures and helpers:
     corpus_files: fixture, a dict of the same documents as ``txt``, ``jsonl``, ``json``,
         ``parquet`` files and a ``folder`` holding two ``.txt`` files.
 
-``MINICOMPRESS_PROGRESS=0`` is set for the whole session (no progress bars).
+``MINICOMPRESS_PROGRESS=0`` is set for the whole session (no progress bars), and
+``MINICOMPRESS_TOKEN_CACHE`` points at a fresh temporary folder (token stores).
 ``autocast: auto`` resolves to float32 in every test (an autouse fixture tells
 :mod:`minicompress.hardware` the CPU has no native bf16), so numbers do not depend on the
 machine; tests of the bf16 path ask for it explicitly or patch the probe themselves.
@@ -44,6 +45,10 @@ import pytest
 import torch
 
 os.environ["MINICOMPRESS_PROGRESS"] = "0"
+# token stores of the tests' corpora go to a fresh folder, never the user's cache
+import tempfile as _tempfile  # noqa: E402
+
+os.environ["MINICOMPRESS_TOKEN_CACHE"] = _tempfile.mkdtemp(prefix="minicompress-test-tokens-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")

@@ -99,7 +99,8 @@ def test_eval_writes_json_matching_the_library(tiny_model_dir, text_corpus, tmp_
     assert "prefill_tokens_per_s" not in results
     assert record["command"] == "eval" and record["versions"]["torch"]
     assert record["config"]["data"] == {"source": str(text_corpus), "text_field": "text", "seq_len": 16,
-                                        "max_tokens": None, "seed": 0, "shuffle": False, "documents": "file"}
+                                        "max_tokens": None, "seed": 0, "shuffle": False, "documents": "file",
+                                        "mixture": [], "token_store": True}
     assert record["config"]["model"]["source"] == str(model_dir)
 
 

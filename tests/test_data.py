@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from minicompress.config import DataConfig
-from minicompress.data import (bos_token_id, iterate_batches, load_sequences, load_token_stream, pack,
+from minicompress.data import (as_tensor, bos_token_id, iterate_batches, load_sequences, load_token_stream, pack,
                                read_documents, sample_calibration, tokenize_documents)
 from minicompress.errors import MinicompressError
+
+
+def _rows(config, tokenizer):
+    """``load_sequences`` as a tensor (the default token store returns a lazy view)."""
+    return as_tensor(load_sequences(config, tokenizer))
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_token_store_and_in_memory_paths_give_the_same_rows(corpus_files, tiny_tokenizer, tiny_bos_tokenizer, bos):
+    tok = tiny_bos_tokenizer if bos else tiny_tokenizer
+    for seed in (0, 3):
+        cfg = DataConfig(source=str(corpus_files["folder"]), seq_len=12, seed=seed)
+        stored = load_sequences(cfg, tok)
+        assert not isinstance(stored, torch.Tensor)  # the default: a memory-mapped view
+        memory = load_sequences(dataclasses.replace(cfg, token_store=False), tok)
+        assert torch.equal(as_tensor(stored), memory)
+        assert torch.equal(stored[torch.tensor([5, 1])], memory[torch.tensor([5, 1])])
+
 
 
 def naive_stream(docs, tokenizer):
@@ -102,7 +121,7 @@ def test_bos_detection(tiny_tokenizer, tiny_bos_tokenizer):
 
 def test_load_sequences_prepends_bos_for_bos_tokenizers(corpus_files, tiny_bos_tokenizer):
     cfg = DataConfig(source=str(corpus_files["txt"]), seq_len=16, shuffle=False)
-    seqs = load_sequences(cfg, tiny_bos_tokenizer)
+    seqs = _rows(cfg, tiny_bos_tokenizer)
     assert torch.all(seqs[:, 0] == 2)
     stream = naive_stream(corpus_files["docs"], tiny_bos_tokenizer)
     assert torch.equal(seqs[:, 1:].flatten(), stream[: seqs.shape[0] * 15])
@@ -110,10 +129,10 @@ def test_load_sequences_prepends_bos_for_bos_tokenizers(corpus_files, tiny_bos_t
 
 def test_shuffle_is_deterministic(text_corpus, tiny_tokenizer):
     base = dict(source=str(text_corpus), seq_len=8)
-    ordered = load_sequences(DataConfig(**base, shuffle=False), tiny_tokenizer)
-    a = load_sequences(DataConfig(**base, seed=0), tiny_tokenizer)
-    b = load_sequences(DataConfig(**base, seed=0), tiny_tokenizer)
-    c = load_sequences(DataConfig(**base, seed=1), tiny_tokenizer)
+    ordered = _rows(DataConfig(**base, shuffle=False), tiny_tokenizer)
+    a = _rows(DataConfig(**base, seed=0), tiny_tokenizer)
+    b = _rows(DataConfig(**base, seed=0), tiny_tokenizer)
+    c = _rows(DataConfig(**base, seed=1), tiny_tokenizer)
     assert ordered.shape[0] >= 20
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -123,7 +142,7 @@ def test_shuffle_is_deterministic(text_corpus, tiny_tokenizer):
 
 
 def test_sample_calibration(text_corpus, tiny_tokenizer):
-    seqs = load_sequences(DataConfig(source=str(text_corpus), seq_len=8, shuffle=False), tiny_tokenizer)
+    seqs = _rows(DataConfig(source=str(text_corpus), seq_len=8, shuffle=False), tiny_tokenizer)
     sample = sample_calibration(seqs, 5, seed=3)
     assert sample.shape == (5, 8)
     assert torch.equal(sample, sample_calibration(seqs, 5, seed=3))
@@ -220,3 +239,40 @@ def test_hub_dataset_offline_gives_one_line(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     message = _error(read_documents, "minicompress-no-such-dataset-xyz")
     assert message.startswith("--data 'minicompress-no-such-dataset-xyz':")
+
+
+def test_a_mixture_draws_by_weight_holds_out_every_source_and_counts_its_tokens(tmp_path, tiny_tokenizer):
+    from conftest import corpus_text
+    from minicompress.config import SourceConfig
+    from minicompress.data import load_training_data
+    from minicompress.train import batch_positions
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(corpus_text(40, seed=1))
+    b.write_text(corpus_text(40, seed=2))
+    cfg = DataConfig(seq_len=8, mixture=(SourceConfig(str(a), 0.75), SourceConfig(str(b), 0.25)))
+    data = load_training_data(cfg, tiny_tokenizer, eval_tokens=16, seed=0)
+    rows_a = _rows(DataConfig(source=str(a), seq_len=8), tiny_tokenizer)
+    rows_b = _rows(DataConfig(source=str(b), seq_len=8), tiny_tokenizer)
+    assert torch.equal(data.eval_ids, torch.cat([rows_a[:2], rows_b[:2]]))  # each source's first 2 rows
+    train_a, train_b = {tuple(r) for r in rows_a[2:].tolist()}, {tuple(r) for r in rows_b[2:].tolist()}
+    drawn = torch.cat([data.rows(batch_positions(step, 0, micro_batch_size=4, accum_steps=1))
+                       for step in range(50)])  # 200 positions = 2 blocks of 100
+    from_a = sum(tuple(r) in train_a for r in drawn.tolist())
+    from_b = sum(tuple(r) in train_b for r in drawn.tolist())
+    assert (from_a, from_b) == (150, 50)
+    assert data.tokens_per_source(200, 8) == {str(a): 150 * 8, str(b): 50 * 8}
+    # a pure function of the position: the same rows however the positions are asked for
+    assert torch.equal(drawn[37:41], data.rows(torch.arange(37, 41)))
+
+
+def test_a_mixture_weight_must_be_positive_and_a_source_must_exist(tmp_path, tiny_tokenizer):
+    from minicompress.config import build_config, RecoverConfig
+    from minicompress.data import load_training_data
+    from minicompress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.mixture\[1\].weight: must be a number > 0"):
+        build_config(RecoverConfig, overrides=["teacher.source=x", f"data.mixture={tmp_path}=1,{tmp_path}=0"])
+    cfg = build_config(RecoverConfig, overrides=["teacher.source=x", f"data.mixture={tmp_path / 'nope.txt'}=1"])
+    with pytest.raises(MinicompressError, match="no such file"):
+        load_training_data(cfg.data, tiny_tokenizer, eval_tokens=0)

@@ -224,3 +224,15 @@ def test_measure_speed_runs_on_a_tiny_model():
     out = measure_speed(model, 256, prefill_tokens=12, decode_tokens=3, repeats=1)
     assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] > 0
     assert out["peak_memory_bytes"] >= 0
+
+
+def test_measure_speed_uses_the_current_cache_api(recwarn):
+    """transformers 5 deprecates ``past_key_values=`` (removal in 5.40): the speed test passes ``cache=``."""
+    import warnings
+
+    model = make_tiny_model("llama")
+    warnings.simplefilter("always")
+    result = measure_speed(model, model.config.vocab_size, prefill_tokens=8, decode_tokens=4, repeats=1)
+    assert result["decode_tokens_per_s"] > 0
+    deprecations = [w for w in recwarn if "past_key_values" in str(w.message)]
+    assert not deprecations, [str(w.message) for w in deprecations]

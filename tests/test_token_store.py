@@ -46,13 +46,13 @@ def test_sequences_equal_load_sequences(tmp_path, corpus_files, tok, kind):
     assert np.array_equal(np.asarray(store.tokens, dtype=np.int64), stream.numpy())
     assert store.meta["num_documents"] == len(corpus_files["docs"])
     for seq_len, seed in ((16, 0), (23, 7)):
-        ref = data.load_sequences(DataConfig(source=str(corpus_files[kind]), seq_len=seq_len, seed=seed), tok)
+        ref = data.load_sequences(DataConfig(source=str(corpus_files[kind]), seq_len=seq_len, seed=seed, token_store=False), tok)
         view = store.sequences(seq_len, bos, shuffle=True, seed=seed)
         assert view.shape == ref.shape and len(view) == ref.shape[0]
         assert torch.equal(view.tensor(), ref)
         assert torch.equal(view[:].tensor(), ref)
         assert view[0].dtype == torch.int64
-    ordered = data.load_sequences(DataConfig(source=str(corpus_files[kind]), seq_len=16, shuffle=False), tok)
+    ordered = data.load_sequences(DataConfig(source=str(corpus_files[kind]), seq_len=16, shuffle=False, token_store=False), tok)
     assert torch.equal(store.sequences(16, bos, shuffle=False).tensor(), ordered)
 
 
@@ -64,7 +64,7 @@ def test_max_tokens_and_meta(tmp_path, corpus_files, tiny_tokenizer):
     # documents that contributed at least one token
     eos_before = int((ref[:-1] == tiny_tokenizer.eos_token_id).sum())
     assert store.meta["num_documents"] == eos_before + 1
-    seqs = data.load_sequences(DataConfig(source=src, seq_len=16, max_tokens=150, seed=3), tiny_tokenizer)
+    seqs = data.load_sequences(DataConfig(source=src, seq_len=16, max_tokens=150, seed=3, token_store=False), tiny_tokenizer)
     assert torch.equal(store.sequences(16, seed=3).tensor(), seqs)
     meta = store.meta
     assert meta["format"] == "minicompress-token-store" and meta["version"] == ts.VERSION
@@ -77,7 +77,7 @@ def test_max_tokens_and_meta(tmp_path, corpus_files, tiny_tokenizer):
 def test_documents_file_mode(tmp_path, corpus_files, tiny_tokenizer):
     src = str(corpus_files["folder"])
     store = build(tmp_path, src, tiny_tokenizer, documents="file")
-    ref = data.load_sequences(DataConfig(source=src, seq_len=16, documents="file", seed=1), tiny_tokenizer)
+    ref = data.load_sequences(DataConfig(source=src, seq_len=16, documents="file", seed=1, token_store=False), tiny_tokenizer)
     assert store.meta["num_documents"] == 2
     assert torch.equal(store.sequences(16, seed=1).tensor(), ref)
 

@@ -15,7 +15,7 @@ from minicompress import checkpoint, teacher_cache, train
 from minicompress.recipes import recover as recover_recipe
 from minicompress.recipes import teacher_cache as teacher_cache_recipe
 from minicompress.config import DataConfig, LossConfig, ModelConfig, RecoverConfig, TeacherCacheConfig
-from minicompress.data import load_sequences
+from minicompress.data import as_tensor, load_sequences
 from minicompress.errors import ConfigError, MinicompressError
 from minicompress.hardware import cpp_compiler
 from minicompress.outputs import provenance, write_provenance
@@ -68,7 +68,7 @@ def test_three_steps_lower_loss_and_leave_teacher_untouched(corpus, models, tiny
     # 1 held-out + 2 training sequences; every step trains on the same (fixed) batch of 2
     config = _config(corpus, tmp_path / "out", data=DataConfig(source=str(corpus), seq_len=SEQ, max_tokens=3 * SEQ),
                      eval_tokens=SEQ, global_batch_tokens=2 * SEQ, tokens=3 * 2 * SEQ, warmup_steps=0)
-    batch = load_sequences(config.data, tiny_tokenizer)[1:]
+    batch = as_tensor(load_sequences(config.data, tiny_tokenizer)[1:])
     teacher_before = _state(teacher)
     with torch.no_grad():
         loss_before, _ = train.micro_batch_loss(student, batch, loss=config.loss, teacher=teacher)
@@ -175,7 +175,7 @@ def test_teacher_cache_round_trip_and_recover_from_cache(corpus, models, tiny_to
     assert summary["rows"] == 20 and summary["shards"] == 3
 
     cache = teacher_cache.TeacherCache(cache_dir)
-    expected_ids = load_sequences(data, tiny_tokenizer)[:20]
+    expected_ids = as_tensor(load_sequences(data, tiny_tokenizer)[:20])
     assert torch.equal(cache.input_ids, expected_ids)
     rows = torch.tensor([0, 7, 8, 19])
     values, indices = cache.topk(rows)

@@ -7,74 +7,84 @@ ShortGPT); the metrics themselves live in :mod:`minicompress.evaluation`.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
+from ..config import DataConfig, EvalConfig
+from ..data import bos_token_id, load_token_stream
 from ..errors import MinicompressError
-from ..models import load_for_flag
+from ..evaluation import eval_windows, evaluate
+from ..models import load_for_flag, size_on_disk
 
 log = logging.getLogger(__name__)
 
 
+def text_windows(data: DataConfig, tokenizer, stride: int | None = None, flag: str = "--seq-len") -> list:
+    """Read an evaluation text into ``[(window [L], n_scored)]``: one stream, no shuffle,
+    cut into ``data.seq_len`` windows (BOS prepended for tokenizers that add one).
+
+    Raises:
+        MinicompressError: unreadable text, or fewer tokens than one window (naming ``flag``).
+    """
+    stream = load_token_stream(data, tokenizer)
+    windows = eval_windows(stream, data.seq_len, stride, bos_token_id(tokenizer))
+    if not windows:
+        raise MinicompressError(f"{flag}: the text has only {stream.numel()} tokens, fewer than one window of "
+                                f"{data.seq_len}")
+    return windows
 
 
-def run_eval(cfg) -> dict:
-    """Run ``minicompress eval`` for a resolved :class:`~minicompress.config.EvalConfig`.
+def evaluate_model(model, tokenizer=None, data=None, *, teacher=None, seq_len: int = 1024, max_tokens: int | None = None,
+                   stride: int | None = None, batch_size: int = 4, autocast: str = "auto", speed: bool = False,
+                   prefill_tokens: int = 256, decode_tokens: int = 32, source: str | None = None) -> dict:
+    """Held-out perplexity of an in-memory model (and agreement with a teacher, size and speed).
+
+    This is ``minicompress eval`` on a loaded model, and what ``import minicompress as mc;
+    mc.evaluate(model, tokenizer, "test.txt")`` calls; ``run``'s report uses it too.
+
+    Args:
+        model: a supported ``*ForCausalLM``.
+        tokenizer: its tokenizer (needed with a text ``data``).
+        data: a text source (file, folder, Hub dataset), a
+            :class:`~minicompress.config.DataConfig`, ready ``[(window [L], n_scored)]``
+            windows, or None (no perplexity: parameters, size and speed only).
+        teacher: a reference model with the same vocabulary (KL, top-1 agreement).
+        seq_len: window length for a text source.
+        max_tokens: read at most this many tokens of a text source.
+        stride: sliding-window stride (None: non-overlapping windows).
+        batch_size, autocast, speed, prefill_tokens, decode_tokens: as for
+            :func:`minicompress.evaluation.evaluate`.
+        source: the model's folder or GGUF file, for ``size_on_disk_bytes``.
+
+    Returns:
+        :func:`minicompress.evaluation.evaluate`'s results, plus ``size_on_disk_bytes``.
+    """
+    windows = data
+    if data is not None and not isinstance(data, list):
+        config = data if isinstance(data, DataConfig) else DataConfig(
+            source=str(data), seq_len=seq_len, max_tokens=max_tokens, shuffle=False, documents="file")
+        windows = text_windows(config, tokenizer, stride, flag="seq_len")
+    out = evaluate(model, windows, teacher=teacher, batch_size=batch_size, autocast=autocast, speed=speed,
+                   prefill_tokens=prefill_tokens, decode_tokens=decode_tokens)
+    out["size_on_disk_bytes"] = size_on_disk(source) if source is not None else None
+    return out
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """``minicompress eval``: load the model (and teacher), then :func:`evaluate_model`.
 
     Returns:
         A flat results dict: perplexity (and teacher agreement), parameters, size on
         disk, peak memory of the perplexity run, and prefill/decode speed.
     """
-    from .. import data as data_mod
-    from ..evaluation import eval_windows, evaluate_perplexity, measure_speed, parameter_summary
-    from ..runtime import model_device
-    from ..measure import PeakMemory
-    from ..models import size_on_disk
-
-    model, tokenizer = load_for_flag(cfg.model, "--model")
+    model, tokenizer = load_for_flag(config.model, "--model")
     teacher = None
-    if cfg.teacher is not None:
-        teacher, _ = load_for_flag(cfg.teacher, "--teacher")
+    if config.teacher is not None:
+        teacher, _ = load_for_flag(config.teacher, "--teacher")
         if teacher.config.vocab_size != model.config.vocab_size:
             raise MinicompressError(
                 f"--teacher: vocabulary size {teacher.config.vocab_size} differs from the model's "
                 f"{model.config.vocab_size}; KL needs the same tokenizer")
-    stream = data_mod.load_token_stream(cfg.data, tokenizer)
-    bos = data_mod.bos_token_id(tokenizer)
-    windows = eval_windows(stream, cfg.data.seq_len, cfg.stride, bos)
-    if not windows:
-        raise MinicompressError(
-            f"--seq-len: the text has only {stream.numel()} tokens, fewer than one window of {cfg.data.seq_len}")
-    log.info("evaluating %s on %d tokens: %d windows of %d", cfg.model.source, stream.numel(), len(windows),
-             cfg.data.seq_len)
-    device = model_device(model)
-    with PeakMemory(device) as mem:
-        ppl = evaluate_perplexity(model, windows, teacher=teacher, batch_size=cfg.batch_size,
-                                  autocast=cfg.autocast)
-    params = parameter_summary(model)
-    results: dict[str, Any] = {
-        "perplexity": ppl["perplexity"],
-        "nll": ppl["nll"],
-        "tokens": ppl["tokens"],
-        "windows": ppl["windows"],
-        "eval_tokens_per_s": ppl["tokens_per_s"],
-    }
-    for key in ("kl_to_teacher", "top1_agreement", "teacher_perplexity", "teacher_nll"):
-        if key in ppl:
-            results[key] = ppl[key]
-    results.update({
-        "parameters": params["total"],
-        "non_embedding_parameters": params["non_embedding"],
-        "closed_form_parameters": params["closed_form_total"],
-        "size_on_disk_bytes": size_on_disk(cfg.model.source),
-        "eval_peak_memory_bytes": mem.peak,
-        "model_type": model.config.model_type,
-    })
-    if cfg.speed:
-        speed = measure_speed(model, model.config.vocab_size, prefill_tokens=cfg.prefill_tokens,
-                              decode_tokens=cfg.decode_tokens, autocast=cfg.autocast)
-        results.update({
-            "prefill_tokens_per_s": speed["prefill_tokens_per_s"],
-            "decode_tokens_per_s": speed["decode_tokens_per_s"],
-            "speed_peak_memory_bytes": speed["peak_memory_bytes"],
-        })
-    return results
+    windows = text_windows(config.data, tokenizer, config.stride)
+    log.info("evaluating %s on %d windows of %d tokens", config.model.source, len(windows), config.data.seq_len)
+    return evaluate_model(model, tokenizer, windows, teacher=teacher, batch_size=config.batch_size,
+                          autocast=config.autocast, speed=config.speed, prefill_tokens=config.prefill_tokens,
+                          decode_tokens=config.decode_tokens, source=config.model.source)

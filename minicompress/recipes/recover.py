@@ -14,9 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,19 +22,19 @@ import torch
 
 from .. import arch, distributed, losses
 from ..config import RecoverConfig, to_dict
-from ..data import load_sequences
+from ..data import TrainingData, load_training_data
+from ..mixture import source_epoch_index
 from ..errors import MinicompressError
 from ..hardware import describe_precision, resolve_compile
 from ..runtime import model_device
 from ..checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, working_folder
-from ..measure import synchronize
 from ..metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
 from ..models import TORCH_DTYPES, load_model, load_model_on_rank0, resolve_device
 from ..outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from ..progress import progress_bar
 from ..teacher_cache import TeacherCache
-from ..train import (batch_indices, compile_layers_, count_targets, default_warmup_steps, evaluate_on_ranks, lr_at,
-                     make_optimizer, micro_batch_loss, num_held_out)
+from ..train import (Schedule, batch_positions, compile_layers_, default_warmup_steps, evaluate_on_ranks, make_optimizer,
+                     num_held_out, train)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +45,131 @@ def _student_folder(student: torch.nn.Module) -> Path | None:
     name = getattr(student.config, "_name_or_path", "") or ""
     path = Path(name).expanduser() if name else None
     return path if path is not None and path.is_dir() else None
+
+
+def _open_working_folder(config: RecoverConfig) -> tuple[Path, Path, Path | None]:
+    """Check the output and prepare ``<output>.partial``; returns ``(out, work, checkpoint)``.
+
+    A checkpoint there is resumed only with ``resume``; without it the run is refused
+    (``overwrite`` starts over). ``resume`` with nothing to resume says so and starts fresh.
+    """
+    out = check_output(config.output, config.overwrite)
+    work = working_folder(out)
+    checkpoint = latest_checkpoint(work) if work.exists() else None
+    if checkpoint is not None and not config.resume:
+        if not config.overwrite:
+            raise MinicompressError(f"resume: {work} holds a checkpoint of an interrupted run; "
+                                    "pass --resume to continue it or --overwrite to start over")
+        checkpoint = None
+    if config.resume and checkpoint is None and distributed.is_main():
+        log.warning("recover: --resume, but %s holds no checkpoint to resume; starting from step 0", work)
+    distributed.barrier()  # every rank has looked at the working folder before rank 0 changes it
+    if distributed.is_main():
+        if checkpoint is None:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    return out, work, checkpoint
+
+
+def _place_teacher(config: RecoverConfig, teacher, student, device: torch.device, teacher_dtype: str,
+                   cache: TeacherCache | None):
+    """Load the teacher when the run needs a live one (rank 0 reads under torchrun), cast it to
+    ``teacher_dtype`` on its device and freeze it; returns ``(teacher, t_device, weights)``."""
+    world, weights = distributed.world_size(), None
+    if teacher is None and cache is None and config.teacher is not None:  # CE-only still evaluates KL
+        t_config = dataclasses.replace(config.teacher, dtype=teacher_dtype, device=config.teacher_device or device.type)
+        teacher, _, weights = load_model_on_rank0(t_config) if world > 1 else (*load_model(t_config), None)
+    t_device = torch.device(config.teacher_device) if config.teacher_device else device
+    if teacher is None:
+        return None, t_device, None
+    t_dtype = TORCH_DTYPES[teacher_dtype]
+    if world > 1:  # shard_model moves the shards to t_device
+        if next(teacher.parameters()).dtype != t_dtype:
+            teacher.to(dtype=t_dtype)
+    elif model_device(teacher).type != t_device.type or next(teacher.parameters()).dtype != t_dtype:
+        teacher.to(device=t_device, dtype=t_dtype)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    vocab, s_vocab = arch.lm_head_weight(teacher).shape[0], arch.lm_head_weight(student).shape[0]
+    if vocab != s_vocab:
+        raise MinicompressError(f"teacher: vocabulary size {vocab} differs from the student's {s_vocab}")
+    return teacher, t_device, weights
+
+
+def _training_data(config: RecoverConfig, cache: TeacherCache | None, student, tokenizer) -> TrainingData:
+    """Held-out and training rows: the cache's own rows, or the data (one source or a mixture)."""
+    if cache is None:
+        return load_training_data(config.data, tokenizer, config.eval_tokens, seed=config.seed)
+    if cache.seq_len != config.data.seq_len:
+        raise MinicompressError(f"data.seq_len: {config.data.seq_len} differs from the teacher cache's {cache.seq_len}")
+    if cache.vocab_size != arch.lm_head_weight(student).shape[0]:
+        raise MinicompressError(f"--teacher-cache: vocabulary size {cache.vocab_size} differs from the "
+                                f"student's {arch.lm_head_weight(student).shape[0]}")
+    n_eval = num_held_out(cache.input_ids.shape[0], config.eval_tokens, config.data.seq_len)
+    return TrainingData([cache.input_ids], None, n_eval, names=[str(config.teacher_cache)], seed=config.seed)
+
+
+def _schedule(config: RecoverConfig, world: int, n_train: int) -> tuple[Schedule, int]:
+    """The run's :class:`~minicompress.train.Schedule` and micro batches per step and rank.
+
+    Raises:
+        MinicompressError: ``global_batch_tokens`` is not a multiple of one micro batch on every
+            rank, or ``tokens`` is less than one step.
+    """
+    seq_len = config.data.seq_len
+    tokens_per_micro = config.micro_batch_size * seq_len * world  # one micro batch on every rank
+    if config.global_batch_tokens % tokens_per_micro:
+        raise MinicompressError(
+            f"global_batch_tokens: {config.global_batch_tokens} is not a multiple of micro_batch_size * "
+            f"data.seq_len * world_size ({config.micro_batch_size} * {seq_len} * {world} = {tokens_per_micro})")
+    total_steps = config.tokens // config.global_batch_tokens
+    trained = total_steps * config.global_batch_tokens
+    if trained != config.tokens:
+        log.info("recover: training %s tokens (%d steps of %s), not the %s asked: tokens are whole optimizer "
+                 "steps of global_batch_tokens", f"{trained:,}", total_steps, f"{config.global_batch_tokens:,}",
+                 f"{config.tokens:,}")
+    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total_steps)
+    accum_steps = config.global_batch_tokens // tokens_per_micro
+    epochs = total_steps * accum_steps * config.micro_batch_size * world / n_train
+    if epochs > 1:
+        log.warning("recover: %d training sequences are read %.1f times (tokens=%d)", n_train, epochs, config.tokens)
+    return Schedule(lr=config.lr, min_lr=config.min_lr, warmup_steps=warmup, total_steps=total_steps,
+                    tokens_per_step=config.global_batch_tokens, grad_clip=config.grad_clip), accum_steps
+
+
+def _place_for_training(config: RecoverConfig, student, teacher, *, device, t_device, autocast: str, precision: dict,
+                        from_rank0: tuple[bool, bool], weights: tuple) -> tuple[list, Any, torch.optim.Optimizer]:
+    """Shard (torchrun: FSDP2), checkpoint activations, compile the decoder layers, build the
+    intermediate-state loss and the optimizer; returns ``(compiled layers, intermediate, optimizer)``."""
+    world = distributed.world_size()
+    if world > 1:  # FSDP2: parameters, gradients and optimizer state are sharded over the ranks
+        distributed.shard_model(student, device=device, mixed_precision=autocast == "bfloat16",
+                                reshard_after_forward=config.reshard_after_forward,
+                                activation_checkpointing=config.activation_checkpointing, from_rank0=from_rank0[0],
+                                weights=weights[0])
+        if teacher is not None:  # no backward would ever free gathered teacher layers: always reshard
+            distributed.shard_model(teacher, device=t_device, mixed_precision=autocast == "bfloat16",
+                                    from_rank0=from_rank0[1], weights=weights[1])
+    elif config.activation_checkpointing:
+        distributed.enable_activation_checkpointing(student)
+    precision["compile"], precision["compile_reason"] = resolve_compile(
+        config.compile, device, tokens=config.tokens, world_size=world,
+        activation_checkpointing=config.activation_checkpointing)
+    compiled = []
+    if precision["compile"]:
+        log.info("recover: compiling the decoder layers (%s)", precision["compile_reason"])
+        compiled = compile_layers_(student) + (compile_layers_(teacher) if teacher is not None else [])
+    intermediate = None
+    if config.loss.intermediate_weight > 0:
+        intermediate = losses.IntermediateStateLoss(
+            student.config.hidden_size, teacher.config.hidden_size, losses.default_layer_map(
+                student.config.num_hidden_layers, teacher.config.num_hidden_layers, offset=1)).to(device)
+    params = [p for p in student.parameters() if p.requires_grad] + \
+        (list(intermediate.parameters()) if intermediate is not None else [])
+    if not params:
+        raise MinicompressError("student: has no trainable parameters (all requires_grad=False)")
+    return compiled, intermediate, make_optimizer(params, config.lr, config.weight_decay)
 
 
 def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
@@ -75,39 +198,22 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             folder without ``resume``/``overwrite``, a resume with changed settings,
             mismatched vocabularies, too little data, or a non-finite gradient.
     """
-    # ---- setup: output, models, data -------------------------------------------------
+    # ---- where: output and working folder, ranks, models, data -------------------------
     world = distributed.init_from_env()  # 1 without torchrun: no process group, nothing changes
     rank, main = distributed.rank(), distributed.is_main()
     if world > 1 and config.loss.intermediate_weight > 0:
         raise MinicompressError("loss.intermediate_weight: the intermediate-state loss runs in one process only, "
                                 "not under torchrun; set it to 0 or drop torchrun")
-    out = check_output(config.output, config.overwrite)
-    work = working_folder(out)
-    checkpoint = latest_checkpoint(work) if work.exists() else None
-    if checkpoint is not None and not config.resume:
-        if not config.overwrite:
-            raise MinicompressError(f"resume: {work} holds a checkpoint of an interrupted run; "
-                                    "pass --resume to continue it or --overwrite to start over")
-        checkpoint = None
-    distributed.barrier()  # every rank has looked at the working folder before rank 0 changes it
-    if main:
-        if checkpoint is None:
-            shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
+    out, work, checkpoint = _open_working_folder(config)
     torch.manual_seed(config.seed)
-
-    on_host, student_weights = False, None
+    on_host, student_weights = student is None and world > 1, None  # torchrun: rank 0 reads, shard_model hands out
     if student is None:
-        on_host = world > 1  # torchrun: rank 0 reads the weights, shard_model hands each rank its shards
-        if on_host:
-            student, tokenizer, student_weights = load_model_on_rank0(config.student, for_training=True)
-        else:
-            student, tokenizer = load_model(config.student, for_training=True)
+        student, tokenizer, student_weights = load_model_on_rank0(config.student, for_training=True) if on_host \
+            else (*load_model(config.student, for_training=True), None)
     elif tokenizer is None:
         raise MinicompressError("tokenizer: pass tokenizer= together with an in-memory student")
     student.train()
-    device = resolve_device(config.student.device) if world > 1 and on_host else model_device(student)
+    device = resolve_device(config.student.device) if on_host else model_device(student)
     precision = describe_precision(config.autocast, device)
     autocast = precision["resolved"]
     teacher_dtype = config.teacher_dtype
@@ -115,95 +221,24 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         teacher_dtype = next((k for k, v in TORCH_DTYPES.items() if v == next(teacher.parameters()).dtype),
                              "float32") if teacher is not None else ("bfloat16" if autocast == "bfloat16" else "float32")
     precision["teacher_dtype"] = teacher_dtype
-    log.info("recover: precision %s (%s)", "bf16 autocast" if autocast == "bfloat16" else "float32",
-             precision["reason"])
-
+    log.info("recover: precision %s (%s)", "bf16 autocast" if autocast == "bfloat16" else "float32", precision["reason"])
     cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
-    t_from_rank0, teacher_weights = False, None  # an in-memory teacher is whole on every rank
-    if teacher is None and cache is None and config.teacher is not None:  # CE-only still evaluates KL
-        t_config = dataclasses.replace(config.teacher, dtype=teacher_dtype,
-                                       device=config.teacher_device or device.type)
-        if world > 1:
-            teacher, _, teacher_weights = load_model_on_rank0(t_config)
-            t_from_rank0 = True
-        else:
-            teacher, _ = load_model(t_config)
-    if teacher is not None:
-        t_device = torch.device(config.teacher_device) if config.teacher_device else device
-        t_dtype = TORCH_DTYPES[teacher_dtype]
-        if world > 1:  # shard_model moves the shards to t_device
-            if next(teacher.parameters()).dtype != t_dtype:
-                teacher.to(dtype=t_dtype)
-        elif model_device(teacher).type != t_device.type or next(teacher.parameters()).dtype != t_dtype:
-            teacher.to(device=t_device, dtype=t_dtype)
-        teacher.eval()
-        teacher.requires_grad_(False)
-        t_vocab = arch.lm_head_weight(teacher).shape[0]
-        if t_vocab != arch.lm_head_weight(student).shape[0]:
-            raise MinicompressError(f"teacher: vocabulary size {t_vocab} differs from the student's "
-                                    f"{arch.lm_head_weight(student).shape[0]}")
+    t_from_rank0 = teacher is None and world > 1
+    teacher, t_device, teacher_weights = _place_teacher(config, teacher, student, device, teacher_dtype, cache)
+    data = _training_data(config, cache, student, tokenizer)
+    eval_ids, n_eval = data.eval_ids, data.eval_ids.shape[0]
+    schedule, accum_steps = _schedule(config, world, data.num_train)
 
-    seq_len = config.data.seq_len
-    if cache is not None:
-        if cache.seq_len != seq_len:
-            raise MinicompressError(f"data.seq_len: {seq_len} differs from the teacher cache's {cache.seq_len}")
-        if cache.vocab_size != arch.lm_head_weight(student).shape[0]:
-            raise MinicompressError(f"--teacher-cache: vocabulary size {cache.vocab_size} differs from the "
-                                    f"student's {arch.lm_head_weight(student).shape[0]}")
-        sequences = cache.input_ids
-    else:
-        sequences = load_sequences(config.data, tokenizer)
-    n_eval = num_held_out(sequences.shape[0], config.eval_tokens, seq_len)
-    eval_ids, train_ids = sequences[:n_eval], sequences[n_eval:]
-    eval_rows = torch.arange(n_eval)
-    n_train = train_ids.shape[0]
+    compiled, intermediate, optimizer = _place_for_training(
+        config, student, teacher, device=device, t_device=t_device, autocast=autocast, precision=precision,
+        from_rank0=(on_host, t_from_rank0), weights=(student_weights, teacher_weights))
+    del student_weights, teacher_weights
 
-    tokens_per_micro = config.micro_batch_size * seq_len * world  # one micro batch on every rank
-    if config.global_batch_tokens % tokens_per_micro:
-        raise MinicompressError(
-            f"global_batch_tokens: {config.global_batch_tokens} is not a multiple of micro_batch_size * "
-            f"data.seq_len * world_size ({config.micro_batch_size} * {seq_len} * {world} = {tokens_per_micro})")
-    accum_steps = config.global_batch_tokens // tokens_per_micro  # micro batches per step and rank
-    total_steps = config.tokens // config.global_batch_tokens
-    warmup_steps = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total_steps)
-    epochs = total_steps * accum_steps * config.micro_batch_size * world / n_train
-    if epochs > 1:
-        log.warning("recover: %d training sequences are read %.1f times (tokens=%d)", n_train, epochs, config.tokens)
+    def evaluate() -> dict:
+        return evaluate_on_ranks(student, eval_ids, teacher=teacher, cache=cache, cache_rows=torch.arange(n_eval),
+                                 batch_size=config.eval_batch_size, autocast=autocast, chunk_size=config.loss.chunk_size)
 
-    if world > 1:  # FSDP2: parameters, gradients and optimizer state are sharded over the ranks
-        distributed.shard_model(student, device=device, mixed_precision=autocast == "bfloat16",
-                                reshard_after_forward=config.reshard_after_forward,
-                                activation_checkpointing=config.activation_checkpointing, from_rank0=on_host,
-                                weights=student_weights)
-        del student_weights
-        if teacher is not None:  # no backward would ever free gathered teacher layers: always reshard
-            distributed.shard_model(teacher, device=t_device, mixed_precision=autocast == "bfloat16",
-                                    from_rank0=t_from_rank0, weights=teacher_weights)
-        del teacher_weights
-    elif config.activation_checkpointing:
-        distributed.enable_activation_checkpointing(student)
-    precision["compile"], precision["compile_reason"] = resolve_compile(
-        config.compile, device, tokens=config.tokens, world_size=world,
-        activation_checkpointing=config.activation_checkpointing)
-    compiled = []
-    if precision["compile"]:
-        log.info("recover: compiling the decoder layers (%s)", precision["compile_reason"])
-        compiled = compile_layers_(student) + (compile_layers_(teacher) if teacher is not None else [])
-
-    intermediate = None
-    if config.loss.intermediate_weight > 0:
-        s_layers, t_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        intermediate = losses.IntermediateStateLoss(
-            student.config.hidden_size, teacher.config.hidden_size,
-            losses.default_layer_map(s_layers, t_layers, offset=1)).to(device)
-    params = [p for p in student.parameters() if p.requires_grad]
-    if intermediate is not None:
-        params += list(intermediate.parameters())
-    if not params:
-        raise MinicompressError("student: has no trainable parameters (all requires_grad=False)")
-    optimizer = make_optimizer(params, config.lr, config.weight_decay)
-
-    # ---- resume or evaluate once before training -------------------------------------
+    # ---- resume, or evaluate once before training --------------------------------------
     metrics_path = work / METRICS_FILE
     start_step, elapsed, resumed_from = 0, 0.0, None
     if checkpoint is not None:
@@ -214,106 +249,78 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         if main:
             with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
                 f.truncate(state["metrics_bytes"])
-        log.info("recover: resuming from %s (step %d of %d)", checkpoint, start_step, total_steps)
+        log.info("recover: resuming from %s (step %d of %d)", checkpoint, start_step, schedule.total_steps)
     else:
-        before = evaluate_on_ranks(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
-                                   batch_size=config.eval_batch_size, autocast=autocast,
-                                   chunk_size=config.loss.chunk_size)
+        before = evaluate()
         if main:
             append_metrics(metrics_path, {"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in before.items()}})
 
-    # ---- the training loop -----------------------------------------------------------
-    with progress_bar("recover", total_steps * config.global_batch_tokens, unit="tok") as bar:
-        bar.advance(start_step * config.global_batch_tokens)
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=warmup_steps,
-                       total_steps=total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    # ---- train: this rank's micro batches are a pure function of the step ---------------
+    def batches(step: int) -> list[tuple[torch.Tensor, Any]]:
+        micro = [batch_positions(step, m, micro_batch_size=config.micro_batch_size, accum_steps=accum_steps,
+                                 rank=rank, world_size=world) for m in range(accum_steps)]
+        if cache is None:
+            return [(data.rows(positions), None) for positions in micro]
+        rows = [source_epoch_index(positions, data.num_train, config.seed) + n_eval for positions in micro]
+        return [(cache.input_ids[r], cache.targets(r)) for r in rows]
 
-            # the micro batches of this step and the number of targets they score
-            micro = [batch_indices(n_train, step, m, micro_batch_size=config.micro_batch_size,
-                                   accum_steps=accum_steps, seed=config.seed, rank=rank, world_size=world)
-                     for m in range(accum_steps)]
-            normalizer = sum(count_targets(train_ids[idx]) for idx in micro)
-            if world > 1:  # the targets of the whole global batch, over all ranks
-                normalizer = int(distributed.all_reduce_sum(torch.tensor(normalizer, dtype=torch.int64)))
+    with progress_bar("recover", schedule.total_steps * schedule.tokens_per_step, unit="tok") as bar:
+        bar.advance(start_step * schedule.tokens_per_step)
 
-            sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
-            for idx in micro:
-                input_ids = train_ids[idx].to(device)
-                topk = cache.targets(idx + n_eval) if cache is not None else None
-                loss, stats = micro_batch_loss(student, input_ids, loss=config.loss, teacher=teacher,
-                                               teacher_topk=topk, intermediate=intermediate,
-                                               normalizer=normalizer, autocast=autocast)
-                loss.backward()
-                share = stats["targets"] / normalizer
-                for key in ("loss", "kl", "ce", "is"):
-                    if key in stats:
-                        sums[key] = sums.get(key, 0.0) + stats[key] * share
-            if world > 1:  # each rank summed its share of the global batch
-                reduced = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
-                sums = dict(zip(sums, reduced.tolist()))
-
-            max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")  # DTensor grads: a global norm
-            grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
-            if not math.isfinite(grad_norm):
-                raise MinicompressError(f"lr: the gradient norm is {grad_norm} at step {step + 1}; lower lr")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            synchronize(device)
-            seconds = time.perf_counter() - t0
-            elapsed += seconds
-
-            done = step + 1
-            record = {"step": done, "tokens": done * config.global_batch_tokens, "lr": lr, **sums,
-                      "grad_norm": grad_norm, "tokens_per_s": config.global_batch_tokens / seconds,
-                      "elapsed_s": elapsed}
-            if done == total_steps or (config.eval_every and done % config.eval_every == 0):
-                metrics = evaluate_on_ranks(student, eval_ids, teacher=teacher, cache=cache, cache_rows=eval_rows,
-                                            batch_size=config.eval_batch_size, autocast=autocast,
-                                            chunk_size=config.loss.chunk_size)
-                record.update({f"eval_{k}": v for k, v in metrics.items()})
+        def on_step(record: dict) -> None:
+            nonlocal elapsed
+            elapsed += record.pop("step_seconds")
+            record["elapsed_s"] = elapsed
+            done = record["step"]
+            if done == schedule.total_steps or (config.eval_every and done % config.eval_every == 0):
+                record.update({f"eval_{k}": v for k, v in evaluate().items()})
             if main:
                 append_metrics(metrics_path, record)
-            bar.advance(config.global_batch_tokens)
-            bar.update(description=f"recover loss {sums['loss']:.4f}")
-            if done % config.log_every == 0 or done == total_steps:
-                log.info("step %d/%d loss %.4f kl %.4f ce %.4f lr %.2e grad %.3f %.0f tok/s", done, total_steps,
-                         sums["loss"], sums["kl"], sums["ce"], lr, grad_norm, record["tokens_per_s"])
-
-            if done == total_steps or (config.save_every and done % config.save_every == 0):
-                state = {
-                    "step": done, "tokens": done * config.global_batch_tokens, "seconds": elapsed,
+            bar.advance(schedule.tokens_per_step)
+            bar.update(description=f"recover loss {record['loss']:.4f}")
+            if done % config.log_every == 0 or done == schedule.total_steps:
+                log.info("step %d/%d loss %.4f kl %.4f ce %.4f lr %.2e grad %.3f %.0f tok/s", done,
+                         schedule.total_steps, record["loss"], record["kl"], record["ce"], record["lr"],
+                         record["grad_norm"], record["tokens_per_s"])
+            if done == schedule.total_steps or (config.save_every and done % config.save_every == 0):
+                save_checkpoint(work, student=student, optimizer=optimizer, intermediate=intermediate, state={
+                    "step": done, "tokens": record["tokens"], "seconds": elapsed,
                     "data_position": done * accum_steps * config.micro_batch_size * world,
-                    "scheduler": {"kind": "warmup_cosine", "lr": config.lr, "min_lr": config.min_lr,
-                                  "warmup_steps": warmup_steps, "total_steps": total_steps},
+                    "scheduler": {"kind": "warmup_cosine", **dataclasses.asdict(schedule)},
                     "config": to_dict(config), "before": before,
-                    "metrics_bytes": metrics_path.stat().st_size if main else None,
-                }
-                save_checkpoint(work, student=student, optimizer=optimizer, intermediate=intermediate, state=state,
-                                keep=config.checkpoint_keep)
+                    "metrics_bytes": metrics_path.stat().st_size if main else None}, keep=config.checkpoint_keep)
             if callback is not None:
                 callback(record)
 
+        train(student, teacher, batches, optimizer, schedule, on_step, loss=config.loss, device=device,
+              start_step=start_step, autocast=autocast, intermediate=intermediate)
     for layer in compiled:  # the caller's in-memory models go back as they came
         layer._compiled_call_impl = None  # what nn.Module.compile set
+    sources = data.tokens_per_source(schedule.total_steps * accum_steps * config.micro_batch_size * world,
+                                     config.data.seq_len)
+    return _write_student(config, out, work, student, tokenizer, cache=cache, schedule=schedule, n_eval=n_eval,
+                          n_train=data.num_train, before=before, precision=precision, elapsed=elapsed,
+                          resumed_from=resumed_from, sources=sources)
 
-    # ---- the final student, atomically (rank 0 writes) ---------------------------------
+
+def _write_student(config: RecoverConfig, out: Path, work: Path, student, tokenizer, *, cache, schedule: Schedule,
+                   n_eval: int, n_train: int, before: dict, precision: dict, elapsed: float,
+                   resumed_from: int | None, sources: dict[str, int]) -> dict:
+    """Write the recovered student atomically (rank 0) with its recovery record; returns the report."""
+    world, main = distributed.world_size(), distributed.is_main()
+    metrics_path = work / METRICS_FILE
     records = distributed.broadcast_object(read_metrics(metrics_path) if main else None)
     if main:
         plot_curves(records, work / CURVES_FILE, title=f"recover {Path(out).name}")
     last = records[-1]
     after = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
     final_loss = last.get("loss")
-    if cache is not None:
-        teacher_source = cache.index.get("teacher")
-    else:
-        teacher_source = config.teacher.source if config.teacher else None
+    teacher_source = cache.index.get("teacher") if cache is not None else \
+        (config.teacher.source if config.teacher else None)
+    tokens = schedule.total_steps * schedule.tokens_per_step
     recovery = provenance(
         "recover", config, teacher=teacher_source, teacher_cache=config.teacher_cache,
-        tokens_trained=total_steps * config.global_batch_tokens, steps=total_steps, loss=to_dict(config.loss),
+        tokens_trained=tokens, tokens_per_source=sources, steps=schedule.total_steps, loss=to_dict(config.loss),
         held_out_sequences=n_eval, train_sequences=n_train, metrics_before=before, metrics_after=after,
         precision=precision, **({"world_size": world} if world > 1 else {}),
         final_train_loss=final_loss, seconds=elapsed,
@@ -337,15 +344,6 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             write_model_card(tmp, record_out)
         shutil.rmtree(work, ignore_errors=True)
     distributed.barrier()
-    return {
-        "output": str(out),
-        "steps": total_steps,
-        "tokens": total_steps * config.global_batch_tokens,
-        "before": before,
-        "after": after,
-        "final_loss": final_loss,
-        "seconds": elapsed,
-        "tokens_per_s": total_steps * config.global_batch_tokens / max(elapsed, 1e-9),
-        "resumed_from_step": resumed_from,
-        "metrics": records,
-    }
+    return {"output": str(out), "steps": schedule.total_steps, "tokens": tokens, "before": before, "after": after,
+            "final_loss": final_loss, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+            "resumed_from_step": resumed_from, "metrics": records}

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..arch import count_parameters, describe, get_adapter, head_dim, num_kv_heads
-from ..config import ModelConfig, PruneConfig, RecoverConfig, RunConfig, TargetConfig, build_config, to_dict
+from ..config import ModelConfig, RecoverConfig, RunConfig, TargetConfig, build_config, to_dict
 from ..errors import ConfigError, MinicompressError
 from ..outputs import provenance, read_provenance, settings_digest, write_json_atomic, write_provenance
 
@@ -205,9 +205,21 @@ def _check_data_source(key: str, source: str | None) -> None:
 
 
 def _original_config(config: RunConfig):
-    from ..models import load_config
+    """The original's config from its folder, ``config.json``, the local Hub cache, or (a
+    Hub id not in the cache, a built-in not converted yet) the copy shipped in
+    ``minicompress/model_configs/``. For checks and estimates only: weights are always
+    loaded from the model itself."""
+    from ..models import load_config, packaged_config
 
-    hf = load_config(config.model.source, trust_remote_code=config.model.trust_remote_code, convert=False)
+    source = config.model.source
+    hf = load_config(source, trust_remote_code=config.model.trust_remote_code, convert=False)
+    shipped = packaged_config(source) if hf is None else None
+    if shipped is not None:
+        from transformers import AutoConfig
+
+        log.info("dry run: %s is not in the local Hub cache; checking against the config.json shipped with "
+                 "minicompress (%s)", source, shipped.name)
+        hf = AutoConfig.from_pretrained(str(shipped))
     if hf is None:
         raise MinicompressError(f"model.source: cannot read the config of {config.model.source} without loading "
                                 "weights (a GGUF file, or a Hub id not in the local cache); use a model folder or its config.json")
@@ -222,8 +234,9 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
     """Check a whole run from configs only and describe every stage; loads no weights.
 
     The original's ``config.json`` comes from its folder, a ``config.json`` file, the
-    local Hub cache, or, for a built-in model not converted yet, the copy shipped with
-    minicompress. Each stage's target is checked against the shape the previous stage
+    local Hub cache, or, for a built-in model not converted yet and for a Hub model that
+    a shipped recipe names but the cache lacks, the copy shipped with minicompress
+    (``minicompress/model_configs/``). Each stage's target is checked against the shape the previous stage
     produces; after a ``target_params`` stage that shape is only known once its search
     has ranked candidates on real weights, so later explicit targets are checked
     against the original and again at run time.
@@ -251,7 +264,7 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
     previous_budget = total
     for i, stage in enumerate(config.stages):
         where = f"stages[{i}] ({stage.name})"
-        target = _stage_target(stage.target, total)
+        target = _stage_target(config.stage_target(i), total)
         row: dict[str, Any] = {"stage": i + 1, "name": stage.name}
         try:
             info = validate_target_for_stage(current if known else original, target, known)
@@ -317,11 +330,23 @@ def _largest_candidate(config: Any, budget: int, width_multiple: int = 64) -> di
 
 
 def _stage_digest(config: RunConfig, index: int) -> str:
-    """sha256 of everything that shapes the weights of stage ``index``."""
+    """sha256 of everything that shapes the weights of stage ``index``: the model, data and
+    scoring, and for it and every stage before it the name, target, tokens, teacher,
+    resolved recovery settings and, for a ``target_params`` stage, the resolved search
+    settings (batches, distilled candidates, their tokens and recovery, width multiple)."""
     stages = []
     for i, stage in enumerate(config.stages[: index + 1]):
-        entry = {"name": stage.name, "target": to_dict(stage.target), "tokens": stage.tokens,
+        entry = {"name": stage.name, "target": to_dict(config.stage_target(i)), "tokens": stage.tokens,
                  "teacher": stage.teacher}
+        if stage.target.target_params is not None:
+            pc = config.stage_prune_config(i, model=config.model)
+            search: dict[str, Any] = {"batches": pc.search_batches, "distill_candidates": pc.search_distill_candidates}
+            if pc.search_distill_candidates:
+                rc = to_dict(pc.search_recover_config(output="search"))
+                search["distill_tokens"] = pc.search_distill_tokens
+                search["recover"] = {k: v for k, v in rc.items() if k not in ("student", "teacher", "data", "output",
+                                                                              "resume", "overwrite", "tokens")}
+            entry["search"] = search
         if stage.tokens:
             rc = to_dict(config.stage_recover_config(i, student=ModelConfig(source="student"), teacher=config.model,
                                                      output="stage"))
@@ -368,10 +393,9 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
             shutil.rmtree(working_folder(final), ignore_errors=True)
     if not pruned.exists():
         log.info("stage %d (%s): pruning %s", index + 1, stage.name, previous.source)
-        prune_config = PruneConfig(model=previous, data=config.data, score=config.score,
-                                   target=_stage_target(stage.target, original_total),
-                                   search_batches=config.search_batches, output=str(pruned),
-                                   resume=True, overwrite=True)  # a search of other settings starts over
+        prune_config = config.stage_prune_config(  # a search of other settings starts over
+            index, model=previous, target=_stage_target(stage.target, original_total), output=str(pruned),
+            resume=True, overwrite=True)
         prune_recipe.prune(prune_config, record_extra=extra)
     if stage.tokens:
         teacher = config.model if stage.teacher == "original" or index == 0 else previous
@@ -472,19 +496,14 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
     Returns:
         ``{"columns", "rows", "eval_data", "original"}``.
     """
-    from .. import data as data_mod
-    from ..evaluation import eval_windows, evaluate
     from ..models import load_model
+    from .eval import evaluate_model as evaluate
+    from .eval import text_windows
 
     rep = config.report
     teacher, tokenizer = load_model(config.model)
-    windows = None
-    if config.eval_data.source is not None:
-        stream = data_mod.load_token_stream(config.eval_data, tokenizer)
-        windows = eval_windows(stream, config.eval_data.seq_len, None, data_mod.bos_token_id(tokenizer))
-        if not windows:
-            raise MinicompressError(f"eval_data.seq_len: the text has only {stream.numel()} tokens, fewer than one "
-                                    f"window of {config.eval_data.seq_len}")
+    windows = text_windows(config.eval_data, tokenizer, flag="eval_data.seq_len") \
+        if config.eval_data.source is not None else None
     kwargs = dict(batch_size=rep.batch_size, autocast=rep.autocast, speed=rep.speed,
                   prefill_tokens=rep.prefill_tokens, decode_tokens=rep.decode_tokens)
     base = evaluate(teacher, tokenizer, windows, source=config.model.source, **kwargs)

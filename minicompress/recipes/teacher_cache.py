@@ -16,7 +16,7 @@ import torch
 
 from .. import arch
 from ..config import TeacherCacheConfig, to_dict
-from ..data import load_sequences
+from ..data import as_tensor, load_sequences
 from ..errors import MinicompressError
 from ..runtime import autocast_context, final_hidden, model_device
 from ..models import TORCH_DTYPES, load_model
@@ -87,7 +87,7 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
 
     with atomic_folder(out, config.overwrite) as tmp, progress_bar("teacher-cache", rows * seq_len, unit="tok") as bar:
         for shard_start in range(0, rows, rows_per_shard):
-            shard_ids = sequences[shard_start:shard_start + rows_per_shard]
+            shard_ids = as_tensor(sequences[shard_start:shard_start + rows_per_shard])
             values, indices = [], []
             gen = torch.Generator(device=device).manual_seed(config.data.seed * 1_000_003 + len(shards))
             for batch in shard_ids.split(config.micro_batch_size):

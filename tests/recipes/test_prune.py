@@ -352,3 +352,120 @@ def test_no_norm_correction_flag_reaches_the_plan(tmp_path, tiny_llama, text_cor
     assert plans[True]["final_norm_scale"] == 1.0
     assert all(s == 1.0 for layer in plans[True]["norm_scales"] for s in layer)
     assert plans[False]["final_norm_scale"] != 1.0
+
+
+def test_a_search_refused_for_want_of_data_leaves_nothing_and_the_corrected_command_runs(tmp_path, tiny_llama,
+                                                                                         text_corpus, capsys):
+    """``prune --scores S --target-params`` without ``--data`` is refused before any folder
+    exists, saying why the search needs text; the same command with ``--data`` then runs."""
+    scores_dir = _score(tmp_path, tiny_llama, text_corpus)
+    out = tmp_path / "searched"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["prune", "--model", str(tiny_llama), "--scores", str(scores_dir), "--target-params", "0.7",
+            "--search-batches", "2", "--search-distill-candidates", "0", "--seq-len", "16", "--output", str(out)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data" in err and "a data source is required" in err, err
+    assert "ranks the candidate shapes by their loss" in err and "distils the best few" in err
+    assert not out.exists() and not (tmp_path / "searched.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # a data file that does not exist: refused up front too
+    assert main(args + ["--data", str(tmp_path / "nope.txt")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert main(args + ["--data", str(text_corpus)]) == 0
+    assert (out / "config.json").is_file() and not (tmp_path / "searched.partial").exists()
+
+
+def test_scoring_without_data_is_refused_before_any_folder(tmp_path, tiny_llama, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_llama), "--hidden-size", "24", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a data source is required" in err and "--scores" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tiny_llama.name]
+
+
+def test_a_foreign_partial_folder_is_kept_and_refused(tmp_path, tiny_llama, text_corpus, capsys):
+    """``<output>.partial`` without the search's marker (here a recovery's checkpoint folder)
+    is never deleted, not even with --overwrite: one line names it."""
+    scores_dir = _score(tmp_path, tiny_llama, text_corpus)
+    out = tmp_path / "x"
+    foreign = tmp_path / "x.partial" / "checkpoint-00000001"
+    foreign.mkdir(parents=True)
+    (foreign / "state.json").write_text("{}")
+    args = ["prune", "--model", str(tiny_llama), "--data", str(text_corpus), "--seq-len", "16",
+            "--scores", str(scores_dir), "--target-params", "0.7", "--search-batches", "2",
+            "--search-distill-candidates", "0", "--output", str(out)]
+    capsys.readouterr()
+    for extra in ([], ["--overwrite"], ["--resume"], ["--resume", "--overwrite"]):
+        assert main(args + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(tmp_path / "x.partial") in err and "not the working folder" in err, err
+        assert (foreign / "state.json").read_text() == "{}" and not out.exists()
+    # an empty leftover folder holds nothing: the search uses it
+    (foreign / "state.json").unlink()
+    foreign.rmdir()
+    assert main(args) == 0 and (out / "config.json").is_file() and not (tmp_path / "x.partial").exists()
+
+
+def test_a_search_that_failed_before_any_progress_does_not_block_the_next(tmp_path, tiny_llama, text_corpus,
+                                                                          monkeypatch, capsys):
+    """A search killed while scoring leaves only its marker: the next command starts afresh."""
+    from minicompress.recipes import prune as prune_recipe
+
+    out = tmp_path / "s"
+    args = ["prune", "--model", str(tiny_llama), "--data", str(text_corpus), "--seq-len", "16", "--num-samples", "8",
+            "--loss-samples", "0", "--target-params", "0.7", "--search-batches", "2",
+            "--search-distill-candidates", "0", "--output", str(out)]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_recipe, "score", killed)
+    assert main(args) == 130
+    assert (tmp_path / "s.partial" / "search-state.json").is_file()
+    monkeypatch.undo()
+    assert main(args) == 0 and (out / "config.json").is_file() and not (tmp_path / "s.partial").exists()
+
+
+def test_each_distilled_candidate_is_released_before_the_next(tmp_path, tiny_model_dir, text_corpus, monkeypatch):
+    """Nothing of a distilled candidate outlives it: its student module is gone (weakref dead
+    after gc), the fused loss's workspace is freed and glibc's free heap handed back, before
+    the next candidate and at the end."""
+    import gc
+    import weakref
+
+    from minicompress import losses, measure
+    from minicompress.recipes import recover as recover_recipe
+
+    real = recover_recipe.recover
+    students, checks, trims = [], [], []
+
+    def check(when):
+        gc.collect()
+        checks.append((when, [ref() is not None for ref in students], dict(losses._WORKSPACE)))
+
+    def tracking_recover(config, *, student, teacher, tokenizer, **kwargs):
+        check(f"before candidate {len(students) + 1}")
+        students.append(weakref.ref(student))
+        result = real(config, student=student, teacher=teacher, tokenizer=tokenizer, **kwargs)
+        assert losses._WORKSPACE  # the distillation used the fused loss's cached buffers
+        result["held"] = student  # a report that holds on to the run's objects
+        return result
+
+    monkeypatch.setattr(recover_recipe, "recover", tracking_recover)
+    monkeypatch.setattr(measure, "release_free_heap", lambda: trims.append(len(students)))
+    losses.release_workspace()  # an earlier test's distillation may have left one
+    model_dir = tiny_model_dir("llama", num_hidden_layers=4)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--data", str(text_corpus), "--seq-len", "16",
+                 "--num-samples", "8", "--batch-size", "4", "--loss-samples", "4", "--target-params", "0.7",
+                 "--search-batches", "2", "--width-multiple", "8", "--search-distill-candidates", "3",
+                 "--search-distill-tokens", "128", "--output", str(out), *SEARCH_RECOVER]) == 0
+    check("end")
+    assert len(students) == 3 and [c[0] for c in checks][-1] == "end"
+    for when, alive, workspace in checks:
+        assert not any(alive), (when, alive)
+        assert not workspace, when
+    assert trims[:3] == [1, 2, 3]
