@@ -79,7 +79,8 @@ def child(args: argparse.Namespace) -> None:
     out: dict = {}
     start = time.perf_counter()
     if args.child == "before":
-        seqs = data.load_sequences(DataConfig(source=args.corpus, seq_len=args.seq_len, seed=0), tokenizer)
+        seqs = data.load_sequences(DataConfig(source=args.corpus, seq_len=args.seq_len, seed=0, token_store=False),
+                                   tokenizer)
         out.update(sequences=seqs.shape[0], first_batch=_digest(seqs[:4]))
     elif args.child == "build":
         store = token_store.get_or_build(args.cache, args.corpus, tokenizer, num_proc=args.num_proc, progress=False)

@@ -22,6 +22,7 @@ Nothing here reads or writes disk; the recipe that turns batches into a cache do
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from .arch import compute_logits
 from .runtime import autocast_context, model_device
 
-__all__ = ["start_tokens", "prompt_starts", "sample_batch", "special_token_ids"]
+__all__ = ["start_tokens", "prompt_starts", "sample_batch", "special_token_ids", "make_cache", "decode_attention"]
 
 
 # --------------------------------------------------------------------------
@@ -122,110 +123,201 @@ def prompt_starts(sequences: torch.Tensor, prefix_tokens: int, count: int, seed:
 
 
 # --------------------------------------------------------------------------
-# the KV cache
+# the KV cache and decode attention
 # --------------------------------------------------------------------------
-def _make_cache(model: torch.nn.Module, max_len: int, kind: str):
-    """A transformers cache for ``max_len`` positions: ``prealloc`` (ours, see
-    :class:`_PreallocLayer`), ``dynamic`` or ``static``."""
-    from transformers import DynamicCache, StaticCache
+#: KV cache layouts :func:`sample_batch` accepts (``prealloc`` is the fast one)
+CACHE_KINDS = ("prealloc", "dynamic", "static")
+#: attention during decode: ``decode`` (:func:`decode_attention`) or transformers' ``sdpa``
+ATTENTION_KINDS = ("decode", "sdpa")
+DECODE_ATTENTION = "minicompress_decode"
 
-    if kind == "dynamic":
-        return DynamicCache(config=model.config)
-    if kind == "static":
-        return StaticCache(config=model.config, max_cache_len=max_len)
-    if kind != "prealloc":
-        raise ValueError(f"cache: {kind!r}; choose prealloc, dynamic or static")
-    cache = DynamicCache(config=model.config)
+
+def _prealloc_layer(max_len: int):
+    """A full-attention cache layer whose storage is allocated once (see the class)."""
+    global _PreallocLayer
+    if _PreallocLayer is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class PreallocLayer(DynamicLayer):
+            """A full-attention cache layer whose ``[B, H, max_len, D]`` storage is
+            allocated once and written in place; attention sees the filled prefix
+            ``[B, H, t, D]`` as a view. ``DynamicLayer`` instead re-allocates and copies
+            the whole cache every step (``torch.cat``) and ``StaticLayer`` makes every
+            step attend over ``max_len`` keys under a mask."""
+
+            def __init__(self, max_len: int):
+                super().__init__()
+                self.max_len = max_len
+                self.length = 0
+
+            def lazy_initialization(self, key_states, value_states):
+                self.device = key_states.device
+                b, h, _, dk = key_states.shape
+                self._k = torch.empty(b, h, self.max_len, dk, dtype=key_states.dtype, device=self.device)
+                self._v = torch.empty(b, h, self.max_len, value_states.shape[-1], dtype=value_states.dtype,
+                                      device=self.device)
+                self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+                self.is_initialized = True
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                end = self.length + key_states.shape[-2]
+                if end > self.max_len:
+                    raise RuntimeError(f"KV cache of {self.max_len} positions is full")
+                self._k[:, :, self.length:end].copy_(key_states)
+                self._v[:, :, self.length:end].copy_(value_states)
+                self.length = end
+                self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+                return self.keys, self.values
+
+            def get_seq_length(self) -> int:
+                return self.length
+
+        _PreallocLayer = PreallocLayer
+    return _PreallocLayer(max_len)
+
+
+_PreallocLayer = None
+
+
+def make_cache(model: torch.nn.Module, max_len: int, kind: str = "prealloc"):
+    """A transformers KV cache for up to ``max_len`` positions.
+
+    Args:
+        model: the model (its config says which layers slide).
+        max_len: positions the cache must hold.
+        kind: ``prealloc`` (a ``DynamicCache`` whose full-attention layers are allocated
+            once and written in place; sliding-window layers keep transformers' own),
+            ``dynamic`` (``DynamicCache``: ``torch.cat`` every step) or ``static``
+            (``StaticCache``: every step attends over ``max_len`` keys under a mask).
+
+    Returns:
+        A ``transformers.Cache``.
+    """
+    from transformers import DynamicCache, StaticCache
     from transformers.cache_utils import DynamicLayer
 
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer:  # full attention; sliding layers keep their window
-            cache.layers[i] = _PreallocLayer(max_len)
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"cache: {kind!r}; choose one of {', '.join(CACHE_KINDS)}")
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    cache = DynamicCache(config=model.config)
+    if kind == "prealloc":
+        for i, layer in enumerate(cache.layers):
+            if type(layer) is DynamicLayer:  # full attention; sliding layers keep their window
+                cache.layers[i] = _prealloc_layer(max_len)
     return cache
 
 
-def _prealloc_layer_class():
-    from transformers.cache_utils import DynamicLayer
+def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention of one new token per row as two batched matmuls (a transformers
+    attention function; everything else goes to transformers' ``sdpa``).
 
-    class PreallocLayer(DynamicLayer):
-        """A full-attention cache layer whose ``[B, H, max_len, D]`` storage is allocated
-        once and written in place; attention sees the filled prefix as a view, so decode
-        copies one position per step instead of the whole cache (``DynamicLayer``'s
-        ``torch.cat``) and attends to ``t`` keys, not ``max_len`` (``StaticLayer``)."""
+    On CPU, SDPA's flash kernel is slow for a single query: transformers runs it with
+    ``enable_gqa`` (``[B, H, 1, D]`` queries), about 4x slower than grouping the query
+    heads of each KV head into one ``[G, D] @ [D, t]`` product as here. The scores are
+    computed in the cache's dtype (fp32 accumulation), the softmax in float32.
 
-        def __init__(self, max_len: int):
-            super().__init__()
-            self.max_len = max_len
-            self.length = 0
+    Args:
+        module: the attention module.
+        query: ``[B, H, q, D]``.
+        key: ``[B, Hkv, t, D]`` (a view of the cache).
+        value: ``[B, Hkv, t, Dv]``.
+        attention_mask: None during unpadded decode (a mask, ``q > 1``, a soft-cap or
+            sinks fall back to ``sdpa``).
+        dropout: must be 0 on this path.
+        scaling: the score scale (default ``D ** -0.5``).
 
-        def lazy_initialization(self, key_states, value_states):
-            self.device = key_states.device
-            b, h, _, dk = key_states.shape
-            self._k = torch.empty(b, h, self.max_len, dk, dtype=key_states.dtype, device=self.device)
-            self._v = torch.empty(b, h, self.max_len, value_states.shape[-1], dtype=value_states.dtype,
-                                  device=self.device)
-            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
-            self.is_initialized = True
+    Returns:
+        ``([B, q, H, Dv], None)``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n = key_states.shape[-2]
-            end = self.length + n
-            if end > self.max_len:
-                raise RuntimeError(f"KV cache of {self.max_len} positions is full")
-            self._k[:, :, self.length:end].copy_(key_states)
-            self._v[:, :, self.length:end].copy_(value_states)
-            self.length = end
-            self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-    return PreallocLayer
-
-
-class _LazyPrealloc:
-    cls = None
-
-    def __call__(self, max_len: int):
-        if _LazyPrealloc.cls is None:
-            _LazyPrealloc.cls = _prealloc_layer_class()
-        return _LazyPrealloc.cls(max_len)
+    if (query.shape[2] != 1 or attention_mask is not None or dropout or kwargs.get("softcap") is not None
+            or kwargs.get("s_aux") is not None or query.shape[1] % key.shape[1]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    q = query.reshape(batch * kv_heads, heads // kv_heads, dim)
+    # a contiguous copy of the cache view makes both products plain batched GEMMs (faster
+    # than the strided ones, measured in benchmarks/generate_speed.py)
+    k = key.contiguous().view(batch * kv_heads, length, dim)
+    v = value.contiguous().view(batch * kv_heads, length, value.shape[-1])
+    scores = torch.bmm(q, k.transpose(1, 2)).float().mul_(scaling if scaling is not None else dim ** -0.5)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.bmm(probs, v)  # [B * Hkv, G, Dv]
+    return out.view(batch, 1, heads, -1), None
 
 
-_PreallocLayer = _LazyPrealloc()
+_REGISTERED = False
+
+
+def _register_decode_attention() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+        AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+        _REGISTERED = True
+
+
+@contextlib.contextmanager
+def _attention(model: torch.nn.Module, kind: str):
+    """Run ``model`` with :func:`decode_attention` (``kind="decode"``) where it uses
+    ``sdpa``; its attention setting is restored afterwards."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention: {kind!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+    before = getattr(model.config, "_attn_implementation", None)
+    if kind != "decode" or before != "sdpa":
+        yield
+        return
+    _register_decode_attention()
+    model.set_attn_implementation(DECODE_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 # --------------------------------------------------------------------------
 # per-position draws
 # --------------------------------------------------------------------------
-def _sparse_draws(logits: torch.Tensor, samples: int, generator: torch.Generator,
-                  method: str = "cdf") -> tuple[torch.Tensor, torch.Tensor]:
+def _sparse_draws(logits: torch.Tensor, samples: int, generator: torch.Generator, method: str = "cdf",
+                  work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``samples`` draws with replacement from ``softmax(logits)`` and their log-probs.
 
+    ``logits`` is shifted in place by its row maximum (arg-max and top-k are unchanged).
+
     Args:
-        logits: ``[N, V]`` float32.
+        logits: ``[N, V]`` float32, overwritten with ``logits - max``.
         samples: draws per row.
         generator: the random stream.
-        method: ``cdf`` (inverse CDF: ``cumsum`` + ``searchsorted``) or ``multinomial``.
+        method: ``cdf`` (inverse CDF: ``cumsum`` + ``searchsorted`` on the
+            unnormalised probabilities) or ``multinomial`` (``torch.multinomial``).
+        work: optional ``[N, V]`` float32 scratch (saves a large allocation per step).
 
     Returns:
         ``(indices [N, samples]`` int64, ``log-probs [N, samples]`` float32).
     """
-    peak = logits.amax(-1, keepdim=True)
-    shifted = logits - peak
-    probs = shifted.exp()
-    total = probs.sum(-1, keepdim=True)  # pairwise sum: accurate log-normaliser
+    logits.sub_(logits.amax(-1, keepdim=True))
+    probs = torch.exp(logits, out=work) if work is not None else logits.exp()
+    log_total = probs.sum(-1, keepdim=True).log_()  # pairwise sum: an accurate normaliser
     if method == "multinomial":
         idx = torch.multinomial(probs, samples, replacement=True, generator=generator)
-    else:
-        cdf = probs.cumsum_(-1)  # probs is not needed after this
-        u = torch.rand(logits.shape[0], samples, generator=generator, device=logits.device) * cdf[:, -1:]
+    elif method == "cdf":
+        cdf = probs.cumsum_(-1)
+        u = torch.rand(logits.shape[0], samples, generator=generator, device=logits.device).mul_(cdf[:, -1:])
+        # right=True: a zero-probability token (an empty CDF step) is never picked
         idx = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
-    logp = shifted.gather(-1, idx) - total.log()
-    return idx, logp
+    else:
+        raise ValueError(f"method: {method!r}; choose cdf or multinomial")
+    return idx, logits.gather(-1, idx).sub_(log_total)
 
 
 def _next_token(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: float,
@@ -267,7 +359,7 @@ def _next_token(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: 
 def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *, greedy_tokens: int = 3,
                  top_k: int = 50, top_p: float = 1.0, temperature: float = 1.0, samples: int = 12,
                  generator: torch.Generator, autocast: str = "none", bos_token_id: int | None = None,
-                 cache: str = "prealloc", draw: str = "cdf") -> dict[str, torch.Tensor]:
+                 cache: str = "prealloc", attention: str = "decode", draw: str = "cdf") -> dict[str, torch.Tensor]:
     """Continue prompts with the teacher and keep its sparse targets at every position.
 
     The prompt (after ``bos_token_id`` when given) is prefilled in one forward into a KV
@@ -277,6 +369,12 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
     ``t`` (prompt included) ``samples`` ids are drawn with replacement from the
     unfiltered temperature-1 softmax -- the teacher's prediction of token ``t + 1`` -- and
     stored with their log-probs; the last position takes one extra decode step.
+
+    Logits come from :func:`minicompress.arch.compute_logits` (Gemma's soft-capping
+    applies), only for the newest position, and every softmax is float32. For speed on a
+    CPU with native bf16, give a teacher whose weights are bf16 (``autocast`` casts
+    float32 weights every step unless they require grad, when the casts are cached for
+    the whole call); ``benchmarks/generate_speed.py`` measures the options.
 
     Args:
         model: a supported ``*ForCausalLM`` (put in eval mode).
@@ -288,16 +386,18 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         temperature: of the continuation's distribution (the targets use 1).
         samples: sparse draws per position (Anshumann et al. use 12).
         generator: random stream of every draw (on the model's device).
-        autocast: ``none``, ``bfloat16`` or ``auto`` for the forwards; softmaxes are float32.
+        autocast: ``none``, ``bfloat16`` or ``auto`` for the forwards.
         bos_token_id: prepended to every row when given.
-        cache: KV cache layout: ``prealloc`` (fastest, the default), ``dynamic`` or
-            ``static`` (transformers' caches; for comparison).
-        draw: sparse-draw method: ``cdf`` (default) or ``multinomial``.
+        cache: KV cache layout (:func:`make_cache`): ``prealloc`` (the fastest),
+            ``dynamic`` or ``static``.
+        attention: ``decode`` (:func:`decode_attention` for single-token steps, the
+            fastest) or ``sdpa`` (transformers' own, for comparison).
+        draw: sparse-draw method of :func:`_sparse_draws`: ``cdf`` or ``multinomial``.
 
     Returns:
         ``{"input_ids": [B, L]`` int64, ``"sample_indices": [B, L, samples]`` int32,
         ``"sample_logprobs": [B, L, samples]`` float32``}`` on the model's device; entry
-        ``[b, t]`` are draws from the teacher's distribution of token ``t + 1`` -- the
+        ``[b, t]`` holds draws from the teacher's distribution of token ``t + 1`` -- the
         layout of a ``sampled`` teacher cache.
 
     Raises:
@@ -323,35 +423,40 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
     input_ids[:, :prompt_len] = prompts
     indices = torch.empty(batch, seq_len, samples, dtype=torch.int32, device=device)
     logprobs = torch.empty(batch, seq_len, samples, dtype=torch.float32, device=device)
-    kv = _make_cache(model, seq_len, cache)
-    body = model.model
+    kv = make_cache(model, seq_len, cache)
+    scratch: dict[int, torch.Tensor] = {}  # [rows, V] float32 work buffers by row count
 
     def targets(hidden: torch.Tensor, pos: slice) -> torch.Tensor:
         """Draws at positions ``pos`` from ``[B, n, H]`` hidden states; returns the last
-        position's float32 logits ``[B, V]``."""
+        position's shifted float32 logits ``[B, V]``."""
         flat = hidden.reshape(-1, hidden.shape[-1])
-        with autocast_context(device, autocast):
-            logits = compute_logits(model, flat)
-        logits = logits.float()
-        idx, lp = _sparse_draws(logits, samples, generator, draw)
+        logits = compute_logits(model, flat)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        work = scratch.get(logits.shape[0])
+        if work is None:
+            work = scratch.setdefault(logits.shape[0], torch.empty_like(logits))
+        idx, lp = _sparse_draws(logits, samples, generator, draw, work)
         indices[:, pos] = idx.view(batch, -1, samples).to(torch.int32)
         logprobs[:, pos] = lp.view(batch, -1, samples)
         return logits.view(batch, -1, logits.shape[-1])[:, -1]
 
-    with autocast_context(device, autocast):
+    body = model.model
+    # one autocast region for the whole loop: float32 weights that require grad are cast once
+    with _attention(model, attention), autocast_context(device, autocast):
         hidden = body(input_ids=prompts, cache=kv, use_cache=True).last_hidden_state
-    last = None
-    for start in range(0, prompt_len, max(1, 4096 // batch)):  # bounded [B * n, V] logits
-        stop = min(start + max(1, 4096 // batch), prompt_len)
-        last = targets(hidden[:, start:stop], slice(start, stop))
-    for t in range(prompt_len, seq_len):
-        # token t from the logits of position t - 1, then position t's logits
-        if t - prompt_len < greedy_tokens:
-            token = last.argmax(-1)
-        else:
-            token = _next_token(last, top_k=top_k, top_p=top_p, temperature=temperature, generator=generator)
-        input_ids[:, t] = token
-        with autocast_context(device, autocast):
+        step = max(1, 4096 // batch)  # bounded [B * n, V] logits over the prompt
+        last = None
+        for start in range(0, prompt_len, step):
+            stop = min(start + step, prompt_len)
+            last = targets(hidden[:, start:stop], slice(start, stop))
+        for t in range(prompt_len, seq_len):
+            # token t from the logits of position t - 1, then position t's logits
+            if t - prompt_len < greedy_tokens:
+                token = last.argmax(-1)
+            else:
+                token = _next_token(last, top_k=top_k, top_p=top_p, temperature=temperature, generator=generator)
+            input_ids[:, t] = token
             hidden = body(input_ids=input_ids[:, t:t + 1], cache=kv, use_cache=True).last_hidden_state
-        last = targets(hidden, slice(t, t + 1))
+            last = targets(hidden[:, -1:], slice(t, t + 1))
     return {"input_ids": input_ids, "sample_indices": indices, "sample_logprobs": logprobs}
