@@ -226,8 +226,9 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         query: ``[B, H, q, D]``.
         key: ``[B, Hkv, t, D]`` (a view of the cache).
         value: ``[B, Hkv, t, Dv]``.
-        attention_mask: None during unpadded decode (a mask, ``q > 1``, a soft-cap or
-            sinks fall back to ``sdpa``).
+        attention_mask: None during unpadded decode, or a ``[B, 1, 1, t]`` mask shared
+            by the heads (a sliding window); other masks, ``q > 1``, a soft-cap or sinks
+            fall back to ``sdpa``.
         dropout: must be 0 on this path.
         scaling: the score scale (default ``D ** -0.5``).
 
@@ -236,24 +237,36 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.shape[2] != 1 or attention_mask is not None or dropout or kwargs.get("softcap") is not None
-            or kwargs.get("s_aux") is not None or query.shape[1] % key.shape[1]):
+    batch, heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    mask = attention_mask
+    if (q_len != 1 or dropout or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
+            or heads % kv_heads or (mask is not None and (mask.dim() != 4 or mask.shape[1:3] != (1, 1)
+                                                         or mask.shape[-1] != length))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    batch, heads, _, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
     q = query.reshape(batch * kv_heads, heads // kv_heads, dim)
-    # a contiguous copy of the cache view makes both products plain batched GEMMs (faster
-    # than the strided ones, measured in benchmarks/generate_speed.py)
-    k = key.contiguous().view(batch * kv_heads, length, dim)
-    v = value.contiguous().view(batch * kv_heads, length, value.shape[-1])
-    scores = torch.bmm(q, k.transpose(1, 2)).float().mul_(scaling if scaling is not None else dim ** -0.5)
+    k = key.reshape(batch * kv_heads, length, dim)  # a view of the cache: no copy
+    v = value.reshape(batch * kv_heads, length, value.shape[-1])
+    if _COPY_KV:
+        k, v = k.contiguous(), v.contiguous()
+    # K @ q^T, not q @ K^T: a strided K as the untransposed operand stays a fast GEMM
+    scores = torch.bmm(k, q.transpose(1, 2)).transpose(1, 2)
+    scores = scores.to(torch.float32, memory_format=torch.contiguous_format)
+    scores.mul_(scaling if scaling is not None else dim ** -0.5)
+    if mask is not None:  # [B or 1, 1, 1, t], e.g. a sliding window: shared by the heads
+        grouped = scores.view(batch, kv_heads, heads // kv_heads, length)
+        if mask.dtype == torch.bool:
+            grouped.masked_fill_(~mask, float("-inf"))
+        else:
+            grouped.add_(mask)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.bmm(probs, v)  # [B * Hkv, G, Dv]
     return out.view(batch, 1, heads, -1), None
 
 
 _REGISTERED = False
+_COPY_KV = False
 
 
 def _register_decode_attention() -> None:
