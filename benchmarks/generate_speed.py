@@ -18,9 +18,9 @@ under the precision ``resolve_autocast("auto", "cpu")`` picks (bf16 where the CP
 native bf16: the teacher's weights are then converted to bf16, which the ablations show
 is faster than autocast over float32 weights). The ratio decode / prefill is the headline.
 
-``--ablations`` (on by default, off in ``--quick``) times the alternatives behind the
-library's choices at one batch size (``--ablation-batch``), each from the same 128-token
-prompt for ``--ablation-steps`` decode steps: float32 and autocast teachers, transformers'
+``--ablations`` (about 3 more minutes) times the alternatives behind the library's
+choices at one batch size (``--ablation-batch``), each from the same ``--ablation-prompt``
+-token prompt (mid-sequence for seq 512) for ``--ablation-steps`` decode steps: float32 and autocast teachers, transformers'
 ``DynamicCache`` / ``StaticCache`` instead of the preallocated cache, transformers' SDPA
 instead of :func:`~minicompress.sampling.decode_attention`, ``torch.multinomial`` instead
 of the inverse-CDF draws, and Hugging Face ``generate`` (top-k sampling, no targets).
@@ -28,7 +28,12 @@ of the inverse-CDF draws, and Hugging Face ``generate`` (top-k sampling, no targ
 Timings are wall-clock on whatever else shares the CPU (the load average is recorded);
 variants run in one process so they see the same machine.
 
-Run: ``python benchmarks/generate_speed.py`` (about 5 minutes on 2 cores) or ``--quick``.
+Default: prefill batches 4/8/16, decode batches 64/128 (about 5 minutes on 2 cores);
+``--quick``: prefill 4/8, decode 64 (about 2 minutes); ``--decode-batches 32 64 128 256``
+for the whole sweep. On a CPU shared with other processes, ``--threads 1`` avoids OpenMP
+threads waiting on each other (the default is torch's thread count).
+
+Run: ``python benchmarks/generate_speed.py [--quick] [--ablations]``.
 Prints rich tables; writes ``benchmarks/out/generate_speed.json``.
 """
 
@@ -125,16 +130,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--prefill-batches", type=int, nargs="+", default=None)
     parser.add_argument("--decode-batches", type=int, nargs="+", default=None)
-    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--ablations", action="store_true", help="also time the alternatives")
     parser.add_argument("--ablation-batch", type=int, default=64)
+    parser.add_argument("--ablation-prompt", type=int, default=192)
     parser.add_argument("--ablation-steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", default=str(OUT / "generate_speed.json"))
     args = parser.parse_args()
     quick = args.quick
     prefill_batches = args.prefill_batches or ([4, 8] if quick else [4, 8, 16])
-    decode_batches = args.decode_batches or ([32, 64] if quick else [32, 64, 128])
-    ablations = (not quick) if args.ablations is None else args.ablations
+    decode_batches = args.decode_batches or ([64] if quick else [64, 128])
+    ablations = args.ablations
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -185,8 +191,9 @@ def main() -> None:
 
     # -- ablations ----------------------------------------------------------------------
     if ablations:
-        batch, steps = args.ablation_batch, args.ablation_steps
-        prompts = torch.randint(0, vocab, (batch, 128), generator=torch.Generator().manual_seed(1))
+        batch, steps, plen = args.ablation_batch, args.ablation_steps, args.ablation_prompt
+        prompts = torch.randint(0, vocab, (batch, plen), generator=torch.Generator().manual_seed(1))
+        timed_sample(teacher, prompts[:, :8], 8 + steps + 1, autocast=precision)  # warm-up
         frozen = copy.deepcopy(model).requires_grad_(False)
         variants = [
             ("library default", teacher, dict(autocast=precision)),
@@ -200,7 +207,7 @@ def main() -> None:
         ]
         rows = []
         for name, m, kwargs in variants:
-            run = timed_sample(m, prompts, 128 + steps + 1, stop_after=steps, **kwargs)
+            run = timed_sample(m, prompts, plen + steps + 1, stop_after=steps, **kwargs)
             rows.append({"variant": name, **kwargs, **run})
             gc.collect()
         del frozen
@@ -209,13 +216,13 @@ def main() -> None:
         ours_short = timed_sample(teacher, start_ids, 1 + short, greedy_tokens=0, autocast=precision)
         hf = hf_generate(teacher, start_ids, short, precision)
         base = rows[0]["step_ms"]
-        record["ablations"] = {"batch": batch, "prompt": 128, "steps": steps, "rows": rows,
+        record["ablations"] = {"batch": batch, "prompt": plen, "steps": steps, "rows": rows,
                                "short_generation": {"batch": batch, "new_tokens": short,
                                                     "sample_batch_total_s": ours_short["total_s"],
                                                     "sample_batch_tokens_per_s": batch * short / ours_short["total_s"],
                                                     "hf_generate_total_s": hf["total_s"],
                                                     "hf_generate_tokens_per_s": hf["tokens_per_s"]}}
-        print_table(f"decode-step ablations: batch {batch}, positions 128..{128 + steps}",
+        print_table(f"decode-step ablations: batch {batch}, positions {plen}..{plen + steps}",
                     ["variant", "ms / step", "decode tok/s", "x default"],
                     [[r["variant"], f"{r['step_ms']:.0f}", f"{r['decode_tokens_per_s']:.0f}",
                       f"{base / r['step_ms']:.2f}"] for r in rows])

@@ -10,12 +10,16 @@ untempered, unfiltered softmax and their log-probs -- in the layout of a ``sampl
 teacher cache (:mod:`minicompress.teacher_cache`). Recovery on generated text then needs
 no second teacher forward.
 
-The decode loop is written for throughput: the whole batch decodes in lock-step (all rows
-have the same length, so there is no padding and no attention mask), the KV cache is
-preallocated once and written in place (no per-step ``torch.cat`` of the whole cache),
-logits are computed only for the newest position, the sparse draws use inverse-CDF
-sampling (one ``cumsum`` and a ``searchsorted``) and the continuation token needs only a
-``topk`` of the logits. ``benchmarks/generate_speed.py`` measures the choices.
+The decode loop is written for throughput (``benchmarks/generate_speed.py`` measures each
+choice against its alternative): the whole batch decodes in lock-step (all rows have the
+same length: no padding, no attention mask), the teacher's ``model.model`` is called
+directly and logits are computed only for the newest position; single-token attention
+runs as two batched GEMMs per layer (:func:`decode_attention`; transformers' SDPA path is
+about 2x slower per step on CPU) over a KV cache that is allocated once and written in
+place (:func:`make_cache`); the sparse draws use inverse-CDF sampling on a reused buffer
+(one ``exp``, ``cumsum`` and ``searchsorted``), and the continuation token needs only a
+``topk`` of the logits. Everything stays in the teacher's dtype except the softmaxes,
+which are float32; a bf16 teacher on a CPU with native bf16 is the fast configuration.
 
 Nothing here reads or writes disk; the recipe that turns batches into a cache does.
 """
@@ -28,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .arch import compute_logits
+from .arch import compute_logits, lm_head_weight
 from .runtime import autocast_context, model_device
 
 __all__ = ["start_tokens", "prompt_starts", "sample_batch", "special_token_ids", "make_cache", "decode_attention"]
@@ -130,6 +134,8 @@ CACHE_KINDS = ("prealloc", "dynamic", "static")
 #: attention during decode: ``decode`` (:func:`decode_attention`) or transformers' ``sdpa``
 ATTENTION_KINDS = ("decode", "sdpa")
 DECODE_ATTENTION = "minicompress_decode"
+#: bytes of float32 logits (and their scratch) per block of prompt positions
+PROMPT_CHUNK_BYTES = 256 * 1024**2
 
 
 def _prealloc_layer(max_len: int):
@@ -216,10 +222,12 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """Attention of one new token per row as two batched matmuls (a transformers
     attention function; everything else goes to transformers' ``sdpa``).
 
-    On CPU, SDPA's flash kernel is slow for a single query: transformers runs it with
-    ``enable_gqa`` (``[B, H, 1, D]`` queries), about 4x slower than grouping the query
-    heads of each KV head into one ``[G, D] @ [D, t]`` product as here. The scores are
-    computed in the cache's dtype (fp32 accumulation), the softmax in float32.
+    On CPU, SDPA's flash kernel is slow for a single query (transformers calls it with
+    ``enable_gqa`` on ``[B, H, 1, D]`` queries). Here the ``G`` query heads that share a KV
+    head form one small matrix and the scores are ``K @ q^T`` (``[t, D] @ [D, G]`` per row
+    and KV head): the cache view ``K`` is the untransposed operand, which keeps a strided
+    view of a preallocated cache a fast GEMM without copying it. Products run in the
+    cache's dtype (float32 accumulation), the softmax in float32.
 
     Args:
         module: the attention module.
@@ -248,8 +256,6 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     q = query.reshape(batch * kv_heads, heads // kv_heads, dim)
     k = key.reshape(batch * kv_heads, length, dim)  # a view of the cache: no copy
     v = value.reshape(batch * kv_heads, length, value.shape[-1])
-    if _COPY_KV:
-        k, v = k.contiguous(), v.contiguous()
     # K @ q^T, not q @ K^T: a strided K as the untransposed operand stays a fast GEMM
     scores = torch.bmm(k, q.transpose(1, 2)).transpose(1, 2)
     scores = scores.to(torch.float32, memory_format=torch.contiguous_format)
@@ -266,7 +272,6 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 _REGISTERED = False
-_COPY_KV = False
 
 
 def _register_decode_attention() -> None:
@@ -458,7 +463,8 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
     # one autocast region for the whole loop: float32 weights that require grad are cast once
     with _attention(model, attention), autocast_context(device, autocast):
         hidden = body(input_ids=prompts, cache=kv, use_cache=True).last_hidden_state
-        step = max(1, 4096 // batch)  # bounded [B * n, V] logits over the prompt
+        vocab = lm_head_weight(model).shape[0]
+        step = max(1, PROMPT_CHUNK_BYTES // (8 * batch * vocab))  # prompt positions per [B * n, V] block
         last = None
         for start in range(0, prompt_len, step):
             stop = min(start + step, prompt_len)
