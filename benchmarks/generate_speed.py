@@ -18,9 +18,9 @@ under the precision ``resolve_autocast("auto", "cpu")`` picks (bf16 where the CP
 native bf16: the teacher's weights are then converted to bf16, which the ablations show
 is faster than autocast over float32 weights). The ratio decode / prefill is the headline.
 
-``--ablations`` (about 3 more minutes) times the alternatives behind the library's
+``--ablations`` (about 5 more minutes) times the alternatives behind the library's
 choices at one batch size (``--ablation-batch``), each from the same ``--ablation-prompt``
--token prompt (mid-sequence for seq 512) for ``--ablation-steps`` decode steps: float32 and autocast teachers, transformers'
+-token prompt (mid-sequence for seq 512) for ``--ablation-steps`` decode steps, ``--ablation-repeats`` times interleaved (median): float32 and autocast teachers, transformers'
 ``DynamicCache`` / ``StaticCache`` instead of the preallocated cache, transformers' SDPA
 instead of :func:`~minicompress.sampling.decode_attention`, ``torch.multinomial`` instead
 of the inverse-CDF draws, and Hugging Face ``generate`` (top-k sampling, no targets).
@@ -132,8 +132,9 @@ def main() -> None:
     parser.add_argument("--decode-batches", type=int, nargs="+", default=None)
     parser.add_argument("--ablations", action="store_true", help="also time the alternatives")
     parser.add_argument("--ablation-batch", type=int, default=64)
-    parser.add_argument("--ablation-prompt", type=int, default=192)
+    parser.add_argument("--ablation-prompt", type=int, default=128)
     parser.add_argument("--ablation-steps", type=int, default=8)
+    parser.add_argument("--ablation-repeats", type=int, default=3, help="interleaved repeats (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--output", default=str(OUT / "generate_speed.json"))
     args = parser.parse_args()
@@ -205,11 +206,16 @@ def main() -> None:
             ("transformers sdpa attention", teacher, dict(autocast=precision, attention="sdpa")),
             ("torch.multinomial draws", teacher, dict(autocast=precision, draw="multinomial")),
         ]
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+        for _ in range(args.ablation_repeats):  # interleaved: every variant sees the same load
+            for name, m, kwargs in variants:
+                runs[name].append(timed_sample(m, prompts, plen + steps + 1, stop_after=steps, **kwargs))
+                gc.collect()
         rows = []
-        for name, m, kwargs in variants:
-            run = timed_sample(m, prompts, plen + steps + 1, stop_after=steps, **kwargs)
-            rows.append({"variant": name, **kwargs, **run})
-            gc.collect()
+        for name, _, kwargs in variants:
+            ordered = sorted(runs[name], key=lambda r: r["step_ms"])
+            rows.append({"variant": name, **kwargs, **ordered[len(ordered) // 2],
+                         "step_ms_all": [r["step_ms"] for r in runs[name]]})
         del frozen
         short = 64
         start_ids = sampling.start_tokens(tokenizer, batch, seed=0)
@@ -223,9 +229,9 @@ def main() -> None:
                                                     "hf_generate_total_s": hf["total_s"],
                                                     "hf_generate_tokens_per_s": hf["tokens_per_s"]}}
         print_table(f"decode-step ablations: batch {batch}, positions {plen}..{plen + steps}",
-                    ["variant", "ms / step", "decode tok/s", "x default"],
-                    [[r["variant"], f"{r['step_ms']:.0f}", f"{r['decode_tokens_per_s']:.0f}",
-                      f"{base / r['step_ms']:.2f}"] for r in rows])
+                    ["variant", "ms / step (median)", "all repeats", "decode tok/s", "x default"],
+                    [[r["variant"], f"{r['step_ms']:.0f}", " ".join(f"{x:.0f}" for x in r["step_ms_all"]),
+                      f"{r['decode_tokens_per_s']:.0f}", f"{base / r['step_ms']:.2f}"] for r in rows])
         print_table(f"{short} new tokens from one start token, batch {batch}",
                     ["generator", "total s", "tok/s", "sparse targets"],
                     [["sample_batch", f"{ours_short['total_s']:.1f}", f"{batch * short / ours_short['total_s']:.0f}", "yes"],

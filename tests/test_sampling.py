@@ -89,6 +89,16 @@ def test_cache_layouts_and_attention_agree():
         torch.testing.assert_close(other["sample_logprobs"], outs[0]["sample_logprobs"], rtol=0, atol=1e-5)
 
 
+def test_cache_growth_in_small_blocks_matches_full_forward(model, monkeypatch):
+    monkeypatch.setattr(sampling, "CACHE_BLOCK", 3)  # grows (and pads) many times within 17 positions
+    prompts = torch.tensor([[5, 6], [40, 41]])
+    out = sampling.sample_batch(model, prompts, 17, generator=_gen(4))
+    ref = torch.log_softmax(_full_logits(model, out["input_ids"]), dim=-1).gather(-1, out["sample_indices"].long())
+    torch.testing.assert_close(out["sample_logprobs"], ref, rtol=0, atol=1e-5)
+    greedy = sampling.sample_batch(model, prompts, 17, greedy_tokens=17, generator=_gen(0))
+    torch.testing.assert_close(greedy["input_ids"], _naive_greedy(model, prompts, 17), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 def test_decode_attention_matches_sdpa(mask):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
