@@ -28,7 +28,7 @@ Nothing here reads or writes disk; the recipe that turns batches into a cache do
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -406,7 +406,8 @@ def _next_token(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: 
 def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *, greedy_tokens: int = 3,
                  top_k: int = 50, top_p: float = 1.0, temperature: float = 1.0, samples: int = 12,
                  generator: torch.Generator, autocast: str = "none", bos_token_id: int | None = None,
-                 cache: str = "prealloc", attention: str = "decode", draw: str = "cdf") -> dict[str, torch.Tensor]:
+                 cache: str = "prealloc", attention: str = "decode", draw: str = "cdf",
+                 on_tokens: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Continue prompts with the teacher and keep its sparse targets at every position.
 
     The prompt (after ``bos_token_id`` when given) is prefilled in one forward into a KV
@@ -440,6 +441,8 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         attention: ``decode`` (:func:`decode_attention` for single-token steps, the
             fastest) or ``sdpa`` (transformers' own, for comparison).
         draw: sparse-draw method of :func:`_sparse_draws`: ``cdf`` or ``multinomial``.
+        on_tokens: called with the number of row positions finished, after the prefill
+            (``B * P``) and after every decode step (``B``): a progress bar's ``advance``.
 
     Returns:
         ``{"input_ids": [B, L]`` int64, ``"sample_indices": [B, L, samples]`` int32,
@@ -498,6 +501,8 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         for start in range(0, prompt_len, step):
             stop = min(start + step, prompt_len)
             last = targets(hidden[:, start:stop], slice(start, stop))
+        if on_tokens is not None:
+            on_tokens(batch * prompt_len)
         for t in range(prompt_len, seq_len):
             # token t from the logits of position t - 1, then position t's logits
             if t - prompt_len < greedy_tokens:
@@ -507,4 +512,6 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
             input_ids[:, t] = token
             hidden = body(input_ids=input_ids[:, t:t + 1], cache=kv, use_cache=True).last_hidden_state
             last = targets(hidden[:, -1:], slice(t, t + 1))
+            if on_tokens is not None:
+                on_tokens(batch)
     return {"input_ids": input_ids, "sample_indices": indices, "sample_logprobs": logprobs}

@@ -289,3 +289,11 @@ def test_prompt_starts():
     torch.testing.assert_close(sampling.prompt_starts(seqs, 3, 12, seed=0), out, rtol=0, atol=0)
     with pytest.raises(ValueError):
         sampling.prompt_starts(seqs, 10, 2, seed=0)
+
+
+def test_on_tokens_counts_every_position_once_as_it_is_produced(model):
+    prompts = torch.tensor([[5, 6], [40, 41]])
+    calls: list[int] = []
+    out = sampling.sample_batch(model, prompts, 9, generator=_gen(1), bos_token_id=1, on_tokens=calls.append)
+    assert calls == [2 * 3] + [2] * 6  # the prefill (BOS + 2 prompt tokens), then one call per decode step
+    assert sum(calls) == out["input_ids"].numel()

@@ -145,10 +145,9 @@ def generate(config: GenerateConfig, *, teacher: torch.nn.Module | None = None, 
                 part = sample_batch(teacher, starts[b:min(b + config.batch_size, hi)], seq_len,
                                     greedy_tokens=config.greedy_tokens, top_k=config.top_k, top_p=config.top_p,
                                     temperature=config.temperature, samples=config.samples, generator=gen,
-                                    autocast=precision["resolved"], bos_token_id=bos)
+                                    autocast=precision["resolved"], bos_token_id=bos, on_tokens=bar.advance)
                 parts.append({k: v.cpu() for k, v in part.items()})
                 generated += part["input_ids"].numel()
-                bar.advance(part["input_ids"].numel())
             ids = torch.cat([p["input_ids"] for p in parts])
             name = f"shard-{shard:05d}.safetensors"
             save_file({"input_ids": ids.to(torch.int32).contiguous(),
