@@ -136,6 +136,10 @@ def main() -> None:
     parser.add_argument("--ablation-steps", type=int, default=8)
     parser.add_argument("--ablation-repeats", type=int, default=3, help="interleaved repeats (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--workers", type=int, nargs="*", default=None,
+                        help="also time `minicompress generate` end to end (prefill, decode, files) with each of "
+                             "these worker-process counts, e.g. --workers 1 2 (1: one process with all threads)")
+    parser.add_argument("--worker-batch", type=int, default=64, help="rows per batch of the --workers runs")
     parser.add_argument("--output", default=str(OUT / "generate_speed.json"))
     args = parser.parse_args()
     quick = args.quick
@@ -236,6 +240,38 @@ def main() -> None:
                     ["generator", "total s", "tok/s", "sparse targets"],
                     [["sample_batch", f"{ours_short['total_s']:.1f}", f"{batch * short / ours_short['total_s']:.0f}", "yes"],
                      ["HF generate (top-k 50)", f"{hf['total_s']:.1f}", f"{hf['tokens_per_s']:.0f}", "no"]])
+
+    # -- the generate recipe end to end: worker processes vs threads ---------------------
+    if args.workers:
+        import tempfile
+
+        from minicompress.config import DataConfig, GenerateConfig, ModelConfig
+        from minicompress.recipes.generate import generate
+
+        batch = args.worker_batch
+        shard_tokens = batch * seq_len
+        runs = []
+        for workers in args.workers:
+            tokens = max(2, max(args.workers)) * shard_tokens  # the same work for every count
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = GenerateConfig(teacher=ModelConfig(source="smollm2-135m"), data=DataConfig(seq_len=seq_len),
+                                     tokens=tokens, batch_size=batch, shard_tokens=shard_tokens, workers=workers,
+                                     output=str(Path(tmp) / "gen"))
+                start = time.perf_counter()
+                report = generate(cfg, teacher=teacher, tokenizer=tokenizer)
+                wall = time.perf_counter() - start
+            runs.append({"workers": report["workers"], "threads_per_worker": torch.get_num_threads()
+                         if report["workers"] == 1 else max(1, torch.get_num_threads() // report["workers"]),
+                         "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+                         "ratio_to_prefill": tokens / wall / best_prefill["tokens_per_s"]})
+            gc.collect()
+        record["generate_workers"] = runs
+        best_run = max(runs, key=lambda r: r["tokens_per_s"])
+        record["ratio_generate"] = best_run["ratio_to_prefill"]
+        print_table(f"minicompress generate end to end: rows of {seq_len}, batch {batch}, one shard per worker",
+                    ["workers", "threads each", "tokens", "s", "tok/s", "x prefill (logits)"],
+                    [[r["workers"], r["threads_per_worker"], f"{r['tokens']:,}", f"{r['seconds']:.1f}",
+                      f"{r['tokens_per_s']:.0f}", f"{r['ratio_to_prefill']:.2f}"] for r in runs])
 
     record["cpu_after"] = common.cpu_facts()
     path = write_json(Path(args.output), record)

@@ -16,6 +16,8 @@ minicompress`` (and the CLI's start-up) loads neither torch nor transformers:
   (:func:`minicompress.recipes.recover.recover`)
 * ``mc.evaluate(model, tokenizer, "test.txt", teacher=...)`` -> perplexity, KL, size, speed
   (:func:`minicompress.recipes.eval.evaluate_model`)
+* ``mc.evaluate_tasks(model, tokenizer, ["arc_easy"])`` -> lm-evaluation-harness accuracy
+  (:func:`minicompress.tasks.evaluate_tasks`; ``pip install 'minicompress[tasks]'``)
 * ``mc.run(RunConfig or "run.yaml")`` runs progressive stages (:func:`minicompress.recipes.run.run`);
   ``mc.dry_run(config)`` checks one without loading weights
 
@@ -40,6 +42,7 @@ _API = {
     "PrunePlan": ("prune", "PrunePlan"),
     "recover": ("recipes.recover", "recover"),
     "evaluate": ("recipes.eval", "evaluate_model"),
+    "evaluate_tasks": ("tasks", "evaluate_tasks"),
     "run": ("recipes.run", "run"),
     "dry_run": ("recipes.run", "dry_run"),
     "count_parameters": ("arch", "count_parameters"),

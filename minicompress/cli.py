@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import AUTOCAST
+from .config import AUTOCAST, DRAFT_TOKENS
 from .errors import ConfigError, MinicompressError
 
 log = logging.getLogger("minicompress")
@@ -465,10 +465,48 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
                 help="skip the prefill/decode speed test")
     config_flag(p, "--prefill-tokens", key="prefill_tokens", help="prompt length of the speed test")
     config_flag(p, "--decode-tokens", key="decode_tokens", help="generated tokens of the speed test")
+    add_model_flags(p, "draft")
+    config_flag(p, "--draft-prompts", key="draft_prompts",
+                help="with --draft: prompts of the speculative-decoding test (default 8)")
+    config_flag(p, "--draft-prompt-tokens", key="draft_prompt_tokens",
+                help="with --draft: tokens per prompt, the start of a window of --data (default 64)")
+    config_flag(p, "--draft-new-tokens", key="draft_new_tokens",
+                help="with --draft: greedy tokens generated per prompt (default 64)")
+    config_flag(p, "--draft-tokens", key="draft_tokens",
+                help=f"with --draft: draft tokens proposed per teacher forward (default {DRAFT_TOKENS})")
+    config_flag(p, "--tasks", key="tasks", metavar="TASK,...",
+                help="lm-evaluation-harness tasks to score, e.g. boolq,piqa,hellaswag,winogrande,arc_easy,"
+                     "arc_challenge,openbookqa (pip install 'minicompress[tasks]'; --batch-size requests per forward; "
+                     "without --data: accuracy only)")
+    config_flag(p, "--include-path", key="include_path", metavar="DIR",
+                help="with --tasks: a folder of extra lm-eval task YAMLs (local tasks over JSONL files)")
+    config_flag(p, "--num-fewshot", key="num_fewshot", metavar="N",
+                help="with --tasks: examples per prompt (default: each task's own, 0 for the pruning papers' tasks)")
+    config_flag(p, "--task-limit", key="task_limit", metavar="N",
+                help="with --tasks: score only the first N documents of each task (a quick check)")
+
+
+#: eval's draft results shown in its table (all of them go to the JSON)
+_DRAFT_SHOWN = ("acceptance_rate", "draft_accepted_per_forward", "draft_tokens_per_forward", "draft_teacher_forwards",
+                "draft_plain_teacher_forwards", "draft_plain_tokens_per_s", "draft_assisted_tokens_per_s",
+                "draft_speedup", "draft_outputs_identical")
 
 
 def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _task_rows(tasks: dict[str, dict]) -> list[dict]:
+    """One row per lm-eval task: documents, acc and acc_norm with their standard errors."""
+    rows = []
+    for name, metrics in tasks.items():
+        row = {"task": name, "n": metrics.get("n")}
+        for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+            row[key.replace("_stderr", " ±")] = metrics.get(key)
+        if metrics.get("acc") is None and metrics.get("acc_norm") is None:  # other metrics (exact_match, ...)
+            row["other"] = {k: v for k, v in metrics.items() if k != "n" and not k.endswith("_stderr")}
+        rows.append({k: "-" if v is None else v for k, v in row.items()})
+    return rows
 
 
 @subcommand("eval", help="perplexity, teacher agreement, size and speed of a model", setup=_eval_setup)
@@ -481,19 +519,37 @@ def eval_command(args: argparse.Namespace) -> int:
     if isinstance(teacher_flags, dict) and "source" not in teacher_flags and not args.config:
         raise ConfigError("--teacher: --teacher-dtype, --teacher-device and --teacher-trust-remote-code "
                           "need --teacher SOURCE")
+    overrides = flags_to_overrides(args)
+    draft_flags = [key for key in overrides if key.startswith("draft_")]
+    if isinstance(overrides.get("draft"), dict) and "source" not in overrides["draft"] and not args.config:
+        raise ConfigError("--draft: --draft-dtype, --draft-device and --draft-trust-remote-code need --draft SOURCE")
     cfg = build_from_args(EvalConfig, args)
+    if draft_flags and cfg.draft is None:
+        raise ConfigError(f"{_flag_names(args).get(draft_flags[0], draft_flags[0])}: needs --draft SOURCE")
     if cfg.output is not None:
         check_output(cfg.output, cfg.overwrite)
     from .recipes.eval import run_eval
 
     results = run_eval(cfg)
-    shown = dict(results)
+    shown = {key: value for key, value in results.items() if not key.startswith("draft_") and key != "acceptance_rate"}
     for key in ("size_on_disk_bytes", "eval_peak_memory_bytes", "speed_peak_memory_bytes"):
         if key in shown:
             shown[key.replace("_bytes", "")] = _mib(shown.pop(key))
     title = f"eval {cfg.model.source} on {cfg.data.source} (seq_len {cfg.data.seq_len}"
     title += f", stride {cfg.stride})" if cfg.stride else ")"
+    if cfg.data.source is None:
+        title = f"eval {cfg.model.source} (no --data: no perplexity)"
+    shown.pop("tasks", None)
     render_table(title, shown)
+    if "tasks" in results:
+        shots = "each task's default shots" if cfg.num_fewshot is None else f"{cfg.num_fewshot}-shot"
+        render_table(f"task accuracy of {cfg.model.source} (lm-evaluation-harness, {shots}"
+                     + (f", first {cfg.task_limit} documents per task)" if cfg.task_limit else ")"),
+                     _task_rows(results["tasks"]))
+    if cfg.draft is not None:
+        render_table(f"draft {Path(cfg.draft.source).name} for {Path(cfg.model.source).name} (greedy, "
+                     f"{results['draft_prompts']} prompts, draft tokens per forward: {cfg.draft_tokens})",
+                     {k: results[k] for k in _DRAFT_SHOWN})
     if cfg.output is not None:
         write_result(cfg.output, provenance("eval", cfg, results=results))
     return 0
@@ -740,6 +796,9 @@ def _generate_setup(p: argparse.ArgumentParser) -> None:
     config_flag(p, "--temperature", key="temperature", help="sampling temperature (default 1)")
     config_flag(p, "--samples", key="samples", help="sparse teacher targets kept per position (default 12)")
     config_flag(p, "--batch-size", key="batch_size", help="rows decoded together (default 64)")
+    config_flag(p, "--workers", key="workers",
+                help="processes writing shards side by side (default 0: one single-threaded process per CPU "
+                     "core, up to 8; 1 on a GPU); the output does not depend on it")
     config_flag(p, "--resume", key="resume", action="store_const", const=True,
                 help="continue an interrupted run from <output>.partial")
     config_flag(p, "--autocast", key="autocast", choices=AUTOCAST, help=AUTOCAST_HELP)
@@ -756,6 +815,51 @@ def generate_command(args: argparse.Namespace) -> int:
     report = generate(cfg)
     render_table(f"generated by {cfg.teacher.source} -> {cfg.output}",
                  {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# quantize
+
+
+def _quantize_setup(p: argparse.ArgumentParser) -> None:
+    from .config import QUANTIZE_SCHEMES
+
+    add_common(p, output_help="folder for the quantized Hugging Face model")
+    add_model_flags(p, "model", default_help="; default smollm2-135m")
+    config_flag(p, "--scheme", key="scheme", choices=QUANTIZE_SCHEMES,
+                help="int8-weight-only (default; symmetric, per output channel) or int4-weight-only "
+                     "(asymmetric, per group of --group-size input channels)")
+    config_flag(p, "--group-size", key="group_size",
+                help="input channels per scale (default: per output channel for int8, 32 for int4)")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON to this file")
+
+
+@subcommand("quantize", help="int8 / int4 weight-only quantization with torchao, saved as a Hugging Face folder",
+            setup=_quantize_setup)
+def quantize_command(args: argparse.Namespace) -> int:
+    """``minicompress quantize``: round-to-nearest weight-only quantization of the linear layers."""
+    from .config import QuantizeConfig
+    from .outputs import check_output
+    from .recipes.quantize import quantize
+
+    cfg = build_from_args(QuantizeConfig, args, output_needed_for="quantize needs a folder for the quantized model")
+    if args.json:
+        if Path(args.json).expanduser().resolve() == Path(cfg.output).expanduser().resolve():
+            raise ConfigError("--json: must differ from --output (the model folder)")
+        check_output(args.json, cfg.overwrite, flag="--json")
+    try:
+        report = quantize(cfg)
+    except MinicompressError as err:
+        raise name_flag(err, args) from None
+    group = report["group_size"]
+    render_table(f"quantized {cfg.model.source} -> {cfg.output}", {
+        "scheme": report["scheme"], "group size": "per output channel" if group is None else group,
+        "quantized linears": report["quantized_linears"], "quantized weights": report["quantized_parameters"],
+        "size on disk before": _mib(report["size_before_bytes"]), "size on disk after": _mib(report["size_after_bytes"]),
+        "size ratio": report["size_ratio"], "seconds": report["seconds"]})
+    if args.json:
+        write_result(args.json, report)
     return 0
 
 
@@ -803,7 +907,7 @@ def _gib(n: int | None) -> str:
 def run_stages_command(args: argparse.Namespace) -> int:
     """``minicompress run CONFIG.yaml [--dry-run]``: every stage, then ``report.json/.md/.png``."""
     from .config import RunConfig
-    from .recipes.run import REPORT_JSON, dry_run, run
+    from .recipes.run import REPORT_COLUMNS, REPORT_JSON, dry_run, run
 
     if not Path(args.config).expanduser().is_file():
         raise ConfigError(f"CONFIG.yaml: file not found: {args.config}")
@@ -828,6 +932,12 @@ def run_stages_command(args: argparse.Namespace) -> int:
         render_table(f"dry run of {args.config}: {cfg.model.source} in {len(plan['stages'])} stage(s), "
                      f"no weights loaded{per}", rows)
         notes = [f"stage {r['stage']} ({r['name']}): {r['note']}" for r in plan["stages"] if r["note"]]
+        if plan.get("generate"):
+            gen = plan["generate"]
+            starts = f"the first tokens of {gen['prompts']}" if gen["prompts"] else "single start tokens (LLM-QAT)"
+            notes.insert(0, f"data-free: the original first writes {gen['tokens']:,} tokens in rows of "
+                            f"{gen['seq_len']} from {starts} into OUTPUT/{gen['output']}; every stage calibrates "
+                            "on that text, and stages taught by the original recover from its sparse targets")
         console = _console()
         for note in notes:
             console.print(note, markup=False)
@@ -847,14 +957,18 @@ def run_stages_command(args: argparse.Namespace) -> int:
     if report is None:  # torchrun: rank 0 reports
         return 0
     shown = []
+    task_columns = [c for c in report["columns"] if c.endswith("/acc") and c not in REPORT_COLUMNS]
     for row in report["rows"]:
         shown.append({"model": row["model"], "params": _count(row["parameters"]), "ratio": row["ratio"],
                       "size": _mib(row["size_on_disk_bytes"]), "ppl": row["perplexity"], "KL": row["kl_to_original"],
-                      "top-1": row["top1_agreement"], "decode tok/s": row["decode_tokens_per_s"],
+                      "top-1": row["top1_agreement"],
+                      **{c.removesuffix("/acc"): row.get(c) for c in task_columns},
+                      "decode tok/s": row["decode_tokens_per_s"],
                       "wall s": row["wall_time_s"], "tokens": _count(row["tokens"]) if row["tokens"] else "-"})
         shown[-1] = {k: "-" if v is None else v for k, v in shown[-1].items()}
     where = f" on {report['eval_data']['source']}" if report.get("eval_data") else " (no eval_data: no perplexity)"
-    render_table(f"run {args.config}{where}; KL / top-1 against the original", shown)
+    accuracy = "; task columns: lm-eval acc" if task_columns else ""
+    render_table(f"run {args.config}{where}; KL / top-1 against the original{accuracy}", shown)
     log.info("wrote %s", Path(result["output"]) / REPORT_JSON)
     return 0
 
@@ -891,6 +1005,7 @@ def _quiet_transformers(verbose: bool = False) -> None:
     line) that interleave with minicompress's progress bars and tables. By default the
     bars and its log messages below ERROR are off and FutureWarnings are ignored (the
     caller scopes the filter with ``warnings.catch_warnings``); ``-v`` shows them all.
+    torchao's import-time warnings (:func:`minicompress.quantize.quiet_torchao_logs`) are dropped too.
     """
     if verbose:
         if "transformers" in sys.modules:
@@ -900,6 +1015,9 @@ def _quiet_transformers(verbose: bool = False) -> None:
             hf_logging.set_verbosity_warning()
         return
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from .quantize import quiet_torchao_logs
+
+    quiet_torchao_logs()  # transformers imports torchao (when installed) with every model it loads
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

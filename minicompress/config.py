@@ -36,11 +36,18 @@ LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl", "sampled_kl")
 #: Kinds whose teacher is a sparse target per token, read from a teacher cache.
 SPARSE_LOSS_KINDS = ("topk_kl", "sampled_kl")
 STAGE_TEACHERS = ("original", "previous")
+#: ``quantize --scheme`` values (the one list: :mod:`minicompress.quantize` imports it).
+QUANTIZE_SCHEMES = ("int8-weight-only", "int4-weight-only")
+#: Draft tokens per teacher forward of eval's draft test (:mod:`minicompress.speculative` imports it):
+#: 1 was the fastest constant with the pruned SmolLM2-135M student (``benchmarks/draft.py``).
+DRAFT_TOKENS = 1
 #: RecoverConfig keys a run sets for each stage (not allowed in ``recover:`` sections).
 RUN_SETS_RECOVER_KEYS = ("student", "teacher", "teacher_cache", "data", "tokens", "output", "overwrite", "resume")
 #: keys of a run's ``search:`` section (and a stage's): PruneConfig's ``search_batches``,
 #: ``search_distill_candidates``, ``search_distill_tokens``, ``search_recover``, and ``target.width_multiple``.
 RUN_SEARCH_KEYS = ("batches", "distill_candidates", "distill_tokens", "recover", "width_multiple")
+#: GenerateConfig keys a run sets for its ``generate:`` section (the rest are the section's keys)
+RUN_SETS_GENERATE_KEYS = ("teacher", "data", "output", "overwrite", "resume")
 #: RecoverConfig keys the prune's search sets for its short distillations (not allowed in ``search_recover``):
 #: the teacher is the original in memory, which must keep its dtype and device.
 PRUNE_SETS_SEARCH_RECOVER_KEYS = RUN_SETS_RECOVER_KEYS + ("eval_every", "teacher_dtype", "teacher_device")
@@ -57,6 +64,19 @@ def _check_positive(name: str, value: Any, allow_none: bool = False, allow_zero:
     if value is None or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name}: must be a number {bound}, got {value!r}")
+
+
+def _check_tasks(name: str, tasks: tuple, include_path: str | None, num_fewshot: int | None, limit: int | None,
+                 keys: tuple[str, str, str]) -> None:
+    """lm-eval task settings: non-empty names; the other three only with tasks (named by ``keys``)."""
+    if any(not str(t).strip() for t in tasks):
+        raise ConfigError(f"{name}: task names must be non-empty, got {list(tasks)}")
+    if not tasks:
+        for key, value in zip(keys, (include_path, num_fewshot, limit)):
+            if value is not None:
+                raise ConfigError(f"{key}: applies to lm-eval tasks; give {name} too")
+    _check_positive(keys[1], num_fewshot, allow_none=True, allow_zero=True)
+    _check_positive(keys[2], limit, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -169,6 +189,19 @@ class EvalConfig:
         speed: also measure prefill and decode tokens/s.
         prefill_tokens: prompt length for the speed test.
         decode_tokens: generated tokens for the speed test.
+        draft: a draft model for speculative decoding of ``model`` (the student drafting for
+            its teacher): acceptance rate and speedup of assisted greedy decoding
+            (:mod:`minicompress.speculative`); same vocabulary, dtype and device as ``model``.
+        draft_prompts: prompts of the draft test, the first tokens of evenly spaced windows of ``data``.
+        draft_prompt_tokens: tokens per prompt (<= ``data.seq_len``).
+        draft_new_tokens: tokens generated per prompt.
+        draft_tokens: draft tokens proposed per teacher forward (a constant schedule).
+        tasks: lm-evaluation-harness tasks to score (``--tasks hellaswag,arc_easy``; needs
+            ``pip install 'minicompress[tasks]'``, :mod:`minicompress.tasks`); with tasks,
+            ``data.source`` may be empty (no perplexity).
+        include_path: a folder of extra lm-eval task YAMLs (local tasks over JSONL files).
+        num_fewshot: examples per prompt of every task (None: each task's default).
+        task_limit: score only the first this many documents of each task (a quick check).
         output: JSON file for the results (None: print only).
         overwrite: replace an existing output.
     """
@@ -182,12 +215,39 @@ class EvalConfig:
     speed: bool = True
     prefill_tokens: int = 256
     decode_tokens: int = 32
+    draft: ModelConfig | None = None
+    draft_prompts: int = 8
+    draft_prompt_tokens: int = 64
+    draft_new_tokens: int = 64
+    draft_tokens: int = DRAFT_TOKENS
+    tasks: tuple[str, ...] = ()
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    task_limit: int | None = None
     output: str | None = None
     overwrite: bool = False
 
     def __post_init__(self):
+        _check_tasks("tasks", self.tasks, self.include_path, self.num_fewshot, self.task_limit,
+                     ("include_path", "num_fewshot", "task_limit"))
         if self.data.source is None:
-            raise ConfigError("data.source: eval needs a text to evaluate on (--data PATH)")
+            if not self.tasks:
+                raise ConfigError("data.source: eval needs a text to evaluate on (--data PATH), or --tasks for "
+                                  "task accuracy only")
+            for key in ("teacher", "draft"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"data.source: --{key} needs a text to evaluate on (--data PATH)")
+        for key in ("draft_prompts", "draft_prompt_tokens", "draft_new_tokens", "draft_tokens"):
+            _check_positive(key, getattr(self, key))
+        if self.draft is not None:
+            if self.draft_prompt_tokens > self.data.seq_len:
+                raise ConfigError(f"draft_prompt_tokens: must be <= data.seq_len ({self.data.seq_len}), "
+                                  f"got {self.draft_prompt_tokens}")
+            for key in ("dtype", "device"):
+                if getattr(self.draft, key) != getattr(self.model, key):
+                    raise ConfigError(f"draft.{key}: {getattr(self.draft, key)!r} differs from model.{key} "
+                                      f"{getattr(self.model, key)!r}; the draft runs beside the model, give it the same "
+                                      f"(--draft-{key})")
         _check_positive("stride", self.stride, allow_none=True)
         if self.stride is not None and self.stride > self.data.seq_len:
             raise ConfigError(f"stride: must be <= data.seq_len ({self.data.seq_len}), got {self.stride}")
@@ -627,6 +687,10 @@ class GenerateConfig:
             distribution with their log-probs (the ``sampled`` teacher-cache kind).
         batch_size: rows decoded together (the KV cache grows with it).
         shard_tokens: tokens per safetensors shard (a killed run resumes at a shard).
+        workers: processes that write shards side by side (0: ``auto``, one single-threaded
+            process per CPU core, up to 8: batched decoding on a CPU gains nothing from a
+            second thread but nearly 2x from a second process; 1 on an accelerator). The
+            output does not depend on it.
         seed: seeds the start tokens and every shard's sampling.
         autocast: ``auto`` (default): bf16 where the hardware has native bf16; ``none`` or
             ``bfloat16`` force it.
@@ -646,6 +710,7 @@ class GenerateConfig:
     samples: int = 12
     batch_size: int = 64
     shard_tokens: int = 262144
+    workers: int = 0
     seed: int = 0
     autocast: str = "auto"
     output: str | None = None
@@ -667,9 +732,36 @@ class GenerateConfig:
         _check_positive("samples", self.samples)
         _check_positive("batch_size", self.batch_size)
         _check_positive("shard_tokens", self.shard_tokens)
+        _check_positive("workers", self.workers, allow_zero=True)
         _check_choice("autocast", self.autocast, AUTOCAST)
         if self.data.mixture:
             raise ConfigError("data.mixture: generate starts rows from one text; give data.source")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """``minicompress quantize``: round-to-nearest weight-only quantization with torchao.
+
+    Attributes:
+        model: the floating-point model to quantize (``dtype`` is kept for the parts that
+            stay in floating point: embeddings, norms, the output head, the scales).
+        scheme: ``int8-weight-only`` (symmetric, per output channel) or
+            ``int4-weight-only`` (asymmetric, per group of ``group_size`` input channels).
+        group_size: input channels sharing one scale (None: per output channel for int8,
+            32 for int4); must divide the input width of every linear layer.
+        output: folder for the quantized Hugging Face model.
+        overwrite: replace an existing output.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scheme: str = "int8-weight-only"
+    group_size: int | None = None
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check_choice("scheme", self.scheme, QUANTIZE_SCHEMES)
+        _check_positive("group_size", self.group_size, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -753,6 +845,12 @@ class RunConfig:
         eval_data: held-out text for the final report only (e.g. WikiText-2 test; no
             ``source``: the report has no perplexity / KL columns). Read as whole files
             without shuffling, like ``minicompress eval``.
+        eval_tasks: lm-evaluation-harness tasks the report scores every model on (a
+            column of ``acc`` per task; ``pip install 'minicompress[tasks]'``), e.g.
+            ``[arc_easy, hellaswag]``.
+        eval_include_path: a folder of extra lm-eval task YAMLs (local tasks).
+        eval_num_fewshot: examples per prompt of every task (None: each task's default).
+        eval_task_limit: score only the first this many documents of each task.
         score: scoring settings of every stage (its ``model``/``data`` are the run's).
         search_batches: calibration batches ranking candidate shapes (``target_params``;
             ``search: {batches: ...}`` says the same and wins).
@@ -765,6 +863,13 @@ class RunConfig:
             ``search_distill_tokens``, ``search_recover``) and ``width_multiple`` (the
             stage's ``target.width_multiple``). They are part of each stage's digest.
         stages: the stages, in order; each prunes the previous stage's output.
+        generate: data-free distillation (empty: off): keys of :class:`GenerateConfig`
+            except those the run sets (:data:`RUN_SETS_GENERATE_KEYS`), e.g. ``{tokens: 1M}``.
+            Before stage 1 the original writes that many tokens of its own text into
+            ``OUTPUT/generated`` (rows of ``data.seq_len``; started from ``data.source``'s
+            first tokens when given, else from LLM-QAT start tokens); every stage then
+            calibrates on that text, and a stage whose teacher is the original recovers
+            from its sparse targets (the ``sampled`` cache: no teacher forward).
         report: settings of the end-of-run evaluation.
         keep_pruned: keep each stage's pruned-but-not-recovered folder
             ``stage-<i>-<name>.pruned`` after its recovery finished.
@@ -777,19 +882,29 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
     eval_data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False, documents="file"))
+    eval_tasks: tuple[str, ...] = ()
+    eval_include_path: str | None = None
+    eval_num_fewshot: int | None = None
+    eval_task_limit: int | None = None
     score: ScoreConfig = field(default_factory=lambda: ScoreConfig(num_samples=256))
     search_batches: int = 4
     recover: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     stages: tuple[StageConfig, ...] = ()
+    generate: dict[str, Any] = field(default_factory=dict)
     report: ReportConfig = field(default_factory=ReportConfig)
     keep_pruned: bool = False
     output: str | None = None
     overwrite: bool = False
 
     def __post_init__(self):
-        if self.data.source is None:
-            raise ConfigError("data.source: a run needs calibration / training text (never the evaluation split)")
+        if self.generate:
+            self.generate_config(output="generated")  # checks the section, naming generate.<key>
+        elif self.data.source is None and not self.data.mixture:
+            raise ConfigError("data.source: a run needs calibration / training text (never the evaluation split), "
+                              "or a generate: section (data-free: the original writes its own)")
+        _check_tasks("eval_tasks", self.eval_tasks, self.eval_include_path, self.eval_num_fewshot,
+                     self.eval_task_limit, ("eval_include_path", "eval_num_fewshot", "eval_task_limit"))
         _check_positive("search_batches", self.search_batches)
         if not self.stages:
             raise ConfigError("stages: a run needs at least one stage (a list of {name, target, tokens})")
@@ -804,6 +919,32 @@ class RunConfig:
                 self.stage_recover_config(i, student=ModelConfig(source="student"), teacher=self.model,
                                           output="stage")
             self.stage_prune_config(i, model=self.model)  # checks the search settings, naming the key
+
+    def generate_config(self, *, output: str) -> "GenerateConfig":
+        """The :class:`GenerateConfig` of the ``generate:`` section: the original writes rows
+        of ``data.seq_len`` into ``output``, started from ``data.source`` when given.
+
+        Raises:
+            ConfigError: a key the run sets, an unknown key or an invalid value, named
+                ``generate.<key>``.
+        """
+        if not isinstance(self.generate, dict):
+            raise ConfigError(f"generate: expected a mapping of GenerateConfig keys, got {self.generate!r}")
+        allowed = [f.name for f in dataclasses.fields(GenerateConfig) if f.name not in RUN_SETS_GENERATE_KEYS]
+        for key in self.generate:
+            if key in RUN_SETS_GENERATE_KEYS:
+                raise ConfigError(f"generate.{key}: set by the run (the original, data.seq_len / data.source, "
+                                  "OUTPUT/generated); remove it")
+            if key not in allowed:
+                raise ConfigError(f"generate.{key}: unknown key; allowed keys of generate: {', '.join(allowed)}")
+        if self.data.mixture:
+            raise ConfigError("data.mixture: a generate: run starts its rows from one text (data.source) or none")
+        merged = dict(self.generate)
+        merged.update(teacher=self.model, data=self.data, output=output, resume=True, overwrite=False)
+        try:
+            return _build(GenerateConfig, merged)
+        except ConfigError as err:
+            raise ConfigError(f"generate.{err}") from None
 
     def _stage_search(self, index: int) -> tuple[dict[str, Any], dict[str, str]]:
         """The merged ``search`` settings of stage ``index`` and where each key came from."""

@@ -7,7 +7,9 @@ a plain safetensors folder under the cache directory (``$MINICOMPRESS_CACHE`` or
 ``~/.cache/minicompress``), so later loads take seconds rather than a GGUF conversion.
 
 GGUF-loaded models carry a ``quantization_config`` that makes ``save_pretrained`` fail;
-it is removed here, so every loaded model is a plain float model.
+it is removed here, so every loaded model is a plain float model, except a folder written by
+``minicompress quantize``: its torchao weights need their ``TorchAoConfig`` (kept), and it
+loads in the dtype it was quantized in.
 """
 
 from __future__ import annotations
@@ -271,7 +273,8 @@ def load_model(config: ModelConfig | str, *, for_training: bool = False):
 
     Returns:
         ``(model, tokenizer)``: a stock ``*ForCausalLM`` in ``config.dtype`` on
-        ``config.device``, without any ``quantization_config``.
+        ``config.device``, without any ``quantization_config`` (a torchao-quantized folder
+        keeps its own, and its saved dtype: its quantized weights cannot change dtype).
 
     Raises:
         MinicompressError: source not found, not in the offline cache, a missing
@@ -287,6 +290,11 @@ def load_model(config: ModelConfig | str, *, for_training: bool = False):
         model, tokenizer = _load_gguf(Path(target), dtype)
     else:
         kwargs = {"trust_remote_code": config.trust_remote_code}
+        torchao_dtype = _torchao_saved_dtype(target, config.source)
+        if torchao_dtype is not None and torchao_dtype != dtype:
+            log.info("%s is quantized with torchao: loading it in its saved dtype %s, not %s", config.source,
+                     str(torchao_dtype).removeprefix("torch."), config.dtype)
+            dtype = torchao_dtype
         try:
             tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **kwargs)
@@ -302,12 +310,43 @@ def load_model(config: ModelConfig | str, *, for_training: bool = False):
             bad = _damaged_weights(Path(target)) if Path(target).is_dir() else target
             raise MinicompressError(f"--model {config.source}: {bad} is damaged or truncated ({str(err).splitlines()[0]}); "
                                     "copy or save it again") from None
-        strip_quantization_config(model)
+        if torchao_dtype is None:
+            strip_quantization_config(model)
+        elif for_training:
+            raise MinicompressError(f"--student {config.source}: a torchao-quantized model cannot be trained; "
+                                    "recover the float model, then quantize it")
     get_adapter(model)
     device = resolve_device(config.device)
     model.to(device)
     model.train(for_training)
     return model, _finish_tokenizer(tokenizer)
+
+
+def _torchao_saved_dtype(target: str, source: str) -> torch.dtype | None:
+    """The saved dtype of a local folder quantized with torchao (``minicompress quantize``),
+    else None; torchao is imported here (quietly) so its absence is a one-line error.
+
+    Raises:
+        MinicompressError: a torchao folder without torchao installed.
+    """
+    path = Path(target) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # from_pretrained reports the broken config
+    quant = saved.get("quantization_config") if isinstance(saved, dict) else None
+    if not isinstance(quant, dict) or quant.get("quant_method") != "torchao":
+        return None
+    from .quantize import import_torchao
+
+    try:
+        import_torchao()
+    except MinicompressError:
+        raise MinicompressError(f"--model {source}: it is quantized with torchao; pip install 'minicompress[quantize]' "
+                                "(or pip install torchao) to load it") from None
+    return TORCH_DTYPES.get(saved.get("dtype") or saved.get("torch_dtype"), torch.float32)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,12 @@ Fixtures and helpers:
     text_corpus: fixture, a ``.txt`` file with ``corpus_text()`` (blank-line documents).
     corpus_files: fixture, a dict of the same documents as ``txt``, ``jsonl``, ``json``,
         ``parquet`` files and a ``folder`` holding two ``.txt`` files.
+    choice_rows(n=10, seed=0): rows ``{context, choices (4, of 1-5 words), label}`` of a
+        multiple-choice task, in corpus-like words.
+    write_choice_task(folder, rows, name="tiny_choice"): a local lm-eval task in ``folder``
+        (``<name>.jsonl`` and ``<name>.yaml``: ``dataset_path: json``, ``multiple_choice``,
+        ``acc`` and ``acc_norm``, the datasets cache inside ``folder``); returns ``folder``.
+    offline_hub: fixture, no Hugging Face Hub (offline flags of datasets and huggingface_hub).
 
 ``MINICOMPRESS_PROGRESS=0`` is set for the whole session (no progress bars), and
 ``MINICOMPRESS_TOKEN_CACHE`` points at a fresh temporary folder (token stores).
@@ -37,6 +43,7 @@ machine; tests of the bf16 path ask for it explicitly or patch the probe themsel
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -246,6 +253,61 @@ def corpus_files(tmp_path) -> dict[str, Path]:
     return out
 
 
+_CHOICE_WORDS = ["the", "a", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "it"]
+
+
+def choice_rows(n: int = 10, seed: int = 0) -> list[dict]:
+    """``n`` multiple-choice rows ``{context, choices (4, of 1-5 words), label}``."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        context = " ".join(rng.choice(_CHOICE_WORDS) for _ in range(rng.randint(4, 8))).capitalize()
+        choices = [" ".join(rng.choice(_CHOICE_WORDS) for _ in range(k)) for k in rng.sample(range(1, 6), 4)]
+        rows.append({"context": context, "choices": choices, "label": rng.randrange(4)})
+    return rows
+
+
+def write_choice_task(folder: Path, rows: list[dict], name: str = "tiny_choice") -> Path:
+    """A local lm-eval multiple-choice task (``<name>.jsonl`` + ``<name>.yaml``) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {folder / 'hf-cache'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+""")
+    return folder
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """No Hugging Face Hub: ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` in the environment and
+    in the flags datasets and huggingface_hub read when imported."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
 _DEFAULT_THREADS = torch.get_num_threads()
 
 
@@ -253,3 +315,13 @@ def pytest_runtest_setup(item):
     """Tiny models run single-threaded: OpenMP threads only add overhead (and stall badly
     when other processes share the 2 cores); ``slow`` real-model tests get every core."""
     torch.set_num_threads(_DEFAULT_THREADS if "slow" in item.keywords else 1)
+
+
+@pytest.fixture(autouse=True)
+def _capture_minicompress_logs(caplog):
+    """The CLI's logging setup (run by earlier tests) stops ``minicompress`` records at its own
+    handler; hand caplog's handler to that logger so every test's caplog sees them."""
+    logger = logging.getLogger("minicompress")
+    logger.addHandler(caplog.handler)
+    yield
+    logger.removeHandler(caplog.handler)

@@ -1,7 +1,10 @@
 """``minicompress eval``: perplexity, teacher agreement, size and speed of a model.
 
 Perplexity follows the protocol of the pruning literature (LLM-Pruner, SliceGPT,
-ShortGPT); the metrics themselves live in :mod:`minicompress.evaluation`.
+ShortGPT); the metrics themselves live in :mod:`minicompress.evaluation`. Task accuracy
+(``--tasks``) goes through lm-evaluation-harness (:mod:`minicompress.tasks`). With
+``--draft``, a student drafts for the model in speculative decoding
+(:mod:`minicompress.speculative`: acceptance rate and speedup).
 """
 
 from __future__ import annotations
@@ -68,13 +71,64 @@ def evaluate_model(model, tokenizer=None, data=None, *, teacher=None, seq_len: i
     return out
 
 
+def draft_prompts(windows: list, count: int, prompt_tokens: int, flag: str = "--draft-prompts") -> list:
+    """The first ``prompt_tokens`` tokens of ``count`` evenly spaced windows (the draft test's prompts).
+
+    Args:
+        windows: ``[(window [L], n_scored)]`` from :func:`text_windows`.
+        count: number of prompts.
+        prompt_tokens: tokens per prompt.
+        flag: named in the error.
+
+    Returns:
+        ``count`` token tensors ``[prompt_tokens]``, from distinct windows in text order.
+
+    Raises:
+        MinicompressError: fewer windows of at least ``prompt_tokens`` tokens than ``count``.
+    """
+    usable = [w for w, _ in windows if w.numel() >= prompt_tokens]
+    if len(usable) < count:
+        raise MinicompressError(f"{flag}: the text has {len(usable)} windows of at least {prompt_tokens} tokens, "
+                                f"fewer than {count} prompts; ask for fewer or give a longer text")
+    return [usable[i * len(usable) // count][:prompt_tokens].clone() for i in range(count)]
+
+
+#: ``measure_draft`` keys renamed in eval's results (the others get a ``draft_`` prefix).
+_DRAFT_KEYS = {"acceptance_rate": "acceptance_rate", "prompts": "draft_prompts", "new_tokens": "draft_generated_tokens",
+               "num_assistant_tokens": "draft_tokens"}
+
+
+def check_draft(model, tokenizer, draft, draft_tokenizer, flag: str = "--draft") -> None:
+    """Refuse a draft whose vocabulary differs from the model's (size, or the tokenizers' vocabularies).
+
+    Raises:
+        MinicompressError: naming ``flag``.
+    """
+    size, draft_size = model.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
+    if size != draft_size:
+        raise MinicompressError(f"{flag}: vocabulary size {draft_size} differs from the model's {size}; "
+                                "a draft must share the model's tokenizer")
+    if tokenizer is not None and draft_tokenizer is not None and tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise MinicompressError(f"{flag}: its tokenizer's vocabulary differs from the model's; a draft must share "
+                                "the model's tokenizer")
+
+
 def run_eval(config: EvalConfig) -> dict:
-    """``minicompress eval``: load the model (and teacher), then :func:`evaluate_model`.
+    """``minicompress eval``: load the model (and teacher, and draft), then :func:`evaluate_model`
+    (and, with a draft, :func:`minicompress.speculative.measure_draft`).
 
     Returns:
         A flat results dict: perplexity (and teacher agreement), parameters, size on
-        disk, peak memory of the perplexity run, and prefill/decode speed.
+        disk, peak memory of the perplexity run, and prefill/decode speed; with a draft
+        ``acceptance_rate``, ``draft_speedup`` and the other ``draft_*`` keys; with
+        ``config.tasks``, ``tasks``: ``{task: {"acc", "acc_stderr", "acc_norm", ..., "n"}}``
+        (:func:`minicompress.tasks.evaluate_tasks`; no perplexity without ``data.source``).
     """
+    manager = None
+    if config.tasks:  # unknown tasks and a missing lm-eval fail before any model is loaded
+        from ..tasks import task_manager
+
+        manager = task_manager(config.tasks, config.include_path)
     model, tokenizer = load_for_flag(config.model, "--model")
     teacher = None
     if config.teacher is not None:
@@ -83,8 +137,48 @@ def run_eval(config: EvalConfig) -> dict:
             raise MinicompressError(
                 f"--teacher: vocabulary size {teacher.config.vocab_size} differs from the model's "
                 f"{model.config.vocab_size}; KL needs the same tokenizer")
-    windows = text_windows(config.data, tokenizer, config.stride)
-    log.info("evaluating %s on %d windows of %d tokens", config.model.source, len(windows), config.data.seq_len)
-    return evaluate_model(model, tokenizer, windows, teacher=teacher, batch_size=config.batch_size,
-                          autocast=config.autocast, speed=config.speed, prefill_tokens=config.prefill_tokens,
-                          decode_tokens=config.decode_tokens, source=config.model.source)
+    draft = None
+    if config.draft is not None:
+        draft, draft_tokenizer = load_for_flag(config.draft, "--draft")
+        check_draft(model, tokenizer, draft, draft_tokenizer)
+    windows = text_windows(config.data, tokenizer, config.stride) if config.data.source is not None else None
+    prompts = draft_prompts(windows, config.draft_prompts, config.draft_prompt_tokens) if draft is not None else None
+    if windows is not None:
+        log.info("evaluating %s on %d windows of %d tokens", config.model.source, len(windows), config.data.seq_len)
+    out = evaluate_model(model, tokenizer, windows, teacher=teacher, batch_size=config.batch_size,
+                         autocast=config.autocast, speed=config.speed, prefill_tokens=config.prefill_tokens,
+                         decode_tokens=config.decode_tokens, source=config.model.source)
+    if draft is not None:
+        out.update(evaluate_draft(model, draft, prompts, new_tokens=config.draft_new_tokens,
+                                  draft_tokens=config.draft_tokens, autocast=config.autocast))
+    if config.tasks:
+        from ..tasks import evaluate_tasks
+
+        out["tasks"] = evaluate_tasks(model, tokenizer, config.tasks, include_path=config.include_path,
+                                      num_fewshot=config.num_fewshot, limit=config.task_limit,
+                                      batch_size=config.batch_size, autocast=config.autocast, manager=manager)
+    return out
+
+
+def evaluate_draft(model, draft, prompts: list, *, new_tokens: int, draft_tokens: int, autocast: str = "auto") -> dict:
+    """:func:`minicompress.speculative.measure_draft` of ``draft`` for ``model``, as eval's flat keys.
+
+    Returns:
+        ``acceptance_rate``, ``draft_speedup``, ``draft_plain_tokens_per_s``,
+        ``draft_assisted_tokens_per_s``, ``draft_outputs_identical`` ... (``measure_draft``'s
+        keys prefixed with ``draft_``; ``prompts``, ``new_tokens`` and ``num_assistant_tokens``
+        become ``draft_prompts``, ``draft_generated_tokens`` and ``draft_tokens``) and
+        ``draft_parameters``.
+    """
+    from ..evaluation import parameter_summary
+    from ..progress import progress_bar
+    from ..speculative import measure_draft
+
+    log.info("draft test: %d prompts of %d tokens, %d new tokens each, draft tokens per teacher forward: %d",
+             len(prompts), prompts[0].numel(), new_tokens, draft_tokens)
+    with progress_bar("draft", len(prompts), unit="prompt") as bar:
+        result = measure_draft(model, draft, prompts, new_tokens=new_tokens, num_assistant_tokens=draft_tokens,
+                               autocast=autocast, on_prompt=lambda done: bar.advance(1))
+    out = {_DRAFT_KEYS.get(key, f"draft_{key}"): value for key, value in result.items()}
+    out["draft_parameters"] = parameter_summary(draft)["total"]
+    return out

@@ -91,6 +91,9 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                        "layer_metric": target.layer_metric}, record_extra)
     if model is None:
         model, tokenizer = load_model(config.model)
+        if getattr(model.config, "quantization_config", None) is not None:  # kept only for torchao folders
+            raise MinicompressError(f"--model {config.model.source}: a torchao-quantized model cannot be pruned; "
+                                    "prune the float model, then quantize it")
         if hf_config is None:
             validate_target(model.config, target)
     original_config = model.config.to_dict()

@@ -48,10 +48,11 @@ def _student_folder(student: torch.nn.Module) -> Path | None:
 
 
 def _open_working_folder(config: RecoverConfig) -> tuple[Path, Path, Path | None]:
-    """Check the output and prepare ``<output>.partial``; returns ``(out, work, checkpoint)``.
+    """Check the output and ``<output>.partial``; returns ``(out, work, checkpoint)``.
 
     A checkpoint there is resumed only with ``resume``; without it the run is refused
     (``overwrite`` starts over). ``resume`` with nothing to resume says so and starts fresh.
+    Nothing is written: :func:`_make_working_folder` does that once the setup has succeeded.
     """
     out = check_output(config.output, config.overwrite)
     work = working_folder(out)
@@ -63,13 +64,17 @@ def _open_working_folder(config: RecoverConfig) -> tuple[Path, Path, Path | None
         checkpoint = None
     if config.resume and checkpoint is None and distributed.is_main():
         log.warning("recover: --resume, but %s holds no checkpoint to resume; starting from step 0", work)
+    return out, work, checkpoint
+
+
+def _make_working_folder(work: Path, checkpoint: Path | None) -> None:
+    """Empty ``work`` for a fresh run (keep it to resume ``checkpoint``), on rank 0."""
     distributed.barrier()  # every rank has looked at the working folder before rank 0 changes it
     if distributed.is_main():
         if checkpoint is None:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    return out, work, checkpoint
 
 
 def _place_teacher(config: RecoverConfig, teacher, student, device: torch.device, teacher_dtype: str,
@@ -239,6 +244,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                                  batch_size=config.eval_batch_size, autocast=autocast, chunk_size=config.loss.chunk_size)
 
     # ---- resume, or evaluate once before training --------------------------------------
+    _make_working_folder(work, checkpoint)  # only now: a refused run (bad model, data, schedule) leaves nothing
     metrics_path = work / METRICS_FILE
     start_step, elapsed, resumed_from = 0, 0.0, None
     if checkpoint is not None:

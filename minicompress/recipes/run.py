@@ -51,6 +51,8 @@ from ..outputs import provenance, read_provenance, settings_digest, write_json_a
 log = logging.getLogger(__name__)
 
 TIMINGS = "timings.json"
+#: the folder of a data-free run's generated text and sparse targets (``generate:``)
+GENERATED = "generated"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
 #: Columns of the end-of-run report, in order.
 REPORT_COLUMNS = ("model", "parameters", "ratio", "size_on_disk_bytes", "perplexity", "kl_to_original",
@@ -305,7 +307,12 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
         row["memory"] = memory
         rows.append(row)
         current = student
-    return {"model": config.model.source, "original": describe(original), "stages": rows}
+    plan = {"model": config.model.source, "original": describe(original), "stages": rows}
+    if config.generate:
+        gen = config.generate_config(output=GENERATED)
+        plan["generate"] = {"tokens": gen.tokens // gen.data.seq_len * gen.data.seq_len, "seq_len": gen.data.seq_len,
+                            "prompts": gen.data.source, "output": GENERATED}
+    return plan
 
 
 def validate_target_for_stage(config: Any, target: TargetConfig, shape_known: bool = True) -> dict[str, Any]:
@@ -355,6 +362,8 @@ def _stage_digest(config: RunConfig, index: int) -> str:
         stages.append(entry)
     basis = {"model": to_dict(config.model), "data": to_dict(config.data), "score": to_dict(config.score),
              "search_batches": config.search_batches, "stages": stages}
+    if config.generate:
+        basis["generate"] = to_dict(config.generate)
     return settings_digest(basis)
 
 
@@ -370,6 +379,37 @@ def _prepare_folder(out: Path, config: RunConfig, plan: dict[str, Any]) -> None:
                                     "pass --overwrite to replace it or choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     write_provenance(out, provenance("run", config, plan=plan))
+
+
+def _generate_data(config: RunConfig, out: Path) -> RunConfig:
+    """Data-free: the original writes its own text into ``OUTPUT/generated`` (once; an
+    interrupted generation resumes), and the run calibrates and trains on it.
+
+    Returns:
+        ``config`` with ``data.source`` the generated ``text.jsonl``.
+
+    Raises:
+        MinicompressError: a finished ``generated`` folder of other settings.
+    """
+    from .. import distributed
+    from ..teacher_cache import CACHE_INDEX_FILE
+    from .generate import TEXT_FILE, generate, same_generation
+
+    folder = out / GENERATED
+    gen_config = config.generate_config(output=str(folder))
+    if (folder / CACHE_INDEX_FILE).is_file():
+        if not same_generation(folder, gen_config):
+            raise MinicompressError(f"generate: {folder} was written with other settings; pass --overwrite to start "
+                                    "the run over, or choose another output")
+        log.info("data-free: reusing the generated text in %s", folder)
+    else:
+        if distributed.is_main():
+            log.info("data-free: %s writes %s tokens of its own text into %s", config.model.source,
+                     f"{gen_config.tokens:,}", folder)
+            generate(gen_config)
+        distributed.barrier()
+    data = dataclasses.replace(config.data, source=str(folder / TEXT_FILE))
+    return dataclasses.replace(config, data=data)
 
 
 def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path, digest: str,
@@ -402,6 +442,12 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
         student = dataclasses.replace(config.model, source=str(pruned))
         recover_config = config.stage_recover_config(index, student=student, teacher=teacher, output=str(final),
                                                      resume=True)
+        loss = recover_config.loss
+        if config.generate and teacher is config.model and loss.kind == "forward_kl" and not loss.intermediate_weight:
+            # the original's own text: its sparse targets were kept as it wrote it (no teacher forward)
+            recover_config = dataclasses.replace(recover_config, teacher=None,
+                                                 teacher_cache=str(final.parent / GENERATED),
+                                                 loss=dataclasses.replace(loss, kind="sampled_kl"))
         log.info("stage %d (%s): recovering on %s tokens from %s", index + 1, stage.name, f"{stage.tokens:,}",
                  teacher.source)
         recover(recover_config)
@@ -435,11 +481,18 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
     if config.output is None:
         raise ConfigError("output: a run needs a folder (--output or output: in the YAML)")
     plan = dry_run(config)
+    if config.eval_tasks and config.report.enabled:  # a missing lm-eval or unknown task fails now, not after training
+        from ..tasks import task_manager
+
+        task_manager(config.eval_tasks, config.eval_include_path, tasks_flag="eval_tasks",
+                     include_flag="eval_include_path")
     out = Path(config.output).expanduser()
     distributed.init_from_env()  # torchrun: every rank prunes and recovers; rank 0 writes and reports
     if distributed.is_main():
         _prepare_folder(out, config, plan)
     distributed.barrier()
+    if config.generate:
+        config = _generate_data(config, out)
     original_total = plan["original"]["parameters"]["total"]
     timings_path = out / TIMINGS
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -487,14 +540,18 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
 
     Perplexity, KL(original || stage) and top-1 agreement on ``eval_data`` (when set;
     the windows of ``minicompress eval``), parameters, weight bytes on disk, greedy
-    decode tokens/s (``report.speed``) and the stage's wall time.
+    decode tokens/s (``report.speed``) and the stage's wall time; with ``eval_tasks``, the
+    lm-evaluation-harness accuracy of every model (:func:`minicompress.tasks.evaluate_tasks`):
+    a column ``<task>/acc`` per task after ``top1_agreement``, and every metric in each
+    row's ``tasks``.
 
     Args:
         config: the run.
         stages: the results of :func:`run` (``name``, ``folder``, ``seconds``, ``tokens``).
 
     Returns:
-        ``{"columns", "rows", "eval_data", "original"}``.
+        ``{"columns", "rows", "eval_data", "original", "tasks"}`` (``tasks``: the task
+        settings, None without ``eval_tasks``).
     """
     from ..models import load_model
     from .eval import evaluate_model as evaluate
@@ -506,9 +563,10 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
         if config.eval_data.source is not None else None
     kwargs = dict(batch_size=rep.batch_size, autocast=rep.autocast, speed=rep.speed,
                   prefill_tokens=rep.prefill_tokens, decode_tokens=rep.decode_tokens)
+    score_tasks = _task_scorer(config, tokenizer)
     base = evaluate(teacher, tokenizer, windows, source=config.model.source, **kwargs)
     rows = [_report_row("original", base, base["parameters"], kl=0.0 if windows else None,
-                        agreement=1.0 if windows else None)]
+                        agreement=1.0 if windows else None, tasks=score_tasks(teacher))]
     for stage in stages:
         pruned = Path(stage["folder"]).with_name(Path(stage["folder"]).name + ".pruned")
         if pruned.is_dir():  # kept (keep_pruned): show what recovery brought back
@@ -516,25 +574,52 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
             result = evaluate(model, tokenizer, windows, teacher=teacher, source=str(pruned), **kwargs)
             rows.append(_report_row(f"stage-{stage['index'] + 1}-{stage['name']} pruned", result, base["parameters"],
                                     kl=result.get("kl_to_teacher"), agreement=result.get("top1_agreement"),
-                                    tokens=0))
+                                    tokens=0, tasks=score_tasks(model)))
             del model
         model, _ = load_model(dataclasses.replace(config.model, source=stage["folder"]))
         result = evaluate(model, tokenizer, windows, teacher=teacher, source=stage["folder"], **kwargs)
         rows.append(_report_row(f"stage-{stage['index'] + 1}-{stage['name']}", result, base["parameters"],
                                 kl=result.get("kl_to_teacher"), agreement=result.get("top1_agreement"),
-                                seconds=stage.get("seconds"), tokens=stage.get("tokens")))
+                                seconds=stage.get("seconds"), tokens=stage.get("tokens"), tasks=score_tasks(model)))
         del model
-    return {"columns": list(REPORT_COLUMNS), "rows": rows, "original": config.model.source,
+    columns = list(REPORT_COLUMNS)
+    task_columns = [f"{name}/acc" for name in rows[0].get("tasks") or {}]
+    at = columns.index("top1_agreement") + 1
+    columns[at:at] = task_columns
+    tasks = None
+    if config.eval_tasks:
+        tasks = {"names": list(config.eval_tasks), "include_path": config.eval_include_path,
+                 "num_fewshot": config.eval_num_fewshot, "limit": config.eval_task_limit}
+    return {"columns": columns, "rows": rows, "original": config.model.source,
             "eval_data": to_dict(config.eval_data) if windows else None,
-            "eval_tokens": base.get("tokens")}
+            "eval_tokens": base.get("tokens"), "tasks": tasks}
+
+
+def _task_scorer(config: RunConfig, tokenizer) -> Callable[[Any], dict | None]:
+    """``model -> {task: metrics}`` for ``eval_tasks`` (one task index for every model), or ``-> None``."""
+    if not config.eval_tasks:
+        return lambda model: None
+    from ..tasks import evaluate_tasks, task_manager
+
+    flags = dict(tasks_flag="eval_tasks", include_flag="eval_include_path")
+    manager = task_manager(config.eval_tasks, config.eval_include_path, **flags)
+    rep = config.report
+    return lambda model: evaluate_tasks(model, tokenizer, config.eval_tasks, include_path=config.eval_include_path,
+                                        num_fewshot=config.eval_num_fewshot, limit=config.eval_task_limit,
+                                        batch_size=rep.batch_size, autocast=rep.autocast, manager=manager, **flags)
 
 
 def _report_row(name: str, result: dict, original_params: int, *, kl: float | None, agreement: float | None,
-                seconds: float | None = None, tokens: int | None = None) -> dict[str, Any]:
-    return {"model": name, "parameters": result["parameters"], "ratio": result["parameters"] / original_params,
-            "size_on_disk_bytes": result.get("size_on_disk_bytes"), "perplexity": result.get("perplexity"),
-            "kl_to_original": kl, "top1_agreement": agreement,
-            "decode_tokens_per_s": result.get("decode_tokens_per_s"), "wall_time_s": seconds, "tokens": tokens}
+                seconds: float | None = None, tokens: int | None = None,
+                tasks: dict[str, dict] | None = None) -> dict[str, Any]:
+    row = {"model": name, "parameters": result["parameters"], "ratio": result["parameters"] / original_params,
+           "size_on_disk_bytes": result.get("size_on_disk_bytes"), "perplexity": result.get("perplexity"),
+           "kl_to_original": kl, "top1_agreement": agreement,
+           "decode_tokens_per_s": result.get("decode_tokens_per_s"), "wall_time_s": seconds, "tokens": tokens}
+    if tasks is not None:
+        row.update({f"{task}/acc": metrics.get("acc") for task, metrics in tasks.items()})
+        row["tasks"] = tasks
+    return row
 
 
 def _cell(key: str, value: Any) -> str:
@@ -559,6 +644,12 @@ def report_markdown(report: dict[str, Any]) -> str:
                   f"windows of {data['seq_len']}); KL and top-1 agreement are against the original model.", ""]
     else:
         lines += ["No `eval_data` was given: perplexity and KL columns are empty.", ""]
+    if report.get("tasks"):
+        tasks = report["tasks"]
+        shots = "each task's default shots" if tasks["num_fewshot"] is None else f"{tasks['num_fewshot']}-shot"
+        limit = f", the first {tasks['limit']} documents of each task" if tasks["limit"] else ""
+        lines += [f"Task accuracy (`<task>/acc`): lm-evaluation-harness `acc`, {shots}{limit}; every metric "
+                  "(`acc_norm`, standard errors, documents) is in `report.json`.", ""]
     lines += ["| " + " | ".join(REPORT_LABELS.get(c, c) for c in columns) + " |",
               "| --- |" + " ---: |" * (len(columns) - 1)]
     for row in report["rows"]:

@@ -22,7 +22,7 @@ SEQ = 16
 
 
 def _config(out, **kw) -> GenerateConfig:
-    kw = {"tokens": 6 * SEQ, **kw}
+    kw = {"tokens": 6 * SEQ, "workers": 1, **kw}
     return GenerateConfig(teacher=ModelConfig(), data=DataConfig(seq_len=SEQ), batch_size=2,
                           shard_tokens=2 * SEQ, autocast="none", output=str(out), **kw)
 
@@ -73,6 +73,33 @@ def test_a_killed_generate_resumes_to_the_same_output(tmp_path, tiny_tokenizer, 
         b = load_file(str(out / f"{shard}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert (out / "text.jsonl").read_text() == (tmp_path / "whole" / "text.jsonl").read_text()
+
+
+def test_worker_processes_write_what_one_process_writes(tmp_path, tiny_tokenizer):
+    teacher = make_tiny_model("llama")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count: bitwise the same arithmetic
+    try:
+        one = generate_recipe.generate(_config(tmp_path / "one"), teacher=teacher, tokenizer=tiny_tokenizer)
+        two = generate_recipe.generate(_config(tmp_path / "two", workers=2), teacher=teacher, tokenizer=tiny_tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    assert one["workers"] == 1 and two["workers"] == 2 and two["tokens"] == 6 * SEQ
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        a = load_file(str(tmp_path / "one" / f"{shard}.safetensors"))
+        b = load_file(str(tmp_path / "two" / f"{shard}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), shard
+    assert (tmp_path / "two" / "text.jsonl").read_text() == (tmp_path / "one" / "text.jsonl").read_text()
+    assert json.loads((tmp_path / "two" / "minicompress.json").read_text())["workers"] == 2
+
+
+def test_plan_workers_uses_one_process_per_core_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(generate_recipe.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    cpu = torch.device("cpu")
+    assert generate_recipe.plan_workers(0, cpu, pending=10) == (4, 1)
+    assert generate_recipe.plan_workers(0, cpu, pending=3) == (3, 1)  # never more processes than shards
+    assert generate_recipe.plan_workers(2, cpu, pending=10) == (2, 2)
+    assert generate_recipe.plan_workers(0, torch.device("cuda"), pending=10)[0] == 1
 
 
 def test_recover_trains_on_generated_text(tmp_path, tiny_tokenizer):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import torch
 
 from conftest import corpus_text, make_tiny_model
@@ -12,16 +11,6 @@ from minicompress.config import DataConfig, ModelConfig, RecoverConfig
 from minicompress.recipes.recover import recover
 
 SEQ = 16
-
-
-@pytest.fixture(autouse=True)
-def _capture_minicompress_logs(caplog):
-    """The CLI's logging setup (run by other tests) stops ``minicompress`` records at its own
-    handler; hand caplog's handler to that logger so the records are seen either way."""
-    logger = logging.getLogger("minicompress")
-    logger.addHandler(caplog.handler)
-    yield
-    logger.removeHandler(caplog.handler)
 
 
 def _run(tmp_path, tokenizer, **kw):

@@ -382,3 +382,78 @@ def test_shipped_configs_dry_run_from_the_command_line_with_no_hub_cache(path, t
                              *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "dry run of" in result.stdout and not (tmp_path / "hf" / "hub").exists()
+
+
+def _data_free_config(model_dir, output, generate=None, **extra) -> RunConfig:
+    return build_config(RunConfig, overrides={
+        "model": {"source": str(model_dir)}, "data": {"seq_len": 16}, "output": str(output),
+        "generate": generate or {"tokens": 12 * 16, "batch_size": 4, "shard_tokens": 64, "autocast": "none"},
+        "score": {"num_samples": 4, "batch_size": 4, "loss_samples": 0},
+        "recover": {"global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 32, "warmup_steps": 1},
+        "report": {"enabled": False},
+        "stages": [{"name": "ffn", "target": {"intermediate_size": 48}, "tokens": 128}], **extra})
+
+
+def test_a_data_free_run_calibrates_and_recovers_on_the_originals_own_text(tmp_path, tiny_llama):
+    config = _data_free_config(tiny_llama, tmp_path / "r")
+    run(config)
+    generated = tmp_path / "r" / "generated"
+    assert read_provenance(generated)["command"] == "generate"
+    assert len((generated / "text.jsonl").read_text().splitlines()) == 12
+    record = read_provenance(tmp_path / "r" / "stage-1-ffn")
+    assert record["config"]["data"]["source"] == str(generated / "text.jsonl")  # scored on the generated text
+    recovery = record["recovery"]
+    # the original is the teacher: its sparse targets, kept as it wrote, replace a teacher forward
+    assert recovery["teacher_cache"] == str(generated) and recovery["loss"]["kind"] == "sampled_kl"
+    assert recovery["config"]["teacher"] is None and recovery["tokens_trained"] == 128
+    before = _weights(tmp_path / "r" / "stage-1-ffn")
+    run(config)  # finished: the same config skips everything, the generated text included
+    torch.testing.assert_close(_weights(tmp_path / "r" / "stage-1-ffn"), before, rtol=0, atol=0)
+    other = _data_free_config(tiny_llama, tmp_path / "r", generate={"tokens": 12 * 16, "batch_size": 4,
+                                                                    "shard_tokens": 64, "autocast": "none",
+                                                                    "temperature": 0.7})
+    with pytest.raises(MinicompressError, match="generate: .* other settings"):
+        run(other)
+
+
+def test_a_run_without_text_or_generate_section_is_refused(tmp_path, tiny_llama):
+    from minicompress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.source: .*generate"):
+        build_config(RunConfig, overrides={"model": str(tiny_llama), "output": str(tmp_path / "r"),
+                                           "stages": [{"name": "a", "target": {"intermediate_size": 48}}]})
+    for bad, fragment in (({"teacher": "x"}, "generate.teacher: set by the run"),
+                          ({"tokens": 8}, "generate.tokens: 8 is less than one sequence"),
+                          ({"top_kk": 5}, "generate.top_kk: unknown key")):
+        with pytest.raises(ConfigError, match=fragment):
+            _data_free_config(tiny_llama, tmp_path / "r", generate=bad)
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_report_has_a_task_accuracy_column_per_task(tmp_path, tiny_llama, text_corpus, capsys, offline_hub):
+    pytest.importorskip("lm_eval")
+    from conftest import choice_rows, write_choice_task
+    from minicompress.tasks import evaluate_tasks
+
+    tasks = write_choice_task(tmp_path / "tasks", choice_rows(6, seed=2))
+    config = _run_config(tiny_llama, text_corpus, tmp_path / "r", stages=[
+        {"name": "prune", "target": {"intermediate_size": 48}, "tokens": 0}], eval_data={"source": None},
+        eval_tasks=["tiny_choice"], eval_include_path=str(tasks), report={"speed": False})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_as_yaml(config)))
+    assert main(["run", str(path), "-q"]) == 0
+    printed = "".join(capsys.readouterr().out.split())  # the title wraps (at spaces or hyphens) with the path
+    assert "taskcolumns:lm-evalacc" in printed and "tiny_ch" in printed, printed  # a narrow console cuts headers
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    columns = list(REPORT_COLUMNS)
+    columns.insert(columns.index("top1_agreement") + 1, "tiny_choice/acc")
+    assert report["columns"] == columns and report["tasks"]["names"] == ["tiny_choice"]
+    for row, folder in zip(report["rows"], (tiny_llama, tmp_path / "r" / "stage-1-prune")):
+        model, tokenizer = load_model(str(folder))
+        expected = evaluate_tasks(model, tokenizer, "tiny_choice", include_path=tasks, autocast="none")
+        assert row["tasks"] == expected and row["tiny_choice/acc"] == expected["tiny_choice"]["acc"]
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "| top-1 agreement | tiny_choice/acc | decode tok/s |" in markdown and "lm-evaluation-harness `acc`" in markdown
+    with pytest.raises(MinicompressError, match=r"^eval_tasks: unknown task 'nope' .*eval_include_path DIR"):
+        run(dataclasses.replace(config, eval_tasks=("nope",), eval_include_path=None, output=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
