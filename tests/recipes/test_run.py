@@ -387,7 +387,8 @@ def test_shipped_configs_dry_run_from_the_command_line_with_no_hub_cache(path, t
 def _data_free_config(model_dir, output, generate=None, **extra) -> RunConfig:
     return build_config(RunConfig, overrides={
         "model": {"source": str(model_dir)}, "data": {"seq_len": 16}, "output": str(output),
-        "generate": generate or {"tokens": 12 * 16, "batch_size": 4, "shard_tokens": 64, "autocast": "none"},
+        "generate": generate or {"tokens": 12 * 16, "batch_size": 4, "shard_tokens": 64, "autocast": "none",
+                                 "workers": 1},
         "score": {"num_samples": 4, "batch_size": 4, "loss_samples": 0},
         "recover": {"global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 32, "warmup_steps": 1},
         "report": {"enabled": False},
