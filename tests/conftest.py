@@ -318,10 +318,7 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(autouse=True)
-def _capture_minicompress_logs(caplog):
-    """The CLI's logging setup (run by earlier tests) stops ``minicompress`` records at its own
-    handler; hand caplog's handler to that logger so every test's caplog sees them."""
-    logger = logging.getLogger("minicompress")
-    logger.addHandler(caplog.handler)
-    yield
-    logger.removeHandler(caplog.handler)
+def _capture_minicompress_logs(monkeypatch):
+    """The CLI's logging setup (run by earlier tests) stops ``minicompress`` records from
+    propagating to the root logger, where caplog listens: let them through for every test."""
+    monkeypatch.setattr(logging.getLogger("minicompress"), "propagate", True)
