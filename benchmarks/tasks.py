@@ -112,28 +112,12 @@ def build_questions(text: str, n: int, *, context_sentences: int = 2, seed: int 
 
 def write_task(folder: Path, rows: list[dict]) -> Path:
     """The lm-eval task (``<TASK>.jsonl`` + ``<TASK>.yaml``, a local datasets cache) in ``folder``."""
+    from minicompress.tasks import choice_task_yaml
+
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{TASK}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / f"{TASK}.yaml").write_text(f"""task: {TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {folder / "hf-datasets-cache"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
+    (folder / f"{TASK}.yaml").write_text(choice_task_yaml(TASK, data, folder / "hf-datasets-cache"))
     return folder
 
 

@@ -60,6 +60,31 @@ INSTALL_HINT = "pip install 'minicompress[tasks]'"
 BOOTSTRAP_ITERS = 1000
 
 
+def choice_task_yaml(name: str, data_file: str | Path, cache_dir: str | Path) -> str:
+    """The lm-eval task YAML of a local multiple-choice task: JSONL rows ``{"context",
+    "choices", "label"}`` in ``data_file``, scored by ``acc`` and ``acc_norm`` (the README's
+    "Task accuracy" example); ``cache_dir`` is the datasets cache it converts into."""
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+  cache_dir: {cache_dir}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
 def import_lm_eval(flag: str = "--tasks"):
     """``lm_eval``, or a one-line error naming ``flag`` and the install command.
 

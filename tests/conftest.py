@@ -269,28 +269,12 @@ def choice_rows(n: int = 10, seed: int = 0) -> list[dict]:
 
 def write_choice_task(folder: Path, rows: list[dict], name: str = "tiny_choice") -> Path:
     """A local lm-eval multiple-choice task (``<name>.jsonl`` + ``<name>.yaml``) in ``folder``."""
+    from minicompress.tasks import choice_task_yaml
+
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / f"{name}.yaml").write_text(f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {folder / 'hf-cache'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
+    (folder / f"{name}.yaml").write_text(choice_task_yaml(name, data, folder / 'hf-cache'))
     return folder
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .. import arch
 from ..config import GenerateConfig, to_dict
@@ -125,18 +125,15 @@ def plan_workers(requested: int, device: torch.device, pending: int) -> tuple[in
 
 
 def _write_shard(teacher: torch.nn.Module, starts: torch.Tensor, shard: int, lo: int, hi: int, work: Path,
-                 settings: dict[str, Any], on_tokens) -> None:
+                 config: GenerateConfig, bos: int | None, autocast: str, on_tokens) -> None:
     """Generate rows ``lo:hi`` (shard ``shard``, its own random stream) and write its file atomically."""
-    from safetensors.torch import save_file
-
-    device = model_device(teacher)
-    gen = torch.Generator(device=device).manual_seed(settings["seed"] * 1_000_003 + shard)
+    gen = torch.Generator(device=model_device(teacher)).manual_seed(config.seed * 1_000_003 + shard)
     parts = []
-    for b in range(lo, hi, settings["batch_size"]):
-        part = sample_batch(teacher, starts[b:min(b + settings["batch_size"], hi)], settings["seq_len"],
-                            greedy_tokens=settings["greedy_tokens"], top_k=settings["top_k"], top_p=settings["top_p"],
-                            temperature=settings["temperature"], samples=settings["samples"], generator=gen,
-                            autocast=settings["autocast"], bos_token_id=settings["bos"], on_tokens=on_tokens)
+    for b in range(lo, hi, config.batch_size):
+        part = sample_batch(teacher, starts[b:min(b + config.batch_size, hi)], config.data.seq_len,
+                            greedy_tokens=config.greedy_tokens, top_k=config.top_k, top_p=config.top_p,
+                            temperature=config.temperature, samples=config.samples, generator=gen,
+                            autocast=autocast, bos_token_id=bos, on_tokens=on_tokens)
         parts.append({k: v.cpu() for k, v in part.items()})
     name = _shard_name(shard)
     save_file({"input_ids": torch.cat([p["input_ids"] for p in parts]).to(torch.int32).contiguous(),
@@ -161,16 +158,15 @@ def _worker_advance(n: int) -> None:
 
 
 def _worker_run(teacher: torch.nn.Module, starts: torch.Tensor, jobs: list[tuple[int, int, int]], work: str,
-                settings: dict[str, Any]) -> int:
+                shard_args: tuple) -> int:
     """A worker process: write each ``(shard, lo, hi)`` of ``jobs``; returns how many."""
     teacher.eval()
     for shard, lo, hi in jobs:
-        _write_shard(teacher, starts, shard, lo, hi, Path(work), settings, _worker_advance)
+        _write_shard(teacher, starts, shard, lo, hi, Path(work), *shard_args, _worker_advance)
     return len(jobs)
 
 
-def _run_workers(teacher, starts, jobs, work: Path, settings: dict[str, Any], workers: int, threads: int,
-                 bar) -> None:
+def _run_workers(teacher, starts, jobs, work: Path, shard_args: tuple, workers: int, threads: int, bar) -> None:
     """Shards ``jobs`` over ``workers`` spawned processes (round robin), advancing ``bar``."""
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -181,7 +177,7 @@ def _run_workers(teacher, starts, jobs, work: Path, settings: dict[str, Any], wo
     counter = ctx.Value("q", 0)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(counter, threads)) as pool:
-        futures = [pool.submit(_worker_run, teacher, starts, jobs[w::workers], str(work), settings)
+        futures = [pool.submit(_worker_run, teacher, starts, jobs[w::workers], str(work), shard_args)
                    for w in range(workers)]
         seen = 0
         while True:
@@ -244,9 +240,7 @@ def generate(config: GenerateConfig, *, teacher: torch.nn.Module | None = None, 
     if workers > 1:
         log.info("generate: %d worker processes of %d thread(s) each, %d shard(s) to write", workers, threads,
                  len(jobs))
-    settings = {k: getattr(config, k) for k in ("seed", "batch_size", "greedy_tokens", "top_k", "top_p",
-                                                "temperature", "samples")}
-    settings.update(seq_len=seq_len, bos=bos, autocast=precision["resolved"])
+    shard_args = (config, bos, precision["resolved"])  # what every shard needs besides its rows
 
     t0 = time.perf_counter()
     generated = sum(hi - lo for _, lo, hi in jobs) * seq_len
@@ -254,9 +248,9 @@ def generate(config: GenerateConfig, *, teacher: torch.nn.Module | None = None, 
         bar.advance(rows * seq_len - generated)
         if workers == 1:
             for shard, lo, hi in jobs:
-                _write_shard(teacher, starts, shard, lo, hi, work, settings, bar.advance)
+                _write_shard(teacher, starts, shard, lo, hi, work, *shard_args, bar.advance)
         else:
-            _run_workers(teacher, starts, jobs, work, settings, workers, threads, bar)
+            _run_workers(teacher, starts, jobs, work, shard_args, workers, threads, bar)
     with (work / f".{TEXT_FILE}.tmp").open("w") as f:
         for shard in range(n_shards):
             ids = load_file(str(work / _shard_name(shard)))["input_ids"]

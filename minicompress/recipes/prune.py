@@ -29,6 +29,7 @@ from ..outputs import (atomic_folder, check_output, provenance, read_provenance,
                       write_model_card, write_provenance)
 from ..progress import progress_bar
 from ..prune import apply_plan_, make_plan, pruned_copy
+from ..quantize import is_quantized
 from ..search import row_target, search_architecture, validate_target, zero_shot_ranking
 from ..scoring import ImportanceScores
 from .score import calibration_batches, score
@@ -91,7 +92,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                        "layer_metric": target.layer_metric}, record_extra)
     if model is None:
         model, tokenizer = load_model(config.model)
-        if getattr(model.config, "quantization_config", None) is not None:  # kept only for torchao folders
+        if is_quantized(model):
             raise MinicompressError(f"--model {config.model.source}: a torchao-quantized model cannot be pruned; "
                                     "prune the float model, then quantize it")
         if hf_config is None:
