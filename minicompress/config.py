@@ -174,6 +174,18 @@ class DataConfig:
         if not self.text_field:
             raise ConfigError("text_field: must be a non-empty field name")
 
+    def sources(self) -> list[tuple[str, float]]:
+        """``[(source, weight), ...]``: the mixture, or ``[(source, 1.0)]`` (empty without a source)."""
+        if self.mixture:
+            return [(m.source, float(m.weight)) for m in self.mixture]
+        return [] if self.source is None else [(self.source, 1.0)]
+
+    def describe(self) -> str | None:
+        """The source, or the mixture in ``--data-mix`` form (``a=0.7,b=0.3``); None without either."""
+        if self.mixture:
+            return ",".join(f"{src}={w:g}" for src, w in self.sources())
+        return self.source
+
 
 @dataclass(frozen=True)
 class EvalConfig:

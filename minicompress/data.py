@@ -89,6 +89,23 @@ def _read_file(path: Path, text_field: str, documents: str) -> list[str]:
     raise MinicompressError(f"--data: {path} has unsupported suffix {suffix!r}; allowed: {', '.join(TEXT_SUFFIXES)}")
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def check_local_source(key: str, source: str, error: type[Exception] = MinicompressError) -> None:
+    """Refuse a source that names a local file or folder which does not exist (a Hub id passes).
+
+    Args:
+        key: the flag or config key named in the error (``--data``, ``data.mixture[1].source``).
+        source: the source as given.
+        error: the exception class raised.
+    """
+    path = Path(source).expanduser()
+    looks_local = path.suffix.lower() in TEXT_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not path.exists():
+        raise error(f"{key}: no such file or folder: {path}")
+
+
 def _parse_hub_spec(spec: str) -> tuple[str, str | None, str]:
     name, _, split = spec.partition("@")
     name, _, subset = name.partition(":")
@@ -366,6 +383,41 @@ def sample_calibration(sequences: torch.Tensor, num_samples: int, seed: int = 0)
     n = sequences.shape[0]
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, num_samples)]
     return sequences[idx.sort().values]
+
+
+def load_calibration(config: DataConfig, tokenizer, num_samples: int) -> torch.Tensor:
+    """Calibration rows from ``config``'s source or mixture (scoring, the pruning search).
+
+    One source: :func:`sample_calibration` of :func:`load_sequences` with ``config.seed``.
+    A mixture: each source gives its share of ``num_samples`` by weight (largest
+    remainder, so the counts are exact and sum to ``num_samples``), drawn the same way from
+    its own rows, and the rows of all sources are shuffled together with ``config.seed``
+    (so any first rows, e.g. the layer-loss samples, hold every source).
+
+    Args:
+        config: the data settings (``source`` or ``mixture``).
+        tokenizer: the model's tokenizer.
+        num_samples: rows wanted.
+
+    Returns:
+        ``[N, config.seq_len]`` int64 rows, ``N <= num_samples`` (fewer only where a source
+        holds fewer rows than its share).
+
+    Raises:
+        MinicompressError: no source, or a source that cannot be read.
+    """
+    from .mixture import check_weights, largest_remainder
+
+    specs = config.sources()
+    if not specs:
+        raise MinicompressError("--data: a data source is required")
+    if not config.mixture:
+        return as_tensor(sample_calibration(load_sequences(config, tokenizer), num_samples, config.seed))
+    counts = largest_remainder(check_weights([w for _, w in specs]), num_samples)
+    parts = [as_tensor(sample_calibration(load_sequences(config, tokenizer, source=src), count, config.seed))
+             for (src, _), count in zip(specs, counts) if count]
+    rows = torch.cat(parts)
+    return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(config.seed))]
 
 
 def iterate_batches(sequences: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

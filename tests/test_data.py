@@ -276,3 +276,51 @@ def test_a_mixture_weight_must_be_positive_and_a_source_must_exist(tmp_path, tin
     cfg = build_config(RecoverConfig, overrides=["teacher.source=x", f"data.mixture={tmp_path / 'nope.txt'}=1"])
     with pytest.raises(MinicompressError, match="no such file"):
         load_training_data(cfg.data, tiny_tokenizer, eval_tokens=0)
+
+
+def _two_sources(tmp_path):
+    from conftest import corpus_text
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(corpus_text(40, seed=1))
+    b.write_text(corpus_text(40, seed=2))
+    return a, b
+
+
+def test_calibration_from_a_mixture_draws_each_source_by_weight(tmp_path, tiny_tokenizer):
+    from minicompress.config import SourceConfig
+    from minicompress.data import load_calibration
+
+    a, b = _two_sources(tmp_path)
+    one = DataConfig(source=str(a), seq_len=8, seed=3)  # one source: exactly the draw scoring always made
+    assert torch.equal(load_calibration(one, tiny_tokenizer, 10),
+                       as_tensor(sample_calibration(load_sequences(one, tiny_tokenizer), 10, 3)))
+    cfg = DataConfig(seq_len=8, seed=3, mixture=(SourceConfig(str(a), 0.7), SourceConfig(str(b), 0.3)))
+    rows = load_calibration(cfg, tiny_tokenizer, 10)
+    rows_a = {tuple(r) for r in _rows(DataConfig(source=str(a), seq_len=8), tiny_tokenizer).tolist()}
+    rows_b = {tuple(r) for r in _rows(DataConfig(source=str(b), seq_len=8), tiny_tokenizer).tolist()}
+    got = [tuple(r) for r in rows.tolist()]
+    assert len(set(got)) == 10 and sum(r in rows_a for r in got) == 7 and sum(r in rows_b for r in got) == 3
+    assert any(r in rows_b for r in got[:5])  # shuffled together: the first rows are not all from a
+    assert torch.equal(rows, load_calibration(cfg, tiny_tokenizer, 10))  # deterministic
+    assert cfg.describe() == f"{a}=0.7,{b}=0.3" and one.describe() == str(a)
+
+
+def test_a_teacher_cache_of_a_mixture_holds_the_mixtures_stream(tmp_path, tiny_tokenizer):
+    from conftest import make_tiny_model
+    from minicompress.config import ModelConfig, SourceConfig, TeacherCacheConfig
+    from minicompress.data import load_training_data
+    from minicompress.recipes.teacher_cache import write_teacher_cache
+    from minicompress.teacher_cache import TeacherCache
+
+    a, b = _two_sources(tmp_path)
+    cfg = DataConfig(seq_len=8, seed=0, mixture=(SourceConfig(str(a), 3), SourceConfig(str(b), 1)))
+    out = tmp_path / "cache"
+    write_teacher_cache(TeacherCacheConfig(teacher=ModelConfig(source="in-memory"), data=cfg, tokens=40 * 8,
+                                           output=str(out), kind="sampled", samples=4),
+                        teacher=make_tiny_model("llama"), tokenizer=tiny_tokenizer)
+    cache = TeacherCache(out)
+    stream = load_training_data(cfg, tiny_tokenizer, 0, seed=0).rows(torch.arange(40))
+    assert torch.equal(cache.input_ids.long(), stream)
+    index = json.loads((out / "teacher_cache.json").read_text())
+    assert index["sources"] == {str(a): 30 * 8, str(b): 10 * 8}

@@ -22,6 +22,7 @@ import torch
 from .. import distributed
 from ..arch import count_parameters, describe
 from ..config import PruneConfig
+from ..data import check_local_source
 from ..errors import MinicompressError
 from ..checkpoint import working_folder
 from ..models import load_config, load_model
@@ -191,7 +192,6 @@ def _check_data(config: PruneConfig) -> None:
     Text is needed to score (no ``scores``) and by every ``target_params`` search: it
     ranks the candidate shapes by their loss on that text and distils the best few on it.
     """
-    source = config.data.source
     needs = None
     if config.target.target_params is not None:
         needs = ("the architecture search of --target-params needs calibration text: it ranks the candidate "
@@ -200,13 +200,10 @@ def _check_data(config: PruneConfig) -> None:
         needs = "scoring needs calibration text (or reuse scores written by minicompress score with --scores)"
     if needs is None:
         return
-    if source is None:
+    if not config.data.sources():
         raise MinicompressError(f"--data: a data source is required; {needs}")
-    path = Path(source).expanduser()
-    looks_local = path.suffix.lower() in (".txt", ".jsonl", ".json", ".parquet") or \
-        source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local and not path.exists():
-        raise MinicompressError(f"--data: no such file or folder: {path}")
+    for source, _ in config.data.sources():
+        check_local_source("--data", source)
 
 
 def _check_search_folder(config: PruneConfig) -> tuple[Path, bool] | None:

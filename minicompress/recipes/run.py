@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 from ..arch import count_parameters, describe, get_adapter, head_dim, num_kv_heads
 from ..config import ModelConfig, RecoverConfig, RunConfig, TargetConfig, build_config, to_dict
+from ..data import check_local_source
 from ..errors import ConfigError, MinicompressError
 from ..outputs import provenance, read_provenance, settings_digest, write_json_atomic, write_provenance
 
@@ -64,7 +65,6 @@ REPORT_LABELS = {"model": "model", "parameters": "parameters", "ratio": "ratio",
                  "wall_time_s": "wall time (s)", "tokens": "recovery tokens"}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_hidden_layers")
-_TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
 def load_run_config(config: RunConfig | str | Path, overrides: dict | list[str] | None = None) -> RunConfig:
@@ -197,13 +197,13 @@ def _resized(config: Any, sizes: dict[str, Any]) -> Any:
     return new
 
 
-def _check_data_source(key: str, source: str | None) -> None:
-    if source is None:
-        return
-    path = Path(source).expanduser()
-    looks_local = path.suffix.lower() in _TEXT_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1
-    if looks_local and not path.exists():
-        raise ConfigError(f"{key}: no such file or folder: {path}")
+def _check_data_sources(key: str, data) -> None:
+    """Every local file or folder ``data`` names (its source or each mixture source) exists."""
+    if data.mixture:
+        for i, (source, _) in enumerate(data.sources()):
+            check_local_source(f"{key}.mixture[{i}].source", source, ConfigError)
+    elif data.source is not None:
+        check_local_source(f"{key}.source", data.source, ConfigError)
 
 
 def _original_config(config: RunConfig):
@@ -257,8 +257,8 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
     Raises:
         MinicompressError: the first problem, naming ``stages[i] (name)`` and the key.
     """
-    _check_data_source("data.source", config.data.source)
-    _check_data_source("eval_data.source", config.eval_data.source)
+    _check_data_sources("data", config.data)
+    _check_data_sources("eval_data", config.eval_data)
     original = _original_config(config)
     total = count_parameters(original)["total"]
     rows = []

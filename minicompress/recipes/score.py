@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed
 from ..config import ScoreConfig
-from ..data import iterate_batches, load_sequences, sample_calibration
+from ..data import iterate_batches, load_calibration
 from ..errors import MinicompressError
 from ..hardware import resolve_autocast
 from ..models import load_model, load_model_on_rank0, resolve_device
@@ -36,7 +36,7 @@ def calibration_batches(config: ScoreConfig, tokenizer) -> tuple[list[torch.Tens
     data = config.data
     if data.max_tokens is None:  # read only what the samples need (with slack for shuffling)
         data = dataclasses.replace(data, max_tokens=max(config.num_samples * data.seq_len * 4, 1 << 20))
-    sequences = sample_calibration(load_sequences(data, tokenizer), config.num_samples, data.seed)
+    sequences = load_calibration(data, tokenizer, config.num_samples)  # one source, or a mixture by weight
     if sequences.shape[0] < config.num_samples:
         log.warning("calibration: only %d sequences of %d tokens available (asked for %d)",
                     sequences.shape[0], data.seq_len, config.num_samples)
@@ -67,7 +67,7 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
     world = distributed.init_from_env()
     if config.output is not None:
         check_output(config.output, config.overwrite)
-    if config.data.source is None:
+    if not config.data.sources():
         raise MinicompressError("--data: scoring needs calibration text (never the evaluation split)")
     sharded = model is None and world > 1
     if sharded:
@@ -98,7 +98,7 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
         scores = score_model(model, batches, sequence_aggregation=config.sequence_aggregation,
                              batch_aggregation=config.batch_aggregation, loss_batches=loss_batches,
                              autocast=config.autocast, progress=bar,
-                             meta={"source": config.model.source, "data": config.data.source}, reduce=reduce)
+                             meta={"source": config.model.source, "data": config.data.describe()}, reduce=reduce)
     scores.meta["seconds"] = round(time.perf_counter() - start, 2)
     scores.meta.update(world_size=world, fsdp=sharded)
     if config.output is not None and distributed.is_main():

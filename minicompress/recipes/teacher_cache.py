@@ -16,7 +16,7 @@ import torch
 
 from .. import arch
 from ..config import TeacherCacheConfig, to_dict
-from ..data import as_tensor, load_sequences
+from ..data import as_tensor, load_sequences, load_training_data
 from ..errors import MinicompressError
 from ..runtime import autocast_context, final_hidden, model_device
 from ..models import TORCH_DTYPES, load_model
@@ -42,7 +42,11 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
     ``data.load_sequences(config.data)`` -- the same order :func:`recover` reads with the
     same ``data`` settings: its held-out sequences are rows ``[0, n_eval)`` and its first
     epoch trains on rows ``n_eval, n_eval + 1, ...``. So a cache of
-    ``eval_tokens + tokens`` tokens covers a whole single-epoch recovery. Each shard
+    ``eval_tokens + tokens`` tokens covers a whole single-epoch recovery. With
+    ``data.mixture`` the rows are the mixture's stream (stream positions ``0, 1, ...`` of
+    :class:`~minicompress.data.TrainingData` with nothing held out, each source's rows by
+    its weight), at most as many as the sources hold together; ``teacher_cache.json``
+    records the tokens of each source under ``sources``. Each shard
     ``shard-XXXXX.safetensors`` holds ``input_ids [r, L]`` int32, ``topk_values [r, L, k]``
     (``values_dtype``; the teacher's final logits, soft-capping applied) and
     ``topk_indices [r, L, k]`` int32 (``sampled``: ``sample_logprobs`` and
@@ -72,13 +76,19 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
     if config.kind == "topk" and config.top_k > vocab:
         raise MinicompressError(f"top_k: {config.top_k} exceeds the teacher's vocabulary ({vocab})")
     k = config.top_k if config.kind == "topk" else config.samples
-    sequences = load_sequences(config.data, tokenizer)
-    seq_len = sequences.shape[1]
-    rows = min(sequences.shape[0], max(config.tokens // seq_len, 1))
+    seq_len = config.data.seq_len
+    mixed = None
+    if config.data.mixture:  # the mixture's stream: rows drawn by weight, as recover draws them
+        mixed = load_training_data(config.data, tokenizer, 0, seed=config.data.seed)
+        available = mixed.num_train
+    else:
+        sequences = load_sequences(config.data, tokenizer)
+        available = sequences.shape[0]
+    rows = min(available, max(config.tokens // seq_len, 1))
     if rows * seq_len < config.tokens:
         log.warning("teacher-cache: the data holds %d sequences; caching %d tokens, not %d",
-                    sequences.shape[0], rows * seq_len, config.tokens)
-    sequences = sequences[:rows]
+                    available, rows * seq_len, config.tokens)
+    sequences = mixed.rows(torch.arange(rows)) if mixed is not None else sequences[:rows]
     rows_per_shard = max(config.shard_tokens // seq_len, 1)
     values_dtype = TORCH_DTYPES[config.values_dtype]
     shards = []
@@ -131,6 +141,7 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
             "values_dtype": config.values_dtype,
             "softcap_applied": arch.logit_softcap(teacher),
             "data": to_dict(config.data),
+            "sources": mixed.tokens_per_source(rows, seq_len) if mixed is not None else {config.data.source: rows * seq_len},
             "shards": shards,
         }
         write_json_atomic(tmp / CACHE_INDEX_FILE, index)

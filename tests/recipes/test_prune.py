@@ -469,3 +469,29 @@ def test_each_distilled_candidate_is_released_before_the_next(tmp_path, tiny_mod
         assert not any(alive), (when, alive)
         assert not workspace, when
     assert trims[:3] == [1, 2, 3]
+
+
+def test_score_and_a_search_read_a_mixture(tmp_path, tiny_llama, text_corpus, capsys):
+    """``--data-mix`` works for ``score`` and for ``prune --target-params`` (calibration rows and the
+    search's short distillation both draw by weight); a mixture naming a missing file is refused
+    up front with the key, leaving nothing."""
+    from conftest import corpus_text
+
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_text(12, seed=5) + "\n")
+    mix = f"{text_corpus}=0.7,{other}=0.3"
+    assert main(["score", "--model", str(tiny_llama), "--data-mix", mix, "--seq-len", "16", "--num-samples", "10",
+                 "--batch-size", "5", "--output", str(tmp_path / "s")]) == 0
+    scores = ImportanceScores.load(tmp_path / "s")
+    assert scores.meta["data"] == mix and scores.meta["num_samples"] == 10
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["prune", "--model", str(tiny_llama), "--target-params", "0.7", "--search-batches", "2",
+            "--search-distill-candidates", "1", "--search-distill-tokens", "64", "--seq-len", "16",
+            "--output", str(tmp_path / "searched"), *SEARCH_RECOVER]
+    capsys.readouterr()
+    assert main(args + ["--data-mix", f"{text_corpus}=0.7,{tmp_path / 'nope.txt'}=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data: no such file or folder" in err and "nope.txt" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert main(args + ["--data-mix", mix]) == 0
+    assert (tmp_path / "searched" / "config.json").is_file()

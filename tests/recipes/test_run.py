@@ -343,3 +343,18 @@ def test_run_report_has_a_task_accuracy_column_per_task(tmp_path, tiny_llama, te
     with pytest.raises(MinicompressError, match=r"^eval_tasks: unknown task 'nope' .*eval_include_path DIR"):
         run(dataclasses.replace(config, eval_tasks=("nope",), eval_include_path=None, output=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_dry_run_checks_every_source_of_a_mixture(tmp_path, tiny_llama, text_corpus):
+    config = build_config(RunConfig, overrides={
+        "model": {"source": str(tiny_llama)}, "output": str(tmp_path / "r"),
+        "data": {"seq_len": 16, "mixture": [{"source": str(text_corpus), "weight": 0.7},
+                                            {"source": str(tmp_path / "nope.txt"), "weight": 0.3}]},
+        "recover": {"global_batch_tokens": 64, "micro_batch_size": 2},
+        "stages": [{"name": "ffn", "target": {"intermediate_size": 48}, "tokens": 128}]})
+    with pytest.raises(MinicompressError, match=r"^data.mixture\[1\].source: no such file or folder: .*nope.txt$"):
+        dry_run(config)
+    ok = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, mixture=(config.data.mixture[0], dataclasses.replace(config.data.mixture[1], source=str(text_corpus)))))
+    assert [row["name"] for row in dry_run(ok)["stages"]] == ["ffn"]
+    assert not (tmp_path / "r").exists()
