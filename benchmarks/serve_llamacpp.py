@@ -429,11 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs of the one-time build (default 2)")
     parser.add_argument("--version", default=VERSION, help=f"llama-cpp-python sdist to build (default {VERSION})")
     parser.add_argument("--no-torch", action="store_true", help="skip minicompress's own perplexity")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only re-run llama-bench on the GGUF files of an earlier --output JSON and update its "
+                             "speed columns (e.g. on an idle machine); nothing is converted or scored")
     parser.add_argument("--output", default=str(OUT / "serve_llamacpp.json"))
     args = parser.parse_args(argv)
     console = make_console()
     try:
-        return run(args, console)
+        return remeasure_speed(args, console) if args.speed_only else run(args, console)
     except ServeError as err:
         console.print(f"error: {err}", style="red")
         return 2
@@ -510,6 +513,38 @@ def run(args, console) -> int:
             "total_seconds": time.perf_counter() - started}
     out = write_json(args.output, run_record(benchmark="serve_llamacpp", **info, models=records))
     console.print(f"wrote {out} in {info['total_seconds']:.0f} s (load average {load_start} -> {info['loadavg_end']})")
+    return 0
+
+
+def remeasure_speed(args, console) -> int:
+    """``--speed-only``: llama-bench again on every file of ``args.output``; the JSON is updated
+    in place (the earlier speeds kept under ``speed_first_run``)."""
+    from minicompress.models import cache_dir
+
+    path = Path(args.output)
+    if not path.is_file():
+        raise ServeError(f"--speed-only: {path} does not exist; run the benchmark without --speed-only first")
+    record = json.loads(path.read_text())
+    bin_dir = cache_dir() / "llamacpp" / record["llama_cpp_python"] / "build" / "bin"
+    if not (bin_dir / "llama-bench").is_file():
+        raise ServeError(f"--speed-only: no llama-bench under {bin_dir}; run the benchmark without --speed-only")
+    load_start = load_average()
+    for model in record["models"]:
+        for qtype, result in model["gguf"].items():
+            gguf = Path(model["files"][qtype])
+            if not gguf.is_file():
+                raise ServeError(f"--speed-only: {gguf} is gone; run the benchmark without --speed-only")
+            console.log(f"{model['model']} {qtype}: llama-bench")
+            result.setdefault("speed_first_run", {k: result.get(k) for k in ("prefill", "decode")})
+            result.update(llama_bench(bin_dir, gguf, args.prompt_tokens, args.gen_tokens, args.threads,
+                                      args.bench_reps))
+    record["bench"] = {"prompt": args.prompt_tokens, "gen": args.gen_tokens, "reps": args.bench_reps}
+    record["speed_remeasured"] = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": args.threads,
+                                  "loadavg_start": load_start, "loadavg_end": load_average()}
+    types = tuple(record["models"][0]["gguf"])
+    show(console, record["models"], types, args, record["windows"])
+    write_json(path, record)
+    console.print(f"updated the speed columns of {path} (load average {load_start} -> {load_average()})")
     return 0
 
 

@@ -138,3 +138,9 @@ def test_compare_tokens(serve):
     assert serve.compare_tokens([5, 9, 7], [5, 6, 7], 3) == {"same": False, "first_difference": 1, "compared": 3}
     # llama.cpp read fewer tokens than asked for
     assert serve.compare_tokens([5, 6], [5, 6, 7], 3) == {"same": False, "first_difference": 2, "compared": 2}
+
+
+def test_speed_only_refuses_a_missing_record_in_one_line(serve, tmp_path, capsys):
+    assert serve.main(["--speed-only", "--output", str(tmp_path / "none.json")]) == 2
+    out = capsys.readouterr().out
+    assert "error: --speed-only:" in out and "does not exist" in out and not (tmp_path / "none.json").exists()
