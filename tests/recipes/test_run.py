@@ -226,6 +226,141 @@ def _expected_params(name: str, original: int) -> float:
     return {"pct": value / 100 * original, "b": value * 1e9, "m": value * 1e6}[match[2]]
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_dry_run_to_the_size_in_their_names(path, text_corpus, tmp_path):
+    raw = yaml.safe_load(path.read_text())
+    source = raw["model"]["source"]
+    overrides = {"model": {"source": str(CONFIG_JSONS / f"{_SOURCES[source]}.json")},
+                 "data": {"source": str(text_corpus)}, "eval_data": {"source": str(text_corpus)},
+                 "output": str(tmp_path / "out")}
+    plan = dry_run(build_config(RunConfig, path, overrides))
+    original = plan["original"]["parameters"]["total"]
+    for row in plan["stages"]:
+        expected = _expected_params(row["name"], original)
+        assert abs(row["params"] - expected) <= 0.03 * expected, (row["name"], row["params"], expected)
+        assert row["memory_bytes"] > 0
+    # the file name states the last stage's target too: "-50" (percent) or "-to-6b" / "-13b" (parameters;
+    # "to-4b" is Minitron's 4.5B model, named 4B after its non-embedding size, hence the looser bound)
+    last = plan["stages"][-1]
+    percent = re.search(r"-(\d+)$", path.stem)
+    billions = re.search(r"-(\d+(?:\.\d+)?)b$", path.stem)
+    if percent:
+        assert abs(last["ratio"] - int(percent[1]) / 100) <= 0.03 * int(percent[1]) / 100
+    elif billions:
+        assert abs(last["params"] / 1e9 - float(billions[1])) <= 0.15 * float(billions[1])
+
+
+def test_estimate_memory_prune_only_is_input_plus_output():
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(CONFIG_JSONS / "smollm2-135m.json"))
+    memory = estimate_memory(config, None, None, dtype="bfloat16", prune_input=config)
+    assert memory == {"prune": 2 * 2 * 134_515_008, "total": 2 * 2 * 134_515_008}
+
+
+def test_api_is_lazy_and_callable():
+    import subprocess
+
+    import minicompress as mc
+
+    code = ("import sys, minicompress as mc, minicompress.cli\n"
+            "mc.__all__, mc.__version__\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert mc.make_plan.__name__ == "make_plan" and mc.score.__name__ == "score_model"
+    assert mc.run is run and mc.dry_run is dry_run and mc.evaluate is evaluate
+    assert mc.recover.__module__ == "minicompress.recipes.recover"
+
+
+def _search_run(model_dir, corpus, output, search=None, stage_search=None) -> RunConfig:
+    stage = {"name": "s", "target": {"target_params": 0.7}, "tokens": 0}
+    if stage_search is not None:
+        stage["search"] = stage_search
+    extra = {"stages": [stage, {"name": "e", "target": {"intermediate_size": 32}, "tokens": 0}]}
+    if search is not None:
+        extra["search"] = search
+    return _run_config(model_dir, corpus, output, **extra)
+
+
+def test_search_settings_reach_the_stage_prune_and_its_digest(tmp_path, tiny_llama, text_corpus, monkeypatch):
+    from minicompress.recipes import prune as prune_recipe
+
+    search = {"batches": 2, "distill_candidates": 2, "distill_tokens": "128", "width_multiple": 8,
+              "recover": {"global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 64, "lr": 1e-3}}
+    config = _search_run(tiny_llama, text_corpus, tmp_path / "r", search=search)
+    pc = config.stage_prune_config(0, model=config.model)
+    assert (pc.search_batches, pc.search_distill_candidates, pc.search_distill_tokens, pc.target.width_multiple) == \
+        (2, 2, 128, 8)
+    assert pc.search_recover == search["recover"] and pc.data == config.data and pc.score == config.score
+    # a stage's own search section wins over the run's
+    override = _search_run(tiny_llama, text_corpus, tmp_path / "r", search=search,
+                           stage_search={"distill_candidates": 1})
+    assert override.stage_prune_config(0, model=config.model).search_distill_candidates == 1
+
+    seen = []
+    monkeypatch.setattr(prune_recipe, "prune", lambda cfg, **kw: seen.append(cfg) or (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    (used,) = seen
+    assert (used.search_batches, used.search_distill_candidates, used.search_distill_tokens,
+            used.target.width_multiple, used.search_recover) == (2, 2, 128, 8, search["recover"])
+    assert used.target.target_params > 1 and used.resume and used.output.endswith("stage-1-s")
+
+    # every search setting is in the digest of the search stage and of the stages after it
+    digest = run_module._stage_digest
+    base = [digest(config, 0), digest(config, 1)]
+    for change in ({"batches": 3}, {"distill_candidates": 1}, {"distill_tokens": 192}, {"width_multiple": 16},
+                   {"recover": {**search["recover"], "lr": 2e-3}}):
+        changed = _search_run(tiny_llama, text_corpus, tmp_path / "r", search={**search, **change})
+        assert digest(changed, 0) != base[0] and digest(changed, 1) != base[1], change
+    per_stage = _search_run(tiny_llama, text_corpus, tmp_path / "r", search=search, stage_search={"batches": 3})
+    assert digest(per_stage, 0) != base[0]
+    assert digest(_search_run(tiny_llama, text_corpus, tmp_path / "r", search=dict(search)), 0) == base[0]
+
+
+def test_explicit_stage_digests_ignore_search_settings(tmp_path, tiny_llama, text_corpus):
+    """A run of explicit sizes only keeps its digests (and finished stages) when search settings change."""
+    plain = _run_config(tiny_llama, text_corpus, tmp_path / "r")
+    searched = _run_config(tiny_llama, text_corpus, tmp_path / "r", search={"distill_candidates": 1})
+    assert [run_module._stage_digest(plain, i) for i in (0, 1)] == \
+        [run_module._stage_digest(searched, i) for i in (0, 1)]
+
+
+def test_a_resumed_run_with_other_search_settings_is_refused(tmp_path, tiny_llama, text_corpus):
+    search = {"batches": 2, "distill_candidates": 0, "width_multiple": 8}
+    config = _search_run(tiny_llama, text_corpus, tmp_path / "r", search=search)
+    config = dataclasses.replace(config, stages=config.stages[:1], report=dataclasses.replace(config.report,
+                                                                                              enabled=False))
+    assert run(config)["stages"][0]["status"] == "done"
+    assert run(config)["stages"][0]["status"] == "skipped"
+    changed = dataclasses.replace(config, search={**search, "batches": 3})
+    with pytest.raises(MinicompressError, match=r"stages\[0\] \(s\): .* other settings; pass --overwrite"):
+        run(changed)
+
+
+@pytest.mark.parametrize("search, stage_search, fragment", [
+    ({"foo": 1}, None, "search.foo: unknown key; allowed keys of search: batches, distill_candidates"),
+    ({"recover": {"lr": -1}}, None, "search.recover.lr: must be a number > 0"),
+    (None, {"distill_tokens": 10}, "stages[0].search.distill_tokens: the budget (10) is less than one optimizer step"),
+    ({"batches": 0}, None, "search.batches: must be a number > 0"),
+    ({"recover": {"output": "x"}}, None, "search.recover.output: set by the prune"),
+    (None, {"width_multiple": "x"}, "stages[0].search.width_multiple: expected int"),
+])
+def test_search_setting_errors_name_the_key(tmp_path, tiny_llama, text_corpus, capsys, search, stage_search, fragment):
+    config = {"model": str(tiny_llama), "data": {"source": str(text_corpus), "seq_len": 16},
+              "stages": [{"name": "a", "target": {"target_params": 0.5}, **({"search": stage_search} if stage_search
+                                                                            else {})}]}
+    if search is not None:
+        config["search"] = search
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+
 _DRY_RUN_EACH = """
 import sys
 from minicompress.cli import main
