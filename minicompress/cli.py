@@ -478,6 +478,9 @@ def _eval_setup(p: argparse.ArgumentParser) -> None:
                 help="lm-evaluation-harness tasks to score, e.g. boolq,piqa,hellaswag,winogrande,arc_easy,"
                      "arc_challenge,openbookqa (pip install 'minicompress[tasks]'; --batch-size requests per forward; "
                      "without --data: accuracy only)")
+    config_flag(p, "--compare", key="compare", metavar="SOURCE,...",
+                help="more models evaluated the same way, a row each beside --model (e.g. the pruned, recovered "
+                     "and quantized folders; same --dtype and --device)")
     config_flag(p, "--include-path", key="include_path", metavar="DIR",
                 help="with --tasks: a folder of extra lm-eval task YAMLs (local tasks over JSONL files)")
     config_flag(p, "--num-fewshot", key="num_fewshot", metavar="N",
@@ -506,6 +509,21 @@ def _task_rows(tasks: dict[str, dict]) -> list[dict]:
         if metrics.get("acc") is None and metrics.get("acc_norm") is None:  # other metrics (exact_match, ...)
             row["other"] = {k: v for k, v in metrics.items() if k != "n" and not k.endswith("_stderr")}
         rows.append({k: "-" if v is None else v for k, v in row.items()})
+    return rows
+
+
+def _compare_rows(cfg, results: dict) -> list[dict]:
+    """``--compare``: one row per model (``--model`` first), size and speed as ratios to it."""
+    rows = []
+    for entry in [{"model": cfg.model.source, **results}, *results["compare"]]:
+        row = {"model": Path(entry["model"]).name or entry["model"], "parameters": f"{entry.get('parameters', 0):,}",
+               "size on disk": _mib(entry.get("size_on_disk_bytes")), "perplexity": entry.get("perplexity")}
+        if "kl_to_teacher" in entry:
+            row["KL to teacher"] = entry["kl_to_teacher"]
+        for key, label in (("prefill_tokens_per_s", "prefill tok/s"), ("decode_tokens_per_s", "decode tok/s")):
+            if entry.get(key) is not None:
+                row[label] = f"{entry[key]:,.1f} ({entry[key] / results[key]:.2f}x)" if results.get(key) else entry[key]
+        rows.append(row)
     return rows
 
 
@@ -540,7 +558,10 @@ def eval_command(args: argparse.Namespace) -> int:
     if cfg.data.source is None:
         title = f"eval {cfg.model.source} (no --data: no perplexity)"
     shown.pop("tasks", None)
+    shown.pop("compare", None)
     render_table(title, shown)
+    if results.get("compare"):
+        render_table(f"side by side on {cfg.data.source} (seq_len {cfg.data.seq_len})", _compare_rows(cfg, results))
     if "tasks" in results:
         shots = "each task's default shots" if cfg.num_fewshot is None else f"{cfg.num_fewshot}-shot"
         render_table(f"task accuracy of {cfg.model.source} (lm-evaluation-harness, {shots}"

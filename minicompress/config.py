@@ -214,6 +214,10 @@ class EvalConfig:
         include_path: a folder of extra lm-eval task YAMLs (local tasks over JSONL files).
         num_fewshot: examples per prompt of every task (None: each task's default).
         task_limit: score only the first this many documents of each task (a quick check).
+        compare: more models evaluated the same way, one table row each beside ``model``
+            (``--compare pruned/,recovered/,quantized/``): the teacher, pruned, recovered and
+            quantized side by side; each loads with ``model``'s dtype and device and is
+            released before the next.
         output: JSON file for the results (None: print only).
         overwrite: replace an existing output.
     """
@@ -236,12 +240,17 @@ class EvalConfig:
     include_path: str | None = None
     num_fewshot: int | None = None
     task_limit: int | None = None
+    compare: tuple[str, ...] = ()
     output: str | None = None
     overwrite: bool = False
 
     def __post_init__(self):
         _check_tasks("tasks", self.tasks, self.include_path, self.num_fewshot, self.task_limit,
                      ("include_path", "num_fewshot", "task_limit"))
+        if any(not str(c).strip() for c in self.compare):
+            raise ConfigError("compare: each entry must name a model (folder, .gguf file, Hub id or built-in name)")
+        if self.compare and self.data.source is None:
+            raise ConfigError("data.source: --compare needs a text to evaluate on (--data PATH)")
         if self.data.source is None:
             if not self.tasks:
                 raise ConfigError("data.source: eval needs a text to evaluate on (--data PATH), or --tasks for "

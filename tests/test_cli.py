@@ -129,6 +129,28 @@ def test_eval_with_teacher_and_speed(llama_dir, text_corpus, tmp_path):
     assert results["prefill_tokens_per_s"] > 0 and results["decode_tokens_per_s"] > 0
 
 
+def test_eval_compare_puts_models_side_by_side_each_as_its_own_eval(llama_dir, tiny_model_dir, text_corpus, tmp_path,
+                                                                     capsys):
+    other = str(tiny_model_dir("llama", seed=3, intermediate_size=32))
+    out, alone = tmp_path / "side.json", tmp_path / "alone.json"
+    common = ["--teacher", llama_dir, "--data", str(text_corpus), "--seq-len", "16", "--max-tokens", "96",
+              "--prefill-tokens", "8", "--decode-tokens", "2"]
+    assert main(["eval", "--model", llama_dir, "--compare", f"{other},{llama_dir}", *common, "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "side by side" in printed and "(1.00x)" in printed
+    results = json.loads(out.read_text())["results"]
+    first, second = results["compare"]
+    assert first["model"] == other and second["model"] == llama_dir
+    assert second["perplexity"] == pytest.approx(results["perplexity"], rel=1e-6)  # the same model: the same numbers
+    assert main(["eval", "--model", other, *common, "--output", str(alone), "-q"]) == 0
+    own = json.loads(alone.read_text())["results"]
+    for key in ("perplexity", "kl_to_teacher", "top1_agreement", "parameters", "size_on_disk_bytes", "tokens"):
+        assert first[key] == pytest.approx(own[key], rel=1e-6), key
+    assert first["parameters"] < results["parameters"]
+    assert main(["eval", "--model", llama_dir, "--compare", str(tmp_path / "nope"), *common, "-q"]) == 2
+    assert "--compare" in capsys.readouterr().err
+
+
 def test_priority_file_then_flags_then_overrides(llama_dir, text_corpus, tmp_path):
     config = tmp_path / "eval.yaml"
     config.write_text(f"data:\n  source: {text_corpus}\n  seq_len: 32\n  max_tokens: 200\nbatch_size: 2\n"

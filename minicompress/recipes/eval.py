@@ -122,7 +122,8 @@ def run_eval(config: EvalConfig) -> dict:
         disk, peak memory of the perplexity run, and prefill/decode speed; with a draft
         ``acceptance_rate``, ``draft_speedup`` and the other ``draft_*`` keys; with
         ``config.tasks``, ``tasks``: ``{task: {"acc", "acc_stderr", "acc_norm", ..., "n"}}``
-        (:func:`minicompress.tasks.evaluate_tasks`; no perplexity without ``data.source``).
+        (:func:`minicompress.tasks.evaluate_tasks`; no perplexity without ``data.source``);
+        with ``config.compare``, ``compare``: one ``{"model", ...the same keys}`` per model.
     """
     manager = None
     if config.tasks:  # unknown tasks and a missing lm-eval fail before any model is loaded
@@ -157,7 +158,34 @@ def run_eval(config: EvalConfig) -> dict:
         out["tasks"] = evaluate_tasks(model, tokenizer, config.tasks, include_path=config.include_path,
                                       num_fewshot=config.num_fewshot, limit=config.task_limit,
                                       batch_size=config.batch_size, autocast=config.autocast, manager=manager)
+    if config.compare:
+        del model, draft
+        out["compare"] = [compare_model(config, source, teacher) for source in config.compare]
     return out
+
+
+def compare_model(config: EvalConfig, source: str, teacher=None) -> dict:
+    """One ``--compare`` model, evaluated exactly as ``config.model`` (same text, windows of its
+    own tokenizer, precision, speed test and teacher), then released.
+
+    Returns:
+        ``{"model": source, **evaluate_model(...)}``.
+
+    Raises:
+        MinicompressError: the model cannot load, or its vocabulary differs from the teacher's.
+    """
+    import dataclasses
+
+    model, tokenizer = load_for_flag(dataclasses.replace(config.model, source=source), "--compare")
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise MinicompressError(f"--compare {source}: vocabulary size {model.config.vocab_size} differs from the "
+                                f"teacher's {teacher.config.vocab_size}; KL needs the same tokenizer")
+    log.info("evaluating %s (--compare)", source)
+    windows = text_windows(config.data, tokenizer, config.stride)
+    result = evaluate_model(model, tokenizer, windows, teacher=teacher, batch_size=config.batch_size,
+                            autocast=config.autocast, speed=config.speed, prefill_tokens=config.prefill_tokens,
+                            decode_tokens=config.decode_tokens, source=source)
+    return {"model": source, **result}
 
 
 def evaluate_draft(model, draft, prompts: list, *, new_tokens: int, draft_tokens: int, autocast: str = "auto") -> dict:
