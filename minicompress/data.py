@@ -89,9 +89,6 @@ def _read_file(path: Path, text_field: str, documents: str) -> list[str]:
     raise MinicompressError(f"--data: {path} has unsupported suffix {suffix!r}; allowed: {', '.join(TEXT_SUFFIXES)}")
 
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-
-
 def check_local_source(key: str, source: str, error: type[Exception] = MinicompressError) -> None:
     """Refuse a source that names a local file or folder which does not exist (a Hub id passes).
 
@@ -135,9 +132,8 @@ def read_documents(source: str, text_field: str = "text", documents: str = "spli
         docs = [d for f in files for d in _read_file(f, text_field, documents)]
     elif path.is_file():
         docs = _read_file(path, text_field, documents)
-    elif path.suffix.lower() in TEXT_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise MinicompressError(f"--data: no such file or folder: {path}")
     else:
+        check_local_source("--data", source)
         docs = _read_hub(source, text_field)
     docs = [d.strip("\n") for d in docs if d and d.strip()]
     if not docs:
@@ -406,14 +402,14 @@ def load_calibration(config: DataConfig, tokenizer, num_samples: int) -> torch.T
     Raises:
         MinicompressError: no source, or a source that cannot be read.
     """
-    from .mixture import check_weights, largest_remainder
+    from .mixture import largest_remainder
 
     specs = config.sources()
     if not specs:
         raise MinicompressError("--data: a data source is required")
     if not config.mixture:
         return as_tensor(sample_calibration(load_sequences(config, tokenizer), num_samples, config.seed))
-    counts = largest_remainder(check_weights([w for _, w in specs]), num_samples)
+    counts = largest_remainder([w for _, w in specs], num_samples)  # validates the weights
     parts = [as_tensor(sample_calibration(load_sequences(config, tokenizer, source=src), count, config.seed))
              for (src, _), count in zip(specs, counts) if count]
     rows = torch.cat(parts)

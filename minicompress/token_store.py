@@ -98,8 +98,7 @@ def _source_files(source: str) -> tuple[Path, list[Path]] | None:
         return path, files
     if path.is_file():
         return path.parent, [path]
-    if path.suffix.lower() in data.TEXT_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise MinicompressError(f"--data: no such file or folder: {path}")
+    data.check_local_source("--data", source)
     return None
 
 
