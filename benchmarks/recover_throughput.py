@@ -75,7 +75,7 @@ from rich.console import Console
 
 from minicompress import arch
 from minicompress.config import DataConfig
-from minicompress.data import load_sequences
+from minicompress.data import as_tensor, load_sequences
 from minicompress.config import LossConfig
 from minicompress.train import make_optimizer, compile_layers_, count_targets, micro_batch_loss, shift_labels
 from minicompress.runtime import autocast_context
@@ -286,8 +286,8 @@ def load_pair(name: str, student_path: str | None, perturb: float):
 def bench_model(name: str, args, console: Console) -> dict:
     batch = args.smollm_batch if name.startswith("smollm") else args.gemma_batch
     teacher, student, tokenizer = load_pair(name, args.student if name.startswith("smollm") else None, args.perturb)
-    ids = load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
-                                    max_tokens=batch * args.seq_len * 4), tokenizer)[:batch]
+    ids = as_tensor(load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
+                                              max_tokens=batch * args.seq_len * 4), tokenizer)[:batch])
     optimizer = make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
     extra_chunks = tuple(int(c) for c in args.ours_chunks.split(",") if c)
     wanted = args.variants.split(",") + [f"ours-chunk{c}" for c in extra_chunks]
@@ -459,8 +459,8 @@ def bench_defaults(args, console: Console) -> dict:
     teacher, student, tokenizer = load_pair("smollm2-135m", args.student, args.perturb)
     teacher_low = copy.deepcopy(teacher).to(TORCH_DTYPES[teacher_dtype]) if teacher_dtype != "float32" else teacher
     batch = args.smollm_batch
-    ids = load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
-                                    max_tokens=batch * args.seq_len * 4), tokenizer)[:batch]
+    ids = as_tensor(load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
+                                              max_tokens=batch * args.seq_len * 4), tokenizer)[:batch])
     with torch.no_grad():  # the sampled cache's targets for this batch: 12 teacher draws per position
         logp = torch.log_softmax(teacher(ids).logits.float(), dim=-1)
         draws = torch.multinomial(logp.view(-1, logp.shape[-1]).exp(), 12, replacement=True,
