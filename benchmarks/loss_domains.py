@@ -105,7 +105,8 @@ def main() -> None:
         sys.exit(f"error: --generated {args.generated}: no such file")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    docs = work / f"stdlib-docstrings-py{sys.version_info.major}.{sys.version_info.minor}.txt"
+    docs = work / (f"stdlib-docstrings-py{sys.version_info.major}.{sys.version_info.minor}"
+                   f"-min{args.min_docstring_chars}.txt")  # rebuilt when either changes
     if not docs.is_file():
         docs.write_text(stdlib_docstrings(args.min_docstring_chars), encoding="utf-8")
 

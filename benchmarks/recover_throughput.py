@@ -283,11 +283,16 @@ def load_pair(name: str, student_path: str | None, perturb: float):
     return teacher, student, tokenizer
 
 
+def brown_rows(tokenizer, batch: int, seq_len: int) -> torch.Tensor:
+    """The first ``batch`` sequences of the corpus' Brown text: ``[batch, seq_len]`` token ids."""
+    return as_tensor(load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=seq_len,
+                                               max_tokens=batch * seq_len * 4), tokenizer)[:batch])
+
+
 def bench_model(name: str, args, console: Console) -> dict:
     batch = args.smollm_batch if name.startswith("smollm") else args.gemma_batch
     teacher, student, tokenizer = load_pair(name, args.student if name.startswith("smollm") else None, args.perturb)
-    ids = as_tensor(load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
-                                              max_tokens=batch * args.seq_len * 4), tokenizer)[:batch])
+    ids = brown_rows(tokenizer, batch, args.seq_len)
     optimizer = make_optimizer([p for p in student.parameters()], lr=0.0, weight_decay=0.0)
     extra_chunks = tuple(int(c) for c in args.ours_chunks.split(",") if c)
     wanted = args.variants.split(",") + [f"ours-chunk{c}" for c in extra_chunks]
@@ -459,8 +464,7 @@ def bench_defaults(args, console: Console) -> dict:
     teacher, student, tokenizer = load_pair("smollm2-135m", args.student, args.perturb)
     teacher_low = copy.deepcopy(teacher).to(TORCH_DTYPES[teacher_dtype]) if teacher_dtype != "float32" else teacher
     batch = args.smollm_batch
-    ids = as_tensor(load_sequences(DataConfig(source=str(DATA / "corpus" / "brown.txt"), seq_len=args.seq_len,
-                                              max_tokens=batch * args.seq_len * 4), tokenizer)[:batch])
+    ids = brown_rows(tokenizer, batch, args.seq_len)
     with torch.no_grad():  # the sampled cache's targets for this batch: 12 teacher draws per position
         logp = torch.log_softmax(teacher(ids).logits.float(), dim=-1)
         draws = torch.multinomial(logp.view(-1, logp.shape[-1]).exp(), 12, replacement=True,
