@@ -14,9 +14,10 @@ the same schedule (AdamW betas 0.9/0.95, lr 1e-3, warmup a tenth of the steps up
 cosine to 0, grad clip 1, 8 x 512 tokens per step as 2 micro batches of 4), bf16 autocast
 over float32 master weights where the CPU has native bf16 (as ``autocast: auto``):
 
-* ``ours``: ``minicompress recover`` with its defaults (0.5 forward KL + 0.5 CE, live bf16
-  teacher, decoder layers compiled from 262,144 tokens on);
-* ``ours-kl`` (forward KL only, GKD's loss) and ``ours-ce`` (CE only, SFT's loss);
+* ``ours``: ``minicompress recover`` with 0.5 forward KL + 0.5 CE (its default when these rows
+  were measured; live bf16 teacher, decoder layers compiled from 262,144 tokens on);
+* ``ours-kl`` (forward KL only, GKD's loss; ``recover``'s default since) and ``ours-ce`` (CE
+  only, SFT's loss);
 * ``trl-gkd``: TRL 1.16 ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (no on-policy
   generation), ``beta=0`` (forward KL), temperature 1. Its collator (``DataCollatorForChatML``)
   needs chat messages: each 512-token row becomes ``user`` = its first 64 tokens decoded,
@@ -37,7 +38,8 @@ reported too. The training clock sums optimizer steps (data, forward, backward, 
 leaves out checkpoint writing and evaluation, for TRL and for ours alike.
 
 **Pruning peers** (``--part pruning``), each pruned from the teacher, evaluated, then recovered
-by ``minicompress recover`` with the same defaults and budget:
+by ``minicompress recover`` with the same settings and budget (the ``ours`` row's: 0.5 KL + 0.5 CE,
+the default when the rows were measured):
 
 * ``ours-searched``: ``--student`` (our pruner's searched shape) - its recovery is the ``ours`` run;
 * ``ours-fixed``: our activation importance (``--scores``) at the peers' fixed shape;
@@ -93,16 +95,17 @@ SCORES = "~/.cache/minicompress/runs/scores/smollm2-128"
 
 #: recovery rows: how each trains the student
 RECOVERY = {
-    "ours": {"kind": "ours", "loss": {}, "what": "minicompress recover, defaults (0.5 KL + 0.5 CE)"},
+    "ours": {"kind": "ours", "loss": {"kl_weight": 0.5, "ce_weight": 0.5},
+             "what": "minicompress recover, 0.5 KL + 0.5 CE (the default until 2026-12-03)"},
     "ours-kl": {"kind": "ours", "loss": {"kl_weight": 1.0, "ce_weight": 0.0},
-                "what": "minicompress recover, forward KL"},
+                "what": "minicompress recover, forward KL (the default)"},
     "ours-ce": {"kind": "ours", "loss": {"kl_weight": 0.0, "ce_weight": 1.0}, "what": "minicompress recover, CE only"},
     "trl-gkd": {"kind": "gkd", "liger": False, "what": "TRL GKDTrainer lmbda=0 beta=0 (forward KL)"},
     "trl-gkd-liger": {"kind": "gkd", "liger": True, "what": "TRL GKDTrainer lmbda=0 beta=0, use_liger_kernel"},
     "trl-sft": {"kind": "sft", "what": "TRL SFTTrainer (cross-entropy)"},
 }
 DEFAULT_RECOVERY = ("ours", "ours-kl", "trl-gkd", "trl-gkd-liger", "trl-sft")
-#: pruning rows, in order; each is recovered by ``minicompress recover`` (defaults)
+#: pruning rows, in order; each is recovered by ``minicompress recover`` as the ``ours`` row (0.5 KL + 0.5 CE)
 PRUNING = {
     "ours-searched": "minicompress prune, searched shape (--student)",
     "ours-fixed": "minicompress activation importance, fixed shape",

@@ -738,8 +738,8 @@ def _recover_setup(p: argparse.ArgumentParser) -> None:
     config_flag(p, "--warmup-steps", key="warmup_steps", help="linear warmup steps")
     config_flag(p, "--loss", key="loss.kind", choices=LOSS_KINDS, help="logit divergence (default forward_kl)")
     config_flag(p, "--temperature", key="loss.temperature", help="softmax temperature (default 1)")
-    config_flag(p, "--kl-weight", key="loss.kl_weight", help="weight of the logit divergence (default 0.5)")
-    config_flag(p, "--ce-weight", key="loss.ce_weight", help="weight of cross-entropy on the text (default 0.5)")
+    config_flag(p, "--kl-weight", key="loss.kl_weight", help="weight of the logit divergence (default 1)")
+    config_flag(p, "--ce-weight", key="loss.ce_weight", help="weight of cross-entropy on the text (default 0: forward KL alone)")
     config_flag(p, "--intermediate-weight", key="loss.intermediate_weight",
                 help="> 0 adds Minitron's intermediate-state loss (dynamic weight)")
     config_flag(p, "--autocast", key="autocast", choices=AUTOCAST, help=AUTOCAST_HELP)

@@ -92,7 +92,7 @@ def test_trl_arguments_follow_recovers_schedule(peers, tmp_path):
     assert args["warmup_steps"] == 6 and args["save_steps"] == 8
     assert (args["learning_rate"], args["adam_beta1"], args["adam_beta2"], args["max_grad_norm"]) == (1e-3, 0.9, 0.95, 1.0)
     assert args["train_sampling_strategy"] == "sequential" and not args["gradient_checkpointing"]
-    assert cfg.loss.kl_weight == 0.5 and cfg.loss.ce_weight == 0.5  # recover's defaults
+    assert cfg.loss.kl_weight == 1.0 and cfg.loss.ce_weight == 0.0  # recover's defaults ("recover": {})
     small = peers.recover_config({**spec, "recover": {"global_batch_tokens": 512}, "seq_len": 64, "tokens": 4096},
                                  tmp_path / "m")
     args = peers.trl_arguments(small, tmp_path / "t", bf16=False)
