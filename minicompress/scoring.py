@@ -456,7 +456,9 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
         batch_aggregation: ``mean`` / ``l2`` / ``var`` over samples.
         loss_batches: batches for the per-layer loss increase (None or empty: skip).
         autocast: ``none`` or ``bfloat16``.
-        progress: optional object with ``advance(n)`` (a progress bar), called per batch.
+        progress: optional object with ``advance(n)`` and ``update(description=...)`` (a
+            progress bar), advanced by each batch's samples: ``len(batches)`` samples, then
+            ``(num_hidden_layers + 1) x`` the ``loss_batches`` samples of the layer-loss score.
         meta: extra JSON-able facts to store with the scores.
         reduce: for several ranks (torchrun), a function that sums a tensor over the
             ranks in place (:func:`minicompress.distributed.all_reduce_sum`). Each rank
@@ -514,6 +516,8 @@ def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggre
     }
     scores = scorer.result(info)
     if loss_batches or (reduce is not None and loss_batches is not None):
+        if progress is not None:
+            progress.update(description="score (layer loss)")
         scores.base_loss, scores.layer_loss = layer_loss_increase(model, loss_batches, autocast=autocast,
                                                                   progress=progress, reduce=reduce, idle=idle)
         scores.meta["loss_samples"] = sum(b.shape[0] for b in loss_batches if b is not None)
@@ -532,7 +536,8 @@ def layer_loss_increase(model: nn.Module, batches: list[torch.Tensor], autocast:
     With ``reduce`` (several ranks, each with its share of ``batches``) the summed NLL
     and target counts are summed over ranks before dividing. A ``None`` in ``batches``
     (a sharded model's padding, see :func:`score_model`) runs ``idle`` ``[1, T]`` and
-    discards its loss.
+    discards its loss. ``progress`` (optional, with ``advance(n)``) advances by each real
+    batch's samples, ``num_hidden_layers + 1`` times in all.
 
     Returns:
         ``(base_loss, [L] increase)``.
@@ -550,6 +555,8 @@ def layer_loss_increase(model: nn.Module, batches: list[torch.Tensor], autocast:
                 s, c = lm_loss(model, (idle if ids is None else ids).to(device))
             if ids is not None:
                 total, count = total + s, count + c
+                if progress is not None:
+                    progress.advance(ids.shape[0])
         if reduce is not None:
             total, count = reduce(torch.tensor([total, count], dtype=torch.float64)).tolist()
         return total / count
@@ -559,8 +566,6 @@ def layer_loss_increase(model: nn.Module, batches: list[torch.Tensor], autocast:
     for i in range(model.config.num_hidden_layers):
         with skip_layer(model, i):
             increase.append(mean_loss() - base)
-        if progress is not None:
-            progress.advance(0)
     return base, torch.tensor(increase, dtype=torch.float32)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -117,20 +118,24 @@ def test_a_heartbeat_logs_while_a_long_step_runs(monkeypatch, caplog):
 
 
 def test_cli_score_with_stderr_to_a_pipe_logs_plain_progress_lines(tmp_path, tiny_model_dir, text_corpus):
-    """``minicompress score ... 2> file``: progress lines reach stderr, one per line, no bar escapes."""
+    """``minicompress score ... 2> file``: progress lines reach stderr, one per line, no bar escapes;
+    the layer-loss score's forwards are counted too (the bar does not sit at 100% while they run)."""
     model_dir = tiny_model_dir("llama")
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     env = {**os.environ, "MINICOMPRESS_PROGRESS": "1", "MINICOMPRESS_PROGRESS_INTERVAL": "0", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("FORCE_COLOR", None)
     result = subprocess.run([sys.executable, "-m", "minicompress", "score", "--model", str(model_dir), "--data",
                              str(text_corpus), "--seq-len", "16", "--num-samples", "8", "--batch-size", "2",
-                             "--loss-samples", "0", "--output", str(tmp_path / "scores")],
+                             "--loss-samples", "2", "--output", str(tmp_path / "scores")],
                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     err = result.stderr
     assert "\x1b" not in err and "\r" not in err, repr(err[:500])  # no cursor moves, colours or redraws
-    lines = [line for line in err.splitlines() if " score " in f" {line}" and " samples/s elapsed " in line]
+    total = 8 + (layers + 1) * 2  # the activation pass, then the full model and each layer skipped
+    lines = [line for line in err.splitlines() if " score" in f" {line}" and " seq/s elapsed " in line]
     assert lines, err
-    assert all(re.search(r"INFO score \d+/8 samples \([\d.]+%\) .* samples/s elapsed \d\d:\d\d ETA", line)
-               for line in lines), lines
-    assert "score 8/8 samples (100.0%)" in lines[-1]
+    assert all(re.search(rf"INFO score( \(layer loss\))? \d+/{total} seq \([\d.]+%\) .* seq/s elapsed \d\d:\d\d ETA",
+                         line) for line in lines), lines
+    assert any("score 8/" in line for line in lines)  # the activation pass's end, before the layer loss
+    assert f"score (layer loss) {total}/{total} seq (100.0%)" in lines[-1]

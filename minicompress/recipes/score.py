@@ -93,8 +93,12 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
                     share += [None] * (-(-len(whole) // world) - len(share))
         batches, loss_batches = shares
         n, reduce = sum(b.shape[0] for b in batches if b is not None), distributed.all_reduce_sum
+    # the bar counts sequences through the model: the activation pass, then the layer-loss
+    # score's (num_hidden_layers + 1) passes over its own samples
+    loss_n = sum(b.shape[0] for b in loss_batches or () if b is not None)
+    forwards = n + (model.config.num_hidden_layers + 1) * loss_n
     start = time.perf_counter()
-    with progress_bar("score", n, unit="samples") as bar:
+    with progress_bar("score", forwards, unit="seq") as bar:
         scores = score_model(model, batches, sequence_aggregation=config.sequence_aggregation,
                              batch_aggregation=config.batch_aggregation, loss_batches=loss_batches,
                              autocast=config.autocast, progress=bar,
