@@ -38,10 +38,10 @@ reported too. The training clock sums optimizer steps (data, forward, backward, 
 leaves out checkpoint writing and evaluation, for TRL and for ours alike.
 
 **Pruning peers** (``--part pruning``), each pruned from the teacher, evaluated, then recovered
-by ``minicompress recover`` with the same settings and budget (the ``ours`` row's: 0.5 KL + 0.5 CE,
-the default when the rows were measured):
+by ``minicompress recover`` with the same settings and budget as the ``ours-kl`` row (forward KL
+alone, ``recover``'s default):
 
-* ``ours-searched``: ``--student`` (our pruner's searched shape) - its recovery is the ``ours`` run;
+* ``ours-searched``: ``--student`` (our pruner's searched shape) - its recovery is the ``ours-kl`` run;
 * ``ours-fixed``: our activation importance (``--scores``) at the peers' fixed shape;
 * ``shortgpt``: ShortGPT (Men et al., arXiv 2403.03853): drop the layers of lowest Block
   Influence ``1 - cos(x_in, x_out)``, computed by minicompress's own scorer (the same BI);
@@ -105,7 +105,7 @@ RECOVERY = {
     "trl-sft": {"kind": "sft", "what": "TRL SFTTrainer (cross-entropy)"},
 }
 DEFAULT_RECOVERY = ("ours", "ours-kl", "trl-gkd", "trl-gkd-liger", "trl-sft")
-#: pruning rows, in order; each is recovered by ``minicompress recover`` as the ``ours`` row (0.5 KL + 0.5 CE)
+#: pruning rows, in order; each is recovered by ``minicompress recover`` as the ``ours-kl`` row (forward KL)
 PRUNING = {
     "ours-searched": "minicompress prune, searched shape (--student)",
     "ours-fixed": "minicompress activation importance, fixed shape",
@@ -708,27 +708,28 @@ def plot(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.5))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(17, 5.5), gridspec_kw={"width_ratios": (1.1, 1)})
     teacher = record.get("teacher_eval") or {}
-    if teacher.get("perplexity"):
-        ax.scatter([record["teacher_parameters"]], [teacher["perplexity"]], marker="*", s=160, color="k",
-                   label=f"teacher {teacher['perplexity']:.1f}")
+    if teacher.get("perplexity"):  # a line, not a point: the students sit at half its size, far off to the right
+        ax.axhline(teacher["perplexity"], color="k", ls="--", lw=1,
+                   label=f"teacher {teacher['perplexity']:.1f} ({record['teacher_parameters'] / 1e6:.1f}M)")
     for i, (name, row) in enumerate(record.get("pruning", {}).items()):
         pruned = (row.get("pruned") or {}).get("wikitext", {}).get("perplexity")
         recovered = (row.get("recovered") or {}).get("wikitext", {}).get("perplexity")
         if not row.get("parameters") or pruned is None:
             continue
-        color = f"C{i % 10}"
-        ax.scatter([row["parameters"]], [pruned], facecolors="none", edgecolors=color, s=60)
+        color, x = f"C{i % 10}", row["parameters"] / 1e6
+        ax.scatter([x], [pruned], facecolors="none", edgecolors=color, s=60)
         if recovered is not None:
-            ax.scatter([row["parameters"]], [recovered], color=color, s=60,
-                       label=f"{name} {pruned:,.0f} -> {recovered:,.1f}")
-            ax.plot([row["parameters"]] * 2, [pruned, recovered], color=color, ls=":", lw=1)
+            ax.scatter([x], [recovered], color=color, s=60,
+                       label=f"{name} {row.get('shape', '')}: {pruned:,.0f} -> {recovered:,.1f}")
+            ax.plot([x] * 2, [pruned, recovered], color=color, ls=":", lw=1)
+            ax.annotate(name, (x, recovered), xytext=(5, -3), textcoords="offset points", fontsize=7, color=color)
         else:
             ax.scatter([], [], facecolors="none", edgecolors=color, label=f"{name} {pruned:,.0f} (pruned)")
-    ax.set(xlabel="parameters (tied embedding once)", ylabel="WikiText-2 perplexity", yscale="log",
+    ax.set(xlabel="parameters, millions (tied embedding once)", ylabel="WikiText-2 perplexity (log)", yscale="log",
            title=f"pruned (hollow) and recovered at {record['tokens']:,} tokens (filled)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     names, speeds, labels = [], [], []
     for name, row in record.get("recovery", {}).items():
         if row.get("status") == "done":
@@ -915,11 +916,15 @@ def main() -> None:
             continue
         record["pruning"][m] = row
         save()
-        name = "ours" if m == "ours-searched" else f"prune-{m}"
-        res = run_child(spec_for(name, "ours", folder), sys.executable, console)
+        name = "ours-kl" if m == "ours-searched" else f"prune-{m}"
+        done = record["recovery"].get(name) if name == "ours-kl" else None
+        if done and done.get("status") == "done":  # the recovery part's "ours-kl" row is this very run
+            res = done
+        else:
+            res = run_child(spec_for(name, "ours", folder, RECOVERY["ours-kl"]["loss"]), sys.executable, console)
         row["recovered"] = res if res.get("status") == "done" else None
-        if name == "ours":  # the same run as the recovery part's "ours" row
-            record["recovery"]["ours"] = res
+        if name == "ours-kl":
+            record["recovery"]["ours-kl"] = res
         if res.get("status") != "done":
             row.update(status="failed", error=f"recovery: {res.get('error')}")
         save()
