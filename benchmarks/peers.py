@@ -916,15 +916,14 @@ def main() -> None:
             continue
         record["pruning"][m] = row
         save()
-        name = "ours-kl" if m == "ours-searched" else f"prune-{m}"
-        done = record["recovery"].get(name) if name == "ours-kl" else None
-        if done and done.get("status") == "done":  # the recovery part's "ours-kl" row is this very run
-            res = done
-        else:
+        # the searched student's recovery is the recovery part's "ours-kl" row: reuse it when recorded
+        res = record["recovery"].get("ours-kl") if m == "ours-searched" else None
+        if not res or res.get("status") != "done":
+            name = "ours-kl" if m == "ours-searched" else f"prune-{m}"
             res = run_child(spec_for(name, "ours", folder, RECOVERY["ours-kl"]["loss"]), sys.executable, console)
+            if m == "ours-searched":
+                record["recovery"]["ours-kl"] = res
         row["recovered"] = res if res.get("status") == "done" else None
-        if name == "ours-kl":
-            record["recovery"]["ours-kl"] = res
         if res.get("status") != "done":
             row.update(status="failed", error=f"recovery: {res.get('error')}")
         save()

@@ -442,6 +442,24 @@ def skip_layer(model: nn.Module, index: int) -> Iterator[None]:
         handle.remove()
 
 
+def count_score_forwards(batches: list, loss_batches: list | None, num_hidden_layers: int) -> int:
+    """Sequences :func:`score_model` runs through the model, what its ``progress`` counts to.
+
+    Args:
+        batches: the calibration batches (``None`` entries, a sharded rank's padding, not counted).
+        loss_batches: the layer-loss batches (None or empty: no layer-loss score).
+        num_hidden_layers: decoder layers; the layer-loss score runs its samples once whole and
+            once with each layer skipped.
+
+    Returns:
+        The activation pass's samples plus ``(num_hidden_layers + 1)`` x the layer-loss samples.
+    """
+    def samples(bs) -> int:
+        return sum((b[0] if isinstance(b, tuple) else b).shape[0] for b in bs or () if b is not None)
+
+    return samples(batches) + (num_hidden_layers + 1) * samples(loss_batches)
+
+
 @torch.no_grad()
 def score_model(model: nn.Module, batches: list[torch.Tensor], *, sequence_aggregation: str = "mean",
                 batch_aggregation: str = "l2", loss_batches: list[torch.Tensor] | None = None,

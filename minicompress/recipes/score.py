@@ -21,7 +21,7 @@ from ..hardware import resolve_autocast
 from ..models import load_model, load_model_on_rank0, resolve_device
 from ..outputs import (atomic_folder, check_output, provenance, write_provenance)
 from ..progress import progress_bar
-from ..scoring import ImportanceScores, score_model
+from ..scoring import ImportanceScores, count_score_forwards, score_model
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,10 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
     elif model is None:
         model, tokenizer = load_model(config.model)
     batches, loss_batches = calibration_batches(config, tokenizer)
-    n = sum(b.shape[0] for b in batches)
     reduce = None
     if world > 1:  # this rank's share; None: no layer-loss score on any rank
         if len(batches) < world:
+            n = sum(b.shape[0] for b in batches)
             raise MinicompressError(f"num_samples: {n} samples make {len(batches)} batches of batch_size "
                                     f"{config.batch_size}, fewer than the {world} ranks; lower batch_size")
         rank = distributed.rank()
@@ -92,11 +92,8 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
                 if share is not None:
                     share += [None] * (-(-len(whole) // world) - len(share))
         batches, loss_batches = shares
-        n, reduce = sum(b.shape[0] for b in batches if b is not None), distributed.all_reduce_sum
-    # the bar counts sequences through the model: the activation pass, then the layer-loss
-    # score's (num_hidden_layers + 1) passes over its own samples
-    loss_n = sum(b.shape[0] for b in loss_batches or () if b is not None)
-    forwards = n + (model.config.num_hidden_layers + 1) * loss_n
+        reduce = distributed.all_reduce_sum
+    forwards = count_score_forwards(batches, loss_batches, model.config.num_hidden_layers)
     start = time.perf_counter()
     with progress_bar("score", forwards, unit="seq") as bar:
         scores = score_model(model, batches, sequence_aggregation=config.sequence_aggregation,
