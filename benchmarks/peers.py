@@ -28,7 +28,11 @@ over float32 master weights where the CPU has native bf16 (as ``autocast: auto``
 * ``trl-gkd-liger``: the same with ``use_liger_kernel=True`` (Liger's kernels are Triton: it
   runs from its own environment, ``--liger-python``; on a CPU the row records the error);
 * ``trl-sft``: TRL ``SFTTrainer``, cross-entropy only, on the very same token rows
-  (``input_ids`` given, no packing, ``max_length=512``).
+  (``input_ids`` given, no packing, ``max_length=512``);
+* ``ours-kl-glibc`` / ``trl-gkd-malloc`` (not in the default set): the allocator ablation.
+  ``recover`` keeps freed heap blocks mapped (:func:`minicompress.hardware.keep_freed_memory`);
+  the first row runs it with glibc's defaults, the second gives TRL the same setting through
+  glibc's ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_``.
 
 TRL runs with ``gradient_checkpointing=False`` (its default is True: slower; see
 ``--trl-gradient-checkpointing``), ``train_sampling_strategy="sequential"`` (the same order as
@@ -93,6 +97,8 @@ VENVS = Path("~/.cache/minicompress/venvs").expanduser()
 STUDENT = "~/.cache/minicompress/runs/students/smollm2-50-searched"
 SCORES = "~/.cache/minicompress/runs/scores/smollm2-128"
 
+#: glibc's environment for what ``keep_freed_memory`` sets with mallopt: no mmap, never trim
+GLIBC_KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
 #: recovery rows: how each trains the student
 RECOVERY = {
     "ours": {"kind": "ours", "loss": {"kl_weight": 0.5, "ce_weight": 0.5},
@@ -103,6 +109,13 @@ RECOVERY = {
     "trl-gkd": {"kind": "gkd", "liger": False, "what": "TRL GKDTrainer lmbda=0 beta=0 (forward KL)"},
     "trl-gkd-liger": {"kind": "gkd", "liger": True, "what": "TRL GKDTrainer lmbda=0 beta=0, use_liger_kernel"},
     "trl-sft": {"kind": "sft", "what": "TRL SFTTrainer (cross-entropy)"},
+    # the allocator ablation (issue 18): recover keeps freed blocks mapped (minicompress.hardware.keep_freed_memory);
+    # ours with glibc's defaults, and TRL given the same setting through glibc's environment variables
+    "ours-kl-glibc": {"kind": "ours", "loss": {"kl_weight": 1.0, "ce_weight": 0.0},
+                      "env": {"MINICOMPRESS_MALLOC": "default"},
+                      "what": "minicompress recover, forward KL, glibc's malloc defaults (MINICOMPRESS_MALLOC=default)"},
+    "trl-gkd-malloc": {"kind": "gkd", "liger": False, "env": GLIBC_KEEP_FREED,
+                       "what": "TRL GKDTrainer lmbda=0 beta=0, MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=64G"},
 }
 DEFAULT_RECOVERY = ("ours", "ours-kl", "trl-gkd", "trl-gkd-liger", "trl-sft")
 #: pruning rows, in order; each is recovered by ``minicompress recover`` as the ``ours-kl`` row (forward KL)
@@ -646,9 +659,9 @@ class Pruner:
         return record
 
 
-def child_env() -> dict:
+def child_env(extra: dict | None = None) -> dict:
     return {**os.environ, "MINICOMPRESS_PROGRESS": "0", "TRL_EXPERIMENTAL_SILENCE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+            "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
 
 
 def run_child(spec: dict, python: str, console) -> dict:
@@ -666,7 +679,8 @@ def run_child(spec: dict, python: str, console) -> dict:
     t0 = time.perf_counter()
     with (out / "child.log").open("a") as log:
         rc = subprocess.run([str(Path(python).expanduser()), str(Path(__file__).resolve()), "--child",
-                             str(out / "spec.json")], stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                             str(out / "spec.json")], stdout=log, stderr=subprocess.STDOUT,
+                            env=child_env(spec.get("env")),
                             cwd=str(Path(__file__).resolve().parent)).returncode
     if rc or not result.is_file():
         tail = (out / "child.log").read_text().strip().splitlines()
@@ -756,7 +770,8 @@ def render(record: dict, console) -> None:
         return sorted(rows.items(), key=lambda kv: list(names).index(kv[0]) if kv[0] in names else len(names))
 
     rows = []
-    ours = (record.get("recovery", {}).get("ours") or {}).get("tokens_per_s")
+    recovery = record.get("recovery", {})
+    ours = (recovery.get("ours-kl") or recovery.get("ours") or {}).get("tokens_per_s")  # the default's row
     for name, r in ordered(record.get("recovery", {}), RECOVERY):
         if r.get("status") != "done":
             rows.append((name, RECOVERY[name]["what"], *["-"] * 11, (r.get("error") or "")[:90]))
@@ -874,14 +889,15 @@ def main() -> None:
                               "corpus_perplexity": student_eval["corpus"].get("teacher_perplexity")}
     record["student_eval"] = student_eval
 
-    def spec_for(method: str, kind: str, student: str, loss: dict | None = None, liger: bool = False) -> dict:
+    def spec_for(method: str, kind: str, student: str, loss: dict | None = None, liger: bool = False,
+                 env: dict | None = None) -> dict:
         return {**{k: v for k, v in s.items() if k not in ("base", "runs", "pruned")}, "method": method,
-                "kind": kind, "student": student, "loss": loss or {}, "liger": liger,
+                "kind": kind, "student": student, "loss": loss or {}, "liger": liger, "env": env or {},
                 "output": str(Path(s["runs"]) / method)}
 
     for m in recovery:
         row = RECOVERY[m]
-        spec = spec_for(m, row["kind"], s["student"], row.get("loss"), row.get("liger", False))
+        spec = spec_for(m, row["kind"], s["student"], row.get("loss"), row.get("liger", False), row.get("env"))
         python = args.liger_python if row.get("liger") else sys.executable
         record["recovery"][m] = run_child(spec, python, console)
         save()

@@ -39,6 +39,12 @@ the step, the CPU analogue of ``torch.cuda.max_memory_allocated`` (see
 Run: ``nohup python benchmarks/recover_throughput.py > /tmp/recover_throughput.log 2>&1 &``
 Prints a rich table; writes ``benchmarks/out/recover_throughput.json``.
 
+``--mode live`` (issue 18) builds the default live-teacher step up one part at a time in one
+process, interleaved: compiled decoder layers (the default before issue 18), then the loss's
+compiled chunk kernel, then the student's compiled attention backward; ``--malloc keep`` (what
+``recover`` does) or ``default`` (glibc's settings) for the whole process. Writes
+``benchmarks/out/recover_live-<malloc>.json``.
+
 ``--mode defaults`` (issue 9) instead times the library's *default* recovery step
 (:class:`~minicompress.config.RecoverConfig` defaults: ``autocast: auto``, so bf16 on CPUs
 with AVX512-BF16/AMX; the teacher in bf16; micro batches of 4) against the previous
@@ -46,7 +52,9 @@ default, the float32 live-teacher step (micro batches of 1 and of 8), the bf16 s
 eager layers (the default before ``compile: auto``), and the same fed by a sampled teacher
 cache (no teacher forward), eager and compiled, all on ``--student`` in one process,
 interleaved (compiled variants use a deep copy of the models whose decoder layers went
-through :func:`minicompress.train.compile_layers_`; same weights, lr 0, so every
+through :func:`minicompress.train.compile_layers_`, with the loss's compiled chunk kernel and,
+for the student, :mod:`minicompress.attention`'s backward, as ``recover`` runs them since issue
+18; same weights, lr 0, so every
 variant's loss must agree). It also measures this machine's GEMM rate in bf16 and float32 and
 reports each variant's share of the FLOP limit ``(2 N_teacher + 6 N_student)`` per token
 (``6 N_student`` with a cache). Writes ``benchmarks/out/recover_defaults.json``.
@@ -115,8 +123,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--render", metavar="JSON", help="only print the table of an earlier run's JSON")
     p.add_argument("--without-bf16", action="store_true",
                    help="--mode defaults: time the defaults of a CPU without native bf16 (autocast resolves to none)")
-    p.add_argument("--mode", default="variants", choices=("variants", "defaults"),
-                   help="variants: ours vs naive vs Liger (issue 4); defaults: default step vs the float32 step")
+    p.add_argument("--mode", default="variants", choices=("variants", "defaults", "live"),
+                   help="variants: ours vs naive vs Liger (issue 4); defaults: default step vs the float32 step; "
+                        "live: what each part of the default live-teacher step buys (issue 18)")
+    p.add_argument("--malloc", default="keep", choices=("keep", "default"),
+                   help="keep: glibc keeps freed blocks mapped, as recover does (hardware.keep_freed_memory); "
+                        "default: glibc's own settings")
     return p.parse_args()
 
 
@@ -457,6 +469,11 @@ def bench_defaults(args, console: Console) -> dict:
     from minicompress.hardware import describe_precision
     from minicompress.models import TORCH_DTYPES
 
+    from minicompress import attention
+    from minicompress.hardware import keep_freed_memory
+
+    if args.malloc == "keep":  # what recover does on CPU (issue 18)
+        keep_freed_memory()
     defaults = RecoverConfig(teacher=None, loss=LossConfig(kl_weight=0.0, ce_weight=1.0))
     precision = describe_precision("none" if args.without_bf16 else defaults.autocast, "cpu")
     auto = precision["resolved"]
@@ -477,6 +494,7 @@ def bench_defaults(args, console: Console) -> dict:
 
     # the same weights again, decoder layers compiled (what recover does by default for >= 262k tokens)
     student_c, teacher_c = copy.deepcopy(student), copy.deepcopy(teacher_low)
+    attention.use_training_attention_(student_c)  # what recover does with compiled layers on CPU (issue 18)
     compile_layers_(student_c)
     compile_layers_(teacher_c)
     optimizer_c = make_optimizer([p for p in student_c.parameters()], lr=0.0, weight_decay=0.0)
@@ -493,7 +511,8 @@ def bench_defaults(args, console: Console) -> dict:
                 part = slice(start, start + mb)
                 targets = (cached[0][part], cached[1][part], "sampled_kl") if use_cache else None
                 loss, _ = micro_batch_loss(s_model, ids[part], loss=loss_cfg, teacher=None if use_cache else t_model,
-                                           teacher_topk=targets, normalizer=normalizer, autocast=autocast)
+                                           teacher_topk=targets, normalizer=normalizer, autocast=autocast,
+                                           compiled=compiled)
                 loss.backward()
                 total += float(loss.detach())
             opt.step()
@@ -539,6 +558,86 @@ def bench_defaults(args, console: Console) -> dict:
             "cpu": cpu_facts()}
 
 
+def bench_live(args, console: Console) -> dict:
+    """The default live-teacher step, built up one part at a time, one process, interleaved (issue 18).
+
+    Every variant runs ``micro_batch_loss`` + AdamW over the same batch in bf16 autocast with a
+    bf16 teacher and compiled decoder layers (the default before issue 18); then the loss's
+    compiled chunk kernel (``compiled=True``); then the student's compiled attention backward
+    (:mod:`minicompress.attention`). Each variant has its own deep copy of the models (lr 0:
+    the same weights throughout; the losses must agree). ``--malloc`` applies to the whole
+    process: run it once with ``keep`` (what ``recover`` does) and once with ``default``.
+    """
+    from minicompress import attention
+    from minicompress.hardware import keep_freed_memory
+
+    allocator = keep_freed_memory() if args.malloc == "keep" else "glibc defaults"
+    teacher, student, tokenizer = load_pair("smollm2-135m", args.student, args.perturb)
+    teacher = teacher.to(torch.bfloat16)
+    ids = brown_rows(tokenizer, args.smollm_batch, args.seq_len)
+    normalizer = count_targets(ids)
+    loss_cfg = LossConfig()
+    mb = 4
+
+    def make(loss_kernel: bool, attention_backward: bool):
+        s_model, t_model = copy.deepcopy(student), copy.deepcopy(teacher)
+        if attention_backward:
+            attention.use_training_attention_(s_model)
+        compile_layers_(s_model)
+        compile_layers_(t_model)
+        opt = make_optimizer(list(s_model.parameters()), lr=0.0, weight_decay=0.0)
+
+        def step():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for start in range(0, ids.shape[0], mb):
+                loss, _ = micro_batch_loss(s_model, ids[start:start + mb], loss=loss_cfg, teacher=t_model,
+                                           normalizer=normalizer, autocast="bfloat16", compiled=loss_kernel)
+                loss.backward()
+                total += float(loss.detach())
+            opt.step()
+            return time.perf_counter() - t0, total
+        return step
+
+    variants = {
+        "compiled layers (the default before issue 18)": make(False, False),
+        "+ the loss's compiled chunk kernel": make(True, False),
+        "+ the compiled attention backward (default)": make(True, True),
+    }
+    for key, fn in variants.items():  # warm-up: compiles, allocates AdamW's state and the loss buffers
+        fn()
+        fn()
+        console.log(f"warm-up {key}")
+    times, values = {k: [] for k in variants}, {k: [] for k in variants}
+    for rep in range(args.repeats):
+        for key, fn in variants.items():
+            seconds, value = fn()
+            times[key].append(seconds)
+            values[key].append(value)
+            console.log(f"{key} rep {rep}: {seconds:.2f}s ({ids.numel() / seconds:.0f} tok/s), loss {value:.5f}")
+    base = statistics.median(times[next(iter(variants))])
+    rows = {k: {"tokens_per_s": ids.numel() / statistics.median(t), "step_s": statistics.median(t), "times": t,
+                "x_before": base / statistics.median(t), "loss": values[k][-1]} for k, t in times.items()}
+    return {"mode": "live", "student": args.student, "tokens": ids.numel(), "micro_batch_size": mb,
+            "malloc": args.malloc, "allocator": allocator, "variants": rows, "cpu": cpu_facts()}
+
+
+def render_live(res: dict, console: Console) -> str:
+    lines = [f"malloc: {res['malloc']} ({res['allocator']})", "",
+             "| variant | tokens/s | x before | step s | loss |", "| --- | ---: | ---: | ---: | ---: |"]
+    rows = []
+    for key, row in res["variants"].items():
+        cells = (f"{row['tokens_per_s']:.0f}", f"{row['x_before']:.2f}", f"{row['step_s']:.2f}", f"{row['loss']:.5f}")
+        rows.append((key, *cells))
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    console.print(common.table(f"Default live step, {res['tokens']} tokens/step, malloc {res['malloc']}, "
+                               f"{res['cpu']['model']} (avx512_bf16={res['cpu']['avx512_bf16']}, "
+                               f"amx={res['cpu']['amx_bf16']})",
+                               ("variant", "tokens/s", "x before", "step s", "loss"), rows))
+    return "\n".join(lines) + "\n"
+
+
 def render_defaults(res: dict, console: Console) -> str:
     rows = []
     lines = ["| variant | tokens/s | x previous | MFLOP/token | FLOP-limit tok/s | share of limit |",
@@ -561,18 +660,20 @@ def render_defaults(res: dict, console: Console) -> str:
 def main() -> None:
     args = parse_args()
     console = make_console()
-    if args.mode == "defaults":
+    if args.mode in ("live", "defaults"):  # one step, variants side by side: (run, render, JSON name)
+        bench, render_mode, name = {"live": (bench_live, render_live, f"recover_live-{args.malloc}.json"),
+                                    "defaults": (bench_defaults, render_defaults, "recover_defaults.json")}[args.mode]
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        out = Path(args.output).with_name("recover_defaults.json") if args.output == str(OUT) else Path(args.output)
+        out = Path(args.output).with_name(name) if args.output == str(OUT) else Path(args.output)
         if args.render:
             res = json.loads(Path(args.render).read_text())
         else:
-            res = bench_defaults(args, console)
+            res = bench(args, console)
             res.update(date=dt.date.today().isoformat(), argv=sys.argv, torch=torch.__version__,
                        threads=torch.get_num_threads(), versions=common.versions())
             write_json(out, res)
-        sys.stdout.write(render_defaults(res, console))
+        sys.stdout.write(render_mode(res, console))
         return
     if args.render:
         results = json.loads(Path(args.render).read_text())["results"]

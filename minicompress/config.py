@@ -542,7 +542,10 @@ class RecoverConfig:
             graph per layer shape, its elementwise ops fused). ``auto`` (default): on for
             runs of at least 262,144 tokens in one process where a compiler backend exists
             (CUDA, or a C++ compiler for CPU), without activation checkpointing; ``true`` /
-            ``false`` force it. Compiling costs about 25 s once.
+            ``false`` force it. Compiling costs about 25 s once. With it the fused
+            vocabulary loss runs each chunk as one compiled kernel
+            (``chunked_distill_loss(compiled=True)``) and, on CPU, the student's attention
+            backward runs as compiled bf16 GEMMs (:mod:`minicompress.attention`).
         reshard_after_forward: under torchrun, free each FSDP2 layer's gathered weights
             after its forward and gather them again in backward (least memory); False
             keeps them until backward (fewer all-gathers, more memory). Under torchrun,

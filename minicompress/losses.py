@@ -50,6 +50,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -351,6 +352,8 @@ class _ChunkConfig:
     matmul_dtype: torch.dtype
     need_grad_h: bool
     need_grad_w: bool
+    compiled: bool = False
+    normalizer: Optional[int] = None
 
 
 def _lm_head_logits(h: torch.Tensor, w_mm: torch.Tensor) -> torch.Tensor:
@@ -419,10 +422,10 @@ class _ChunkedDistillFunction(torch.autograd.Function):
         else:
             valid_idx = torch.arange(n_tokens, device=device)
         n_valid = int(valid_idx.numel())
-        denom = float(max(n_valid, 1))
+        denom = float(cfg.normalizer if cfg.normalizer else max(n_valid, 1))
 
         grad_h = torch.zeros_like(h) if cfg.need_grad_h else None
-        grad_w32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if cfg.need_grad_w else None
+        grad_w32 = None  # float32 [V, H]: the first chunk's product, then the sum over chunks
         kl_total = torch.zeros((), dtype=torch.float32, device=device)
         ce_total = torch.zeros((), dtype=torch.float32, device=device)
 
@@ -433,11 +436,13 @@ class _ChunkedDistillFunction(torch.autograd.Function):
             chunk = max(chunk, 1)
             fast = _use_fast_path(cfg, use_teacher)
             sparse = cfg.kl_weight != 0.0 and cfg.kind in SPARSE_KINDS
+            fused = fast and cfg.compiled and not sparse
             ws = _workspace(min(chunk, max(n_valid, 1)), w.shape[0], w.shape[1], device, mm,
-                            need_grad and cfg.need_grad_w) if fast else None
+                            need_grad and cfg.need_grad_w, fused) if fast else None
             # one cast of each weight per call (none when the dtypes agree), into a reused buffer
             w_mm = _cast(w.detach(), mm, ws, "student")
             t_w_mm = _cast(t_w.detach(), mm, ws, "teacher") if use_teacher else None
+            scale = torch.tensor(1.0 / denom, dtype=torch.float32, device=device)
 
             for start in range(0, n_valid, chunk):
                 idx = valid_idx[start:start + chunk]
@@ -448,8 +453,21 @@ class _ChunkedDistillFunction(torch.autograd.Function):
                     if sparse:
                         t_vals_c = t_vals.index_select(0, idx)
                         t_idx_c = t_idx.index_select(0, idx)
-                if fast:  # closed form in preallocated buffers: no [c, V] allocation per chunk
-                    n = idx.numel()
+                n = idx.numel()
+                if fused:  # one compiled kernel over the chunk's low-precision logits
+                    with torch.no_grad():
+                        z = torch.mm(h_c.to(mm), w_mm.t(), out=ws.low[:n])
+                        if use_teacher:
+                            t_logits = torch.mm(t_h.detach().index_select(0, idx).to(mm), t_w_mm.t(), out=ws.t[:n])
+                        g_z = ws.g[:n] if need_grad else None
+                        key = (cfg.kl_weight, cfg.ce_weight, cfg.temperature, mm, use_teacher,
+                               lab_c is not None, g_z is not None)
+                        rows_kl, rows_ce = _compiled_chunk(key)(z, t_logits, lab_c, g_z, scale, cfg.kl_weight,
+                                                                cfg.ce_weight, cfg.temperature)
+                        # rows summed in float64 (a single float32 sum over the chunk drifts by ~1e-4 relative)
+                        kl_c = rows_kl.sum(dtype=torch.float64).float() if rows_kl is not None else kl_total.new_zeros(())
+                        ce_c = rows_ce.sum(dtype=torch.float64).float() if rows_ce is not None else kl_total.new_zeros(())
+                elif fast:  # closed form in preallocated buffers: no [c, V] allocation per chunk
                     z, q = ws.z[:n], ws.q[:n]
                     low = ws.low[:n] if ws.low is not None else None
                     with torch.no_grad():
@@ -479,21 +497,25 @@ class _ChunkedDistillFunction(torch.autograd.Function):
                         kl_c, ce_c = kl_c.detach(), ce_c.detach()
                 if need_grad:
                     # d loss / d h = g_z @ W ;  d loss / d W = g_z^T @ h
-                    if mm == torch.float32:
+                    if g_z.dtype == mm:
                         g_mm = g_z
                     elif fast and ws.low is not None:  # the logits' low-precision buffer is free now
-                        g_mm = ws.low[:g_z.shape[0]].copy_(g_z)
+                        g_mm = ws.low[:n].copy_(g_z)
                     else:
                         g_mm = g_z.to(mm)
                     if cfg.need_grad_h:
                         grad_h.index_copy_(0, idx, (g_mm @ w_mm).to(grad_h.dtype))
                     if cfg.need_grad_w:
                         if mm == torch.float32:
-                            grad_w32.addmm_(g_z.t(), h_c.to(torch.float32))
+                            if grad_w32 is None:
+                                grad_w32 = g_mm.t() @ h_c.to(torch.float32)
+                            else:
+                                grad_w32.addmm_(g_mm.t(), h_c.to(torch.float32))
                         else:  # low-precision GEMM, float32 accumulation across chunks
                             gw = ws.grad_w if fast else None
-                            grad_w32.add_(torch.mm(g_mm.t(), h_c.to(mm), out=gw) if gw is not None
-                                          else g_mm.t() @ h_c.to(mm))
+                            part = (torch.mm(g_mm.t(), h_c.to(mm), out=gw) if gw is not None
+                                    else g_mm.t() @ h_c.to(mm))
+                            grad_w32 = part.to(torch.float32) if grad_w32 is None else grad_w32.add_(part)
                     del g_z, g_mm
                 kl_total += kl_c
                 ce_total += ce_c
@@ -503,7 +525,9 @@ class _ChunkedDistillFunction(torch.autograd.Function):
         ce_mean = ce_total / denom
         loss = cfg.kl_weight * kl_mean + cfg.ce_weight * ce_mean
 
-        grad_w = grad_w32.to(w.dtype) if cfg.need_grad_w else None
+        grad_w = None
+        if cfg.need_grad_w:
+            grad_w = grad_w32.to(w.dtype) if grad_w32 is not None else torch.zeros_like(w)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(kl_mean, ce_mean)
         return loss, kl_mean, ce_mean
@@ -545,23 +569,33 @@ class _Workspace:
     chunk's elementwise work in-place.
 
     Attributes:
-        z: ``[c, V]`` float32: student logits, then student log-probs.
-        q: ``[c, V]`` float32: student probs, then the logit gradient.
-        t: ``[c, V]`` float32: teacher logits, then log-probs (dense teacher only).
-        p: ``[c, V]`` float32: teacher probs (dense teacher only).
+        z: ``[c, V]`` float32: student logits, then student log-probs (eager path).
+        q: ``[c, V]`` float32: student probs, then the logit gradient (eager path).
+        t: ``[c, V]`` teacher logits: float32, then log-probs (eager path); in the
+            matmul dtype for the compiled path.
+        p: ``[c, V]`` float32: teacher probs (eager path).
         low: ``[c, V]`` in the matmul dtype when it is not float32 (logits and gradient
-            in bf16 for the GEMMs), else None.
+            in bf16 for the GEMMs), else None (eager path); the student logits in the
+            matmul dtype (compiled path).
+        g: ``[c, V]`` logit gradient in the matmul dtype (compiled path), else None.
         grad_w: ``[V, H]`` in the matmul dtype for one chunk's ``g^T h``, else None.
         casts: ``{"student": [V, H], "teacher": [V, H_t]}`` weight copies in the matmul dtype.
     """
 
-    def __init__(self, key: tuple, rows: int, vocab: int, hidden: int, device, mm: torch.dtype, want_grad_w: bool):
+    def __init__(self, key: tuple, rows: int, vocab: int, hidden: int, device, mm: torch.dtype, want_grad_w: bool,
+                 compiled: bool = False):
         self.key = key
-        f32 = dict(dtype=torch.float32, device=device)
-        self.z, self.q = torch.empty(rows, vocab, **f32), torch.empty(rows, vocab, **f32)
-        self.t, self.p = torch.empty(rows, vocab, **f32), torch.empty(rows, vocab, **f32)
         low = mm != torch.float32
-        self.low = torch.empty(rows, vocab, dtype=mm, device=device) if low else None
+        f32 = dict(dtype=torch.float32, device=device)
+        self.z = self.q = self.t = self.p = self.low = self.g = None
+        if compiled:  # the compiled kernel reads and writes the matmul dtype only
+            self.low = torch.empty(rows, vocab, dtype=mm, device=device)
+            self.t = torch.empty(rows, vocab, dtype=mm, device=device)
+            self.g = torch.empty(rows, vocab, dtype=mm, device=device)
+        else:
+            self.z, self.q = torch.empty(rows, vocab, **f32), torch.empty(rows, vocab, **f32)
+            self.t, self.p = torch.empty(rows, vocab, **f32), torch.empty(rows, vocab, **f32)
+            self.low = torch.empty(rows, vocab, dtype=mm, device=device) if low else None
         self.grad_w = torch.empty(vocab, hidden, dtype=mm, device=device) if (low and want_grad_w) else None
         self.casts: dict[str, torch.Tensor] = {}  # low-precision copies of the lm_head weights
 
@@ -569,13 +603,14 @@ class _Workspace:
 _WORKSPACE: dict[str, _Workspace] = {}
 
 
-def _workspace(rows: int, vocab: int, hidden: int, device, mm: torch.dtype, want_grad_w: bool) -> _Workspace:
+def _workspace(rows: int, vocab: int, hidden: int, device, mm: torch.dtype, want_grad_w: bool,
+               compiled: bool = False) -> _Workspace:
     """The cached :class:`_Workspace` for these sizes (one is kept; other sizes replace it)."""
-    key = (rows, vocab, hidden, str(device), mm, want_grad_w)
+    key = (rows, vocab, hidden, str(device), mm, want_grad_w, compiled)
     ws = _WORKSPACE.get("current")
     if ws is None or ws.key != key:
         _WORKSPACE.pop("current", None)
-        ws = _WORKSPACE["current"] = _Workspace(key, rows, vocab, hidden, device, mm, want_grad_w)
+        ws = _WORKSPACE["current"] = _Workspace(key, rows, vocab, hidden, device, mm, want_grad_w, compiled)
     return ws
 
 
@@ -696,6 +731,82 @@ def _closed_form_chunk(
     return kl_sum, ce_sum, g
 
 
+def _fused_chunk(
+    s: torch.Tensor,
+    t: Optional[torch.Tensor],
+    labels: Optional[torch.Tensor],
+    g: Optional[torch.Tensor],
+    grad_scale: torch.Tensor,
+    kl_weight: float,
+    ce_weight: float,
+    temperature: float,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The math of :func:`_closed_form_chunk` on low-precision logits, for ``torch.compile``.
+
+    Inductor fuses the row reductions (two log-sum-exps) and the elementwise work (the
+    KL terms, the gradient and its cast) into a few passes that read the logits in the
+    matmul dtype and write the gradient in it, where the eager path makes ~20 passes over
+    float32 ``[c, V]`` copies (profiled in ``benchmarks/RESULTS.md``, issue 18). The
+    softmax math is float32 in both; the logits are the same bf16 GEMM outputs.
+
+    Args:
+        s: ``[c, V]`` student logits in the matmul dtype.
+        t: ``[c, V]`` teacher logits in the matmul dtype, or None (CE alone).
+        labels: ``[c]`` int64 labels, or None (KL alone).
+        g: ``[c, V]`` buffer in the matmul dtype for ``d loss / d s``, written in place, or
+            None (no gradient).
+        grad_scale: 0-dim float32 tensor, the gradient's factor (``1 / normalizer``).
+        kl_weight: weight of the forward KL (0: none).
+        ce_weight: weight of the CE (0: none); the temperature is 1 when both are on.
+        temperature: ``tau`` of the KL.
+
+    Returns:
+        ``(rows_kl, rows_ce)``: ``[c]`` float32 per-token KL (times ``tau^2``) and CE, each
+        None when its weight is 0.
+    """
+    tau = temperature if kl_weight != 0.0 else 1.0
+    a = s.float()
+    if tau != 1.0:
+        a = a / tau
+    log_q = a - torch.logsumexp(a, dim=-1, keepdim=True)
+    q = log_q.exp()
+    rows_kl = rows_ce = None
+    grad = q * (kl_weight * tau + ce_weight)
+    if kl_weight != 0.0:
+        b = t.float()
+        if tau != 1.0:
+            b = b / tau
+        log_p = b - torch.logsumexp(b, dim=-1, keepdim=True)
+        p = log_p.exp()
+        rows_kl = (p * (log_p - log_q)).sum(dim=-1) * (tau ** 2)
+        grad = grad - p * (kl_weight * tau)
+    if ce_weight != 0.0:
+        rows_ce = -log_q.gather(1, labels.unsqueeze(1)).squeeze(1)
+        onehot = torch.arange(s.shape[1], device=s.device).unsqueeze(0) == labels.unsqueeze(1)
+        grad = grad - onehot * ce_weight
+    if g is not None:
+        g.copy_(grad * grad_scale)
+    return rows_kl, rows_ce
+
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _compiled_chunk(key: tuple):
+    """:func:`_fused_chunk` under ``torch.compile`` for one variant ``key`` (weights,
+    temperature, dtype, which inputs are given), built once per process, rows dynamic.
+
+    Each variant compiles a fresh copy of the function's code object: dynamo caps the
+    graphs per code object (``recompile_limit``), and a process that evaluates and
+    trains several loss settings would otherwise run into it."""
+    fn = _COMPILED.get(key)
+    if fn is None:
+        code = _fused_chunk.__code__.replace()
+        fresh = types.FunctionType(code, _fused_chunk.__globals__, _fused_chunk.__name__)
+        fn = _COMPILED[key] = torch.compile(fresh, dynamic=True, fullgraph=True)
+    return fn
+
+
 #: Budget of one ``[chunk, V]`` float32 buffer of :func:`chunked_distill_loss` (``chunk_size=0``).
 CHUNK_BYTES = 256 * 1024**2
 
@@ -742,6 +853,8 @@ def chunked_distill_loss(
     ignore_index: int = -100,
     fp32_matmul: bool = True,
     matmul_dtype: Optional[torch.dtype] = None,
+    normalizer: Optional[int] = None,
+    compiled: bool = False,
     return_components: bool = False,
 ):
     """Fused "lm_head + distillation loss" that never builds the ``[N, V]`` logits.
@@ -818,8 +931,19 @@ def chunked_distill_loss(
         ignore_index: Label value marking ignored tokens.
         fp32_matmul: See "Precision" above.
         matmul_dtype: dtype of the vocab matmuls; overrides ``fp32_matmul``.
+        normalizer: divide the summed KL and CE by this count instead of this call's
+            valid tokens (gradient accumulation: the optimizer step's targets over all
+            micro batches), so that the loss is this call's share of the step's mean and
+            its backward needs no rescaling of the ``[V, H]`` gradient.
+        compiled: compute forward KL and/or CE (no soft-capping; a dense teacher or
+            none) with one ``torch.compile``-d kernel per chunk that reads the logits
+            in the matmul dtype and writes the gradient in it (three ``[c, V]``
+            buffers in the matmul dtype instead of four float32 ones plus a copy);
+            needs a compiler backend (:func:`minicompress.hardware.resolve_compile`).
+            Other settings run the eager path.
         return_components: Also return detached ``{"kl": ..., "ce": ...}``
-            float32 scalars (unweighted means) for logging.
+            float32 scalars (unweighted means; sums over ``normalizer`` when given)
+            for logging.
 
     Returns:
         The float32 scalar loss, or ``(loss, {"kl": kl, "ce": ce})`` if
@@ -832,6 +956,8 @@ def chunked_distill_loss(
     _check_beta(beta)
     if chunk_size is not None and chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0: automatic) or None, got {chunk_size}")
+    if normalizer is not None and normalizer < 1:
+        raise ValueError(f"normalizer must be >= 1 or None, got {normalizer}")
 
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     n_tokens, hidden = h.shape
@@ -902,6 +1028,8 @@ def chunked_distill_loss(
             torch.float32 if fp32_matmul else student_weight.dtype),
         need_grad_h=grad_on and h.requires_grad,
         need_grad_w=grad_on and student_weight.requires_grad,
+        compiled=bool(compiled),
+        normalizer=int(normalizer) if normalizer is not None else None,
     )
     loss, kl, ce = _ChunkedDistillFunction.apply(h, student_weight, t_h, t_w, lab, t_vals, t_idx, cfg)
     if return_components:

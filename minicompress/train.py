@@ -174,14 +174,17 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
                      teacher: torch.nn.Module | None = None,
                      teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
                      intermediate: losses.IntermediateStateLoss | None = None,
-                     normalizer: int | None = None, autocast: str = "none") -> tuple[torch.Tensor, dict]:
+                     normalizer: int | None = None, autocast: str = "none",
+                     compiled: bool = False) -> tuple[torch.Tensor, dict]:
     """Distillation loss of one micro batch, scaled for accumulation.
 
     The student's final post-norm hidden states ``student.model(input_ids)`` and the
     teacher's (under ``no_grad``) feed :func:`losses.chunked_distill_loss`, which returns
     the mean over this batch's ``n`` targets. Multiplying by ``n / normalizer`` (the
     targets of the whole optimizer step, over all micro batches and ranks) makes the
-    summed gradients of the micro batches equal to those of one big batch. The optional
+    summed gradients of the micro batches equal to those of one big batch (without an
+    intermediate-state term the loss divides by ``normalizer`` itself, so its backward
+    rescales nothing). The optional
     Minitron intermediate-state term is added as ``w * (L_logits / L_is) * L_is`` with the
     ratio detached and computed per micro batch.
 
@@ -197,6 +200,8 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         intermediate: the intermediate-state loss module (needs ``teacher``).
         normalizer: scored targets of the whole step (None: this batch's own).
         autocast: ``none`` or ``bfloat16``.
+        compiled: the loss's compiled chunk kernel (``chunked_distill_loss(compiled=True)``;
+            what ``recover`` passes when it compiles the decoder layers).
 
     Under torchrun the whole computation runs as a forward of the student's FSDP root
     (:func:`distributed.run_in_root`), so ``lm_head_weight(student)`` is the gathered
@@ -212,13 +217,13 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
     """
     return distributed.run_in_root(student, lambda: _micro_batch_loss(
         student, input_ids, loss=loss, teacher=teacher, teacher_topk=teacher_topk, intermediate=intermediate,
-        normalizer=normalizer, autocast=autocast))
+        normalizer=normalizer, autocast=autocast, compiled=compiled))
 
 
 def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss: LossConfig,
                       teacher: torch.nn.Module | None, teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
                       intermediate: losses.IntermediateStateLoss | None, normalizer: int | None,
-                      autocast: str) -> tuple[torch.Tensor, dict]:
+                      autocast: str, compiled: bool) -> tuple[torch.Tensor, dict]:
     """The body of :func:`micro_batch_loss` (inside the student's FSDP root forward)."""
     if loss.kl_weight > 0 and teacher is None and teacher_topk is None:
         raise MinicompressError("teacher: loss.kl_weight > 0 needs a teacher or cached top-k logits")
@@ -239,6 +244,8 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
                 input_ids=input_ids.to(t_device), use_cache=False, output_hidden_states=want_states))
         t_hidden = t_out.last_hidden_state.to(device)
         t_weight = distributed.full_tensor(arch.lm_head_weight(teacher)).detach().to(device)
+    # the step's normalizer inside the loss: no [V, H] rescale in its backward (the IS term needs the mean)
+    inside = normalizer if (normalizer and not want_states) else None
     kind, sparse = loss.kind, None
     if teacher_topk is not None:
         kind = teacher_topk[2] if len(teacher_topk) == 3 else "topk_kl"
@@ -253,9 +260,11 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
         chunk_size=loss.chunk_size, student_softcap=arch.logit_softcap(student),
         teacher_softcap=arch.logit_softcap(teacher) if use_teacher else None,
         matmul_dtype=torch.bfloat16 if resolve_autocast(autocast, device) == "bfloat16" else torch.float32,
-        return_components=True,
+        normalizer=inside, compiled=compiled, return_components=True,
     )
-    stats = {"kl": float(parts["kl"]), "ce": float(parts["ce"])}
+    share = inside / targets if (inside and targets) else 1.0  # a share of the step's mean -> this batch's mean
+    logit_loss_mean = logit_loss.detach() * share
+    stats = {"kl": float(parts["kl"]) * share, "ce": float(parts["ce"]) * share}
     total = logit_loss
     if want_states:
         t_states = [h.to(device) for h in t_out.hidden_states]
@@ -263,10 +272,11 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
         total = logit_loss + loss.intermediate_weight * (losses.dynamic_weight(logit_loss.detach(), l_is)
                                                          - logit_loss.detach())
         stats["is"] = float(l_is.detach())
-    stats["loss"] = float(total.detach())
+    stats["loss"] = float(total.detach()) if want_states else float(logit_loss_mean)
     stats["targets"] = targets
-    scale = targets / normalizer if normalizer else 1.0
-    return total * scale, stats
+    if inside or not normalizer:
+        return total, stats
+    return total * (targets / normalizer), stats
 
 
 # ----------------------------------------------------------------------------------------
@@ -454,7 +464,7 @@ Batches = Callable[[int], list[tuple[torch.Tensor, Any]]]
 def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Batches,
           optimizer: torch.optim.Optimizer, schedule: Schedule, on_step: Callable[[dict], None] | None = None, *,
           loss: LossConfig, device: torch.device, start_step: int = 0, autocast: str = "none",
-          intermediate: losses.IntermediateStateLoss | None = None) -> None:
+          intermediate: losses.IntermediateStateLoss | None = None, compiled: bool = False) -> None:
     """Distil ``student`` from ``teacher`` for ``schedule.total_steps - start_step`` optimizer steps.
 
     Each step: set the learning rate, take the step's micro batches, weight each by its
@@ -475,6 +485,7 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Ba
         start_step: the first step to run (a resumed run's checkpoint step).
         autocast: ``none`` or ``bfloat16``.
         intermediate: Minitron's intermediate-state loss module (one process only).
+        compiled: the loss's compiled chunk kernel (see :func:`micro_batch_loss`).
 
     Raises:
         MinicompressError: a non-finite gradient norm.
@@ -495,7 +506,7 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Ba
         for input_ids, targets in micro:
             value, stats = micro_batch_loss(student, input_ids.to(device), loss=loss, teacher=teacher,
                                             teacher_topk=targets, intermediate=intermediate, normalizer=normalizer,
-                                            autocast=autocast)
+                                            autocast=autocast, compiled=compiled)
             value.backward()
             share = stats["targets"] / normalizer
             for key in ("loss", "kl", "ce", "is"):

@@ -33,7 +33,8 @@ Fixtures and helpers:
         ``acc`` and ``acc_norm``, the datasets cache inside ``folder``); returns ``folder``.
     offline_hub: fixture, no Hugging Face Hub (offline flags of datasets and huggingface_hub).
 
-``MINICOMPRESS_PROGRESS=0`` is set for the whole session (no progress bars), and
+``MINICOMPRESS_PROGRESS=0`` (no progress bars) and ``MINICOMPRESS_MALLOC=default`` (recover leaves
+glibc's allocator as it is) are set for the whole session, and
 ``MINICOMPRESS_TOKEN_CACHE`` points at a fresh temporary folder (token stores).
 ``autocast: auto`` resolves to float32 in every test (an autouse fixture tells
 :mod:`minicompress.hardware` the CPU has no native bf16), so numbers do not depend on the
@@ -52,6 +53,10 @@ import pytest
 import torch
 
 os.environ["MINICOMPRESS_PROGRESS"] = "0"
+# recover keeps freed heap blocks mapped for the rest of its process (hardware.keep_freed_memory):
+# in one pytest process that would change what the memory-measurement tests see after any
+# recovery test; tests/test_hardware.py checks the setting in subprocesses of its own
+os.environ["MINICOMPRESS_MALLOC"] = "default"
 # token stores of the tests' corpora go to a fresh folder, never the user's cache
 import tempfile as _tempfile  # noqa: E402
 

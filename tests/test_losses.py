@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from minicompress import losses as L
+from minicompress.hardware import cpp_compiler
 
 
 # --------------------------------------------------------------------------
@@ -763,3 +764,77 @@ def test_reused_buffers_do_not_leak_between_calls():
     again = run(a)
     for x, y in zip(first, again):
         assert torch.equal(x, y)
+
+
+# --------------------------------------------------------------------------
+# the step's normalizer inside the loss; the compiled chunk kernel
+# --------------------------------------------------------------------------
+def test_normalizer_divides_the_sums_by_the_steps_targets():
+    """normalizer=n: the loss, its components and both gradients are the mean's times valid / n."""
+    h, w, th, tw, labels = _setup(13)
+    valid = int((labels != -100).sum())
+    runs = []
+    for normalizer in (None, 50):
+        h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss, parts = L.chunked_distill_loss(h_, w_, th, tw, labels=labels, kl_weight=0.6, ce_weight=0.3,
+                                             chunk_size=4, normalizer=normalizer, return_components=True)
+        loss.backward()
+        runs.append((loss.detach(), parts["kl"], parts["ce"], h_.grad, w_.grad))
+    for mean, share in zip(*runs):
+        torch.testing.assert_close(share, mean * valid / 50, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="normalizer"):
+        L.chunked_distill_loss(h, w, th, tw, labels=labels, normalizer=0)
+
+
+needs_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="inductor's CPU backend needs a C++ compiler")
+
+
+@needs_compiler
+@pytest.mark.parametrize("kl_weight,ce_weight,tau", [(1.0, 0.0, 1.0), (0.7, 0.4, 1.0), (0.0, 1.0, 1.0),
+                                                     (1.0, 0.0, 2.5)])
+def test_compiled_chunk_matches_naive(kl_weight, ce_weight, tau):
+    """compiled=True computes forward KL and/or CE in one compiled kernel per chunk: the float64
+    reference with and without gradients, chunks of 4 and a remainder of 1 (9 valid tokens)."""
+    h, w, th, tw, labels = _setup(12)
+    _compare(h, w, th, tw, labels, chunk_size=4, kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau,
+             compiled=True, ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
+    with torch.no_grad():
+        out = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=4, kl_weight=kl_weight,
+                                     ce_weight=ce_weight, temperature=tau, compiled=True)
+    ref = _ref_total(h.double(), w.double(), th.double(), tw.double(), labels, kl_weight=kl_weight,
+                     ce_weight=ce_weight, tau=tau)
+    assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@needs_compiler
+def test_compiled_chunk_in_bf16_matches_the_eager_bf16_path():
+    """Under bf16 matmuls the compiled kernel reads the same bf16 logits as the eager path and
+    writes its gradient in bf16: equal to the eager path within bf16 rounding of the gradient,
+    and both within bf16 rounding of the float64 reference."""
+    h, w, th, tw, labels = _setup(14)
+    outs = []
+    for compiled in (False, True):
+        h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = L.chunked_distill_loss(h_, w_, th, tw, labels=labels, chunk_size=4, matmul_dtype=torch.bfloat16,
+                                      compiled=compiled)
+        loss.backward()
+        outs.append((loss.detach(), h_.grad, w_.grad))
+    (l0, gh0, gw0), (l1, gh1, gw1) = outs
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-5)
+    torch.testing.assert_close(gh1, gh0, rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(gw1, gw0, rtol=2e-2, atol=1e-4)
+    _compare(h, w, th, tw, labels, chunk_size=4, matmul_dtype=torch.bfloat16, compiled=True, rtol=2e-2,
+             atol=2e-3, grad_rtol=5e-2, grad_atol=5e-3 * max(1.0, float(w.abs().max())))
+
+
+@needs_compiler
+def test_compiled_flag_leaves_other_losses_on_the_eager_path():
+    """Soft-capping, reverse KL and cached targets are not in the kernel: compiled=True gives
+    exactly the eager result for them."""
+    h, w, th, tw, labels = _setup(15)
+    tv, ti = (th @ tw.t()).topk(10, dim=-1)
+    for kwargs in (dict(kind="reverse_kl"), dict(student_softcap=4.0, teacher_softcap=6.0),
+                   dict(teacher_topk=(tv, ti))):
+        a = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=4, **kwargs)
+        b = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=4, compiled=True, **kwargs)
+        assert torch.equal(a, b)

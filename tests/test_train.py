@@ -315,9 +315,9 @@ def test_bf16_recovery_trains_and_leaves_an_in_memory_teacher_as_it_was(corpus, 
 
 @pytest.mark.skipif(cpp_compiler() is None, reason="no C++ compiler for inductor's CPU backend")
 def test_compiled_recovery_equals_eager_and_is_undone(corpus, make_tiny_model, tiny_tokenizer, tmp_path):
-    """``compile=true`` (decoder layers through inductor) trains the same numbers as eager
-    (float32: per-step losses to 1e-4, weights to 1e-4), records the choice, and leaves the
-    in-memory models uncompiled; ``auto`` stays eager for a short run."""
+    """``compile=true`` (decoder layers through inductor, the loss's compiled chunk kernel) trains
+    the same numbers as eager (float32: per-step losses to 1e-4, weights to 1e-4), records the
+    choice, and leaves the in-memory models uncompiled; ``auto`` stays eager for a short run."""
     results = {}
     for mode in (False, True):
         teacher = make_tiny_model("llama", seed=0)
@@ -328,6 +328,8 @@ def test_compiled_recovery_equals_eager_and_is_undone(corpus, make_tiny_model, t
         assert all(layer._compiled_call_impl is None for layer in [*student.model.layers, *teacher.model.layers])
         record = json.loads((out / "minicompress.json").read_text())["recovery"]["precision"]
         assert record["compile"] is mode
+        assert record.get("attention") is None  # float32: the flash backward stays (attention is bf16 only)
+        assert student.config._attn_implementation == "sdpa"
         results[mode] = ([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
                          _state(student))
     (eager, w_eager), (compiled, w_compiled) = results[False], results[True]
@@ -339,6 +341,26 @@ def test_compiled_recovery_equals_eager_and_is_undone(corpus, make_tiny_model, t
                 assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
     for name, value in w_eager.items():
         torch.testing.assert_close(w_compiled[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(cpp_compiler() is None, reason="inductor's CPU backend needs a C++ compiler")
+def test_compiled_bf16_recovery_trains_with_the_attention_backward_and_gives_sdpa_back(corpus, make_tiny_model,
+                                                                                        tiny_tokenizer, tmp_path):
+    """bf16 + compile on CPU: the student trains with minicompress.attention's backward (recorded),
+    its losses stay within bf16 rounding of the eager bf16 run's, and it leaves with sdpa."""
+    losses = {}
+    for mode in (False, True):
+        teacher = make_tiny_model("llama", seed=0)
+        student = make_tiny_model("llama", seed=1, hidden_size=16, intermediate_size=32, num_hidden_layers=2)
+        out = tmp_path / f"bf16-{mode}"
+        recover_recipe.recover(_config(corpus, out, compile=mode, autocast="bfloat16", tokens=3 * 64),
+                               student=student, teacher=teacher, tokenizer=tiny_tokenizer)
+        record = json.loads((out / "minicompress.json").read_text())["recovery"]["precision"]
+        assert record.get("attention") == ("minicompress_causal" if mode else None)
+        assert student.config._attn_implementation == "sdpa"
+        losses[mode] = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                        if "loss" in r]
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
 
 
 def test_compile_auto_decides_by_run_and_hardware():

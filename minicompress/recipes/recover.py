@@ -20,12 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from .. import arch, distributed, losses
+from .. import arch, attention, distributed, losses
 from ..config import RecoverConfig, to_dict
 from ..data import TrainingData, load_training_data
 from ..mixture import source_epoch_index
 from ..errors import MinicompressError
-from ..hardware import describe_precision, resolve_compile
+from ..hardware import describe_precision, keep_freed_memory, resolve_compile
 from ..runtime import model_device
 from ..checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, working_folder
 from ..metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
@@ -165,6 +165,10 @@ def _place_for_training(config: RecoverConfig, student, teacher, *, device, t_de
     if precision["compile"]:
         log.info("recover: compiling the decoder layers (%s)", precision["compile_reason"])
         compiled = compile_layers_(student) + (compile_layers_(teacher) if teacher is not None else [])
+        # bf16 on CPU: the student's attention backward as compiled bf16 GEMMs (minicompress.attention;
+        # measured faster only there: in float32 the flash kernel's backward wins)
+        if device.type == "cpu" and autocast == "bfloat16" and attention.use_training_attention_(student):
+            precision["attention"] = attention.NAME
     intermediate = None
     if config.loss.intermediate_weight > 0:
         intermediate = losses.IntermediateStateLoss(
@@ -226,6 +230,8 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         teacher_dtype = next((k for k, v in TORCH_DTYPES.items() if v == next(teacher.parameters()).dtype),
                              "float32") if teacher is not None else ("bfloat16" if autocast == "bfloat16" else "float32")
     precision["teacher_dtype"] = teacher_dtype
+    if device.type == "cpu":  # a step's big buffers reuse their pages instead of faulting them in again
+        precision["allocator"] = keep_freed_memory()
     log.info("recover: precision %s (%s)", "bf16 autocast" if autocast == "bfloat16" else "float32", precision["reason"])
     cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
     t_from_rank0 = teacher is None and world > 1
@@ -299,9 +305,12 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                 callback(record)
 
         train(student, teacher, batches, optimizer, schedule, on_step, loss=config.loss, device=device,
-              start_step=start_step, autocast=autocast, intermediate=intermediate)
+              start_step=start_step, autocast=autocast, intermediate=intermediate,
+              compiled=bool(precision["compile"]))
     for layer in compiled:  # the caller's in-memory models go back as they came
         layer._compiled_call_impl = None  # what nn.Module.compile set
+    if precision.get("attention"):
+        attention.restore_attention_(student, "sdpa")
     sources = data.tokens_per_source(schedule.total_steps * accum_steps * config.micro_batch_size * world,
                                      config.data.seq_len)
     return _write_student(config, out, work, student, tokenizer, cache=cache, schedule=schedule, n_eval=n_eval,
