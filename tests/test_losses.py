@@ -790,11 +790,11 @@ needs_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="inductor's C
 
 
 @needs_compiler
-@pytest.mark.parametrize("kl_weight,ce_weight,tau", [(1.0, 0.0, 1.0), (0.7, 0.4, 1.0), (0.0, 1.0, 1.0),
-                                                     (1.0, 0.0, 2.5)])
+@pytest.mark.parametrize("kl_weight,ce_weight,tau", [(0.7, 0.4, 1.0), (1.0, 0.0, 2.5)])
 def test_compiled_chunk_matches_naive(kl_weight, ce_weight, tau):
     """compiled=True computes forward KL and/or CE in one compiled kernel per chunk: the float64
-    reference with and without gradients, chunks of 4 and a remainder of 1 (9 valid tokens)."""
+    reference with and without gradients, chunks of 4 and a remainder of 1 (9 valid tokens).
+    Two variants (each compiles for seconds): KL + CE (both gradient terms) and a tempered KL."""
     h, w, th, tw, labels = _setup(12)
     _compare(h, w, th, tw, labels, chunk_size=4, kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau,
              compiled=True, ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
