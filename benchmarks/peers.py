@@ -772,7 +772,7 @@ def render(record: dict, console) -> None:
     rows = []
     recovery = record.get("recovery", {})
     ours = (recovery.get("ours-kl") or recovery.get("ours") or {}).get("tokens_per_s")  # the default's row
-    for name, r in ordered(record.get("recovery", {}), RECOVERY):
+    for name, r in ordered(recovery, RECOVERY):
         if r.get("status") != "done":
             rows.append((name, RECOVERY[name]["what"], *["-"] * 11, (r.get("error") or "")[:90]))
             continue

@@ -466,11 +466,9 @@ def gemm_rate(dtype: torch.dtype, tokens: int = 2048, d_in: int = 576, d_out: in
 def bench_defaults(args, console: Console) -> dict:
     """The default recovery step vs the previous float32 default, one process, interleaved."""
     from minicompress.config import RecoverConfig
-    from minicompress.hardware import describe_precision
-    from minicompress.models import TORCH_DTYPES
-
     from minicompress import attention
-    from minicompress.hardware import keep_freed_memory
+    from minicompress.hardware import describe_precision, keep_freed_memory
+    from minicompress.models import TORCH_DTYPES
 
     if args.malloc == "keep":  # what recover does on CPU (issue 18)
         keep_freed_memory()
@@ -494,7 +492,8 @@ def bench_defaults(args, console: Console) -> dict:
 
     # the same weights again, decoder layers compiled (what recover does by default for >= 262k tokens)
     student_c, teacher_c = copy.deepcopy(student), copy.deepcopy(teacher_low)
-    attention.use_training_attention_(student_c)  # what recover does with compiled layers on CPU (issue 18)
+    if auto == "bfloat16":  # what recover does with compiled layers in bf16 on CPU (issue 18)
+        attention.use_training_attention_(student_c)
     compile_layers_(student_c)
     compile_layers_(teacher_c)
     optimizer_c = make_optimizer([p for p in student_c.parameters()], lr=0.0, weight_decay=0.0)
@@ -568,7 +567,10 @@ def bench_live(args, console: Console) -> dict:
     the same weights throughout; the losses must agree). ``--malloc`` applies to the whole
     process: run it once with ``keep`` (what ``recover`` does) and once with ``default``.
     """
+    import dataclasses
+
     from minicompress import attention
+    from minicompress.config import RecoverConfig
     from minicompress.hardware import keep_freed_memory
 
     allocator = keep_freed_memory() if args.malloc == "keep" else "glibc defaults"
@@ -577,7 +579,7 @@ def bench_live(args, console: Console) -> dict:
     ids = brown_rows(tokenizer, args.smollm_batch, args.seq_len)
     normalizer = count_targets(ids)
     loss_cfg = LossConfig()
-    mb = 4
+    mb = next(f.default for f in dataclasses.fields(RecoverConfig) if f.name == "micro_batch_size")  # the default
 
     def make(loss_kernel: bool, attention_backward: bool):
         s_model, t_model = copy.deepcopy(student), copy.deepcopy(teacher)

@@ -136,22 +136,21 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def use_training_attention_(model: torch.nn.Module) -> str | None:
+def use_training_attention_(model: torch.nn.Module) -> bool:
     """Switch ``model`` from ``sdpa`` to :data:`NAME` in place (other implementations are left).
 
     Returns:
-        The implementation to restore with :func:`restore_attention_`, or None when nothing changed.
+        Whether it switched (undo with :func:`restore_attention_`).
     """
     config = model.config
-    previous = getattr(config, "_attn_implementation", None)
-    if previous != "sdpa":
-        return None
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
     _register()
     config._attn_implementation = NAME
-    return previous
+    return True
 
 
-def restore_attention_(model: torch.nn.Module, previous: str | None) -> None:
-    """Undo :func:`use_training_attention_` (``previous`` is what it returned)."""
-    if previous is not None:
-        model.config._attn_implementation = previous
+def restore_attention_(model: torch.nn.Module) -> None:
+    """Undo :func:`use_training_attention_`: :data:`NAME` goes back to ``sdpa`` (anything else is left)."""
+    if getattr(model.config, "_attn_implementation", None) == NAME:
+        model.config._attn_implementation = "sdpa"

@@ -442,7 +442,7 @@ class _ChunkedDistillFunction(torch.autograd.Function):
             # one cast of each weight per call (none when the dtypes agree), into a reused buffer
             w_mm = _cast(w.detach(), mm, ws, "student")
             t_w_mm = _cast(t_w.detach(), mm, ws, "teacher") if use_teacher else None
-            scale = torch.tensor(1.0 / denom, dtype=torch.float32, device=device)
+            scale = torch.tensor(1.0 / denom, dtype=torch.float32, device=device) if fused else None
 
             for start in range(0, n_valid, chunk):
                 idx = valid_idx[start:start + chunk]

@@ -263,7 +263,6 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
         normalizer=inside, compiled=compiled, return_components=True,
     )
     share = inside / targets if (inside and targets) else 1.0  # a share of the step's mean -> this batch's mean
-    logit_loss_mean = logit_loss.detach() * share
     stats = {"kl": float(parts["kl"]) * share, "ce": float(parts["ce"]) * share}
     total = logit_loss
     if want_states:
@@ -272,11 +271,10 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
         total = logit_loss + loss.intermediate_weight * (losses.dynamic_weight(logit_loss.detach(), l_is)
                                                          - logit_loss.detach())
         stats["is"] = float(l_is.detach())
-    stats["loss"] = float(total.detach()) if want_states else float(logit_loss_mean)
+    stats["loss"] = float(total.detach()) * share  # share is 1 with an IS term
     stats["targets"] = targets
-    if inside or not normalizer:
-        return total, stats
-    return total * (targets / normalizer), stats
+    scale = targets / normalizer if (normalizer and not inside) else 1.0
+    return total * scale, stats
 
 
 # ----------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def _pair(make_tiny_model, model_type="llama"):
     base = make_tiny_model(model_type, seed=3)
     other = make_tiny_model(model_type, seed=3)
     assert base.config._attn_implementation == "sdpa"
-    assert attention.use_training_attention_(other) == "sdpa"
+    assert attention.use_training_attention_(other) is True
     assert other.config._attn_implementation == attention.NAME
     return base, other
 
@@ -79,7 +79,7 @@ def test_model_hook_equals_sdpa_with_grouped_query_heads(make_tiny_model):
     grads = dict(base.named_parameters())
     for name, p in other.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
-    attention.restore_attention_(other, "sdpa")
+    attention.restore_attention_(other)
     assert other.config._attn_implementation == "sdpa"
 
 
@@ -100,7 +100,7 @@ def test_model_hook_falls_back_to_sdpa(make_tiny_model):
 def test_only_sdpa_models_are_switched(make_tiny_model):
     model = make_tiny_model("llama")
     model.config._attn_implementation = "eager"
-    assert attention.use_training_attention_(model) is None
+    assert attention.use_training_attention_(model) is False
     assert model.config._attn_implementation == "eager"
-    attention.restore_attention_(model, None)
+    attention.restore_attention_(model)
     assert model.config._attn_implementation == "eager"

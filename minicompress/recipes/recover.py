@@ -309,8 +309,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
               compiled=bool(precision["compile"]))
     for layer in compiled:  # the caller's in-memory models go back as they came
         layer._compiled_call_impl = None  # what nn.Module.compile set
-    if precision.get("attention"):
-        attention.restore_attention_(student, "sdpa")
+    attention.restore_attention_(student)
     sources = data.tokens_per_source(schedule.total_steps * accum_steps * config.micro_batch_size * world,
                                      config.data.seq_len)
     return _write_student(config, out, work, student, tokenizer, cache=cache, schedule=schedule, n_eval=n_eval,
