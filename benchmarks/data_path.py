@@ -1,4 +1,4 @@
-"""Data path: tokenising every run (``data.load_sequences``) vs a memory-mapped token store.
+"""Data path: tokenising every run (``rows.load_sequences``) vs a memory-mapped token store.
 
 For each ``--repeats R`` the corpus ``../shared/data/corpus/*.txt`` is repeated ``R`` times
 in a temporary folder (hard links with distinct names, or symlinks where links fail: no
@@ -9,9 +9,9 @@ tokenizer, resets its peak-RSS mark (``/proc/self/clear_refs``), then does the w
 reports its time, its peak resident set above the baseline (``VmHWM``) and the growth of
 its anonymous memory (``RssAnon``; memory-mapped file pages are ``RssFile`` and are not in it):
 
-* before: ``data.load_sequences(DataConfig(source, seq_len, seed=0), tokenizer)``, what
+* before: ``rows.load_sequences(DataConfig(source, seq_len, seed=0), tokenizer)``, what
   every command and every torchrun rank does today (skipped above ``--max-before-tokens``);
-* build: :func:`minicompress.token_store.get_or_build` into an empty cache, with
+* build: :func:`minicompress.data.token_store.get_or_build` into an empty cache, with
   ``num_proc=1`` and with ``num_proc=os.cpu_count()`` (tokens/s);
 * second run: ``get_or_build`` on the built cache (opens and checks it), then
   ``store.sequences(seq_len)`` and the first micro batch of 4 rows; the batch is compared
@@ -66,11 +66,12 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from minicompress import data, token_store
+    from minicompress.data import rows, sources
+    from minicompress.data import token_store
     from minicompress.config import DataConfig
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    bos = data.bos_token_id(tokenizer)
+    bos = sources.bos_token_id(tokenizer)
     tokenizer("warm up", add_special_tokens=False)
     if args.child.startswith("arrow"):
         import datasets  # before the baseline
@@ -79,7 +80,7 @@ def child(args: argparse.Namespace) -> None:
     out: dict = {}
     start = time.perf_counter()
     if args.child == "before":
-        seqs = data.load_sequences(DataConfig(source=args.corpus, seq_len=args.seq_len, seed=0, token_store=False),
+        seqs = rows.load_sequences(DataConfig(source=args.corpus, seq_len=args.seq_len, seed=0, token_store=False),
                                    tokenizer)
         out.update(sequences=seqs.shape[0], first_batch=_digest(seqs[:4]))
     elif args.child == "build":
@@ -112,7 +113,7 @@ def child(args: argparse.Namespace) -> None:
         ds = datasets.load_from_disk(args.cache)
         column = ds.data.column("input_ids")
         flat = torch.from_numpy(np.asarray(column.combine_chunks().values.to_numpy()))
-        packed = data.pack(flat, args.seq_len, bos)  # a view of the stream
+        packed = sources.pack(flat, args.seq_len, bos)  # a view of the stream
         perm = torch.randperm(packed.shape[0], generator=torch.Generator().manual_seed(0))
         out.update(sequences=packed.shape[0], first_batch=_digest(packed[perm[:4]].long()))
     out.update(seconds=time.perf_counter() - start, peak_mib=(_status_kb("VmHWM") - base_rss) / 1024,

@@ -2,7 +2,7 @@
 
 Speculative decoding (Leviathan et al., arXiv 2211.17192; Chen et al., arXiv 2302.01318)
 through transformers' assisted generation, measured by
-:func:`minicompress.speculative.measure_draft`: for each draft (``--drafts PATH...``,
+:func:`minicompress.evaluation.draft.measure_draft`: for each draft (``--drafts PATH...``,
 default the 50% pruned student ``~/.cache/minicompress/runs/students/smollm2-50-searched``)
 and each proposal setting, every prompt is decoded greedily by the teacher alone and then
 with the draft (batch 1), back to back, under the precision eval uses (bf16 autocast where
@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from minicompress.config import DataConfig, ModelConfig
-    from minicompress.evaluation import parameter_summary
+    from minicompress.evaluation.perplexity import parameter_summary
     from minicompress.hardware import resolve_autocast
     from minicompress.models import load_for_flag
     from minicompress.recipes.eval import check_draft, draft_prompts, text_windows
-    from minicompress.speculative import measure_draft
+    from minicompress.evaluation.draft import measure_draft
 
     from transformers.utils import logging as hf_logging
 

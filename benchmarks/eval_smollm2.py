@@ -29,8 +29,8 @@ import torch
 from common import DATA, OUT, cpu_facts, load_average, make_console, table, versions, write_json
 
 from minicompress.config import DataConfig, ModelConfig
-from minicompress.data import bos_token_id, load_token_stream
-from minicompress.evaluation import eval_windows, evaluate_perplexity, measure_speed
+from minicompress.data.sources import bos_token_id, load_token_stream
+from minicompress.evaluation.perplexity import eval_windows, evaluate_perplexity, measure_speed
 from minicompress.measure import PeakMemory
 from minicompress.models import load_model
 

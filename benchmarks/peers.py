@@ -286,7 +286,7 @@ def trl_arguments(cfg, output_dir: Path, *, bf16: bool, gradient_checkpointing: 
                   liger: bool = False) -> dict:
     """TRL / HF ``TrainingArguments`` keys for ``cfg``'s schedule: the same rows per micro batch and
     per step, lr, warmup steps, AdamW betas and eps, weight decay, clip, steps and checkpoints."""
-    from minicompress.train import ADAM_BETAS, ADAM_EPS, default_warmup_steps
+    from minicompress.distillation.loop import ADAM_BETAS, ADAM_EPS, default_warmup_steps
 
     seq_len, mbs = cfg.data.seq_len, cfg.micro_batch_size
     steps = cfg.tokens // cfg.global_batch_tokens
@@ -311,7 +311,7 @@ def train_trl(spec: dict, out: Path, teacher, tokenizer) -> dict:
     from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
 
-    from minicompress.data import load_training_data
+    from minicompress.data.rows import load_training_data
     from minicompress.hardware import describe_precision
     from minicompress.models import load_model
     cfg = recover_config(spec, out / "model")
@@ -447,8 +447,8 @@ def make_tiny(base: Path, seed: int) -> dict:
 
     from minicompress.models import resolve_source
     from minicompress.outputs import atomic_folder
-    from minicompress.prune import make_plan, pruned_copy
-    from minicompress.scoring import score_model
+    from minicompress.pruning.plan import make_plan, pruned_copy
+    from minicompress.pruning.scoring import score_model
 
     paths = {"teacher": base / "teacher", "student": base / "student", "data": base / "corpus"}
     if all(p.exists() for p in paths.values()):
@@ -486,7 +486,7 @@ def taylor_scores(model, batches, like):
         like: scores of the same model whose ``block_distance`` is kept (layer drops).
 
     Returns:
-        :class:`~minicompress.scoring.ImportanceScores`: a query head sums its ``q_proj`` rows
+        :class:`~minicompress.pruning.scoring.ImportanceScores`: a query head sums its ``q_proj`` rows
         and ``o_proj`` columns plus an equal share of its KV head's ``k_proj``/``v_proj`` rows
         (``[L, H]``); a neuron its ``gate``/``up`` rows and ``down`` column (``[L, F]``); a hidden
         channel every weight reading or writing it, the RMSNorm weights and the (tied)
@@ -495,7 +495,7 @@ def taylor_scores(model, batches, like):
     import torch
 
     from minicompress.arch import decoder_layers, embed_tokens, final_norm, head_dim, num_kv_heads
-    from minicompress.scoring import ImportanceScores
+    from minicompress.pruning.scoring import ImportanceScores
 
     cfg = model.config
     hd, heads_n, kv = head_dim(cfg), cfg.num_attention_heads, num_kv_heads(cfg)
@@ -560,7 +560,7 @@ class Pruner:
     def scores(self):
         """The teacher's activation scores: ``--scores`` if it fits the teacher, else computed."""
         from minicompress.errors import MinicompressError
-        from minicompress.scoring import ImportanceScores, score_model
+        from minicompress.pruning.scoring import ImportanceScores, score_model
 
         if self._scores is None:
             folder = Path(self.args.scores).expanduser()
@@ -585,7 +585,7 @@ class Pruner:
         from prune_quality import magnitude_scores, random_scores
 
         from minicompress.outputs import atomic_folder
-        from minicompress.prune import make_plan, pruned_copy
+        from minicompress.pruning.plan import make_plan, pruned_copy
 
         t0 = time.perf_counter()
         if method == "torch-pruning":

@@ -29,12 +29,12 @@ from common import DATA, OUT, run_record, write_json
 from minicompress.arch import count_parameters, decoder_layers
 from minicompress.config import DataConfig, ScoreConfig
 from minicompress.recipes.score import calibration_batches
-from minicompress.data import load_token_stream
-from minicompress.evaluation import eval_windows, evaluate_perplexity
+from minicompress.data.sources import load_token_stream
+from minicompress.evaluation.perplexity import eval_windows, evaluate_perplexity
 from minicompress.models import load_model
-from minicompress.prune import make_plan, pruned_copy
-from minicompress.search import search_architecture
-from minicompress.scoring import ImportanceScores, score_model
+from minicompress.pruning.plan import make_plan, pruned_copy
+from minicompress.pruning.search import search_architecture
+from minicompress.pruning.scoring import ImportanceScores, score_model
 
 
 

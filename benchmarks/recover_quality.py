@@ -49,12 +49,12 @@ from rich.table import Table
 from minicompress.recipes import recover as recover_recipe
 from minicompress.arch import count_parameters
 from minicompress.checkpoint import latest_checkpoint, working_folder
-from minicompress.config import DataConfig, ModelConfig, RecoverConfig, SourceConfig, TeacherCacheConfig, \
-    build_config, parse_overrides, to_dict
-from minicompress.data import bos_token_id, load_token_stream
-from minicompress.evaluation import eval_windows, evaluate_perplexity
+from minicompress.config import (DataConfig, ModelConfig, RecoverConfig, SourceConfig, TeacherCacheConfig,
+    build_config, parse_overrides, to_dict)
+from minicompress.data.sources import bos_token_id, load_token_stream
+from minicompress.evaluation.perplexity import eval_windows, evaluate_perplexity
 from minicompress.hardware import describe_precision
-from minicompress.metrics import held_out_kl_key, read_metrics
+from minicompress.distillation.metrics import held_out_kl_key, read_metrics
 from minicompress.models import load_model
 from minicompress.recipes.teacher_cache import write_teacher_cache
 
@@ -113,7 +113,7 @@ def corpus_held_out_windows(path: str, tokenizer, tokens: int, seed: int, seq_le
     """The corpus sequences ``recover`` holds out (the first ``ceil(tokens / seq_len)`` of the
     seeded shuffle): the same text in every way, never trained on (a mixture holds out the
     same rows of each source)."""
-    from minicompress.data import as_tensor, load_sequences
+    from minicompress.data.rows import as_tensor, load_sequences
 
     n = -(-tokens // seq_len)
     rows = as_tensor(load_sequences(DataConfig(source=path, seq_len=seq_len, seed=seed), tokenizer)[:n])

@@ -8,10 +8,10 @@ batch, side by side in one process, for
 
 Variants:
 
-* ``ours``: the library's recovery step, :func:`minicompress.train.micro_batch_loss` over
+* ``ours``: the library's recovery step, :func:`minicompress.distillation.loop.micro_batch_loss` over
   micro batches of ``--micro-batch-size`` sequences with gradient accumulation (what
   ``minicompress recover --micro-batch-size M`` runs): final hidden states of both models +
-  :func:`minicompress.losses.chunked_distill_loss` (fused lm_head + KL with the closed-form
+  :func:`minicompress.distillation.losses.chunked_distill_loss` (fused lm_head + KL with the closed-form
   gradient, automatic chunk: 1024 tokens at vocab 49,152, 256 at 262,144; never ``[N, V]``);
 * ``ours 1 batch``: the same loss on the whole batch in one forward, timed per part (teacher
   forward, student forward, loss, backward, optimizer) for the share of the step;
@@ -52,8 +52,8 @@ default, the float32 live-teacher step (micro batches of 1 and of 8), the bf16 s
 eager layers (the default before ``compile: auto``), and the same fed by a sampled teacher
 cache (no teacher forward), eager and compiled, all on ``--student`` in one process,
 interleaved (compiled variants use a deep copy of the models whose decoder layers went
-through :func:`minicompress.train.compile_layers_`, with the loss's compiled chunk kernel and,
-for the student, :mod:`minicompress.attention`'s backward, as ``recover`` runs them since issue
+through :func:`minicompress.distillation.loop.compile_layers_`, with the loss's compiled chunk kernel and,
+for the student, :mod:`minicompress.distillation.attention`'s backward, as ``recover`` runs them since issue
 18; same weights, lr 0, so every
 variant's loss must agree). It also measures this machine's GEMM rate in bf16 and float32 and
 reports each variant's share of the FLOP limit ``(2 N_teacher + 6 N_student)`` per token
@@ -83,11 +83,12 @@ from rich.console import Console
 
 from minicompress import arch
 from minicompress.config import DataConfig
-from minicompress.data import as_tensor, load_sequences
+from minicompress.data.rows import as_tensor, load_sequences
 from minicompress.config import LossConfig
-from minicompress.train import make_optimizer, compile_layers_, count_targets, micro_batch_loss, shift_labels
+from minicompress.distillation.loop import (make_optimizer, compile_layers_, count_targets, micro_batch_loss,
+    shift_labels)
 from minicompress.runtime import autocast_context
-from minicompress.losses import chunked_distill_loss
+from minicompress.distillation.losses import chunked_distill_loss
 from minicompress.measure import PeakMemory, release_free_heap
 from minicompress.models import load_model
 
@@ -466,7 +467,7 @@ def gemm_rate(dtype: torch.dtype, tokens: int = 2048, d_in: int = 576, d_out: in
 def bench_defaults(args, console: Console) -> dict:
     """The default recovery step vs the previous float32 default, one process, interleaved."""
     from minicompress.config import RecoverConfig
-    from minicompress import attention
+    from minicompress.distillation import attention
     from minicompress.hardware import describe_precision, keep_freed_memory
     from minicompress.models import TORCH_DTYPES
 
@@ -563,13 +564,13 @@ def bench_live(args, console: Console) -> dict:
     Every variant runs ``micro_batch_loss`` + AdamW over the same batch in bf16 autocast with a
     bf16 teacher and compiled decoder layers (the default before issue 18); then the loss's
     compiled chunk kernel (``compiled=True``); then the student's compiled attention backward
-    (:mod:`minicompress.attention`). Each variant has its own deep copy of the models (lr 0:
+    (:mod:`minicompress.distillation.attention`). Each variant has its own deep copy of the models (lr 0:
     the same weights throughout; the losses must agree). ``--malloc`` applies to the whole
     process: run it once with ``keep`` (what ``recover`` does) and once with ``default``.
     """
     import dataclasses
 
-    from minicompress import attention
+    from minicompress.distillation import attention
     from minicompress.config import RecoverConfig
     from minicompress.hardware import keep_freed_memory
 

@@ -8,7 +8,7 @@ torch thread:
 
 * ``in-memory``: ``load_model`` + ``apply_plan_`` + ``save_pretrained`` (what
   ``minicompress prune`` does);
-* ``streaming``: :func:`minicompress.streaming.prune_checkpoint_streaming`.
+* ``streaming``: :func:`minicompress.pruning.streaming.prune_checkpoint_streaming`.
 
 Each subprocess imports everything and builds the model class on the ``meta`` device
 first, resets its peak-RSS mark (``/proc/self/clear_refs``), then reports ``VmHWM`` minus
@@ -61,8 +61,8 @@ def child(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from minicompress.models import load_model
-    from minicompress.prune import PrunePlan, apply_plan_
-    from minicompress.streaming import prune_checkpoint_streaming
+    from minicompress.pruning.plan import PrunePlan, apply_plan_
+    from minicompress.pruning.streaming import prune_checkpoint_streaming
 
     plan = PrunePlan.from_dict(json.loads(Path(args.plan).read_text()))
     with torch.device("meta"):  # import the model class in both paths before the baseline
@@ -143,7 +143,7 @@ def _plan(name: str, folder: Path, args, work: Path) -> tuple[Path, dict]:
     from minicompress.arch import count_parameters
     from minicompress.recipes.score import score
     from minicompress.config import DataConfig, ModelConfig, ScoreConfig
-    from minicompress.prune import make_plan
+    from minicompress.pruning.plan import make_plan
 
     start = time.perf_counter()
     cfg = ScoreConfig(model=ModelConfig(source=str(folder)),

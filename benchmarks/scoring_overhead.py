@@ -20,7 +20,7 @@ from common import DATA, OUT, print_table, run_record, write_json
 from minicompress.recipes.score import calibration_batches
 from minicompress.config import DataConfig, ScoreConfig
 from minicompress.models import load_model
-from minicompress.scoring import ActivationScorer
+from minicompress.pruning.scoring import ActivationScorer
 
 
 

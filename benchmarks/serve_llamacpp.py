@@ -359,8 +359,8 @@ def minicompress_perplexity(source: str, data: str, seq_len: int, max_tokens: in
     import torch
 
     from minicompress.config import DataConfig, ModelConfig
-    from minicompress.data import bos_token_id, load_token_stream, read_documents
-    from minicompress.evaluation import eval_windows
+    from minicompress.data.sources import bos_token_id, load_token_stream, read_documents
+    from minicompress.evaluation.perplexity import eval_windows
     from minicompress.models import load_for_flag
     from minicompress.recipes.eval import evaluate_model
 
@@ -485,7 +485,7 @@ def run(args, console) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             text = Path(tmp) / "eval.txt"
             if mc is None:
-                from minicompress.data import read_documents
+                from minicompress.data.sources import read_documents
 
                 text.write_bytes(read_documents(args.data, "text", "file")[0][: args.max_tokens * 16].encode())
             else:

@@ -5,7 +5,7 @@ arc_easy, arc_challenge, openbookqa) come from the Hugging Face Hub, which this 
 cannot reach, and no PyPI package ships their data. This script therefore builds OUR OWN
 proxy task from what is here, in HellaSwag's format (a context and four endings), and
 scores every ``--models`` entry on it through lm-evaluation-harness
-(:func:`minicompress.tasks.evaluate_tasks`), exactly as ``minicompress eval --tasks``
+(:func:`minicompress.evaluation.tasks.evaluate_tasks`), exactly as ``minicompress eval --tasks``
 would with ``--include-path``:
 
 * **wikitext_next_sentence** (not a standard benchmark; numbers are comparable only
@@ -112,7 +112,7 @@ def build_questions(text: str, n: int, *, context_sentences: int = 2, seed: int 
 
 def write_task(folder: Path, rows: list[dict]) -> Path:
     """The lm-eval task (``<TASK>.jsonl`` + ``<TASK>.yaml``, a local datasets cache) in ``folder``."""
-    from minicompress.tasks import choice_task_yaml
+    from minicompress.evaluation.tasks import choice_task_yaml
 
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{TASK}.jsonl"
@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from minicompress.config import ModelConfig
     from minicompress.errors import MinicompressError
-    from minicompress.evaluation import parameter_summary
+    from minicompress.evaluation.perplexity import parameter_summary
     from minicompress.models import load_for_flag
-    from minicompress.tasks import evaluate_tasks, parse_task_names, task_manager
+    from minicompress.evaluation.tasks import evaluate_tasks, parse_task_names, task_manager
 
     if args.threads:
         torch.set_num_threads(args.threads)

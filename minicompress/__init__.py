@@ -9,15 +9,15 @@ The Python API (``import minicompress as mc``) is imported lazily, so ``import
 minicompress`` (and the CLI's start-up) loads neither torch nor transformers:
 
 * ``mc.load_model(source)`` -> ``(model, tokenizer)`` (:func:`minicompress.models.load_model`)
-* ``mc.score(model, batches)`` -> importance scores (:func:`minicompress.scoring.score_model`)
-* ``mc.make_plan(scores, config, target)`` -> a pure :class:`~minicompress.prune.PrunePlan`
+* ``mc.score(model, batches)`` -> importance scores (:func:`minicompress.pruning.scoring.score_model`)
+* ``mc.make_plan(scores, config, target)`` -> a pure :class:`~minicompress.pruning.plan.PrunePlan`
 * ``mc.apply_plan_(model, plan)`` rewrites the model in place
 * ``mc.recover(RecoverConfig(...), student=..., teacher=..., tokenizer=...)`` distils
   (:func:`minicompress.recipes.recover.recover`)
 * ``mc.evaluate(model, tokenizer, "test.txt", teacher=...)`` -> perplexity, KL, size, speed
   (:func:`minicompress.recipes.eval.evaluate_model`)
 * ``mc.evaluate_tasks(model, tokenizer, ["arc_easy"])`` -> lm-evaluation-harness accuracy
-  (:func:`minicompress.tasks.evaluate_tasks`; ``pip install 'minicompress[tasks]'``)
+  (:func:`minicompress.evaluation.tasks.evaluate_tasks`; ``pip install 'minicompress[tasks]'``)
 * ``mc.run(RunConfig or "run.yaml")`` runs progressive stages (:func:`minicompress.recipes.run.run`);
   ``mc.dry_run(config)`` checks one without loading weights
 
@@ -34,15 +34,15 @@ __version__ = "0.1.0"
 _API = {
     "load_model": ("models", "load_model"),
     "load_config": ("models", "load_config"),
-    "score": ("scoring", "score_model"),
-    "ImportanceScores": ("scoring", "ImportanceScores"),
-    "make_plan": ("prune", "make_plan"),
-    "apply_plan_": ("prune", "apply_plan_"),
-    "validate_target": ("search", "validate_target"),
-    "PrunePlan": ("prune", "PrunePlan"),
+    "score": ("pruning.scoring", "score_model"),
+    "ImportanceScores": ("pruning.scoring", "ImportanceScores"),
+    "make_plan": ("pruning.plan", "make_plan"),
+    "apply_plan_": ("pruning.plan", "apply_plan_"),
+    "validate_target": ("pruning.search", "validate_target"),
+    "PrunePlan": ("pruning.plan", "PrunePlan"),
     "recover": ("recipes.recover", "recover"),
     "evaluate": ("recipes.eval", "evaluate_model"),
-    "evaluate_tasks": ("tasks", "evaluate_tasks"),
+    "evaluate_tasks": ("evaluation.tasks", "evaluate_tasks"),
     "run": ("recipes.run", "run"),
     "dry_run": ("recipes.run", "dry_run"),
     "count_parameters": ("arch", "count_parameters"),

@@ -31,14 +31,14 @@ AUTOCAST = ("auto", "none", "bfloat16")
 DOCUMENT_MODES = ("split", "file")
 AGGREGATIONS = ("mean", "l2", "var")
 LAYER_METRICS = ("bi", "loss", "contiguous")
-#: Logit divergences of ``loss.kind`` (the one list: :mod:`minicompress.losses` imports it).
+#: Logit divergences of ``loss.kind`` (the one list: :mod:`minicompress.distillation.losses` imports it).
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "topk_kl", "sampled_kl")
 #: Kinds whose teacher is a sparse target per token, read from a teacher cache.
 SPARSE_LOSS_KINDS = ("topk_kl", "sampled_kl")
 STAGE_TEACHERS = ("original", "previous")
 #: ``quantize --scheme`` values (the one list: :mod:`minicompress.quantize` imports it).
 QUANTIZE_SCHEMES = ("int8-weight-only", "int4-weight-only")
-#: Draft tokens per teacher forward of eval's draft test (:mod:`minicompress.speculative` imports it):
+#: Draft tokens per teacher forward of eval's draft test (:mod:`minicompress.evaluation.draft` imports it):
 #: 1 was the fastest constant with the pruned SmolLM2-135M student (``benchmarks/draft.py``).
 DRAFT_TOKENS = 1
 #: RecoverConfig keys a run sets for each stage (not allowed in ``recover:`` sections).
@@ -146,10 +146,10 @@ class DataConfig:
         mixture: several sources drawn by weight instead of ``source`` (YAML: ``data:`` as
             a list of ``{source, weight}``; flag: ``--data-mix PATH=W,PATH=W``). Each
             optimizer step draws its sequences by weight, deterministically
-            (:mod:`minicompress.mixture`).
+            (:mod:`minicompress.data.mixture`).
         token_store: tokenise a source once into a memory-mapped token store under
             ``$MINICOMPRESS_TOKEN_CACHE`` (default ``~/.cache/minicompress/tokens``) and
-            reuse it in every later run and on every rank (:mod:`minicompress.token_store`);
+            reuse it in every later run and on every rank (:mod:`minicompress.data.token_store`);
             false: tokenise in memory every time.
     """
 
@@ -203,13 +203,13 @@ class EvalConfig:
         decode_tokens: generated tokens for the speed test.
         draft: a draft model for speculative decoding of ``model`` (the student drafting for
             its teacher): acceptance rate and speedup of assisted greedy decoding
-            (:mod:`minicompress.speculative`); same vocabulary, dtype and device as ``model``.
+            (:mod:`minicompress.evaluation.draft`); same vocabulary, dtype and device as ``model``.
         draft_prompts: prompts of the draft test, the first tokens of evenly spaced windows of ``data``.
         draft_prompt_tokens: tokens per prompt (<= ``data.seq_len``).
         draft_new_tokens: tokens generated per prompt.
         draft_tokens: draft tokens proposed per teacher forward (a constant schedule).
         tasks: lm-evaluation-harness tasks to score (``--tasks hellaswag,arc_easy``; needs
-            ``pip install 'minicompress[tasks]'``, :mod:`minicompress.tasks`); with tasks,
+            ``pip install 'minicompress[tasks]'``, :mod:`minicompress.evaluation.tasks`); with tasks,
             ``data.source`` may be empty (no perplexity).
         include_path: a folder of extra lm-eval task YAMLs (local tasks over JSONL files).
         num_fewshot: examples per prompt of every task (None: each task's default).
@@ -545,7 +545,7 @@ class RecoverConfig:
             ``false`` force it. Compiling costs about 25 s once. With it the fused
             vocabulary loss runs each chunk as one compiled kernel
             (``chunked_distill_loss(compiled=True)``) and, on CPU, the student's attention
-            backward runs as compiled bf16 GEMMs (:mod:`minicompress.attention`).
+            backward runs as compiled bf16 GEMMs (:mod:`minicompress.distillation.attention`).
         reshard_after_forward: under torchrun, free each FSDP2 layer's gathered weights
             after its forward and gather them again in backward (least memory); False
             keeps them until backward (fewer all-gathers, more memory). Under torchrun,

@@ -13,7 +13,7 @@ each decoder layer is one FSDP unit (all-gathered just before its forward and ba
 resharded after), and the root unit holds the rest (embedding, final norm, ``lm_head``,
 tied or not: a tied parameter is one parameter of the root group, managed once).
 
-The fused distillation loss (:func:`minicompress.losses.chunked_distill_loss`) reads
+The fused distillation loss (:func:`minicompress.distillation.losses.chunked_distill_loss`) reads
 ``lm_head.weight`` outside any ``forward``. Between forwards FSDP2 registers the sharded
 ``DTensor`` on the module, so :func:`run_in_root` runs a callable *as a forward of the
 root*: FSDP's pre-forward all-gathers the root group and registers the unsharded

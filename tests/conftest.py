@@ -274,7 +274,7 @@ def choice_rows(n: int = 10, seed: int = 0) -> list[dict]:
 
 def write_choice_task(folder: Path, rows: list[dict], name: str = "tiny_choice") -> Path:
     """A local lm-eval multiple-choice task (``<name>.jsonl`` + ``<name>.yaml``) in ``folder``."""
-    from minicompress.tasks import choice_task_yaml
+    from minicompress.evaluation.tasks import choice_task_yaml
 
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{name}.jsonl"

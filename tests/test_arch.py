@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_MODEL_TYPES, make_tiny_model, tiny_config
 from minicompress.arch import (ADAPTERS, compute_logits, count_parameters, decoder_layers, describe, embed_tokens,
-                               final_norm, get_adapter, head_dim, num_kv_heads)
+    final_norm, get_adapter, head_dim, num_kv_heads)
 from minicompress.errors import MinicompressError
 
 

@@ -61,7 +61,7 @@ def naive_taylor(model, batches):
 
 
 def test_taylor_scores_match_a_naive_unit_by_unit_sum(peers, make_tiny_model):
-    from minicompress.prune import make_plan, pruned_copy
+    from minicompress.pruning.plan import make_plan, pruned_copy
 
     model = make_tiny_model("llama", num_attention_heads=6, num_key_value_heads=2, hidden_size=48, head_dim=8,
                             intermediate_size=40, num_hidden_layers=3)

@@ -12,8 +12,8 @@ import pytest
 from minicompress import cli
 from minicompress.cli import flags_to_overrides, main, render_table
 from minicompress.config import DataConfig
-from minicompress.data import bos_token_id, load_token_stream
-from minicompress.evaluation import eval_windows, evaluate_perplexity
+from minicompress.data.sources import bos_token_id, load_token_stream
+from minicompress.evaluation.perplexity import eval_windows, evaluate_perplexity
 from minicompress.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]

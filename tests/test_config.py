@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from minicompress.config import (DataConfig, EvalConfig, ModelConfig, PruneConfig, RecoverConfig, build_config,
-                                 parse_overrides, to_dict)
+    parse_overrides, to_dict)
 from minicompress.errors import ConfigError, MinicompressError
 
 

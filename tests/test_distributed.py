@@ -27,7 +27,7 @@ from minicompress import checkpoint
 from minicompress.recipes import recover as recover_recipe
 from minicompress.recipes.score import score
 from minicompress.config import DataConfig, LossConfig, ModelConfig, RecoverConfig, ScoreConfig
-from minicompress.scoring import ImportanceScores
+from minicompress.pruning.scoring import ImportanceScores
 
 SEQ = 16
 LOSS_RTOL = 1e-5

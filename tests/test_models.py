@@ -14,7 +14,7 @@ from minicompress.arch import count_parameters, get_adapter
 from minicompress.config import ModelConfig
 from minicompress.errors import MinicompressError
 from minicompress.models import (BUILTIN_MODELS, load_model, resolve_device, resolve_source, size_on_disk,
-                                 strip_quantization_config)
+    strip_quantization_config)
 
 
 def unique_parameter_count(model: torch.nn.Module) -> int:
@@ -199,7 +199,7 @@ def test_hub_id_in_the_local_cache_is_a_local_folder(tmp_path, monkeypatch, make
     import huggingface_hub.constants
 
     from minicompress.models import local_folder
-    from minicompress.streaming import streaming_source
+    from minicompress.pruning.streaming import streaming_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_model
 from minicompress.errors import MinicompressError
 from minicompress.quantize import (DEFAULT_GROUP_SIZE, SCHEMES, dequantize_weight, is_quantized, quantizable_linears,
-                                   quantize_, torchao_config)
+    quantize_, torchao_config)
 
 pytest.importorskip("torchao")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minicompress.evaluation import eval_windows
+from minicompress.evaluation.perplexity import eval_windows
 
 
 @pytest.fixture(scope="module")

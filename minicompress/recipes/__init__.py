@@ -5,8 +5,8 @@ Each recipe is one function whose signature is its CLI (as in litgpt): ``info``,
 ``eval``, ``score``, ``prune``, ``recover``, ``teacher_cache``, ``run``. It decides when and
 where things happen (which model to load, on which rank, which folder to write and when
 to resume), and hands tensors to the components below it, which never touch disk or
-ranks: :mod:`minicompress.scoring`, :mod:`minicompress.prune`, :mod:`minicompress.search`,
-:mod:`minicompress.train`, :mod:`minicompress.losses`, :mod:`minicompress.evaluation`,
+ranks: :mod:`minicompress.pruning.scoring`, :mod:`minicompress.pruning.plan`, :mod:`minicompress.pruning.search`,
+:mod:`minicompress.distillation.loop`, :mod:`minicompress.distillation.losses`, :mod:`minicompress.evaluation.perplexity`,
 :mod:`minicompress.arch` and :mod:`minicompress.runtime`. :mod:`minicompress.cli` keeps the
 registry of subcommands and their flags.
 """

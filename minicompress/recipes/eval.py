@@ -1,10 +1,10 @@
 """``minicompress eval``: perplexity, teacher agreement, size and speed of a model.
 
 Perplexity follows the protocol of the pruning literature (LLM-Pruner, SliceGPT,
-ShortGPT); the metrics themselves live in :mod:`minicompress.evaluation`. Task accuracy
-(``--tasks``) goes through lm-evaluation-harness (:mod:`minicompress.tasks`). With
+ShortGPT); the metrics themselves live in :mod:`minicompress.evaluation.perplexity`. Task accuracy
+(``--tasks``) goes through lm-evaluation-harness (:mod:`minicompress.evaluation.tasks`). With
 ``--draft``, a student drafts for the model in speculative decoding
-(:mod:`minicompress.speculative`: acceptance rate and speedup).
+(:mod:`minicompress.evaluation.draft`: acceptance rate and speedup).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 
 from ..config import DataConfig, EvalConfig
-from ..data import bos_token_id, load_token_stream
+from ..data.sources import bos_token_id, load_token_stream
 from ..errors import MinicompressError
-from ..evaluation import eval_windows, evaluate
+from ..evaluation.perplexity import eval_windows, evaluate
 from ..models import load_for_flag, size_on_disk
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,11 @@ def evaluate_model(model, tokenizer=None, data=None, *, teacher=None, seq_len: i
         max_tokens: read at most this many tokens of a text source.
         stride: sliding-window stride (None: non-overlapping windows).
         batch_size, autocast, speed, prefill_tokens, decode_tokens: as for
-            :func:`minicompress.evaluation.evaluate`.
+            :func:`minicompress.evaluation.perplexity.evaluate`.
         source: the model's folder or GGUF file, for ``size_on_disk_bytes``.
 
     Returns:
-        :func:`minicompress.evaluation.evaluate`'s results, plus ``size_on_disk_bytes``.
+        :func:`minicompress.evaluation.perplexity.evaluate`'s results, plus ``size_on_disk_bytes``.
     """
     windows = data
     if data is not None and not isinstance(data, list):
@@ -115,19 +115,19 @@ def check_draft(model, tokenizer, draft, draft_tokenizer, flag: str = "--draft")
 
 def run_eval(config: EvalConfig) -> dict:
     """``minicompress eval``: load the model (and teacher, and draft), then :func:`evaluate_model`
-    (and, with a draft, :func:`minicompress.speculative.measure_draft`).
+    (and, with a draft, :func:`minicompress.evaluation.draft.measure_draft`).
 
     Returns:
         A flat results dict: perplexity (and teacher agreement), parameters, size on
         disk, peak memory of the perplexity run, and prefill/decode speed; with a draft
         ``acceptance_rate``, ``draft_speedup`` and the other ``draft_*`` keys; with
         ``config.tasks``, ``tasks``: ``{task: {"acc", "acc_stderr", "acc_norm", ..., "n"}}``
-        (:func:`minicompress.tasks.evaluate_tasks`; no perplexity without ``data.source``);
+        (:func:`minicompress.evaluation.tasks.evaluate_tasks`; no perplexity without ``data.source``);
         with ``config.compare``, ``compare``: one ``{"model", ...the same keys}`` per model.
     """
     manager = None
     if config.tasks:  # unknown tasks and a missing lm-eval fail before any model is loaded
-        from ..tasks import task_manager
+        from ..evaluation.tasks import task_manager
 
         manager = task_manager(config.tasks, config.include_path)
     model, tokenizer = load_for_flag(config.model, "--model")
@@ -153,7 +153,7 @@ def run_eval(config: EvalConfig) -> dict:
         out.update(evaluate_draft(model, draft, prompts, new_tokens=config.draft_new_tokens,
                                   draft_tokens=config.draft_tokens, autocast=config.autocast))
     if config.tasks:
-        from ..tasks import evaluate_tasks
+        from ..evaluation.tasks import evaluate_tasks
 
         out["tasks"] = evaluate_tasks(model, tokenizer, config.tasks, include_path=config.include_path,
                                       num_fewshot=config.num_fewshot, limit=config.task_limit,
@@ -189,7 +189,7 @@ def compare_model(config: EvalConfig, source: str, teacher=None) -> dict:
 
 
 def evaluate_draft(model, draft, prompts: list, *, new_tokens: int, draft_tokens: int, autocast: str = "auto") -> dict:
-    """:func:`minicompress.speculative.measure_draft` of ``draft`` for ``model``, as eval's flat keys.
+    """:func:`minicompress.evaluation.draft.measure_draft` of ``draft`` for ``model``, as eval's flat keys.
 
     Returns:
         ``acceptance_rate``, ``draft_speedup``, ``draft_plain_tokens_per_s``,
@@ -198,9 +198,9 @@ def evaluate_draft(model, draft, prompts: list, *, new_tokens: int, draft_tokens
         become ``draft_prompts``, ``draft_generated_tokens`` and ``draft_tokens``) and
         ``draft_parameters``.
     """
-    from ..evaluation import parameter_summary
+    from ..evaluation.perplexity import parameter_summary
     from ..progress import progress_bar
-    from ..speculative import measure_draft
+    from ..evaluation.draft import measure_draft
 
     log.info("draft test: %d prompts of %d tokens, %d new tokens each, draft tokens per teacher forward: %d",
              len(prompts), prompts[0].numel(), new_tokens, draft_tokens)

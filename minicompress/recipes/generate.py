@@ -36,15 +36,16 @@ from safetensors.torch import load_file, save_file
 
 from .. import arch
 from ..config import GenerateConfig, to_dict
-from ..data import as_tensor, bos_token_id, load_sequences
+from ..data.rows import as_tensor, load_sequences
+from ..data.sources import bos_token_id
 from ..errors import MinicompressError
 from ..hardware import describe_precision
 from ..models import load_for_flag
 from ..outputs import check_output, provenance, read_provenance, write_json_atomic, write_provenance
 from ..progress import progress_bar
 from ..runtime import model_device
-from ..sampling import prompt_starts, sample_batch, start_tokens
-from ..teacher_cache import CACHE_FORMAT, CACHE_INDEX_FILE
+from ..distillation.sampling import prompt_starts, sample_batch, start_tokens
+from ..distillation.teacher_cache import CACHE_FORMAT, CACHE_INDEX_FILE
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What ``minicompress score`` and ``minicompress prune`` do, as Python functions.
 
 This module sits on top (next to the CLI): it loads models and data and hands tensors to
-:mod:`minicompress.scoring` and :mod:`minicompress.prune`, which never load anything
+:mod:`minicompress.pruning.scoring` and :mod:`minicompress.pruning.plan`, which never load anything
 themselves. Every output folder is written atomically with its provenance record.
 """
 
@@ -22,17 +22,17 @@ import torch
 from .. import distributed
 from ..arch import count_parameters, describe
 from ..config import PruneConfig
-from ..data import check_local_source
+from ..data.sources import check_local_source
 from ..errors import MinicompressError
 from ..checkpoint import working_folder
 from ..models import load_config, load_model
 from ..outputs import (atomic_folder, check_output, provenance, read_provenance, settings_digest, write_json_atomic,
-                      write_model_card, write_provenance)
+    write_model_card, write_provenance)
 from ..progress import progress_bar
-from ..prune import apply_plan_, make_plan, pruned_copy
+from ..pruning.plan import apply_plan_, make_plan, pruned_copy
 from ..quantize import is_quantized
-from ..search import row_target, search_architecture, validate_target, zero_shot_ranking
-from ..scoring import ImportanceScores
+from ..pruning.search import row_target, search_architecture, validate_target, zero_shot_ranking
+from ..pruning.scoring import ImportanceScores
 from .score import calibration_batches, score
 
 log = logging.getLogger(__name__)
@@ -285,19 +285,19 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     briefly and keep the one with the lowest held-out KL to the original.
 
     Each of the ``config.search_distill_candidates`` best rows of
-    :func:`~minicompress.prune.zero_shot_ranking` is pruned from a copy of ``model``
+    :func:`~minicompress.pruning.plan.zero_shot_ranking` is pruned from a copy of ``model``
     (left as it was: weights, dtype, device, ``requires_grad``, train/eval mode),
     distilled for ``config.search_distill_tokens`` tokens from ``model`` as live teacher
     with :func:`~minicompress.recipes.recover.recover` (the same data, held-out split and seed for
     every candidate; written to a temporary folder, then deleted), and timed with
-    :func:`~minicompress.evaluation.measure_speed` (128 prefill / 16 decode tokens).
+    :func:`~minicompress.evaluation.perplexity.measure_speed` (128 prefill / 16 decode tokens).
 
     Args:
         config: the prune configuration (``search_recover`` settings).
         model: the original model (the teacher; not modified).
         tokenizer: its tokenizer.
         scores: its importance scores.
-        table: the search table of :func:`~minicompress.prune.search_architecture`;
+        table: the search table of :func:`~minicompress.pruning.plan.search_architecture`;
             distilled rows gain ``kl_before``, ``distill_kl``, ``distill_perplexity``,
             ``prefill_tokens_per_s`` and ``decode_tokens_per_s``. Rows that have them
             already (a resumed search) are not distilled again.
@@ -310,7 +310,7 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
         MinicompressError: under torchrun, or from the distillation (e.g. too little data).
     """
     from . import recover as recover_recipe
-    from ..evaluation import measure_speed
+    from ..evaluation.perplexity import measure_speed
 
     if distributed.world_size() > 1:
         raise MinicompressError("search_distill_candidates: the search distils candidates in one process, not under "
@@ -370,7 +370,7 @@ def _release_candidate() -> None:
 
     The student, its optimizer and gradients go with the last reference (collected here
     with any reference cycle); what outlives them is process-wide: the fused loss's
-    ``[chunk, vocab]`` workspace (:func:`~minicompress.losses.release_workspace`, about
+    ``[chunk, vocab]`` workspace (:func:`~minicompress.distillation.losses.release_workspace`, about
     0.5 GB for SmolLM2's vocabulary), ``torch.compile``'s graphs and guards of the compiled
     layers (``search_recover.compile``; :func:`torch._dynamo.reset`), and the free pages
     glibc keeps in its heap (:func:`~minicompress.measure.release_free_heap`).
@@ -378,7 +378,7 @@ def _release_candidate() -> None:
     import gc
     import sys
 
-    from ..losses import release_workspace
+    from ..distillation.losses import release_workspace
     from ..measure import release_free_heap
 
     release_workspace()
@@ -393,7 +393,7 @@ def _release_candidate() -> None:
 
 def _streamable(model: Any) -> bool:
     """Whether ``model`` (a ModelConfig) names a local safetensors folder a streaming prune can read."""
-    from ..streaming import streaming_source
+    from ..pruning.streaming import streaming_source
 
     try:
         streaming_source(model.source)
@@ -429,7 +429,7 @@ def _prune_streaming(config: PruneConfig, chosen: dict[str, Any], *, scores: Imp
     config.json, slice tensor by tensor."""
     from transformers import AutoConfig
 
-    from ..streaming import prune_checkpoint_streaming, streaming_source
+    from ..pruning.streaming import prune_checkpoint_streaming, streaming_source
 
     if config.target.target_params is not None:
         raise MinicompressError("--streaming: --target-params needs the loaded model (its search ranks pruned "

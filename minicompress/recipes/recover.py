@@ -4,9 +4,9 @@ Minitron (Muralidharan et al., arXiv 2407.14679; Sreenivas et al., arXiv 2408.11
 retrains a pruned student on a small token budget with the forward KL to its frozen
 teacher. This recipe is the when-and-where of that retraining: it loads the student and
 the teacher (rank 0 reads, FSDP2 shards under torchrun), reads the data, resumes from
-``<output>.partial``, runs :func:`minicompress.train.train` and writes the stock Hugging
+``<output>.partial``, runs :func:`minicompress.distillation.loop.train` and writes the stock Hugging
 Face folder atomically. The how (losses, schedule, data order, the loop) lives in
-:mod:`minicompress.train`.
+:mod:`minicompress.distillation.loop`.
 """
 
 from __future__ import annotations
@@ -20,21 +20,22 @@ from typing import Any, Callable
 
 import torch
 
-from .. import arch, attention, distributed, losses
+from .. import arch, distributed
+from ..distillation import attention, losses
 from ..config import RecoverConfig, to_dict
-from ..data import TrainingData, load_training_data
-from ..mixture import source_epoch_index
+from ..data.rows import TrainingData, load_training_data
+from ..data.mixture import source_epoch_index
 from ..errors import MinicompressError
 from ..hardware import describe_precision, keep_freed_memory, resolve_compile
 from ..runtime import model_device
 from ..checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, working_folder
-from ..metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
+from ..distillation.metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
 from ..models import TORCH_DTYPES, load_model, load_model_on_rank0, resolve_device
 from ..outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from ..progress import progress_bar
-from ..teacher_cache import TeacherCache
-from ..train import (Schedule, batch_positions, compile_layers_, default_warmup_steps, evaluate_on_ranks, make_optimizer,
-                     num_held_out, train)
+from ..distillation.teacher_cache import TeacherCache
+from ..distillation.loop import (Schedule, batch_positions, compile_layers_, default_warmup_steps, evaluate_on_ranks,
+    make_optimizer, num_held_out, train)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _training_data(config: RecoverConfig, cache: TeacherCache | None, student, t
 
 
 def _schedule(config: RecoverConfig, world: int, n_train: int) -> tuple[Schedule, int]:
-    """The run's :class:`~minicompress.train.Schedule` and micro batches per step and rank.
+    """The run's :class:`~minicompress.distillation.loop.Schedule` and micro batches per step and rank.
 
     Raises:
         MinicompressError: ``global_batch_tokens`` is not a multiple of one micro batch on every
@@ -165,7 +166,7 @@ def _place_for_training(config: RecoverConfig, student, teacher, *, device, t_de
     if precision["compile"]:
         log.info("recover: compiling the decoder layers (%s)", precision["compile_reason"])
         compiled = compile_layers_(student) + (compile_layers_(teacher) if teacher is not None else [])
-        # bf16 on CPU: the student's attention backward as compiled bf16 GEMMs (minicompress.attention;
+        # bf16 on CPU: the student's attention backward as compiled bf16 GEMMs (minicompress.distillation.attention;
         # measured faster only there: in float32 the flash kernel's backward wins)
         if device.type == "cpu" and autocast == "bfloat16" and attention.use_training_attention_(student):
             precision["attention"] = attention.NAME

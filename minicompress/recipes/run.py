@@ -27,7 +27,7 @@ finished prune and resumes an interrupted recovery from ``<stage>.partial``; the
 an edited config never silently mixes with old stages (``overwrite`` starts over).
 
 :func:`dry_run` reads only ``config.json`` files (never weights): it checks every
-stage's target (:func:`minicompress.prune.validate_target`), and gives each stage's shape,
+stage's target (:func:`minicompress.pruning.plan.validate_target`), and gives each stage's shape,
 parameter count, token budget and the memory a single-process run needs
 (:func:`estimate_memory`).
 """
@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 from ..arch import count_parameters, describe, get_adapter, head_dim, num_kv_heads
 from ..config import ModelConfig, RecoverConfig, RunConfig, TargetConfig, build_config, to_dict
-from ..data import check_local_source
+from ..data.sources import check_local_source
 from ..errors import ConfigError, MinicompressError
 from ..outputs import provenance, read_provenance, settings_digest, write_json_atomic, write_provenance
 
@@ -136,7 +136,7 @@ def estimate_memory(student: Any, teacher: Any | None, recover: RecoverConfig | 
     p_s = count_parameters(student)["total"]
     out = {"prune": w * (p_s + (count_parameters(prune_input)["total"] if prune_input is not None else p_s))}
     if recover is not None and teacher is not None:
-        from ..losses import auto_chunk_size
+        from ..distillation.losses import auto_chunk_size
 
         b, t = recover.micro_batch_size, recover.data.seq_len
         h, f, n = student.hidden_size, student.intermediate_size, student.num_hidden_layers
@@ -316,9 +316,9 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
 
 
 def validate_target_for_stage(config: Any, target: TargetConfig, shape_known: bool = True) -> dict[str, Any]:
-    """:func:`~minicompress.prune.validate_target`; with an unknown input shape (after a
+    """:func:`~minicompress.pruning.plan.validate_target`; with an unknown input shape (after a
     search) only the widths and depth against ``config`` (the original) are checked."""
-    from ..search import validate_target
+    from ..pruning.search import validate_target
 
     if shape_known or target.target_params is not None:
         return validate_target(config, target)
@@ -326,7 +326,7 @@ def validate_target_for_stage(config: Any, target: TargetConfig, shape_known: bo
 
 
 def _largest_candidate(config: Any, budget: int, width_multiple: int = 64) -> dict[str, Any]:
-    from ..search import candidate_targets
+    from ..pruning.search import candidate_targets
 
     best = candidate_targets(config, budget, width_multiple=width_multiple)[0]
     return {k: best[k] for k in _SHAPE_KEYS}
@@ -392,7 +392,7 @@ def _generate_data(config: RunConfig, out: Path) -> RunConfig:
         MinicompressError: a finished ``generated`` folder of other settings.
     """
     from .. import distributed
-    from ..teacher_cache import CACHE_INDEX_FILE
+    from ..distillation.teacher_cache import CACHE_INDEX_FILE
     from .generate import TEXT_FILE, generate, same_generation
 
     folder = out / GENERATED
@@ -482,7 +482,7 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
         raise ConfigError("output: a run needs a folder (--output or output: in the YAML)")
     plan = dry_run(config)
     if config.eval_tasks and config.report.enabled:  # a missing lm-eval or unknown task fails now, not after training
-        from ..tasks import task_manager
+        from ..evaluation.tasks import task_manager
 
         task_manager(config.eval_tasks, config.eval_include_path, tasks_flag="eval_tasks",
                      include_flag="eval_include_path")
@@ -541,7 +541,7 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
     Perplexity, KL(original || stage) and top-1 agreement on ``eval_data`` (when set;
     the windows of ``minicompress eval``), parameters, weight bytes on disk, greedy
     decode tokens/s (``report.speed``) and the stage's wall time; with ``eval_tasks``, the
-    lm-evaluation-harness accuracy of every model (:func:`minicompress.tasks.evaluate_tasks`):
+    lm-evaluation-harness accuracy of every model (:func:`minicompress.evaluation.tasks.evaluate_tasks`):
     a column ``<task>/acc`` per task after ``top1_agreement``, and every metric in each
     row's ``tasks``.
 
@@ -599,7 +599,7 @@ def _task_scorer(config: RunConfig, tokenizer) -> Callable[[Any], dict | None]:
     """``model -> {task: metrics}`` for ``eval_tasks`` (one task index for every model), or ``-> None``."""
     if not config.eval_tasks:
         return lambda model: None
-    from ..tasks import evaluate_tasks, task_manager
+    from ..evaluation.tasks import evaluate_tasks, task_manager
 
     flags = dict(tasks_flag="eval_tasks", include_flag="eval_include_path")
     manager = task_manager(config.eval_tasks, config.eval_include_path, **flags)

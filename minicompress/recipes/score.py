@@ -1,7 +1,7 @@
 """``minicompress score``: Minitron activation importance on calibration text (arXiv 2407.14679, sec. 2).
 
 The recipe loads the model (sharded with FSDP2 under torchrun), reads the calibration
-text and writes the scores; :mod:`minicompress.scoring` computes them without touching
+text and writes the scores; :mod:`minicompress.pruning.scoring` computes them without touching
 disk or ranks.
 """
 
@@ -15,13 +15,13 @@ import torch
 
 from .. import distributed
 from ..config import ScoreConfig
-from ..data import iterate_batches, load_calibration
+from ..data.rows import iterate_batches, load_calibration
 from ..errors import MinicompressError
 from ..hardware import resolve_autocast
 from ..models import load_model, load_model_on_rank0, resolve_device
-from ..outputs import (atomic_folder, check_output, provenance, write_provenance)
+from ..outputs import atomic_folder, check_output, provenance, write_provenance
 from ..progress import progress_bar
-from ..scoring import ImportanceScores, count_score_forwards, score_model
+from ..pruning.scoring import ImportanceScores, count_score_forwards, score_model
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScore
     ``model`` is scored whole on every rank (data parallel only).
 
     Returns:
-        :class:`~minicompress.scoring.ImportanceScores`.
+        :class:`~minicompress.pruning.scoring.ImportanceScores`.
     """
     world = distributed.init_from_env()
     if config.output is not None:

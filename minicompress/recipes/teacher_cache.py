@@ -2,7 +2,7 @@
 
 Minitron (arXiv 2407.14679) distils from a frozen teacher whose forward is a third of a
 recovery step; a cache of sparse targets pays it once (as DistillKit's offline mode does).
-The reader, :class:`minicompress.teacher_cache.TeacherCache`, is a component; this recipe
+The reader, :class:`minicompress.distillation.teacher_cache.TeacherCache`, is a component; this recipe
 loads the teacher, reads the data and writes the shards atomically.
 """
 
@@ -16,13 +16,13 @@ import torch
 
 from .. import arch
 from ..config import TeacherCacheConfig, to_dict
-from ..data import as_tensor, load_sequences, load_training_data
+from ..data.rows import as_tensor, load_sequences, load_training_data
 from ..errors import MinicompressError
 from ..runtime import autocast_context, final_hidden, model_device
 from ..models import TORCH_DTYPES, load_model
 from ..outputs import atomic_folder, check_output, provenance, write_json_atomic, write_provenance
 from ..progress import progress_bar
-from ..teacher_cache import CACHE_FORMAT, CACHE_INDEX_FILE
+from ..distillation.teacher_cache import CACHE_FORMAT, CACHE_INDEX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def write_teacher_cache(config: TeacherCacheConfig, *, teacher: torch.nn.Module 
     epoch trains on rows ``n_eval, n_eval + 1, ...``. So a cache of
     ``eval_tokens + tokens`` tokens covers a whole single-epoch recovery. With
     ``data.mixture`` the rows are the mixture's stream (stream positions ``0, 1, ...`` of
-    :class:`~minicompress.data.TrainingData` with nothing held out, each source's rows by
+    :class:`~minicompress.data.rows.TrainingData` with nothing held out, each source's rows by
     its weight), at most as many as the sources hold together; ``teacher_cache.json``
     records the tokens of each source under ``sources``. Each shard
     ``shard-XXXXX.safetensors`` holds ``input_ids [r, L]`` int32, ``topk_values [r, L, k]``

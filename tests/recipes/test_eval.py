@@ -1,7 +1,7 @@
 """``minicompress eval --tasks``: lm-eval task accuracy next to (or instead of) perplexity.
 
 A local multiple-choice task (JSONL + YAML in ``tmp_path``) on a saved tiny llama; the
-results must equal :func:`minicompress.tasks.evaluate_tasks` on the same model.
+results must equal :func:`minicompress.evaluation.tasks.evaluate_tasks` on the same model.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def task_dir(tmp_path):
 def test_eval_tasks_without_data_writes_accuracy_only(tiny_model_dir, task_dir, tmp_path, capsys):
     from minicompress.models import load_model
     from minicompress.config import ModelConfig
-    from minicompress.tasks import evaluate_tasks
+    from minicompress.evaluation.tasks import evaluate_tasks
 
     model_dir = tiny_model_dir("llama")
     out = tmp_path / "eval.json"

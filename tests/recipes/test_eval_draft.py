@@ -12,7 +12,7 @@ from minicompress.config import DataConfig, EvalConfig, ModelConfig
 from minicompress.errors import ConfigError, MinicompressError
 from minicompress.models import load_model
 from minicompress.recipes.eval import draft_prompts, text_windows
-from minicompress.speculative import measure_draft
+from minicompress.evaluation.draft import measure_draft
 
 
 def error_line(capsys) -> str:

@@ -15,7 +15,7 @@ from minicompress.errors import ConfigError, MinicompressError
 from minicompress.recipes import generate as generate_recipe
 from minicompress.recipes.recover import recover
 from minicompress.runtime import final_hidden
-from minicompress.teacher_cache import TeacherCache
+from minicompress.distillation.teacher_cache import TeacherCache
 from minicompress import arch
 
 SEQ = 16

@@ -14,7 +14,7 @@ from minicompress.arch import count_parameters
 from minicompress.cli import main
 from minicompress.recipes.prune import prune
 from minicompress.config import PruneConfig, build_config
-from minicompress.scoring import ImportanceScores
+from minicompress.pruning.scoring import ImportanceScores
 
 
 @pytest.fixture
@@ -436,7 +436,8 @@ def test_each_distilled_candidate_is_released_before_the_next(tmp_path, tiny_mod
     import gc
     import weakref
 
-    from minicompress import losses, measure
+    from minicompress.distillation import losses
+    from minicompress import measure
     from minicompress.recipes import recover as recover_recipe
 
     real = recover_recipe.recover

@@ -24,7 +24,7 @@ from minicompress.outputs import read_provenance
 from minicompress.recipes.run import REPORT_COLUMNS, dry_run, estimate_memory, run
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_JSONS = ROOT / "tests" / "data" / "configs"
+CONFIG_JSONS = ROOT / "tests" / "fixtures" / "configs"
 
 
 @pytest.fixture
@@ -454,7 +454,7 @@ def test_a_run_without_text_or_generate_section_is_refused(tmp_path, tiny_llama)
 def test_run_report_has_a_task_accuracy_column_per_task(tmp_path, tiny_llama, text_corpus, capsys, offline_hub):
     pytest.importorskip("lm_eval")
     from conftest import choice_rows, write_choice_task
-    from minicompress.tasks import evaluate_tasks
+    from minicompress.evaluation.tasks import evaluate_tasks
 
     tasks = write_choice_task(tmp_path / "tasks", choice_rows(6, seed=2))
     config = _run_config(tiny_llama, text_corpus, tmp_path / "r", stages=[

@@ -1,0 +1,1 @@
+"""Data: reading sources, the token store, mixtures, training and calibration rows."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and KL, lm-eval tasks, speculative-decoding drafts."""

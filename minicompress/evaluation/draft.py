@@ -1,0 +1,272 @@
+"""The student as a speculative-decoding draft: acceptance rate and speedup of assisted greedy decoding.
+
+Speculative decoding (Leviathan et al., "Fast Inference from Transformers via Speculative
+Decoding", arXiv 2211.17192; Chen et al., "Accelerating Large Language Model Decoding with
+Speculative Sampling", arXiv 2302.01318) lets a small draft model propose ``k`` tokens that
+the large model checks in one forward pass; under greedy decoding the draft's tokens are
+kept up to the first one the large model would not have picked, followed by the large
+model's own token at that position, so the output is the large model's greedy output.
+transformers implements it as assisted generation (``model.generate(...,
+assistant_model=draft)``, ``transformers/generation/utils.py`` ``_assisted_decoding`` and
+``candidate_generator.py`` ``AssistedCandidateGenerator``; blog post
+https://huggingface.co/blog/assisted-generation).
+
+:func:`measure_draft` runs, prompt by prompt (assisted generation needs batch size 1), the
+teacher's own greedy decode and the assisted greedy decode, and reports how often the
+teacher accepts the draft's tokens and what that is worth in wall time. Draft tokens are
+counted exactly by wrapping the candidate generator's ``update_candidate_strategy(input_ids,
+scores, num_matches)``, which transformers calls once per teacher forward with
+``scores [1, proposed + 1, V]`` (the teacher's logits at the proposed positions and the one
+after) and ``num_matches`` accepted draft tokens.
+
+How many tokens the draft proposes per round is set on the draft's generation config
+(transformers reads it from ``assistant_model.generation_config``):
+
+* ``schedule="constant"``: exactly ``num_assistant_tokens`` per round (fewer only near
+  the end of the budget or after the draft emits EOS);
+* ``schedule="heuristic"``: start at ``num_assistant_tokens``, +2 after a round where all
+  were accepted, -1 otherwise (carried across prompts; transformers' default before 4.45);
+* ``confidence_threshold > 0``: the draft also stops a round after its first token whose
+  probability is below the threshold (transformers 5's default is 20 tokens, constant,
+  threshold 0.4; 0 switches it off). Where scikit-learn is installed, transformers moves
+  the threshold after every round to the best point of an ROC curve of the draft's
+  probabilities against acceptance, so the proposals then depend on that package.
+
+What a draft is worth: if the teacher accepts each draft token with probability ``a`` and
+a draft forward costs ``c`` teacher forwards, a round of ``k`` drafts yields
+``(1 - a**(k+1)) / (1 - a)`` tokens for ``k * c + v`` teacher forwards, where ``v``, the
+cost of verifying ``k + 1`` tokens at once, is about 1 on a CPU at batch 1 for ``k <= 4``
+(measured on SmolLM2-135M: 0.92-0.99). With ``k = 1`` the speedup is ``(1 + a) / (1 + c)``:
+a draft pays off only when it agrees with the teacher more often than its relative cost.
+A 50% pruned SmolLM2 student costs ``c`` of about 0.55, so ``k = 1`` is the best constant
+unless ``a`` exceeds about 0.8 (the measured choice of :data:`DEFAULT_DRAFT_TOKENS`).
+
+Nothing here loads or writes anything; :mod:`minicompress.recipes.eval` builds the prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from ..config import DRAFT_TOKENS
+from ..errors import MinicompressError
+from ..measure import synchronize
+from ..runtime import autocast_context, model_device
+
+log = logging.getLogger(__name__)
+
+#: Proposal schedules of transformers' assisted generation (``num_assistant_tokens_schedule``).
+SCHEDULES = ("constant", "heuristic", "heuristic_transient")
+#: Draft tokens per round by default (``EvalConfig.draft_tokens``): the fastest setting measured with
+#: the pruned SmolLM2 student drafting for SmolLM2-135M (``benchmarks/draft.py --ablations``:
+#: constant 1 > 2 > heuristic > 3, 4 > transformers' default of 20 with a confidence threshold).
+DEFAULT_DRAFT_TOKENS = DRAFT_TOKENS
+
+
+class _RoundCounter:
+    """Counts proposed and accepted draft tokens of every verification round of one ``generate``."""
+
+    def __init__(self):
+        self.rounds = 0
+        self.proposed = 0
+        self.accepted = 0
+        self.per_round: list[tuple[int, int]] = []
+
+    def wrap(self, generator) -> None:
+        """Wrap ``generator.update_candidate_strategy`` (called once per teacher forward)."""
+        update = generator.update_candidate_strategy
+
+        def counted(input_ids: torch.Tensor, scores: torch.Tensor, num_matches) -> None:
+            proposed, accepted = scores.shape[1] - 1, int(num_matches)
+            self.rounds += 1
+            self.proposed += proposed
+            self.accepted += accepted
+            self.per_round.append((proposed, accepted))
+            return update(input_ids, scores, num_matches)
+
+        generator.update_candidate_strategy = counted
+
+
+@contextlib.contextmanager
+def _counting_rounds(teacher: torch.nn.Module, counter: _RoundCounter):
+    """Make ``teacher``'s next assisted ``generate`` report its rounds to ``counter``."""
+    make = teacher._get_candidate_generator
+
+    def make_counted(*args, **kwargs):
+        generator = make(*args, **kwargs)
+        counter.wrap(generator)
+        return generator
+
+    teacher._get_candidate_generator = make_counted  # an instance attribute shadows the method
+    try:
+        yield counter
+    finally:
+        del teacher._get_candidate_generator
+
+
+@contextlib.contextmanager
+def _draft_settings(draft: torch.nn.Module, generation_config, *, num_assistant_tokens: int, schedule: str,
+                    confidence_threshold: float):
+    """Give ``draft`` a fresh generation config with the proposal settings; restore its own after."""
+    own = draft.generation_config
+    config = copy.deepcopy(generation_config)
+    config.num_assistant_tokens = num_assistant_tokens
+    config.num_assistant_tokens_schedule = schedule
+    config.assistant_confidence_threshold = confidence_threshold
+    draft.generation_config = config
+    try:
+        yield
+    finally:
+        draft.generation_config = own
+
+
+def greedy_config(model: torch.nn.Module, new_tokens: int):
+    """A plain greedy ``GenerationConfig`` of ``new_tokens`` with ``model``'s special tokens
+    (nothing else of the model's own generation config: no sampling, no penalties)."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    eos = own.eos_token_id if own.eos_token_id is not None else model.config.eos_token_id
+    pad = own.pad_token_id if own.pad_token_id is not None else model.config.pad_token_id
+    if pad is None:
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, eos_token_id=eos,
+                            pad_token_id=pad, bos_token_id=own.bos_token_id)
+
+
+def _decode(teacher, prompt: torch.Tensor, config, draft=None) -> tuple[torch.Tensor, float]:
+    """One greedy ``generate`` of ``prompt [1, L]``: the new tokens ``[N]`` and the wall time."""
+    device = model_device(teacher)
+    synchronize(device)
+    start = time.perf_counter()
+    out = teacher.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config,
+                           assistant_model=draft)
+    synchronize(device)
+    return out[0, prompt.shape[1]:].cpu(), time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_draft(teacher: torch.nn.Module, draft: torch.nn.Module, prompts: Sequence[torch.Tensor], *,
+                  new_tokens: int, num_assistant_tokens: int = DEFAULT_DRAFT_TOKENS, schedule: str = "constant",
+                  confidence_threshold: float = 0.0, autocast: str = "auto", warmup: bool = True,
+                  strict: bool = False, on_prompt: Callable[[int], None] | None = None) -> dict:
+    """Acceptance rate and speedup of ``draft`` drafting for ``teacher`` under greedy decoding.
+
+    For every prompt (batch size 1, as assisted generation requires) the teacher's plain
+    greedy decode and the assisted one run back to back, both under the same precision
+    (:func:`~minicompress.runtime.autocast_context`); their new tokens are compared.
+
+    Args:
+        teacher: the model whose greedy output is produced (a ``*ForCausalLM``).
+        draft: the draft with the teacher's vocabulary, on the same device.
+        prompts: token ids, each ``[L]`` or ``[1, L]``.
+        new_tokens: tokens generated per prompt (fewer if the teacher emits EOS).
+        num_assistant_tokens: draft tokens per round (the start value for a heuristic schedule).
+        schedule: ``constant``, ``heuristic`` or ``heuristic_transient`` (see the module docstring).
+        confidence_threshold: end a round after a draft token whose probability is below this (0: off).
+        autocast: ``auto``, ``none`` or ``bfloat16``.
+        warmup: first decode a few tokens of the first prompt both ways, untimed.
+        strict: raise when an assisted output differs from the plain greedy one (default:
+            report it in ``outputs_identical`` and log a warning; bf16 rounding can differ
+            between a one-token and a ``k+1``-token forward and flip a near tie).
+        on_prompt: called with the number of prompts done after each one (progress).
+
+    Returns:
+        ``acceptance_rate`` (accepted / proposed draft tokens), ``accepted_tokens``,
+        ``proposed_tokens``, ``teacher_forwards`` (assisted: one per round),
+        ``plain_teacher_forwards`` (one per generated token), ``accepted_per_forward``
+        (accepted draft tokens per teacher forward), ``tokens_per_forward`` (new tokens per
+        teacher forward, the bonus token included), ``plain_seconds``,
+        ``assisted_seconds``, ``speedup`` (plain / assisted time), ``plain_tokens_per_s``,
+        ``assisted_tokens_per_s``, ``new_tokens`` (generated by the assisted decodes),
+        ``prompts``, ``identical_prompts``, ``outputs_identical``, ``num_assistant_tokens``,
+        ``schedule``, ``confidence_threshold``.
+
+    Raises:
+        MinicompressError: no prompts, a bad setting, different vocabularies or devices, or
+            (``strict``) an assisted output that differs from plain greedy.
+    """
+    if not prompts:
+        raise MinicompressError("prompts: need at least one prompt")
+    if new_tokens < 1:
+        raise MinicompressError(f"new_tokens: must be >= 1, got {new_tokens}")
+    if num_assistant_tokens < 1:
+        raise MinicompressError(f"num_assistant_tokens: must be >= 1, got {num_assistant_tokens}")
+    if schedule not in SCHEDULES:
+        raise MinicompressError(f"schedule: {schedule!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= confidence_threshold < 1.0:
+        raise MinicompressError(f"confidence_threshold: must be in [0, 1), got {confidence_threshold}")
+    t_vocab, d_vocab = teacher.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
+    if t_vocab != d_vocab:
+        raise MinicompressError(f"draft: vocabulary size {d_vocab} differs from the teacher's {t_vocab}; "
+                                "a draft must share the teacher's tokenizer")
+    device = model_device(teacher)
+    if model_device(draft) != device:
+        raise MinicompressError(f"draft: on {model_device(draft)}, the teacher on {device}; put both on one device")
+    batch = [(p if p.dim() == 2 else p[None]).to(device) for p in prompts]
+    if any(p.shape[0] != 1 or p.shape[1] < 1 for p in batch):
+        raise MinicompressError("prompts: each must be [L] or [1, L] token ids with L >= 1")
+
+    config = greedy_config(teacher, new_tokens)
+    counter = _RoundCounter()
+    plain_s = assisted_s = 0.0
+    plain_n = assisted_n = identical = 0
+    with autocast_context(device, autocast), _draft_settings(
+            draft, config, num_assistant_tokens=num_assistant_tokens, schedule=schedule,
+            confidence_threshold=confidence_threshold):
+        if warmup:
+            short = greedy_config(teacher, min(new_tokens, 8))
+            _decode(teacher, batch[0], short)
+            _decode(teacher, batch[0], short, draft)
+        for i, prompt in enumerate(batch):
+            plain, seconds = _decode(teacher, prompt, config)
+            plain_s += seconds
+            plain_n += plain.numel()
+            before = counter.accepted + counter.rounds
+            with _counting_rounds(teacher, counter):
+                assisted, seconds = _decode(teacher, prompt, config, draft)
+            assisted_s += seconds
+            assisted_n += assisted.numel()
+            # every round adds its accepted draft tokens and one token of the teacher's own
+            if counter.accepted + counter.rounds - before != assisted.numel():
+                raise MinicompressError(f"draft: counted {counter.accepted + counter.rounds - before} tokens of "
+                                        f"prompt {i} from the rounds, generated {assisted.numel()}")
+            if plain.numel() == assisted.numel() and torch.equal(plain, assisted):
+                identical += 1
+            else:
+                diff = (plain[:assisted.numel()] != assisted[:plain.numel()]).nonzero()
+                where = int(diff[0]) if diff.numel() else min(plain.numel(), assisted.numel())
+                message = (f"draft: the assisted decode of prompt {i} differs from the teacher's greedy decode "
+                           f"from new token {where} on")
+                if strict:
+                    raise MinicompressError(message)
+                log.warning("%s (rounding of the verification forward can flip a near tie)", message)
+            if on_prompt is not None:
+                on_prompt(i + 1)
+    return {
+        "acceptance_rate": counter.accepted / counter.proposed if counter.proposed else 0.0,
+        "accepted_tokens": counter.accepted,
+        "proposed_tokens": counter.proposed,
+        "teacher_forwards": counter.rounds,
+        "plain_teacher_forwards": plain_n,
+        "accepted_per_forward": counter.accepted / counter.rounds,
+        "tokens_per_forward": assisted_n / counter.rounds,
+        "plain_seconds": plain_s,
+        "assisted_seconds": assisted_s,
+        "speedup": plain_s / assisted_s,
+        "plain_tokens_per_s": plain_n / plain_s,
+        "assisted_tokens_per_s": assisted_n / assisted_s,
+        "new_tokens": assisted_n,
+        "prompts": len(batch),
+        "identical_prompts": identical,
+        "outputs_identical": identical == len(batch),
+        "num_assistant_tokens": num_assistant_tokens,
+        "schedule": schedule,
+        "confidence_threshold": confidence_threshold,
+    }

@@ -1,0 +1,1 @@
+"""Pruning: model-family adapters' use, importance scores, plans, the target search, streaming rewrite."""
