@@ -414,9 +414,9 @@ class PruneConfig:
         _check_positive("search_distill_candidates", self.search_distill_candidates, allow_zero=True)
         _check_positive("search_distill_tokens", self.search_distill_tokens)
         if self.target.target_params is not None and self.search_distill_candidates:
-            self.search_recover_config(output="search")  # fails early, naming the key
+            self.search_recover_config()  # fails early, naming the key
 
-    def search_recover_config(self, output: str, teacher_dtype: str = "auto") -> "RecoverConfig":
+    def search_recover_config(self, teacher_dtype: str = "auto") -> "RecoverConfig":
         """The :class:`RecoverConfig` of one candidate's short distillation in the search.
 
         Student and teacher are passed in memory (the configs only name ``model``); the
@@ -425,9 +425,8 @@ class PruneConfig:
         batches and the same held-out split.
 
         Args:
-            output: folder the distilled candidate is written to (a temporary one).
-            teacher_dtype: the original's dtype, so :func:`~minicompress.recipes.recover.recover`
-                never casts it.
+            teacher_dtype: the original's dtype (the candidates are distilled in memory from
+                the original as it is).
 
         Raises:
             ConfigError: a key the prune sets, an unknown key, an invalid value, no
@@ -451,7 +450,7 @@ class PruneConfig:
             data = dataclasses.replace(data, max_tokens=max(2 * (self.search_distill_tokens + merged["eval_tokens"]),
                                                             1 << 20))
         merged.update(student=self.model, teacher=self.model, data=data, tokens=self.search_distill_tokens,
-                      output=output, overwrite=True, resume=False, eval_every=0, teacher_dtype=teacher_dtype)
+                      output=None, overwrite=False, resume=False, eval_every=0, teacher_dtype=teacher_dtype)
         try:
             recover = _build(RecoverConfig, merged)
         except ConfigError as err:

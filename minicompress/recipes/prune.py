@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +21,11 @@ import torch
 from .. import distributed
 from ..arch import count_parameters, describe
 from ..config import PruneConfig
+from ..data.rows import load_training_data
 from ..data.sources import check_local_source
+from ..distillation.distill import distill, make_schedule
 from ..errors import MinicompressError
+from ..hardware import describe_precision, resolve_compile
 from ..checkpoint import working_folder
 from ..models import load_config, load_model
 from ..outputs import (atomic_folder, check_output, provenance, read_provenance, settings_digest, write_json_atomic,
@@ -31,6 +33,7 @@ from ..outputs import (atomic_folder, check_output, provenance, read_provenance,
 from ..progress import progress_bar
 from ..pruning.plan import apply_plan_, make_plan, pruned_copy
 from ..quantize import is_quantized
+from ..runtime import model_device
 from ..pruning.search import row_target, search_architecture, validate_target, zero_shot_ranking
 from ..pruning.scoring import ImportanceScores
 from .score import calibration_batches, score
@@ -285,12 +288,13 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     briefly and keep the one with the lowest held-out KL to the original.
 
     Each of the ``config.search_distill_candidates`` best rows of
-    :func:`~minicompress.pruning.plan.zero_shot_ranking` is pruned from a copy of ``model``
+    :func:`~minicompress.pruning.search.zero_shot_ranking` is pruned from a copy of ``model``
     (left as it was: weights, dtype, device, ``requires_grad``, train/eval mode),
-    distilled for ``config.search_distill_tokens`` tokens from ``model`` as live teacher
-    with :func:`~minicompress.recipes.recover.recover` (the same data, held-out split and seed for
-    every candidate; written to a temporary folder, then deleted), and timed with
-    :func:`~minicompress.evaluation.perplexity.measure_speed` (128 prefill / 16 decode tokens).
+    distilled in memory for ``config.search_distill_tokens`` tokens from ``model`` as live
+    teacher by :func:`~minicompress.distillation.distill.distill` (the call ``recover`` makes;
+    the same rows, held-out split, schedule and seed for every candidate; nothing is
+    written), and timed with :func:`~minicompress.evaluation.perplexity.measure_speed`
+    (128 prefill / 16 decode tokens).
 
     Args:
         config: the prune configuration (``search_recover`` settings).
@@ -309,7 +313,6 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     Raises:
         MinicompressError: under torchrun, or from the distillation (e.g. too little data).
     """
-    from . import recover as recover_recipe
     from ..evaluation.perplexity import measure_speed
 
     if distributed.world_size() > 1:
@@ -319,7 +322,12 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     finalists = zero_shot_ranking(table)[: config.search_distill_candidates]
     state = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
-    parent = Path(config.output).expanduser().parent if config.output is not None else None
+    recover_config = config.search_recover_config(teacher_dtype=_DTYPE_NAMES.get(dtype, "auto"))
+    device = model_device(model)
+    autocast = describe_precision(recover_config.autocast, device)["resolved"]
+    compile_layers, _ = resolve_compile(recover_config.compile, device, tokens=recover_config.tokens,
+                                        activation_checkpointing=recover_config.activation_checkpointing)
+    data = schedule = None  # read once, on the first candidate that is distilled
     try:
         for i, row in enumerate(finalists):
             if "distill_kl" in row:
@@ -329,17 +337,18 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
                      len(finalists), *(row[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
                                                         "intermediate_size", "num_hidden_layers")),
                      row["layer_metric"], f"{config.search_distill_tokens:,}")
-            student = pruned_copy(model, make_plan(scores, model.config, row)).requires_grad_(True)
+            if data is None:  # the same rows, held-out split and schedule for every candidate
+                data = load_training_data(recover_config.data, tokenizer, recover_config.eval_tokens,
+                                          seed=recover_config.seed)
+                schedule = make_schedule(recover_config, 1, data.num_train)
+            model.eval().requires_grad_(False)  # the frozen teacher
+            torch.manual_seed(recover_config.seed)
+            student = pruned_copy(model, make_plan(scores, model.config, row)).requires_grad_(True).train()
             try:
-                with tempfile.TemporaryDirectory(prefix=".search-",
-                                                 dir=parent if parent and parent.is_dir() else None) as tmp:
-                    recover_config = config.search_recover_config(str(Path(tmp) / "candidate"),
-                                                                  teacher_dtype=_DTYPE_NAMES.get(dtype, "auto"))
-                    result = recover_recipe.recover(recover_config, student=student, teacher=model,
-                                                    tokenizer=tokenizer)
-                    # keep numbers only: the report may hold the run's objects
-                    before, after = dict(result["before"]), dict(result["after"])
-                    del result
+                result = distill(student, model, data, recover_config, *schedule, device=device, autocast=autocast,
+                                 compile=compile_layers)
+                before, after = result["before"], result["after"]
+                del result
                 speed = measure_speed(student.eval(), model.config.vocab_size, prefill_tokens=128, decode_tokens=16,
                                       repeats=1)
             finally:

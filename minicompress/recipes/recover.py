@@ -21,10 +21,8 @@ from typing import Any, Callable
 import torch
 
 from .. import arch, distributed
-from ..distillation import attention, losses
 from ..config import RecoverConfig, to_dict
 from ..data.rows import TrainingData, load_training_data
-from ..data.mixture import source_epoch_index
 from ..errors import MinicompressError
 from ..hardware import describe_precision, keep_freed_memory, resolve_compile
 from ..runtime import model_device
@@ -33,9 +31,9 @@ from ..distillation.metrics import CURVES_FILE, METRICS_FILE, append_metrics, pl
 from ..models import TORCH_DTYPES, load_model, load_model_on_rank0, resolve_device
 from ..outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from ..progress import progress_bar
+from ..distillation.distill import DistillState, distill, make_schedule
+from ..distillation.loop import Schedule, num_held_out
 from ..distillation.teacher_cache import TeacherCache
-from ..distillation.loop import (Schedule, batch_positions, compile_layers_, default_warmup_steps, evaluate_on_ranks,
-    make_optimizer, num_held_out, train)
 
 log = logging.getLogger(__name__)
 
@@ -116,70 +114,19 @@ def _training_data(config: RecoverConfig, cache: TeacherCache | None, student, t
     return TrainingData([cache.input_ids], None, n_eval, names=[str(config.teacher_cache)], seed=config.seed)
 
 
-def _schedule(config: RecoverConfig, world: int, n_train: int) -> tuple[Schedule, int]:
-    """The run's :class:`~minicompress.distillation.loop.Schedule` and micro batches per step and rank.
-
-    Raises:
-        MinicompressError: ``global_batch_tokens`` is not a multiple of one micro batch on every
-            rank, or ``tokens`` is less than one step.
-    """
-    seq_len = config.data.seq_len
-    tokens_per_micro = config.micro_batch_size * seq_len * world  # one micro batch on every rank
-    if config.global_batch_tokens % tokens_per_micro:
-        raise MinicompressError(
-            f"global_batch_tokens: {config.global_batch_tokens} is not a multiple of micro_batch_size * "
-            f"data.seq_len * world_size ({config.micro_batch_size} * {seq_len} * {world} = {tokens_per_micro})")
-    total_steps = config.tokens // config.global_batch_tokens
-    trained = total_steps * config.global_batch_tokens
-    if trained != config.tokens:
-        log.info("recover: training %s tokens (%d steps of %s), not the %s asked: tokens are whole optimizer "
-                 "steps of global_batch_tokens", f"{trained:,}", total_steps, f"{config.global_batch_tokens:,}",
-                 f"{config.tokens:,}")
-    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total_steps)
-    accum_steps = config.global_batch_tokens // tokens_per_micro
-    epochs = total_steps * accum_steps * config.micro_batch_size * world / n_train
-    if epochs > 1:
-        log.warning("recover: %d training sequences are read %.1f times (tokens=%d)", n_train, epochs, config.tokens)
-    return Schedule(lr=config.lr, min_lr=config.min_lr, warmup_steps=warmup, total_steps=total_steps,
-                    tokens_per_step=config.global_batch_tokens, grad_clip=config.grad_clip), accum_steps
-
-
-def _place_for_training(config: RecoverConfig, student, teacher, *, device, t_device, autocast: str, precision: dict,
-                        from_rank0: tuple[bool, bool], weights: tuple) -> tuple[list, Any, torch.optim.Optimizer]:
-    """Shard (torchrun: FSDP2), checkpoint activations, compile the decoder layers, build the
-    intermediate-state loss and the optimizer; returns ``(compiled layers, intermediate, optimizer)``."""
-    world = distributed.world_size()
-    if world > 1:  # FSDP2: parameters, gradients and optimizer state are sharded over the ranks
-        distributed.shard_model(student, device=device, mixed_precision=autocast == "bfloat16",
-                                reshard_after_forward=config.reshard_after_forward,
-                                activation_checkpointing=config.activation_checkpointing, from_rank0=from_rank0[0],
-                                weights=weights[0])
-        if teacher is not None:  # no backward would ever free gathered teacher layers: always reshard
-            distributed.shard_model(teacher, device=t_device, mixed_precision=autocast == "bfloat16",
-                                    from_rank0=from_rank0[1], weights=weights[1])
-    elif config.activation_checkpointing:
-        distributed.enable_activation_checkpointing(student)
-    precision["compile"], precision["compile_reason"] = resolve_compile(
-        config.compile, device, tokens=config.tokens, world_size=world,
-        activation_checkpointing=config.activation_checkpointing)
-    compiled = []
-    if precision["compile"]:
-        log.info("recover: compiling the decoder layers (%s)", precision["compile_reason"])
-        compiled = compile_layers_(student) + (compile_layers_(teacher) if teacher is not None else [])
-        # bf16 on CPU: the student's attention backward as compiled bf16 GEMMs (minicompress.distillation.attention;
-        # measured faster only there: in float32 the flash kernel's backward wins)
-        if device.type == "cpu" and autocast == "bfloat16" and attention.use_training_attention_(student):
-            precision["attention"] = attention.NAME
-    intermediate = None
-    if config.loss.intermediate_weight > 0:
-        intermediate = losses.IntermediateStateLoss(
-            student.config.hidden_size, teacher.config.hidden_size, losses.default_layer_map(
-                student.config.num_hidden_layers, teacher.config.num_hidden_layers, offset=1)).to(device)
-    params = [p for p in student.parameters() if p.requires_grad] + \
-        (list(intermediate.parameters()) if intermediate is not None else [])
-    if not params:
-        raise MinicompressError("student: has no trainable parameters (all requires_grad=False)")
-    return compiled, intermediate, make_optimizer(params, config.lr, config.weight_decay)
+def _shard_for_training(config: RecoverConfig, student, teacher, *, device, t_device, autocast: str,
+                        from_rank0: tuple[bool, bool], weights: tuple) -> None:
+    """Under torchrun, shard the student and the teacher over the ranks (FSDP2): parameters,
+    gradients and optimizer state are sharded; one process places nothing."""
+    if distributed.world_size() == 1:
+        return
+    distributed.shard_model(student, device=device, mixed_precision=autocast == "bfloat16",
+                            reshard_after_forward=config.reshard_after_forward,
+                            activation_checkpointing=config.activation_checkpointing, from_rank0=from_rank0[0],
+                            weights=weights[0])
+    if teacher is not None:  # no backward would ever free gathered teacher layers: always reshard
+        distributed.shard_model(teacher, device=t_device, mixed_precision=autocast == "bfloat16",
+                                from_rank0=from_rank0[1], weights=weights[1])
 
 
 def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
@@ -210,7 +157,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     """
     # ---- where: output and working folder, ranks, models, data -------------------------
     world = distributed.init_from_env()  # 1 without torchrun: no process group, nothing changes
-    rank, main = distributed.rank(), distributed.is_main()
+    main = distributed.is_main()
     if world > 1 and config.loss.intermediate_weight > 0:
         raise MinicompressError("loss.intermediate_weight: the intermediate-state loss runs in one process only, "
                                 "not under torchrun; set it to 0 or drop torchrun")
@@ -238,57 +185,45 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     t_from_rank0 = teacher is None and world > 1
     teacher, t_device, teacher_weights = _place_teacher(config, teacher, student, device, teacher_dtype, cache)
     data = _training_data(config, cache, student, tokenizer)
-    eval_ids, n_eval = data.eval_ids, data.eval_ids.shape[0]
-    schedule, accum_steps = _schedule(config, world, data.num_train)
-
-    compiled, intermediate, optimizer = _place_for_training(
-        config, student, teacher, device=device, t_device=t_device, autocast=autocast, precision=precision,
-        from_rank0=(on_host, t_from_rank0), weights=(student_weights, teacher_weights))
+    schedule, accum_steps = make_schedule(config, world, data.num_train)
+    _shard_for_training(config, student, teacher, device=device, t_device=t_device, autocast=autocast,
+                        from_rank0=(on_host, t_from_rank0), weights=(student_weights, teacher_weights))
     del student_weights, teacher_weights
+    if not any(p.requires_grad for p in student.parameters()):
+        raise MinicompressError("student: has no trainable parameters (all requires_grad=False)")
+    precision["compile"], precision["compile_reason"] = resolve_compile(
+        config.compile, device, tokens=config.tokens, world_size=world,
+        activation_checkpointing=config.activation_checkpointing)
+    if precision["compile"]:
+        log.info("recover: compiling the decoder layers (%s)", precision["compile_reason"])
 
-    def evaluate() -> dict:
-        return evaluate_on_ranks(student, eval_ids, teacher=teacher, cache=cache, cache_rows=torch.arange(n_eval),
-                                 batch_size=config.eval_batch_size, autocast=autocast, chunk_size=config.loss.chunk_size)
-
-    # ---- resume, or evaluate once before training --------------------------------------
+    # ---- resume, or evaluate once before training; checkpoints and metrics per step ------
     _make_working_folder(work, checkpoint)  # only now: a refused run (bad model, data, schedule) leaves nothing
     metrics_path = work / METRICS_FILE
-    start_step, elapsed, resumed_from = 0, 0.0, None
-    if checkpoint is not None:
+    resumed_from = None
+
+    def restore(state: DistillState) -> None:
+        nonlocal resumed_from
+        if checkpoint is None:
+            return
         check_resumable(json.loads((checkpoint / "state.json").read_text())["config"], config)
-        state = load_checkpoint(checkpoint, student=student, optimizer=optimizer, intermediate=intermediate)
-        start_step, elapsed, before = state["step"], state["seconds"], state["before"]
-        resumed_from = start_step
+        saved = load_checkpoint(checkpoint, student=student, optimizer=state.optimizer, intermediate=state.intermediate)
+        state.start_step, state.elapsed, state.before = saved["step"], saved["seconds"], saved["before"]
+        resumed_from = state.start_step
         if main:
             with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
-                f.truncate(state["metrics_bytes"])
-        log.info("recover: resuming from %s (step %d of %d)", checkpoint, start_step, schedule.total_steps)
-    else:
-        before = evaluate()
-        if main:
-            append_metrics(metrics_path, {"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in before.items()}})
-
-    # ---- train: this rank's micro batches are a pure function of the step ---------------
-    def batches(step: int) -> list[tuple[torch.Tensor, Any]]:
-        micro = [batch_positions(step, m, micro_batch_size=config.micro_batch_size, accum_steps=accum_steps,
-                                 rank=rank, world_size=world) for m in range(accum_steps)]
-        if cache is None:
-            return [(data.rows(positions), None) for positions in micro]
-        rows = [source_epoch_index(positions, data.num_train, config.seed) + n_eval for positions in micro]
-        return [(cache.input_ids[r], cache.targets(r)) for r in rows]
+                f.truncate(saved["metrics_bytes"])
+        log.info("recover: resuming from %s (step %d of %d)", checkpoint, state.start_step, schedule.total_steps)
+        bar.advance(state.start_step * schedule.tokens_per_step)
 
     with progress_bar("recover", schedule.total_steps * schedule.tokens_per_step, unit="tok") as bar:
-        bar.advance(start_step * schedule.tokens_per_step)
 
-        def on_step(record: dict) -> None:
-            nonlocal elapsed
-            elapsed += record.pop("step_seconds")
-            record["elapsed_s"] = elapsed
-            done = record["step"]
-            if done == schedule.total_steps or (config.eval_every and done % config.eval_every == 0):
-                record.update({f"eval_{k}": v for k, v in evaluate().items()})
+        def on_step(record: dict, state: DistillState) -> None:
             if main:
                 append_metrics(metrics_path, record)
+            done = record["step"]
+            if done == 0:  # the evaluation before training
+                return
             bar.advance(schedule.tokens_per_step)
             bar.update(description=f"recover loss {record['loss']:.4f}")
             if done % config.log_every == 0 or done == schedule.total_steps:
@@ -296,21 +231,22 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                          schedule.total_steps, record["loss"], record["kl"], record["ce"], record["lr"],
                          record["grad_norm"], record["tokens_per_s"])
             if done == schedule.total_steps or (config.save_every and done % config.save_every == 0):
-                save_checkpoint(work, student=student, optimizer=optimizer, intermediate=intermediate, state={
-                    "step": done, "tokens": record["tokens"], "seconds": elapsed,
-                    "data_position": done * accum_steps * config.micro_batch_size * world,
-                    "scheduler": {"kind": "warmup_cosine", **dataclasses.asdict(schedule)},
-                    "config": to_dict(config), "before": before,
-                    "metrics_bytes": metrics_path.stat().st_size if main else None}, keep=config.checkpoint_keep)
+                save_checkpoint(work, student=student, optimizer=state.optimizer, intermediate=state.intermediate,
+                                state={"step": done, "tokens": record["tokens"], "seconds": state.elapsed,
+                                       "data_position": done * accum_steps * config.micro_batch_size * world,
+                                       "scheduler": {"kind": "warmup_cosine", **dataclasses.asdict(schedule)},
+                                       "config": to_dict(config), "before": state.before,
+                                       "metrics_bytes": metrics_path.stat().st_size if main else None},
+                                keep=config.checkpoint_keep)
             if callback is not None:
                 callback(record)
 
-        train(student, teacher, batches, optimizer, schedule, on_step, loss=config.loss, device=device,
-              start_step=start_step, autocast=autocast, intermediate=intermediate,
-              compiled=bool(precision["compile"]))
-    for layer in compiled:  # the caller's in-memory models go back as they came
-        layer._compiled_call_impl = None  # what nn.Module.compile set
-    attention.restore_attention_(student)
+        result = distill(student, teacher, data, config, schedule, accum_steps, device=device, autocast=autocast,
+                         compile=bool(precision["compile"]), cache=cache, restore=restore, on_step=on_step)
+    if result["attention"]:
+        precision["attention"] = result["attention"]
+    before, elapsed = result["before"], result["elapsed"]
+    n_eval = data.eval_ids.shape[0]
     sources = data.tokens_per_source(schedule.total_steps * accum_steps * config.micro_batch_size * world,
                                      config.data.seq_len)
     return _write_student(config, out, work, student, tokenizer, cache=cache, schedule=schedule, n_eval=n_eval,

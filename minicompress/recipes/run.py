@@ -349,7 +349,7 @@ def _stage_digest(config: RunConfig, index: int) -> str:
             pc = config.stage_prune_config(i, model=config.model)
             search: dict[str, Any] = {"batches": pc.search_batches, "distill_candidates": pc.search_distill_candidates}
             if pc.search_distill_candidates:
-                rc = to_dict(pc.search_recover_config(output="search"))
+                rc = to_dict(pc.search_recover_config())
                 search["distill_tokens"] = pc.search_distill_tokens
                 search["recover"] = {k: v for k, v in rc.items() if k not in ("student", "teacher", "data", "output",
                                                                               "resume", "overwrite", "tokens")}

@@ -140,10 +140,9 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
     from safetensors.torch import load_file
 
     from minicompress.recipes import prune as prune_recipe
-    from minicompress.recipes import recover as recover_recipe
 
     model_dir = tiny_model_dir("llama", num_hidden_layers=4)
-    real_recover, real_score = recover_recipe.recover, prune_recipe.score
+    real_recover, real_score = prune_recipe.distill, prune_recipe.score
     calls = {"recover": 0, "score": 0}
 
     def counting_score(*args, **kwargs):
@@ -164,12 +163,12 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
                 "--search-batches", "2", "--width-multiple", "8", "--search-distill-candidates", "2",
                 "--search-distill-tokens", "128", "--output", str(out), *SEARCH_RECOVER]
 
-    monkeypatch.setattr(recover_recipe, "recover", recover)
+    monkeypatch.setattr(prune_recipe, "distill", recover)
     assert main(prune_args(tmp_path / "whole")) == 0
     assert calls == {"recover": 2, "score": 1} and not (tmp_path / "whole.partial").exists()
 
     out, calls["recover"], calls["score"] = tmp_path / "resumed", 0, 0
-    monkeypatch.setattr(recover_recipe, "recover", lambda *a, **k: recover(*a, kill_at=2, **k))
+    monkeypatch.setattr(prune_recipe, "distill", lambda *a, **k: recover(*a, kill_at=2, **k))
     with pytest.raises(RuntimeError, match="killed"):
         main(prune_args(out))
     work = tmp_path / "resumed.partial"
@@ -183,7 +182,7 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
     assert "other settings" in capsys.readouterr().err and (work / "search.json").is_file()
 
     calls["recover"], calls["score"] = 0, 0
-    monkeypatch.setattr(recover_recipe, "recover", recover)
+    monkeypatch.setattr(prune_recipe, "distill", recover)
     assert main(prune_args(out) + ["--resume"]) == 0
     assert calls == {"recover": 1, "score": 0} and not work.exists()
     speed = ("prefill_tokens_per_s", "decode_tokens_per_s")
@@ -194,10 +193,10 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
     # --overwrite without --resume starts over
-    monkeypatch.setattr(recover_recipe, "recover", lambda *a, **k: recover(*a, kill_at=calls["recover"] + 1, **k))
+    monkeypatch.setattr(prune_recipe, "distill", lambda *a, **k: recover(*a, kill_at=calls["recover"] + 1, **k))
     with pytest.raises(RuntimeError, match="killed"):
         main(prune_args(tmp_path / "again"))
-    monkeypatch.setattr(recover_recipe, "recover", recover)
+    monkeypatch.setattr(prune_recipe, "distill", recover)
     calls["score"] = 0
     assert main(prune_args(tmp_path / "again") + ["--overwrite"]) == 0 and calls["score"] == 1
 
@@ -205,7 +204,7 @@ def test_interrupted_search_resumes_and_equals_an_uninterrupted_one(tmp_path, ti
 def test_search_keeps_the_candidate_with_the_lowest_distilled_kl(tmp_path, tiny_model_dir, text_corpus,
                                                                   monkeypatch):
     """The choice, with the distillation replaced by chosen KLs; 0 candidates: the zero-shot choice."""
-    from minicompress.recipes import recover as recover_recipe
+    from minicompress.recipes import prune as prune_recipe
     from minicompress.models import load_model
 
     model_dir = tiny_model_dir("llama", num_hidden_layers=4)
@@ -213,7 +212,7 @@ def test_search_keeps_the_candidate_with_the_lowest_distilled_kl(tmp_path, tiny_
     calls = []
     kls = iter([0.5, 0.2, 0.9])
 
-    def fake_recover(config, *, student, teacher, tokenizer):
+    def fake_recover(student, teacher, data, config, schedule, accum_steps, **kwargs):
         calls.append({"shape": tuple(getattr(student.config, k) for k in SHAPE), "teacher": teacher,
                       "teacher_layers": len(teacher.model.layers), "seed": config.seed, "tokens": config.tokens,
                       "data": config.data, "eval_tokens": config.eval_tokens, "teacher_dtype": config.teacher_dtype,
@@ -221,7 +220,7 @@ def test_search_keeps_the_candidate_with_the_lowest_distilled_kl(tmp_path, tiny_
         teacher.requires_grad_(False)  # as the real one does: the prune must undo it
         return {"before": {"kl_to_teacher": 1.0}, "after": {"kl_to_teacher": next(kls), "perplexity": 9.0}}
 
-    monkeypatch.setattr(recover_recipe, "recover", fake_recover)
+    monkeypatch.setattr(prune_recipe, "distill", fake_recover)
 
     def run(k, output):
         cfg = build_config(PruneConfig, overrides=[
@@ -336,7 +335,7 @@ def test_search_distillation_settings_are_checked_up_front(overrides, match):
     assert "\n" not in str(err.value)
     # defaults adapt to the sequence length; explicit targets never read search_recover
     cfg = build_config(PruneConfig, overrides=["target.target_params=0.5", "data.seq_len=100"])
-    assert cfg.search_recover_config("o").global_batch_tokens == 4000  # 10 x 4 x 100, nearest 4,096
+    assert cfg.search_recover_config().global_batch_tokens == 4000  # 10 x 4 x 100, nearest 4,096
     build_config(PruneConfig, overrides=["target.hidden_size=16", "search_recover.eval_tokens=0"])
 
 
@@ -438,24 +437,24 @@ def test_each_distilled_candidate_is_released_before_the_next(tmp_path, tiny_mod
 
     from minicompress.distillation import losses
     from minicompress import measure
-    from minicompress.recipes import recover as recover_recipe
+    from minicompress.recipes import prune as prune_recipe
 
-    real = recover_recipe.recover
+    real = prune_recipe.distill
     students, checks, trims = [], [], []
 
     def check(when):
         gc.collect()
         checks.append((when, [ref() is not None for ref in students], dict(losses._WORKSPACE)))
 
-    def tracking_recover(config, *, student, teacher, tokenizer, **kwargs):
+    def tracking_recover(student, *args, **kwargs):
         check(f"before candidate {len(students) + 1}")
         students.append(weakref.ref(student))
-        result = real(config, student=student, teacher=teacher, tokenizer=tokenizer, **kwargs)
+        result = real(student, *args, **kwargs)
         assert losses._WORKSPACE  # the distillation used the fused loss's cached buffers
         result["held"] = student  # a report that holds on to the run's objects
         return result
 
-    monkeypatch.setattr(recover_recipe, "recover", tracking_recover)
+    monkeypatch.setattr(prune_recipe, "distill", tracking_recover)
     monkeypatch.setattr(measure, "release_free_heap", lambda: trims.append(len(students)))
     losses.release_workspace()  # an earlier test's distillation may have left one
     model_dir = tiny_model_dir("llama", num_hidden_layers=4)
