@@ -8,7 +8,7 @@ torch thread:
 
 * ``in-memory``: ``load_model`` + ``apply_plan_`` + ``save_pretrained`` (what
   ``minicompress prune`` does);
-* ``streaming``: :func:`minicompress.pruning.streaming.prune_checkpoint_streaming`.
+* ``streaming``: :func:`minicompress.recipes.prune.write_pruned_checkpoint`.
 
 Each subprocess imports everything and builds the model class on the ``meta`` device
 first, resets its peak-RSS mark (``/proc/self/clear_refs``), then reports ``VmHWM`` minus
@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
 
     from minicompress.models import load_model
     from minicompress.pruning.plan import PrunePlan, apply_plan_
-    from minicompress.pruning.streaming import prune_checkpoint_streaming
+    from minicompress.recipes.prune import write_pruned_checkpoint
 
     plan = PrunePlan.from_dict(json.loads(Path(args.plan).read_text()))
     with torch.device("meta"):  # import the model class in both paths before the baseline
@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> None:
     base_kb = status_kib("VmRSS")
     start = time.perf_counter()
     if args.child == "streaming":
-        prune_checkpoint_streaming(args.folder, plan, args.out)
+        write_pruned_checkpoint(args.folder, plan, args.out)
     else:
         model, tokenizer = load_model(args.folder)
         apply_plan_(model, plan)

@@ -12,12 +12,14 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
+import struct
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -314,3 +316,69 @@ def write_model_card(folder: str | Path, record: dict[str, Any], title: str | No
     path = folder / MODEL_CARD
     path.write_text(model_card(record, shape, title))
     return path
+
+
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                       "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def _write_tensor(handle, tensor) -> int:
+    """Append the raw little-endian bytes of ``tensor`` (no copy); returns the byte count."""
+    import torch
+
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    data = flat.view(torch.uint8).numpy()
+    handle.write(memoryview(data))
+    return data.nbytes
+
+
+def write_safetensors_streamed(path: str | Path, tensors: list[tuple[str, Any, tuple[int, ...]]],
+                               blocks: Iterable) -> int:
+    """Write a safetensors file whose tensors arrive one block at a time, buffering none.
+
+    The header is written first from ``tensors``; then each block's bytes are appended as
+    it arrives, so memory holds one block, whatever the file's size (the layout of
+    https://huggingface.co/docs/safetensors: 8-byte header length, JSON header, raw data).
+
+    Args:
+        path: the file to write.
+        tensors: ``[(name, torch dtype, shape)]`` in write order; widest dtypes first keeps
+            every tensor aligned, as safetensors itself does.
+        blocks: tensors whose concatenation along dim 0 is each tensor of ``tensors`` in turn.
+
+    Returns:
+        Bytes of tensor data written.
+
+    Raises:
+        MinicompressError: the blocks do not add up to the header's tensors.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    ends, offset = [], 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).split(".")[1]], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        ends.append((name, dtype, offset))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    written, current = 0, 0
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        for block in blocks:
+            if current >= len(ends) or block.dtype != ends[current][1]:
+                raise MinicompressError(f"{path}: a block does not match the header's tensor "
+                                        f"{ends[min(current, len(ends) - 1)][0]!r}")
+            written += _write_tensor(handle, block)
+            del block
+            while current < len(ends) and written >= ends[current][2]:
+                if written > ends[current][2]:
+                    raise MinicompressError(f"{path}: {ends[current][0]!r} got more bytes than its shape holds")
+                current += 1
+    if written != offset:
+        raise MinicompressError(f"{path}: wrote {written} bytes of tensor data, the header says {offset}")
+    return written

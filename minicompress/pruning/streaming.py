@@ -25,17 +25,20 @@ the embedding), whatever the size of the checkpoint. The plan comes from scores
 (``minicompress score``), never from the loaded model, so
 :func:`~minicompress.pruning.plan.make_plan` is given the checkpoint's ``config.json``.
 Tensor dtypes are kept as stored (the in-memory path loads in ``--dtype``).
+
+This module decides and slices; it writes nothing: :func:`layout_checkpoint` returns the
+output's shards and config, :func:`pruned_blocks` yields each pruned tensor (or row block)
+in write order, and the ``prune`` recipe
+(:func:`minicompress.recipes.prune.write_pruned_checkpoint`) streams them into the folder
+with :func:`minicompress.outputs.write_safetensors_streamed`.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
-import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -43,9 +46,7 @@ from safetensors import safe_open
 from ..arch import get_adapter, head_dim, num_kv_heads
 from ..errors import MinicompressError
 from ..models import SAFETENSORS_FILE as SINGLE_FILE
-from ..models import SAFETENSORS_INDEX as INDEX_FILE
 from ..models import has_safetensors
-from ..outputs import atomic_folder, check_output, provenance, write_model_card, write_provenance
 from .plan import PrunePlan, check_shapes_match_config, slice_parameter
 
 DEFAULT_MAX_SHARD_BYTES = 512 << 20
@@ -60,7 +61,6 @@ _IGNORED = ("rotary_emb.inv_freq",)
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -223,99 +223,88 @@ def _read_pruned(entry: _Entry, plan: PrunePlan, adapter, rows: tuple[int, int] 
         del source
     if result is None or result[0] != entry.name:
         raise MinicompressError(f"--streaming: {entry.source!r} was not sliced as laid out")
+    if result[1].dtype != entry.dtype:
+        raise MinicompressError(f"--streaming: {entry.source!r} changed dtype to {result[1].dtype}")
     return result[1].contiguous()
 
 
-def _write_tensor(handle, tensor: torch.Tensor) -> int:
-    """Append the raw little-endian bytes of ``tensor`` (no copy); returns the byte count."""
-    flat = tensor.reshape(-1)
-    if flat.numel() == 0:
-        return 0
-    data = flat.view(torch.uint8).numpy()
-    handle.write(memoryview(data))
-    return data.nbytes
+def pruned_blocks(entries: list[_Entry], plan: PrunePlan) -> Iterator[torch.Tensor]:
+    """Each pruned tensor of ``entries`` in order, vocabulary-sized ones as row blocks.
 
+    Each block is read from its source and sliced only when the consumer asks for it, and
+    the source is released first, so one source tensor and its pruned copy are alive at a time.
 
-def _write_shard(path: Path, entries: list[_Entry], plan: PrunePlan) -> None:
-    """Write one safetensors file: header first, then each tensor as soon as it is sliced."""
+    Yields:
+        ``[rows, ...]`` blocks whose concatenation along dim 0 is the entry's pruned tensor.
+    """
     adapter = get_adapter(plan.model_type)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for e in entries:
-        header[e.name] = {"dtype": _DTYPE_NAMES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)))
-        handle.write(raw)
-        for e in entries:
-            written = 0
-            for rows in e.row_blocks or (None,):
-                part = _read_pruned(e, plan, adapter, rows)
-                if part.dtype != e.dtype:
-                    raise MinicompressError(f"--streaming: {e.source!r} changed dtype to {part.dtype}")
-                written += _write_tensor(handle, part)
-                del part
-            if written != e.nbytes:
-                raise MinicompressError(f"--streaming: {e.name!r} wrote {written} bytes, expected {e.nbytes}")
+    for entry in entries:
+        for rows in entry.row_blocks or (None,):
+            yield _read_pruned(entry, plan, adapter, rows)
 
 
-def _copy_side_files(source: Path, dest: Path, new_config: Any) -> list[str]:
-    """Tokenizer files and ``generation_config.json`` (made from the config if absent)."""
-    copied = []
-    for path in sorted(source.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_FILES):
-            shutil.copy2(path, dest / path.name)
-            copied.append(path.name)
-    if (source / "generation_config.json").is_file():
-        shutil.copy2(source / "generation_config.json", dest / "generation_config.json")
-    else:
-        from transformers import GenerationConfig
-
-        GenerationConfig.from_model_config(new_config).save_pretrained(dest)
-    copied.append("generation_config.json")
-    return copied
+def side_files(source: Path) -> list[Path]:
+    """Tokenizer files and ``generation_config.json`` of ``source`` that the output keeps."""
+    return [path for path in sorted(source.iterdir()) if path.is_file() and (
+        any(fnmatch.fnmatch(path.name, p) for p in TOKENIZER_FILES) or path.name == "generation_config.json")]
 
 
-def prune_checkpoint_streaming(source_folder: str | Path, plan: PrunePlan, output_folder: str | Path, *,
-                               overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                               max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-                               record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Prune a safetensors checkpoint into a stock HF folder, one tensor at a time.
+@dataclass(frozen=True)
+class StreamingLayout:
+    """What a streamed prune writes, decided before any weight is read.
 
-    Produces the same tensors (names, dtypes, shapes and values) and ``config.json`` as
-    loading the model, :func:`~minicompress.pruning.plan.apply_plan_` and ``save_pretrained``,
-    with peak memory of about one source tensor plus its pruned copy. For example, an
-    ``up_proj`` ``[I, H]`` becomes ``[I', H']``; the ``[V, H]`` embedding becomes
-    ``[V, H']``, produced in row blocks ``[r, H]`` -> ``[r, H']``.
+    Attributes:
+        config: the source checkpoint's transformers config.
+        new_config: the pruned config (:func:`pruned_config`, with the stored dtype).
+        names: output file names, one per shard (``model.safetensors`` when one).
+        shards: the output tensors of each file, in write order.
+        skipped: source tensors that produce no output (dropped layers, tied ``lm_head``).
+    """
+
+    config: Any
+    new_config: Any
+    names: list[str]
+    shards: list[list[_Entry]]
+    skipped: int
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of all output tensors."""
+        return sum(e.nbytes for shard in self.shards for e in shard)
+
+    def index(self) -> dict[str, Any] | None:
+        """The ``model.safetensors.index.json`` of several shards (None for one file)."""
+        if len(self.shards) == 1:
+            return None
+        n_params = sum(e.nbytes // e.dtype.itemsize for shard in self.shards for e in shard)
+        return {"metadata": {"total_parameters": n_params, "total_size": self.total_size},
+                "weight_map": {e.name: name for name, shard in zip(self.names, self.shards) for e in shard}}
+
+
+def layout_checkpoint(source_folder: str | Path, plan: PrunePlan, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> StreamingLayout:
+    """Lay out the pruned checkpoint of ``source_folder``: names, shapes, dtypes and shards.
+
+    Produces the same tensors (names, dtypes, shapes) and config as loading the model,
+    :func:`~minicompress.pruning.plan.apply_plan_` and ``save_pretrained``; only headers are
+    read. For example, an ``up_proj`` ``[I, H]`` becomes ``[I', H']``; the ``[V, H]``
+    embedding becomes ``[V, H']``, produced in row blocks ``[r, H]`` -> ``[r, H']``.
 
     Args:
         source_folder: HF folder with ``config.json`` and ``model.safetensors`` or
             ``model.safetensors.index.json`` plus shards.
         plan: from :func:`~minicompress.pruning.plan.make_plan` on this checkpoint's config.
-        output_folder: folder to create (written to a temporary sibling, then renamed).
-        overwrite: replace an existing ``output_folder``.
-        max_shard_bytes: largest output shard (a bigger single tensor gets its own); more
-            than one shard adds ``model.safetensors.index.json``. Does not affect memory.
+        max_shard_bytes: largest output shard (a bigger single tensor gets its own). Does
+            not affect memory.
         max_chunk_bytes: largest row block read at once from a vocabulary-sized tensor.
-        record: provenance written as ``minicompress.json`` (default: a minimal record
-            with the source and the plan); ``streaming: true`` is added.
-
-    Returns:
-        ``{"output", "shards", "tensors", "skipped", "total_size", "largest_tensor_bytes"}``:
-        output file names, tensors written, source tensors dropped, bytes of weights, and
-        the largest source tensor.
 
     Raises:
-        MinicompressError: no safetensors, a plan for another shape, an existing output
-            without ``overwrite``, or a tensor the slicing rules do not cover.
+        MinicompressError: no safetensors, a plan for another shape, non-positive sizes, or a
+            tensor the slicing rules do not cover.
     """
     from transformers import AutoConfig
 
     source = Path(source_folder).expanduser()
-    check_output(output_folder, overwrite)
     if not has_safetensors(source) or not (source / "config.json").is_file():
         raise MinicompressError(f"--streaming: {source} is not a Hugging Face folder with config.json and safetensors")
     if max_shard_bytes <= 0 or max_chunk_bytes <= 0:
@@ -324,25 +313,8 @@ def prune_checkpoint_streaming(source_folder: str | Path, plan: PrunePlan, outpu
     _check_plan(config, plan)
     entries, skipped = _layout(source, config, plan, max_chunk_bytes)
     floating = [e.dtype for e in entries if e.dtype.is_floating_point]
-    new_config = pruned_config(config, plan, floating[0] if floating else None)
     shards = _shards(entries, max_shard_bytes)
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    total = sum(e.nbytes for e in entries)
-    with atomic_folder(output_folder, overwrite) as tmp:
-        new_config.save_pretrained(tmp)
-        for name, shard in zip(names, shards):
-            _write_shard(tmp / name, shard, plan)
-        if len(shards) > 1:
-            n_params = sum(e.nbytes // e.dtype.itemsize for e in entries)
-            index = {"metadata": {"total_parameters": n_params, "total_size": total},
-                     "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(source, tmp, new_config)
-        out = dict(record) if record is not None else provenance("prune", {}, source_model=str(source),
-                                                                  plan=plan.to_dict())
-        out["streaming"] = True
-        write_provenance(tmp, out)
-        write_model_card(tmp, out)
-    return {"output": str(output_folder), "shards": names, "tensors": len(entries), "skipped": skipped,
-            "total_size": total, "largest_tensor_bytes": max((e.source_nbytes for e in entries), default=0)}
+    return StreamingLayout(config=config, new_config=pruned_config(config, plan, floating[0] if floating else None),
+                           names=names, shards=shards, skipped=skipped)

@@ -27,9 +27,9 @@ from ..distillation.distill import distill, make_schedule
 from ..errors import MinicompressError
 from ..hardware import describe_precision, resolve_compile
 from ..checkpoint import working_folder
-from ..models import load_config, load_model
+from ..models import SAFETENSORS_INDEX, load_config, load_model
 from ..outputs import (atomic_folder, check_output, provenance, read_provenance, settings_digest, write_json_atomic,
-    write_model_card, write_provenance)
+                       write_model_card, write_provenance, write_safetensors_streamed)
 from ..progress import progress_bar
 from ..pruning.plan import apply_plan_, make_plan, pruned_copy
 from ..quantize import is_quantized
@@ -438,7 +438,7 @@ def _prune_streaming(config: PruneConfig, chosen: dict[str, Any], *, scores: Imp
     config.json, slice tensor by tensor."""
     from transformers import AutoConfig
 
-    from ..pruning.streaming import prune_checkpoint_streaming, streaming_source
+    from ..pruning.streaming import streaming_source
 
     if config.target.target_params is not None:
         raise MinicompressError("--streaming: --target-params needs the loaded model (its search ranks pruned "
@@ -467,10 +467,71 @@ def _prune_streaming(config: PruneConfig, chosen: dict[str, Any], *, scores: Imp
     }
     record = provenance("prune", config, source_model=config.model.source,
                         source_provenance=_source_provenance(str(folder)), **report, **(record_extra or {}))
-    report["checkpoint"] = prune_checkpoint_streaming(folder, plan, config.output, overwrite=config.overwrite,
-                                                      record=record)
+    report["checkpoint"] = write_pruned_checkpoint(folder, plan, config.output, overwrite=config.overwrite,
+                                                   record=record)
     report["output"] = str(config.output)
     return report
+
+
+def write_pruned_checkpoint(source_folder: str | Path, plan, output_folder: str | Path, *, overwrite: bool = False,
+                            max_shard_bytes: int | None = None, max_chunk_bytes: int | None = None,
+                            record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Prune a safetensors checkpoint into a stock HF folder, one tensor at a time.
+
+    The folder holds what loading the model, :func:`~minicompress.pruning.plan.apply_plan_`
+    and ``save_pretrained`` would write (:func:`~minicompress.pruning.streaming.layout_checkpoint`),
+    with peak memory of about one source tensor plus its pruned copy: each shard's header
+    is written first and every pruned block appended as it is sliced. Written to a
+    temporary sibling, then renamed.
+
+    Args:
+        source_folder: HF folder with ``config.json`` and safetensors weights.
+        plan: from :func:`~minicompress.pruning.plan.make_plan` on this checkpoint's config.
+        output_folder: folder to create.
+        overwrite: replace an existing ``output_folder``.
+        max_shard_bytes: largest output shard (default 512 MiB); more than one shard adds
+            ``model.safetensors.index.json``.
+        max_chunk_bytes: largest row block read at once from a vocabulary-sized tensor
+            (default 16 MiB).
+        record: provenance written as ``minicompress.json`` (default: a minimal record
+            with the source and the plan); ``streaming: true`` is added.
+
+    Returns:
+        ``{"output", "shards", "tensors", "skipped", "total_size", "largest_tensor_bytes"}``.
+
+    Raises:
+        MinicompressError: no safetensors, a plan for another shape, an existing output
+            without ``overwrite``, or a tensor the slicing rules do not cover.
+    """
+    from ..pruning import streaming
+
+    source = Path(source_folder).expanduser()
+    check_output(output_folder, overwrite)
+    sizes = {k: v for k, v in (("max_shard_bytes", max_shard_bytes), ("max_chunk_bytes", max_chunk_bytes))
+             if v is not None}
+    layout = streaming.layout_checkpoint(source, plan, **sizes)
+    with atomic_folder(output_folder, overwrite) as tmp:
+        layout.new_config.save_pretrained(tmp)
+        for name, shard in zip(layout.names, layout.shards):
+            write_safetensors_streamed(tmp / name, [(e.name, e.dtype, e.shape) for e in shard],
+                                       streaming.pruned_blocks(shard, plan))
+        if (index := layout.index()) is not None:
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        kept = streaming.side_files(source)
+        for path in kept:
+            shutil.copy2(path, tmp / path.name)
+        if not (tmp / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_model_config(layout.new_config).save_pretrained(tmp)
+        out = dict(record) if record is not None else provenance("prune", {}, source_model=str(source),
+                                                                  plan=plan.to_dict())
+        out["streaming"] = True
+        write_provenance(tmp, out)
+        write_model_card(tmp, out)
+    entries = [e for shard in layout.shards for e in shard]
+    return {"output": str(output_folder), "shards": layout.names, "tensors": len(entries), "skipped": layout.skipped,
+            "total_size": layout.total_size, "largest_tensor_bytes": max((e.source_nbytes for e in entries), default=0)}
 
 
 def describe_config(config_dict: dict[str, Any]) -> dict[str, Any]:

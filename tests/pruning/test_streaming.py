@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_MODEL_TYPES, make_tiny_model, make_tiny_tokenizer
+from minicompress import outputs
 from minicompress.pruning import streaming
 from minicompress.cli import main
 from minicompress.config import ModelConfig
@@ -19,6 +20,7 @@ from minicompress.errors import MinicompressError
 from minicompress.models import load_model
 from minicompress.pruning.plan import apply_plan_, make_plan
 from minicompress.pruning.scoring import score_model
+from minicompress.recipes.prune import write_pruned_checkpoint
 
 # changes hidden size, query heads, KV heads and FFN, and drops one of 3 layers
 SHRINK = {"hidden_size": 24, "intermediate_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -79,7 +81,7 @@ def test_streaming_equals_in_memory_prune(model_type, tmp_path):
     _, plan = _plan(source)
     model = _in_memory(source, plan, tmp_path / "memory")
     # tiny row blocks: the vocabulary tensors are produced in many pieces
-    report = streaming.prune_checkpoint_streaming(source, plan, tmp_path / "stream", max_chunk_bytes=512)
+    report = write_pruned_checkpoint(source, plan, tmp_path / "stream", max_chunk_bytes=512)
     out = tmp_path / "stream"
     assert report["shards"] == ["model.safetensors"] and report["skipped"] >= 1
     memory = _tensors(tmp_path / "memory")
@@ -111,7 +113,7 @@ def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
     source = _save(tmp_path / "source", "qwen3", dtype=torch.bfloat16)
     _, plan = _plan(source)
     _in_memory(source, plan, tmp_path / "memory", dtype="bfloat16")
-    streaming.prune_checkpoint_streaming(source, plan, tmp_path / "stream")
+    write_pruned_checkpoint(source, plan, tmp_path / "stream")
     tensors = _tensors(tmp_path / "stream")
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     _assert_same_tensors(tensors, _tensors(tmp_path / "memory"))
@@ -124,8 +126,8 @@ def test_sharded_source_and_sharded_output(model_type, tmp_path):
     sharded = _save(tmp_path / "sharded", model_type, max_shard_size="20KB")
     assert (sharded / "model.safetensors.index.json").is_file() and len(list(sharded.glob("*.safetensors"))) > 2
     _, plan = _plan(single)
-    streaming.prune_checkpoint_streaming(single, plan, tmp_path / "a")
-    report = streaming.prune_checkpoint_streaming(sharded, plan, tmp_path / "b", max_shard_bytes=8000)
+    write_pruned_checkpoint(single, plan, tmp_path / "a")
+    report = write_pruned_checkpoint(sharded, plan, tmp_path / "b", max_shard_bytes=8000)
     out = tmp_path / "b"
     reference = _tensors(tmp_path / "a")
     _assert_same_tensors(_tensors(out), reference)
@@ -211,14 +213,14 @@ def test_at_most_one_source_tensor_is_alive_and_nothing_is_buffered(tmp_path, mo
     tracker = _Tracker()
     monkeypatch.setattr(streaming, "safe_open", tracker.safe_open)
     monkeypatch.setattr(streaming, "slice_parameter", tracker.slice_parameter)
-    write = streaming._write_tensor
+    write = outputs._write_tensor
 
     def recording_write(handle, tensor):
         tracker.writes.append((tracker.sources, tracker.outputs))
         return write(handle, tensor)
 
-    monkeypatch.setattr(streaming, "_write_tensor", recording_write)
-    streaming.prune_checkpoint_streaming(source, plan, tmp_path / "out", max_chunk_bytes=1024,
+    monkeypatch.setattr(outputs, "_write_tensor", recording_write)
+    write_pruned_checkpoint(source, plan, tmp_path / "out", max_chunk_bytes=1024,
                                          max_shard_bytes=1 << 30)
     names = [r[0] for r in tracker.reads]
     assert len(tracker.writes) == len(tracker.reads) > 0
@@ -243,7 +245,7 @@ def test_plan_for_another_checkpoint_is_refused(tmp_path):
     make_tiny_model("llama", num_hidden_layers=2).save_pretrained(other)
     _, plan = _plan(source)
     with pytest.raises(MinicompressError, match="--streaming: the plan is for"):
-        streaming.prune_checkpoint_streaming(other, plan, tmp_path / "out")
+        write_pruned_checkpoint(other, plan, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
