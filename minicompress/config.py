@@ -8,6 +8,10 @@ config is written next to every output (see :mod:`minicompress.outputs`).
 
 Knobs use Hugging Face vocabulary (``hidden_size``, ``intermediate_size``,
 ``num_attention_heads``, ``num_key_value_heads``, ``num_hidden_layers``).
+
+A knob lives here only: its field, its line in the class's ``Attributes:`` docstring and,
+for a fixed set of values, :func:`choice`. The command line generates its flag from them
+(``--seq-len`` for ``data.seq_len``, the docstring line as its help; :mod:`minicompress.flags`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ RUN_SETS_GENERATE_KEYS = ("teacher", "data", "output", "overwrite", "resume")
 PRUNE_SETS_SEARCH_RECOVER_KEYS = RUN_SETS_RECOVER_KEYS + ("eval_every", "teacher_dtype", "teacher_device")
 
 
+def choice(default: Any, choices: tuple) -> Any:
+    """A dataclass field whose values are ``choices`` (``metadata["choices"]``): the CLI
+    offers them (:mod:`minicompress.flags`); ``__post_init__`` still checks the value."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
@@ -88,12 +98,13 @@ class ModelConfig:
             (``smollm2-135m``, ``gemma3-270m``).
         dtype: weight dtype after loading (``float32``, ``bfloat16``, ``float16``).
         device: ``cpu``, ``cuda`` or ``auto`` (cuda when available).
-        trust_remote_code: passed to transformers; off unless the user asks.
+        trust_remote_code: allow custom code from the model's repository (transformers'
+            ``trust_remote_code``); off unless the user asks.
     """
 
     source: str = "smollm2-135m"
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = choice("float32", DTYPES)
+    device: str = choice("cpu", DEVICES)
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -159,7 +170,7 @@ class DataConfig:
     max_tokens: int | None = None
     seed: int = 0
     shuffle: bool = True
-    documents: str = "split"
+    documents: str = choice("split", DOCUMENT_MODES)
     mixture: tuple[SourceConfig, ...] = ()
     token_store: bool = True
 
@@ -227,7 +238,7 @@ class EvalConfig:
     teacher: ModelConfig | None = None
     stride: int | None = None
     batch_size: int = 4
-    autocast: str = "auto"
+    autocast: str = choice("auto", AUTOCAST)
     speed: bool = True
     prefill_tokens: int = 256
     decode_tokens: int = 32
@@ -300,11 +311,11 @@ class ScoreConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
     num_samples: int = 1024
     batch_size: int = 8
-    batch_aggregation: str = "l2"
-    sequence_aggregation: str = "mean"
+    batch_aggregation: str = choice("l2", AGGREGATIONS)
+    sequence_aggregation: str = choice("mean", AGGREGATIONS)
     layer_scores: bool = True
     loss_samples: int = 32
-    autocast: str = "auto"
+    autocast: str = choice("auto", AUTOCAST)
     output: str | None = None
     overwrite: bool = False
 
@@ -349,7 +360,7 @@ class TargetConfig:
     num_hidden_layers: int | None = None
     drop_layers: tuple[int, ...] = ()
     target_params: float | None = None
-    layer_metric: str = "bi"
+    layer_metric: str = choice("bi", LAYER_METRICS)
     norm_correction: bool = True
     width_multiple: int = 64
 
@@ -468,7 +479,7 @@ class LossConfig:
     """Distillation loss: weighted sum of logit KL, label CE and intermediate states.
 
     Attributes:
-        kind: logit divergence (``forward_kl``, ``reverse_kl``, ``jsd``, ``topk_kl``).
+        kind: logit divergence (``forward_kl``, ``reverse_kl``, ``jsd``, ``topk_kl``, ``sampled_kl``).
         temperature: softmax temperature tau (the KL is scaled by tau^2).
         beta: the generalised JSD interpolation weight.
         kl_weight: weight of the logit divergence.
@@ -487,7 +498,7 @@ class LossConfig:
             size, 1024 for SmolLM2 and 256 for Gemma-3).
     """
 
-    kind: str = "forward_kl"
+    kind: str = choice("forward_kl", LOSS_KINDS)
     temperature: float = 1.0
     beta: float = 0.5
     kl_weight: float = 1.0
@@ -577,11 +588,11 @@ class RecoverConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
-    autocast: str = "auto"
-    teacher_dtype: str = "auto"
-    teacher_device: str | None = None
+    autocast: str = choice("auto", AUTOCAST)
+    teacher_dtype: str = choice("auto", ("auto",) + DTYPES)
+    teacher_device: str | None = choice(None, DEVICES)
     activation_checkpointing: bool = False
-    compile: bool | str = "auto"
+    compile: bool | str = choice("auto", ("auto", "true", "false"))
     reshard_after_forward: bool = True
     eval_every: int = 0
     eval_tokens: int = 16384
@@ -668,13 +679,13 @@ class TeacherCacheConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
     tokens: int = 1_000_000
-    kind: str = "sampled"
+    kind: str = choice("sampled", ("sampled", "topk"))
     top_k: int = 64
     samples: int = 12
     micro_batch_size: int = 8
     shard_tokens: int = 262144
-    values_dtype: str = "bfloat16"
-    autocast: str = "auto"
+    values_dtype: str = choice("bfloat16", ("bfloat16", "float32"))
+    autocast: str = choice("auto", AUTOCAST)
     output: str | None = None
     overwrite: bool = False
 
@@ -738,7 +749,7 @@ class GenerateConfig:
     shard_tokens: int = 262144
     workers: int = 0
     seed: int = 0
-    autocast: str = "auto"
+    autocast: str = choice("auto", AUTOCAST)
     output: str | None = None
     overwrite: bool = False
     resume: bool = False
@@ -780,7 +791,7 @@ class QuantizeConfig:
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    scheme: str = "int8-weight-only"
+    scheme: str = choice("int8-weight-only", QUANTIZE_SCHEMES)
     group_size: int | None = None
     output: str | None = None
     overwrite: bool = False
