@@ -228,8 +228,10 @@ def prune_command(args: argparse.Namespace) -> int:
 
 @subcommand("recover", help="distil a pruned student from its frozen teacher", config=RecoverConfig,
             exclude={"seed": "--seed is data.seed; set this one as seed=N",
-                     "teacher_dtype": "--teacher-dtype is teacher.dtype; set this one as teacher_dtype=...",
-                     "teacher_device": "--teacher-device is teacher.device; set this one as teacher_device=..."})
+                     # recover loads its teacher in teacher_dtype on teacher_device (teacher.dtype/device
+                     # would be replaced by them), so --teacher-dtype / --teacher-device set those
+                     "teacher.dtype": "recover places the teacher by teacher_dtype (--teacher-dtype)",
+                     "teacher.device": "recover places the teacher by teacher_device (--teacher-device)"})
 def recover_command(args: argparse.Namespace) -> int:
     """``minicompress recover``: knowledge-distillation recovery; writes a stock HF folder."""
     from .recipes.recover import recover

@@ -77,6 +77,17 @@ def test_every_earlier_config_flag_parses_to_the_same_key(command):
         assert node == before.get("const", sample_value(action)[0] if sample_value(action) else None), flag
 
 
+def test_recover_teacher_dtype_and_device_reach_the_recipe(tmp_path):
+    """``recover --teacher-dtype float32`` sets ``teacher_dtype``, the key the recipe loads and casts the
+    teacher by (at 9c46bb4 the flag set ``teacher.dtype``, which the recipe replaced: it did nothing;
+    the fixture records that one change)."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["recover", "--student", "s", "--teacher", "t", "--data", "d", "--teacher-dtype",
+                              "float32", "--teacher-device", "cpu", "--output", str(tmp_path / "o")])
+    cfg = cli.build_from_args(config.RecoverConfig, args)
+    assert cfg.teacher_dtype == "float32" and cfg.teacher_device == "cpu" and cfg.teacher.source == "t"
+
+
 # ---------------------------------------------------------------- every knob has a flag, or a reason
 
 
