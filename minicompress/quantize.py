@@ -25,7 +25,7 @@ Why not torchao's ``Int4WeightOnlyConfig`` for int4: in torchao 0.18 its packed 
 CUDA/XPU/NPU only (``plain`` needs the ``mslk`` CUDA kernels, ``tile_packed_to_4d`` the CUDA
 tinygemm kernel), and the CPU one (the prototype ``Int4OpaqueTensor``) has no safetensors
 support. ``IntxUnpackedToInt8Tensor`` runs anywhere and is saved as safetensors, but it keeps
-one int4 value per int8 byte: int4 accuracy, int8 size (README: Quantize).
+one int4 value per int8 byte: int4 accuracy, int8 size (docs/evaluation.md: Quantize).
 """
 
 from __future__ import annotations

@@ -371,11 +371,11 @@ def render_dry_run(config_path: str, cfg, plan: dict, ranks: int) -> None:
     if ranks > 1:
         notes.append(f"memory: per rank of {ranks} (torchrun + FSDP2) for the recovery: sharded student "
                      "weights + grads + AdamW and teacher weights, gathered layers, root groups, activations "
-                     "(README: Large models); prune whole checkpoints with prune --streaming")
+                     "(docs/progressive.md: Large models); prune whole checkpoints with prune --streaming")
     else:
         notes.append("memory: one process; recovery = weights + grads + AdamW moments of the student (16 bytes "
                      "per parameter in float32) + teacher weights + activations, pruning = input + pruned "
-                     "weights (README: Progressive runs)")
+                     "weights (docs/progressive.md: Progressive runs)")
     render_lines(notes)
 
 

@@ -12,7 +12,7 @@ log-probability of its tokens after the context (``acc``: the argmax is the gold
 ``lm_eval.simple_evaluate``; nothing is read from or written to disk here except what
 lm-eval itself loads: task YAMLs (its own, and those under ``include_path``) and their
 data (the Hugging Face Hub for the standard tasks; local JSONL for a task whose YAML says
-``dataset_path: json``, see README "Task accuracy").
+``dataset_path: json``, see docs/evaluation.md, "Task accuracy").
 
 What the wrapper adds around lm-eval 0.4.x (checked with 0.4.13 and transformers 5):
 
@@ -62,7 +62,7 @@ BOOTSTRAP_ITERS = 1000
 
 def choice_task_yaml(name: str, data_file: str | Path, cache_dir: str | Path) -> str:
     """The lm-eval task YAML of a local multiple-choice task: JSONL rows ``{"context",
-    "choices", "label"}`` in ``data_file``, scored by ``acc`` and ``acc_norm`` (the README's
+    "choices", "label"}`` in ``data_file``, scored by ``acc`` and ``acc_norm`` (docs/evaluation.md's
     "Task accuracy" example); ``cache_dir`` is the datasets cache it converts into."""
     return f"""task: {name}
 dataset_path: json
@@ -152,7 +152,7 @@ def task_manager(names: str | Iterable[str], include_path: str | Path | None = N
             where = (f"neither an lm-eval task nor a task of {include_path}" if include_path is not None
                      else "not an lm-eval task")
             raise MinicompressError(f"{tasks_flag}: unknown task {name!r} ({where}){hint}; for a local task give "
-                                    f"{include_flag} DIR holding its YAML (README: Task accuracy)")
+                                    f"{include_flag} DIR holding its YAML (docs/evaluation.md: Task accuracy)")
     return manager
 
 
@@ -326,6 +326,6 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: str | Iterable[str]
             text = " ".join(str(err).split())
             offline = isinstance(err, ConnectionError) or "Hub" in text or "offline" in text.lower()
             hint = ("; the standard tasks download their data from the Hugging Face Hub: without Hub access use a "
-                    f"local task ({include_flag} DIR, README: Task accuracy)") if offline else ""
+                    f"local task ({include_flag} DIR, docs/evaluation.md: Task accuracy)") if offline else ""
             raise MinicompressError(f"{tasks_flag}: cannot load the data of {', '.join(names)}: {text}{hint}") from None
     return collect_metrics(output)

@@ -111,7 +111,7 @@ def estimate_memory(student: Any, teacher: Any | None, recover: RecoverConfig | 
     The result is ``max(prune, weights + grads + adamw + teacher + activations)``; the
     allocator, CUDA context and data add to it.
 
-    With ``ranks = N > 1`` (torchrun + FSDP2, ``docs``: README "Large models") it is the
+    With ``ranks = N > 1`` (torchrun + FSDP2, docs/progressive.md, "Large models") it is the
     memory of one rank: the student's weights, gradients and AdamW state and the
     teacher's weights are sharded (``/ N``); each rank also holds the layers being
     gathered (``gathered = 2 w_l (2 L_t + 2 L_s) + 2 L_s``: this layer and the prefetched
