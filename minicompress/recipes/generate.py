@@ -70,6 +70,12 @@ def same_generation(folder: str | Path, config: GenerateConfig) -> bool:
     return {k: saved.get(k) for k in _SHAPING} == _shaping(config)
 
 
+def interrupted(output: str | Path) -> bool:
+    """Whether ``<output>.partial`` holds an interrupted generate run (``resume`` continues it)."""
+    out = Path(output).expanduser()
+    return (out.with_name(out.name + ".partial") / _STATE).is_file()
+
+
 def _open_working_folder(config: GenerateConfig) -> tuple[Path, Path]:
     """Check the output; returns ``(out, work)``.
 

@@ -393,10 +393,12 @@ def _generate_data(config: RunConfig, out: Path) -> RunConfig:
     """
     from .. import distributed
     from ..distillation.teacher_cache import CACHE_INDEX_FILE
-    from .generate import TEXT_FILE, generate, same_generation
+    from .generate import TEXT_FILE, generate, interrupted, same_generation
 
     folder = out / GENERATED
     gen_config = config.generate_config(output=str(folder))
+    # resume an interrupted generation, and only that (a first run is no "--resume" with nothing to resume)
+    gen_config = dataclasses.replace(gen_config, resume=interrupted(folder))
     if (folder / CACHE_INDEX_FILE).is_file():
         if not same_generation(folder, gen_config):
             raise MinicompressError(f"generate: {folder} was written with other settings; pass --overwrite to start "
@@ -416,7 +418,7 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
                original_total: int, original_shape: dict[str, Any]) -> None:
     from .. import distributed
     from . import prune as prune_recipe
-    from ..checkpoint import working_folder
+    from ..checkpoint import latest_checkpoint, working_folder
     from .recover import recover
 
     stage = config.stages[index]
@@ -440,8 +442,10 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
     if stage.tokens:
         teacher = config.model if stage.teacher == "original" or index == 0 else previous
         student = dataclasses.replace(config.model, source=str(pruned))
+        # resume an interrupted recovery, and only that: a user's --resume with nothing to resume is
+        # warned about; the run's own (every first run of a stage) must be silent
         recover_config = config.stage_recover_config(index, student=student, teacher=teacher, output=str(final),
-                                                     resume=True)
+                                                     resume=latest_checkpoint(working_folder(final)) is not None)
         loss = recover_config.loss
         if config.generate and teacher is config.model and loss.kind == "forward_kl" and not loss.intermediate_weight:
             # the original's own text: its sparse targets were kept as it wrote it (no teacher forward)

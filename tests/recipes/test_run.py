@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -435,6 +436,35 @@ def test_a_data_free_run_calibrates_and_recovers_on_the_originals_own_text(tmp_p
                                                                     "temperature": 0.7})
     with pytest.raises(MinicompressError, match="generate: .* other settings"):
         run(other)
+
+
+def test_a_first_run_resumes_nothing_without_a_resume_warning(tmp_path, tiny_llama, caplog, monkeypatch):
+    """run resumes an interrupted generation or recovery itself: a fresh run has none, and the
+    '--resume, but ...' warnings are for a user who typed --resume, not for it."""
+    from minicompress.recipes import generate as generate_module
+
+    real_write = generate_module._write_shard
+
+    def killed_at_shard_1(teacher, starts, shard, *args):
+        if shard == 1:
+            raise KeyboardInterrupt
+        return real_write(teacher, starts, shard, *args)
+
+    config = _data_free_config(tiny_llama, tmp_path / "r")
+    with caplog.at_level(logging.WARNING, logger="minicompress"):
+        monkeypatch.setattr(generate_module, "_write_shard", killed_at_shard_1)
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+        first_shard = tmp_path / "r" / "generated.partial" / "shard-00000.safetensors"
+        written = first_shard.stat().st_mtime_ns
+        monkeypatch.setattr(generate_module, "_write_shard", real_write)
+        run(config)  # resumes the generation (its first shard is kept), then a first recovery
+    assert (tmp_path / "r" / "generated" / "shard-00000.safetensors").stat().st_mtime_ns == written
+    assert (tmp_path / "r" / "stage-1-ffn" / "model.safetensors").is_file()
+    resumes = [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+    assert resumes == []
+    record = read_provenance(tmp_path / "r" / "stage-1-ffn")
+    assert record["recovery"]["config"]["resume"] is False  # nothing was there to resume
 
 
 def test_a_run_without_text_or_generate_section_is_refused(tmp_path, tiny_llama):
