@@ -137,11 +137,17 @@ def strip_quantization_config(model: torch.nn.Module) -> None:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
+    """Model and tokenizer of a GGUF file, dequantised by transformers; its per-tensor tqdm
+    bar is minicompress's progress (no ``\\r`` lines in a log file off a terminal)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from .progress import library_tqdm_as_progress
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        with library_tqdm_as_progress(gguf_utils, f"dequantise {path.name}", unit="tensors"):
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except ImportError as err:
         raise MinicompressError(f"--model {path}: loading GGUF needs {err}; pip install gguf accelerate") from None
     strip_quantization_config(model)

@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
@@ -228,3 +228,47 @@ def progress_bar(description: str, total: float | None, unit: str = "it", extra:
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task(description, total=total, unit=unit)
         yield _Bar(progress, task)
+
+
+def _progress_over(iterable: Iterable, description: str, total: float | None, unit: str) -> Iterator:
+    """Yield ``iterable``'s items, advancing a :func:`progress_bar` after each one."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    with progress_bar(description, total, unit=unit) as bar:
+        for item in iterable:
+            yield item
+            bar.advance(1)
+
+
+@contextlib.contextmanager
+def library_tqdm_as_progress(module: Any, description: str, unit: str = "it") -> Iterator[None]:
+    """Route a library module's ``tqdm(iterable, ...)`` loops through :func:`progress_bar`
+    while the context runs.
+
+    A library's own tqdm bar redraws itself with ``\\r``: off a terminal every redraw lands
+    in the log file as a line of its own. Inside this context ``module.tqdm(iterable)``
+    is minicompress's progress instead (a rich bar on a terminal, plain log lines at
+    intervals elsewhere, nothing with ``MINICOMPRESS_PROGRESS=0``); a bar the library
+    drives by hand (``tqdm(total=...)`` and ``update``) is only shown on a terminal.
+
+    Args:
+        module: the module whose global ``tqdm`` the library calls (left alone without one).
+        description: the label of the progress (the library's ``desc`` is dropped).
+        unit: the unit of one item (``tensors``).
+    """
+    original = getattr(module, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def tqdm(iterable=None, *args, total=None, **kwargs):
+        if iterable is None:
+            kwargs["disable"] = not (progress_enabled() and on_terminal())
+            return original(None, *args, total=total, **kwargs)
+        return _progress_over(iterable, description, total, unit)
+
+    module.tqdm = tqdm
+    try:
+        yield
+    finally:
+        module.tqdm = original
