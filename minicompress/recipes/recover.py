@@ -277,8 +277,8 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         rows = [source_epoch_index(positions, data.num_train, config.seed) + n_eval for positions in micro]
         return [(cache.input_ids[r], cache.targets(r)) for r in rows]
 
-    with progress_bar("recover", schedule.total_steps * schedule.tokens_per_step, unit="tok") as bar:
-        bar.advance(start_step * schedule.tokens_per_step)
+    with progress_bar("recover", schedule.total_steps * schedule.tokens_per_step, unit="tok",
+                      completed=start_step * schedule.tokens_per_step) as bar:
 
         def on_step(record: dict) -> None:
             nonlocal elapsed
