@@ -204,8 +204,9 @@ class EvalConfig:
         draft: a draft model for speculative decoding of ``model`` (the student drafting for
             its teacher): acceptance rate and speedup of assisted greedy decoding
             (:mod:`minicompress.evaluation.draft`); same vocabulary, dtype and device as ``model``.
-        draft_prompts: prompts of the draft test, the first tokens of evenly spaced windows of ``data``.
-        draft_prompt_tokens: tokens per prompt (<= ``data.seq_len``).
+        draft_prompts: prompts of the draft test, taken at evenly spaced places of ``data``'s
+            text (not bound to its evaluation windows).
+        draft_prompt_tokens: tokens per prompt.
         draft_new_tokens: tokens generated per prompt.
         draft_tokens: draft tokens proposed per teacher forward (a constant schedule).
         tasks: lm-evaluation-harness tasks to score (``--tasks hellaswag,arc_easy``; needs
@@ -261,9 +262,6 @@ class EvalConfig:
         for key in ("draft_prompts", "draft_prompt_tokens", "draft_new_tokens", "draft_tokens"):
             _check_positive(key, getattr(self, key))
         if self.draft is not None:
-            if self.draft_prompt_tokens > self.data.seq_len:
-                raise ConfigError(f"draft_prompt_tokens: must be <= data.seq_len ({self.data.seq_len}), "
-                                  f"got {self.draft_prompt_tokens}")
             for key in ("dtype", "device"):
                 if getattr(self.draft, key) != getattr(self.model, key):
                     raise ConfigError(f"draft.{key}: {getattr(self.draft, key)!r} differs from model.{key} "
