@@ -9,6 +9,7 @@ ShortGPT); the metrics themselves live in :mod:`minicompress.evaluation.perplexi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -17,7 +18,7 @@ from ..config import DataConfig, EvalConfig
 from ..data.sources import bos_token_id, load_token_stream
 from ..errors import MinicompressError
 from ..evaluation.perplexity import eval_windows, evaluate
-from ..models import load_for_flag, size_on_disk
+from ..models import config_for_flag, load_for_flag, size_on_disk
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,36 @@ def check_draft(model, tokenizer, draft, draft_tokenizer, flag: str = "--draft")
                                 "the model's tokenizer")
 
 
+def _vocab_size(hf_config) -> int:
+    return hf_config.get_text_config().vocab_size
+
+
+def check_vocabularies(config: EvalConfig) -> None:
+    """Refuse a teacher, draft or ``--compare`` model whose vocabulary size differs from the
+    model's (the teacher's, for ``--compare`` with a teacher), from their ``config.json``
+    alone: before any weights load. A model whose config comes only with its weights
+    (GGUF, a Hub id not in the cache) is checked once loaded.
+
+    Raises:
+        MinicompressError: naming the flag, or a model that cannot be found.
+    """
+    model = config_for_flag(config.model, "--model")
+    teacher = config_for_flag(config.teacher, "--teacher") if config.teacher is not None else None
+    if config.draft is not None:
+        draft = config_for_flag(config.draft, "--draft")
+        if model is not None and draft is not None and _vocab_size(draft) != _vocab_size(model):
+            raise MinicompressError(f"--draft: vocabulary size {_vocab_size(draft)} differs from the model's "
+                                    f"{_vocab_size(model)}; a draft must share the model's tokenizer")
+    if teacher is not None and model is not None and _vocab_size(teacher) != _vocab_size(model):
+        raise MinicompressError(f"--teacher: vocabulary size {_vocab_size(teacher)} differs from the model's "
+                                f"{_vocab_size(model)}; KL needs the same tokenizer")
+    for source in config.compare if teacher is not None else ():
+        other = config_for_flag(dataclasses.replace(config.model, source=source), "--compare")
+        if other is not None and _vocab_size(other) != _vocab_size(teacher):
+            raise MinicompressError(f"--compare {source}: vocabulary size {_vocab_size(other)} differs from the "
+                                    f"teacher's {_vocab_size(teacher)}; KL needs the same tokenizer")
+
+
 def run_eval(config: EvalConfig) -> dict:
     """``minicompress eval``: load the model (and teacher, and draft), then :func:`evaluate_model`
     (and, with a draft, :func:`minicompress.evaluation.draft.measure_draft`).
@@ -152,6 +183,7 @@ def run_eval(config: EvalConfig) -> dict:
         from ..evaluation.tasks import task_manager
 
         manager = task_manager(config.tasks, config.include_path)
+    check_vocabularies(config)  # from config.json files: a mismatch fails before seconds of loading weights
     model, tokenizer = load_for_flag(config.model, "--model")
     teacher = None
     if config.teacher is not None:
@@ -200,8 +232,6 @@ def compare_model(config: EvalConfig, source: str, teacher=None) -> dict:
     Raises:
         MinicompressError: the model cannot load, or its vocabulary differs from the teacher's.
     """
-    import dataclasses
-
     model, tokenizer = load_for_flag(dataclasses.replace(config.model, source=source), "--compare")
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise MinicompressError(f"--compare {source}: vocabulary size {model.config.vocab_size} differs from the "

@@ -99,6 +99,29 @@ def test_config_checks_the_draft_settings():
     assert EvalConfig(data=data, draft_prompt_tokens=8, draft=ModelConfig(source="s")).draft.source == "s"
 
 
+def test_another_vocabulary_is_refused_before_any_weights_load(tiny_model_dir, text_corpus, tmp_path, capsys,
+                                                               monkeypatch):
+    """A draft (or teacher) of another vocabulary was refused only after both models' weights
+    had loaded (20 s with real models): their config.json files decide it first."""
+    import minicompress.recipes.eval as eval_recipe
+
+    teacher, other_vocab = tiny_model_dir("llama"), tiny_model_dir("llama", vocab_size=300)
+    loaded = []
+    monkeypatch.setattr(eval_recipe, "load_for_flag", lambda cfg, flag="--model": loaded.append(flag))
+    out = tmp_path / "o.json"
+    assert main(draft_args(teacher, other_vocab, text_corpus, out)) == 2
+    assert error_line(capsys) == ("error: --draft: vocabulary size 300 differs from the model's 256; a draft must "
+                                  "share the model's tokenizer")
+    argv = ["eval", "--model", str(teacher), "--teacher", str(other_vocab), "--data", str(text_corpus), "-q",
+            "--output", str(out)]
+    assert main(argv) == 2
+    assert error_line(capsys) == ("error: --teacher: vocabulary size 300 differs from the model's 256; KL needs the "
+                                  "same tokenizer")
+    assert main(draft_args(teacher, tmp_path / "no-draft", text_corpus, out)) == 2
+    assert error_line(capsys).startswith("error: --draft: no such file or folder")
+    assert loaded == [] and not out.exists()
+
+
 def test_draft_errors_name_the_draft_flags(tiny_model_dir, text_corpus, tmp_path, capsys):
     teacher = tiny_model_dir("llama")
     out = tmp_path / "o.json"
