@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -103,6 +104,13 @@ class ModelConfig:
         _check_choice("device", self.device, DEVICES)
 
 
+def _source_key(source: str) -> str:
+    """What makes two text sources the same: a local path's resolved location (``a.txt`` and
+    ``./a.txt``), else the text itself (a Hub dataset)."""
+    path = Path(str(source).strip()).expanduser()
+    return str(path.resolve()) if path.exists() else os.path.normpath(str(path))
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """One source of a data mixture and its sampling weight.
@@ -166,6 +174,13 @@ class DataConfig:
     def __post_init__(self):
         if self.mixture and self.source is not None:
             raise ConfigError("mixture: give either source or a mixture of sources, not both")
+        seen: dict[str, int] = {}
+        for i, part in enumerate(self.mixture):
+            key = _source_key(part.source)
+            if key in seen:
+                raise ConfigError(f"mixture: {part.source} is given twice (sources {seen[key] + 1} and {i + 1}); "
+                                  "give each source once, with its whole weight")
+            seen[key] = i
         _check_positive("seq_len", self.seq_len)
         if self.seq_len < 2:
             raise ConfigError(f"seq_len: must be at least 2, got {self.seq_len}")

@@ -519,7 +519,9 @@ def test_a_dry_run_checks_every_source_of_a_mixture(tmp_path, tiny_llama, text_c
         "stages": [{"name": "ffn", "target": {"intermediate_size": 48}, "tokens": 128}]})
     with pytest.raises(MinicompressError, match=r"^data.mixture\[1\].source: no such file or folder: .*nope.txt$"):
         dry_run(config)
+    other = tmp_path / "other.txt"
+    other.write_text(text_corpus.read_text())
     ok = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, mixture=(config.data.mixture[0], dataclasses.replace(config.data.mixture[1], source=str(text_corpus)))))
+        config.data, mixture=(config.data.mixture[0], dataclasses.replace(config.data.mixture[1], source=str(other)))))
     assert [row["name"] for row in dry_run(ok)["stages"]] == ["ffn"]
     assert not (tmp_path / "r").exists()
