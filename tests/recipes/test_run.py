@@ -467,6 +467,28 @@ def test_a_first_run_resumes_nothing_without_a_resume_warning(tmp_path, tiny_lla
     assert record["recovery"]["config"]["resume"] is False  # nothing was there to resume
 
 
+def test_a_generate_budget_the_held_out_rows_use_up_is_refused_before_anything(tmp_path, tiny_llama):
+    """generate: {tokens: 192} (12 rows of 16) with recover: {eval_tokens: 4096} (256 rows held out)
+    failed only after generating, scoring and pruning: the dry run's stage checks refuse it,
+    and a search that distils its candidates on the generated text is checked the same way."""
+    config = _data_free_config(tiny_llama, tmp_path / "r",
+                               recover={"global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 4096})
+    with pytest.raises(MinicompressError, match=r"^stages\[0\] \(ffn\): recover.eval_tokens: holding out 4,096 tokens "
+                                                r"\(256 rows of data.seq_len 16\) leaves none of the 12 rows "
+                                                r"generate.tokens makes to train on"):
+        run(config)
+    assert not (tmp_path / "r").exists()
+    search = _data_free_config(tiny_llama, tmp_path / "r", stages=[
+        {"name": "s", "target": {"target_params": 0.7}, "tokens": 0,
+         "search": {"distill_candidates": 1, "distill_tokens": 64,
+                    "recover": {"global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 192}}}])
+    with pytest.raises(MinicompressError, match=r"^stages\[0\] \(s\): stages\[0\].search.recover.eval_tokens: "
+                                                r"holding out 192 tokens"):
+        dry_run(search)
+    assert not (tmp_path / "r").exists()
+    dry_run(_data_free_config(tiny_llama, tmp_path / "r"))  # 2 of 12 rows held out: fine
+
+
 def test_a_run_without_text_or_generate_section_is_refused(tmp_path, tiny_llama):
     from minicompress.errors import ConfigError
 
