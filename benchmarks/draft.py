@@ -6,9 +6,10 @@ through transformers' assisted generation, measured by
 default the 50% pruned student ``~/.cache/minicompress/runs/students/smollm2-50-searched``)
 and each proposal setting, every prompt is decoded greedily by the teacher alone and then
 with the draft (batch 1), back to back, under the precision eval uses (bf16 autocast where
-the CPU has native bf16). Prompts are the first ``--prompt-tokens`` tokens of
-``--prompts`` evenly spaced 1024-token windows of the WikiText-2 test set, as in
-``minicompress eval --draft`` with its defaults.
+the CPU has native bf16). Prompts are ``--prompts`` runs of ``--prompt-tokens`` tokens at
+evenly spaced places of the WikiText-2 test set, as in ``minicompress eval --draft`` with
+its defaults (results recorded before issue 28 used the starts of evenly spaced 1024-token
+windows instead).
 
 A proposal setting is ``constant:K`` (K draft tokens every round), ``heuristic:K``
 (start at K, +2 after a fully accepted round, -1 otherwise) or ``default`` (transformers
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from minicompress.evaluation.perplexity import parameter_summary
     from minicompress.hardware import resolve_autocast
     from minicompress.models import load_for_flag
-    from minicompress.recipes.eval import check_draft, draft_prompts, text_windows
+    from minicompress.data.sources import bos_token_id, load_token_stream
+    from minicompress.recipes.eval import check_draft, draft_prompts
     from minicompress.evaluation.draft import measure_draft
 
     from transformers.utils import logging as hf_logging
@@ -104,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         check_draft(teacher, tokenizer, draft, draft_tokenizer, flag=f"--drafts {path}")
     if args.with_self:
         drafts.append(("(the teacher itself)", teacher, tokenizer))
-    windows = text_windows(DataConfig(source=args.data, seq_len=1024, shuffle=False, documents="file"), tokenizer)
-    prompts = draft_prompts(windows, args.prompts, args.prompt_tokens, flag="--prompts")
+    stream = load_token_stream(DataConfig(source=args.data, shuffle=False, documents="file"), tokenizer)
+    prompts = draft_prompts(stream, args.prompts, args.prompt_tokens, bos_token_id(tokenizer), flag="--prompts")
     from transformers.utils import is_sklearn_available
 
     adaptive = is_sklearn_available()  # transformers then moves the confidence threshold of "default"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -114,6 +115,13 @@ class ModelConfig:
         _check_choice("device", self.device, DEVICES)
 
 
+def _source_key(source: str) -> str:
+    """What makes two text sources the same: a local path's resolved location (``a.txt`` and
+    ``./a.txt``), else the text itself (a Hub dataset)."""
+    path = Path(str(source).strip()).expanduser()
+    return str(path.resolve()) if path.exists() else os.path.normpath(str(path))
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     """One source of a data mixture and its sampling weight.
@@ -177,6 +185,13 @@ class DataConfig:
     def __post_init__(self):
         if self.mixture and self.source is not None:
             raise ConfigError("mixture: give either source or a mixture of sources, not both")
+        seen: dict[str, int] = {}
+        for i, part in enumerate(self.mixture):
+            key = _source_key(part.source)
+            if key in seen:
+                raise ConfigError(f"mixture: {part.source} is given twice (sources {seen[key] + 1} and {i + 1}); "
+                                  "give each source once, with its whole weight")
+            seen[key] = i
         _check_positive("seq_len", self.seq_len)
         if self.seq_len < 2:
             raise ConfigError(f"seq_len: must be at least 2, got {self.seq_len}")
@@ -215,8 +230,9 @@ class EvalConfig:
         draft: a draft model for speculative decoding of ``model`` (the student drafting for
             its teacher): acceptance rate and speedup of assisted greedy decoding
             (:mod:`minicompress.evaluation.draft`); same vocabulary, dtype and device as ``model``.
-        draft_prompts: prompts of the draft test, the first tokens of evenly spaced windows of ``data``.
-        draft_prompt_tokens: tokens per prompt (<= ``data.seq_len``).
+        draft_prompts: prompts of the draft test, taken at evenly spaced places of ``data``'s
+            text (not bound to its evaluation windows).
+        draft_prompt_tokens: tokens per prompt.
         draft_new_tokens: tokens generated per prompt.
         draft_tokens: draft tokens proposed per teacher forward (a constant schedule).
         tasks: lm-evaluation-harness tasks to score (``--tasks hellaswag,arc_easy``; needs
@@ -272,9 +288,6 @@ class EvalConfig:
         for key in ("draft_prompts", "draft_prompt_tokens", "draft_new_tokens", "draft_tokens"):
             _check_positive(key, getattr(self, key))
         if self.draft is not None:
-            if self.draft_prompt_tokens > self.data.seq_len:
-                raise ConfigError(f"draft_prompt_tokens: must be <= data.seq_len ({self.data.seq_len}), "
-                                  f"got {self.draft_prompt_tokens}")
             for key in ("dtype", "device"):
                 if getattr(self.draft, key) != getattr(self.model, key):
                     raise ConfigError(f"draft.{key}: {getattr(self.draft, key)!r} differs from model.{key} "

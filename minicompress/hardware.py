@@ -152,8 +152,8 @@ def keep_freed_memory() -> str:
     (never trim) keeps freed heap memory mapped, so the next step reuses the same pages (what
     jemalloc/tcmalloc do; Intel's CPU tuning guide preloads them for the same reason).
     Measured on the 2-core AMX Xeon of ``benchmarks/RESULTS.md`` (issue 18): a default recovery
-    run 1.11-1.15x faster (985-1,029 vs 891 tok/s) at 3.8-4.0 vs 3.6 GiB peak RSS. The resident set stays at its peak until
-    the process exits.
+    run 1.11-1.15x faster (985-1,029 vs 891 tok/s) at 3,755-3,998 vs 3,598 MiB peak RSS (``VmHWM``).
+    The resident set stays at its peak until the process exits.
 
     Applied once per process, on Linux with glibc, unless the user set
     ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` or ``MINICOMPRESS_MALLOC=default``.

@@ -137,11 +137,17 @@ def strip_quantization_config(model: torch.nn.Module) -> None:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
+    """Model and tokenizer of a GGUF file, dequantised by transformers; its per-tensor tqdm
+    bar is minicompress's progress (no ``\\r`` lines in a log file off a terminal)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from .progress import library_tqdm_as_progress
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        with library_tqdm_as_progress(gguf_utils, f"dequantise {path.name}", unit="tensors"):
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     except ImportError as err:
         raise MinicompressError(f"--model {path}: loading GGUF needs {err}; pip install gguf accelerate") from None
     strip_quantization_config(model)
@@ -559,14 +565,44 @@ def size_on_disk(source: str) -> int | None:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
 
 
+def _for_flag(err: MinicompressError, model_config, flag: str) -> MinicompressError:
+    """``err`` about ``model_config``, naming ``flag`` instead of ``--model``."""
+    message = str(err)
+    if message.startswith("--model"):
+        message = flag + message[len("--model"):]
+    elif not message.startswith("--"):
+        message = f"{flag} {model_config.source}: {message}"
+    return MinicompressError(message)
+
+
 def load_for_flag(model_config, flag: str = "--model"):
     """:func:`~minicompress.models.load_model`, with errors naming ``flag`` (``--teacher``)."""
     try:
         return load_model(model_config)
     except MinicompressError as err:
-        message = str(err)
-        if message.startswith("--model"):
-            message = flag + message[len("--model"):]
-        elif not message.startswith("--"):
-            message = f"{flag} {model_config.source}: {message}"
-        raise MinicompressError(message) from None
+        raise _for_flag(err, model_config, flag) from None
+
+
+def config_for_flag(model_config, flag: str = "--model"):
+    """The transformers config of a :class:`~minicompress.config.ModelConfig` from local files
+    only: no weights read, no built-in converted (its shipped config), no network (a Hub
+    id's config from the local cache). Errors name ``flag``.
+
+    Returns:
+        The config, or None where it is only known once the model loads (a GGUF file, a
+        Hub id not in the local cache).
+    """
+    source = model_config.source
+    try:
+        if source not in BUILTIN_MODELS:
+            _, extra = resolve_source(source)
+            if extra.get("gguf"):
+                return None
+            if extra.get("hub"):
+                folder = local_folder(source)
+                if folder is None:
+                    return None
+                source = str(folder)
+        return load_config(source, trust_remote_code=model_config.trust_remote_code, convert=False)
+    except MinicompressError as err:
+        raise _for_flag(err, model_config, flag) from None

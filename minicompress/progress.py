@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
@@ -93,15 +93,23 @@ def _field(value: Any) -> str:
 
 class _LogBar:
     """Progress as plain log lines: every ``interval`` seconds (on an update, or from a
-    heartbeat thread while a long step runs) and once at the end."""
+    heartbeat thread while a long step runs) and once at the end.
 
-    def __init__(self, description: str, total: float | None, unit: str, interval: float):
+    The rate is measured over completed work only: from the moment the work of the
+    previous line was done to the moment of the latest advance. A line between two
+    advances (a heartbeat while a long optimizer step runs) repeats the last rate
+    instead of counting the unfinished step's time with none of its work. Work
+    ``completed`` before the bar started (a resumed run) is not part of any rate.
+    """
+
+    def __init__(self, description: str, total: float | None, unit: str, interval: float, completed: float = 0.0):
         self.description, self.total, self.unit, self.interval = description, total, unit, interval
-        self.done = 0.0
+        self.done = self._start_done = float(completed)
         self.fields: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._start = self._last = clock()
-        self._last_done = 0.0
+        self._start = self._last = self._advanced_at = clock()
+        self._ref = (self.done, self._start)  # (done, when it was done) as of the previous line's rate
+        self._rate: float | None = None
         self._stop = threading.Event()
         self._thread = None
         if interval > 0:
@@ -112,17 +120,22 @@ class _LogBar:
         while not self._stop.wait(self.interval):
             self._maybe_emit()
 
+    def _recent_rate(self) -> tuple[float | None, tuple[float, float]]:
+        """The rate over the work completed since the previous line's (as rich's bar shows a
+        recent speed), and the reference point of the next line."""
+        ref_done, ref_at = self._ref
+        if self.done > ref_done and self._advanced_at > ref_at:
+            return (self.done - ref_done) / (self._advanced_at - ref_at), (self.done, self._advanced_at)
+        return self._rate, self._ref  # nothing completed since: the last rate still holds
+
     def line(self, final: bool = False) -> str:
         """The log line as of now (``final``: the rate over the whole run, no ETA)."""
         now = clock()
         elapsed = now - self._start
         if final:
-            rate = self.done / elapsed if elapsed > 0 else None
-        else:  # the rate since the previous line, as rich's bar shows a recent speed
-            span = now - self._last
-            rate = (self.done - self._last_done) / span if span > 0 else None
-            if not rate and elapsed > 0:
-                rate = self.done / elapsed
+            rate = (self.done - self._start_done) / elapsed if elapsed > 0 else None
+        else:
+            rate = self._recent_rate()[0]
         parts = [self.description]
         if self.total:
             percent = 100 * self.done / self.total
@@ -143,7 +156,8 @@ class _LogBar:
 
     def _emit(self, final: bool = False) -> None:
         text = self.line(final)
-        self._last, self._last_done = clock(), self.done
+        self._rate, self._ref = self._recent_rate()
+        self._last = clock()
         log.info("%s", text)
 
     def _maybe_emit(self) -> None:
@@ -154,6 +168,8 @@ class _LogBar:
     def advance(self, amount: float = 1, **fields) -> None:
         with self._lock:
             self.done += amount
+            if amount:
+                self._advanced_at = clock()
             self._set(fields)
         self._maybe_emit()
 
@@ -166,7 +182,9 @@ class _LogBar:
         if "total" in fields:
             self.total = fields.pop("total")
         if "completed" in fields:
-            self.done = fields.pop("completed")
+            done = fields.pop("completed")
+            if done != self.done:
+                self.done, self._advanced_at = done, clock()
         if "description" in fields:
             self.description = fields.pop("description")
         fields.pop("advance", None)
@@ -196,7 +214,8 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: float | None, unit: str = "it", extra: str = "") -> Iterator[_Bar]:
+def progress_bar(description: str, total: float | None, unit: str = "it", extra: str = "",
+                 completed: float = 0) -> Iterator[_Bar]:
     """A rich progress bar (bar, count, throughput, elapsed, ETA) on stderr; off a terminal,
     log lines (see the module docstring).
 
@@ -205,6 +224,7 @@ def progress_bar(description: str, total: float | None, unit: str = "it", extra:
         total: units of work (None: unknown).
         unit: throughput unit (``tok``, ``samples``...).
         extra: a rich format string of task fields shown at the end (e.g. ``"loss {task.fields[loss]:.3f}"``).
+        completed: units already done before this run (a resumed run): shown, never part of the rate.
 
     Yields:
         An object with ``advance(n, **fields)`` and ``update(**fields)``; off a terminal,
@@ -215,7 +235,7 @@ def progress_bar(description: str, total: float | None, unit: str = "it", extra:
         yield _Bar(None, None)
         return
     if not on_terminal():
-        bar = _LogBar(description, total, unit, log_interval())
+        bar = _LogBar(description, total, unit, log_interval(), completed)
         try:
             yield bar
         finally:
@@ -226,5 +246,49 @@ def progress_bar(description: str, total: float | None, unit: str = "it", extra:
     if extra:
         columns.append(TextColumn(extra))
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task(description, total=total, unit=unit)
+        task = progress.add_task(description, total=total, completed=completed, unit=unit)
         yield _Bar(progress, task)
+
+
+def _progress_over(iterable: Iterable, description: str, total: float | None, unit: str) -> Iterator:
+    """Yield ``iterable``'s items, advancing a :func:`progress_bar` after each one."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    with progress_bar(description, total, unit=unit) as bar:
+        for item in iterable:
+            yield item
+            bar.advance(1)
+
+
+@contextlib.contextmanager
+def library_tqdm_as_progress(module: Any, description: str, unit: str = "it") -> Iterator[None]:
+    """Route a library module's ``tqdm(iterable, ...)`` loops through :func:`progress_bar`
+    while the context runs.
+
+    A library's own tqdm bar redraws itself with ``\\r``: off a terminal every redraw lands
+    in the log file as a line of its own. Inside this context ``module.tqdm(iterable)``
+    is minicompress's progress instead (a rich bar on a terminal, plain log lines at
+    intervals elsewhere, nothing with ``MINICOMPRESS_PROGRESS=0``); a bar the library
+    drives by hand (``tqdm(total=...)`` and ``update``) is only shown on a terminal.
+
+    Args:
+        module: the module whose global ``tqdm`` the library calls (left alone without one).
+        description: the label of the progress (the library's ``desc`` is dropped).
+        unit: the unit of one item (``tensors``).
+    """
+    original = getattr(module, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def tqdm(iterable=None, *args, total=None, **kwargs):
+        if iterable is None:
+            kwargs["disable"] = not (progress_enabled() and on_terminal())
+            return original(None, *args, total=total, **kwargs)
+        return _progress_over(iterable, description, total, unit)
+
+    module.tqdm = tqdm
+    try:
+        yield
+    finally:
+        module.tqdm = original

@@ -107,3 +107,24 @@ def test_to_dict_round_trips():
     again = build_config(EvalConfig, overrides=to_dict(cfg))
     assert again == cfg
     assert to_dict(DataConfig())["seq_len"] == 1024
+
+
+def test_the_same_source_twice_in_a_mixture_is_refused(tmp_path, monkeypatch, capsys, offline_hub):
+    """``--data-mix a.txt=0.5,a.txt=0.5`` trained without a word: one line names the flag and the
+    source, before anything is written; a path spelled two ways is the same source."""
+    from minicompress.cli import main
+
+    text = tmp_path / "a.txt"
+    text.write_text("hello world\n")
+    monkeypatch.chdir(tmp_path)
+    for mix in ("a.txt=0.5,a.txt=0.5", f"a.txt=0.5,{tmp_path}/../{tmp_path.name}/a.txt=0.5", "b=1,org/set=1,b=2"):
+        assert main(["recover", "--student", "s", "--teacher", "t", "--data-mix", mix, "--output",
+                     str(tmp_path / "out"), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: --data-mix (data.mixture): "), err
+        assert "is given twice (sources " in err and "give each source once" in err
+    with pytest.raises(ConfigError, match=r"^data.mixture: \./a.txt is given twice \(sources 1 and 2\)"):
+        build_config(RecoverConfig, overrides={"teacher": "t", "data": [{"source": "a.txt", "weight": 1},
+                                                                       {"source": "./a.txt", "weight": 2}]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    assert len(build_config(DataConfig, overrides={"mixture": ["a.txt=1", "b.txt=1"]}).mixture) == 2  # distinct

@@ -177,6 +177,35 @@ def test_gguf_loads_without_quantization_config_and_saves(tmp_path):
     assert size_on_disk(str(path)) == path.stat().st_size
 
 
+def test_gguf_conversion_progress_is_log_lines_off_a_terminal(tmp_path, monkeypatch, capfd, caplog):
+    """transformers' own tqdm bar over the GGUF tensors wrote a \\r-redrawn line per tensor into
+    a log file: off a terminal the conversion logs minicompress's plain progress lines instead."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setenv("MINICOMPRESS_PROGRESS", "1")
+    monkeypatch.setenv("MINICOMPRESS_PROGRESS_INTERVAL", "3600")  # only the final line
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # as the CLI does: transformers' "Loading weights" bar is not this
+    try:
+        with caplog.at_level(logging.INFO, logger="minicompress.progress"):
+            model, _ = load_model(str(path))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    err = capfd.readouterr().err
+    assert "\r" not in err and "GGUF tensors" not in err, err[-500:]
+    lines = [r.getMessage() for r in caplog.records if r.name == "minicompress.progress"]
+    n = 3 + 9 * 2  # token_embd, output_norm, output + 9 tensors per layer
+    assert lines == [lines[0]] and lines[0].startswith(f"dequantise tiny.gguf {n}/{n} tensors (100.0%)")
+    assert model.config.num_hidden_layers == 2
+    from transformers import modeling_gguf_pytorch_utils
+
+    assert modeling_gguf_pytorch_utils.tqdm.__module__.startswith("tqdm")  # put back
+
+
 @pytest.mark.slow
 def test_real_smollm2_gguf_loads_and_saves(tmp_path, monkeypatch):
     from minicompress.models import _smollm2_gguf

@@ -67,9 +67,28 @@ def test_off_a_terminal_progress_is_logged_at_an_interval_and_at_the_end(log_bar
     assert first["rate"] == "4.00" and first["elapsed"] == "00:10" and first["eta"] == "00:15"
     assert first["extra"] == " loss 3.142"
     assert second["desc"] == "score pass 2" and second["done"] == "50" and second["elapsed"] == "00:20"
-    assert second["rate"] == "1.00"  # 10 samples in the last 10 s
+    assert second["rate"] == "2.00"  # 10 samples completed in the 5 s after the previous line's work
     # the last line: the whole run's rate, logged once at the end
     assert last["done"] == "50" and last["rate"] == "2.50" and last["elapsed"] == "00:20"
+
+
+def test_the_rate_is_over_completed_work_not_the_ticks_between_steps(log_bar):
+    """recover advances once per optimizer step: lines between two steps (heartbeats, other
+    updates) reported a rate that sank and rose (137, 68, 86, 137 tok/s on one run) with the
+    unfinished step's time and none of its tokens. Every line now shows the steady rate, and
+    a resumed run's earlier tokens are in no rate."""
+    clock, caplog = log_bar
+    step = 4096
+    with progress.progress_bar("recover", 4 * step, unit="tok", completed=step) as bar:  # one step resumed
+        for t in range(5, 51, 5):  # a tick every 5 s, a step every 15 s
+            clock.now += 5
+            bar.advance(step) if t % 15 == 0 else bar.update()
+    lines = [LINE.match(line) for line in _lines(caplog)]
+    assert all(lines) and [m["elapsed"] for m in lines] == ["00:10", "00:20", "00:30", "00:40", "00:50", "00:50"]
+    assert lines[0]["done"] == "4,096" and lines[0]["rate"] == "?"  # nothing done in this run yet
+    assert [m["rate"] for m in lines[1:5]] == ["273"] * 4  # 4,096 tokens / 15 s, between steps too
+    assert lines[1]["eta"] == "00:30"  # two steps of 15 s left
+    assert lines[5]["rate"] == "246"  # final: 3 steps' tokens over the 50 s of this run
 
 
 def test_interval_zero_logs_every_update_and_unknown_totals(log_bar, monkeypatch):

@@ -9,25 +9,33 @@ ShortGPT); the metrics themselves live in :mod:`minicompress.evaluation.perplexi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+
+import torch
 
 from ..config import DataConfig, EvalConfig
 from ..data.sources import bos_token_id, load_token_stream
 from ..errors import MinicompressError
 from ..evaluation.perplexity import eval_windows, evaluate
-from ..models import load_for_flag, size_on_disk
+from ..models import config_for_flag, load_for_flag, size_on_disk
 
 log = logging.getLogger(__name__)
 
 
-def text_windows(data: DataConfig, tokenizer, stride: int | None = None, flag: str = "--seq-len") -> list:
+def text_windows(data: DataConfig, tokenizer, stride: int | None = None, flag: str = "--seq-len",
+                 stream=None) -> list:
     """Read an evaluation text into ``[(window [L], n_scored)]``: one stream, no shuffle,
     cut into ``data.seq_len`` windows (BOS prepended for tokenizers that add one).
+
+    Args:
+        stream: the text's token stream when already read (:func:`~minicompress.data.sources.load_token_stream`).
 
     Raises:
         MinicompressError: unreadable text, or fewer tokens than one window (naming ``flag``).
     """
-    stream = load_token_stream(data, tokenizer)
+    if stream is None:
+        stream = load_token_stream(data, tokenizer)
     windows = eval_windows(stream, data.seq_len, stride, bos_token_id(tokenizer))
     if not windows:
         raise MinicompressError(f"{flag}: the text has only {stream.numel()} tokens, fewer than one window of "
@@ -71,26 +79,41 @@ def evaluate_model(model, tokenizer=None, data=None, *, teacher=None, seq_len: i
     return out
 
 
-def draft_prompts(windows: list, count: int, prompt_tokens: int, flag: str = "--draft-prompts") -> list:
-    """The first ``prompt_tokens`` tokens of ``count`` evenly spaced windows (the draft test's prompts).
+def draft_prompts(stream, count: int, prompt_tokens: int, bos_token_id: int | None = None,
+                  flag: str = "--draft-prompts") -> list:
+    """``count`` prompts of ``prompt_tokens`` tokens from evenly spaced places of a text (the draft test's prompts).
+
+    The prompts come from the text itself, not from the perplexity windows: a text of one
+    or two windows still gives every prompt the test asks for.
 
     Args:
-        windows: ``[(window [L], n_scored)]`` from :func:`text_windows`.
+        stream: the text's ``[T]`` token stream (:func:`~minicompress.data.sources.load_token_stream`).
         count: number of prompts.
-        prompt_tokens: tokens per prompt.
+        prompt_tokens: tokens per prompt (BOS included when ``bos_token_id`` is given).
+        bos_token_id: put first in every prompt (tokenizers that add one), as in the windows.
         flag: named in the error.
 
     Returns:
-        ``count`` token tensors ``[prompt_tokens]``, from distinct windows in text order.
+        ``count`` token tensors ``[prompt_tokens]``: prompt ``i`` starts at token ``i * T // count``,
+        so they never overlap and keep the text's order.
 
     Raises:
-        MinicompressError: fewer windows of at least ``prompt_tokens`` tokens than ``count``.
+        MinicompressError: the text has fewer than ``count * prompt_tokens`` tokens.
     """
-    usable = [w for w, _ in windows if w.numel() >= prompt_tokens]
-    if len(usable) < count:
-        raise MinicompressError(f"{flag}: the text has {len(usable)} windows of at least {prompt_tokens} tokens, "
-                                f"fewer than {count} prompts; ask for fewer or give a longer text")
-    return [usable[i * len(usable) // count][:prompt_tokens].clone() for i in range(count)]
+    body = prompt_tokens - (1 if bos_token_id is not None else 0)
+    total = stream.numel()
+    if total < count * max(body, 1):
+        raise MinicompressError(f"{flag}: the text has {total:,} tokens, fewer than {count} prompts of "
+                                f"{body} tokens; ask for fewer or shorter prompts (--draft-prompt-tokens) or "
+                                "give a longer text")
+    prompts = []
+    for i in range(count):
+        begin = i * total // count
+        prompt = stream[begin:begin + body]
+        if bos_token_id is not None:
+            prompt = torch.cat([torch.tensor([bos_token_id], dtype=stream.dtype), prompt])
+        prompts.append(prompt.clone())
+    return prompts
 
 
 #: ``measure_draft`` keys renamed in eval's results (the others get a ``draft_`` prefix).
@@ -113,6 +136,36 @@ def check_draft(model, tokenizer, draft, draft_tokenizer, flag: str = "--draft")
                                 "the model's tokenizer")
 
 
+def _vocab_size(hf_config) -> int:
+    return hf_config.get_text_config().vocab_size
+
+
+def check_vocabularies(config: EvalConfig) -> None:
+    """Refuse a teacher, draft or ``--compare`` model whose vocabulary size differs from the
+    model's (the teacher's, for ``--compare`` with a teacher), from their ``config.json``
+    alone: before any weights load. A model whose config comes only with its weights
+    (GGUF, a Hub id not in the cache) is checked once loaded.
+
+    Raises:
+        MinicompressError: naming the flag, or a model that cannot be found.
+    """
+    model = config_for_flag(config.model, "--model")
+    teacher = config_for_flag(config.teacher, "--teacher") if config.teacher is not None else None
+    if config.draft is not None:
+        draft = config_for_flag(config.draft, "--draft")
+        if model is not None and draft is not None and _vocab_size(draft) != _vocab_size(model):
+            raise MinicompressError(f"--draft: vocabulary size {_vocab_size(draft)} differs from the model's "
+                                    f"{_vocab_size(model)}; a draft must share the model's tokenizer")
+    if teacher is not None and model is not None and _vocab_size(teacher) != _vocab_size(model):
+        raise MinicompressError(f"--teacher: vocabulary size {_vocab_size(teacher)} differs from the model's "
+                                f"{_vocab_size(model)}; KL needs the same tokenizer")
+    for source in config.compare if teacher is not None else ():
+        other = config_for_flag(dataclasses.replace(config.model, source=source), "--compare")
+        if other is not None and _vocab_size(other) != _vocab_size(teacher):
+            raise MinicompressError(f"--compare {source}: vocabulary size {_vocab_size(other)} differs from the "
+                                    f"teacher's {_vocab_size(teacher)}; KL needs the same tokenizer")
+
+
 def run_eval(config: EvalConfig) -> dict:
     """``minicompress eval``: load the model (and teacher, and draft), then :func:`evaluate_model`
     (and, with a draft, :func:`minicompress.evaluation.draft.measure_draft`).
@@ -130,6 +183,7 @@ def run_eval(config: EvalConfig) -> dict:
         from ..evaluation.tasks import task_manager
 
         manager = task_manager(config.tasks, config.include_path)
+    check_vocabularies(config)  # from config.json files: a mismatch fails before seconds of loading weights
     model, tokenizer = load_for_flag(config.model, "--model")
     teacher = None
     if config.teacher is not None:
@@ -142,8 +196,12 @@ def run_eval(config: EvalConfig) -> dict:
     if config.draft is not None:
         draft, draft_tokenizer = load_for_flag(config.draft, "--draft")
         check_draft(model, tokenizer, draft, draft_tokenizer)
-    windows = text_windows(config.data, tokenizer, config.stride) if config.data.source is not None else None
-    prompts = draft_prompts(windows, config.draft_prompts, config.draft_prompt_tokens) if draft is not None else None
+    windows = prompts = None
+    if config.data.source is not None:
+        stream = load_token_stream(config.data, tokenizer)
+        windows = text_windows(config.data, tokenizer, config.stride, stream=stream)
+        if draft is not None:
+            prompts = draft_prompts(stream, config.draft_prompts, config.draft_prompt_tokens, bos_token_id(tokenizer))
     if windows is not None:
         log.info("evaluating %s on %d windows of %d tokens", config.model.source, len(windows), config.data.seq_len)
     out = evaluate_model(model, tokenizer, windows, teacher=teacher, batch_size=config.batch_size,
@@ -174,8 +232,6 @@ def compare_model(config: EvalConfig, source: str, teacher=None) -> dict:
     Raises:
         MinicompressError: the model cannot load, or its vocabulary differs from the teacher's.
     """
-    import dataclasses
-
     model, tokenizer = load_for_flag(dataclasses.replace(config.model, source=source), "--compare")
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise MinicompressError(f"--compare {source}: vocabulary size {model.config.vocab_size} differs from the "

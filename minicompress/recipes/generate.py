@@ -70,6 +70,12 @@ def same_generation(folder: str | Path, config: GenerateConfig) -> bool:
     return {k: saved.get(k) for k in _SHAPING} == _shaping(config)
 
 
+def interrupted(output: str | Path) -> bool:
+    """Whether ``<output>.partial`` holds an interrupted generate run (``resume`` continues it)."""
+    out = Path(output).expanduser()
+    return (out.with_name(out.name + ".partial") / _STATE).is_file()
+
+
 def _open_working_folder(config: GenerateConfig) -> tuple[Path, Path]:
     """Check the output; returns ``(out, work)``.
 
@@ -245,8 +251,7 @@ def generate(config: GenerateConfig, *, teacher: torch.nn.Module | None = None, 
 
     t0 = time.perf_counter()
     generated = sum(hi - lo for _, lo, hi in jobs) * seq_len
-    with progress_bar("generate", rows * seq_len, unit="tok") as bar:
-        bar.advance(rows * seq_len - generated)
+    with progress_bar("generate", rows * seq_len, unit="tok", completed=rows * seq_len - generated) as bar:
         if workers == 1:
             for shard, lo, hi in jobs:
                 _write_shard(teacher, starts, shard, lo, hi, work, *shard_args, bar.advance)

@@ -214,9 +214,10 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
                 f.truncate(saved["metrics_bytes"])
         log.info("recover: resuming from %s (step %d of %d)", checkpoint, state.start_step, schedule.total_steps)
-        bar.advance(state.start_step * schedule.tokens_per_step)
 
-    with progress_bar("recover", schedule.total_steps * schedule.tokens_per_step, unit="tok") as bar:
+    saved_step = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint is not None else 0
+    with progress_bar("recover", schedule.total_steps * schedule.tokens_per_step, unit="tok",
+                      completed=saved_step * schedule.tokens_per_step) as bar:
 
         def on_step(record: dict, state: DistillState) -> None:
             if main:

@@ -38,6 +38,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -312,7 +313,41 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
         gen = config.generate_config(output=GENERATED)
         plan["generate"] = {"tokens": gen.tokens // gen.data.seq_len * gen.data.seq_len, "seq_len": gen.data.seq_len,
                             "prompts": gen.data.source, "output": GENERATED}
+        _check_generated_rows(config, gen.tokens // gen.data.seq_len)
     return plan
+
+
+def _check_generated_rows(config: RunConfig, rows: int) -> None:
+    """A data-free run holds out its evaluation rows from the ``rows`` it generates: each
+    stage's recovery and each distilled search must have rows left to train on, checked
+    here rather than after generating, scoring and pruning.
+
+    Raises:
+        MinicompressError: naming the stage and the ``eval_tokens`` key that holds out too much.
+    """
+    from ..distillation.loop import num_held_out
+
+    seq_len = config.data.seq_len
+    for i, stage in enumerate(config.stages):
+        held_out = []  # (key, eval_tokens)
+        if stage.target.target_params is not None:
+            pc = config.stage_prune_config(i, model=config.model)
+            if pc.search_distill_candidates:
+                where = f"stages[{i}].search" if "eval_tokens" in (stage.search.get("recover") or {}) else "search"
+                held_out.append((f"{where}.recover.eval_tokens", pc.search_recover_config().eval_tokens))
+        if stage.tokens:
+            rc = config.stage_recover_config(i, student=ModelConfig(source="student"), teacher=config.model,
+                                             output="stage")
+            where = f"stages[{i}].recover" if "eval_tokens" in stage.recover else "recover"
+            held_out.append((f"{where}.eval_tokens", rc.eval_tokens))
+        for key, eval_tokens in held_out:
+            try:
+                num_held_out(rows, eval_tokens, seq_len)
+            except MinicompressError:
+                raise MinicompressError(
+                    f"stages[{i}] ({stage.name}): {key}: holding out {eval_tokens:,} tokens "
+                    f"({math.ceil(eval_tokens / seq_len)} rows of data.seq_len {seq_len}) leaves none of the {rows} "
+                    f"rows generate.tokens makes to train on; lower {key} or raise generate.tokens") from None
 
 
 def validate_target_for_stage(config: Any, target: TargetConfig, shape_known: bool = True) -> dict[str, Any]:
@@ -393,10 +428,12 @@ def _generate_data(config: RunConfig, out: Path) -> RunConfig:
     """
     from .. import distributed
     from ..distillation.teacher_cache import CACHE_INDEX_FILE
-    from .generate import TEXT_FILE, generate, same_generation
+    from .generate import TEXT_FILE, generate, interrupted, same_generation
 
     folder = out / GENERATED
     gen_config = config.generate_config(output=str(folder))
+    # resume an interrupted generation, and only that (a first run is no "--resume" with nothing to resume)
+    gen_config = dataclasses.replace(gen_config, resume=interrupted(folder))
     if (folder / CACHE_INDEX_FILE).is_file():
         if not same_generation(folder, gen_config):
             raise MinicompressError(f"generate: {folder} was written with other settings; pass --overwrite to start "
@@ -416,7 +453,7 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
                original_total: int, original_shape: dict[str, Any]) -> None:
     from .. import distributed
     from . import prune as prune_recipe
-    from ..checkpoint import working_folder
+    from ..checkpoint import latest_checkpoint, working_folder
     from .recover import recover
 
     stage = config.stages[index]
@@ -440,8 +477,10 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
     if stage.tokens:
         teacher = config.model if stage.teacher == "original" or index == 0 else previous
         student = dataclasses.replace(config.model, source=str(pruned))
+        # resume an interrupted recovery, and only that: a user's --resume with nothing to resume is
+        # warned about; the run's own (every first run of a stage) must be silent
         recover_config = config.stage_recover_config(index, student=student, teacher=teacher, output=str(final),
-                                                     resume=True)
+                                                     resume=latest_checkpoint(working_folder(final)) is not None)
         loss = recover_config.loss
         if config.generate and teacher is config.model and loss.kind == "forward_kl" and not loss.intermediate_weight:
             # the original's own text: its sparse targets were kept as it wrote it (no teacher forward)

@@ -165,3 +165,81 @@ def test_collect_metrics_strips_the_none_filter_and_counts_groups():
         "ai2_arc": {"acc": 0.4, "n": 7},
     }
     assert tasks_module.PRUNING_TASKS[0] == "boolq"
+
+
+def _standard_shaped_tasks(folder, rows: list[dict]) -> dict[str, list[dict]]:
+    """Local copies of lm-eval's own hellaswag, piqa and arc_easy tasks: their installed YAMLs
+    (``process_docs: !function utils.process_docs`` with hellaswag's own ``utils.py``,
+    ``doc_to_choice: "choices"`` / ``"{{[sol1, sol2]}}"`` / ``"{{choices.text}}"``,
+    ``doc_to_target: "{{choices.label.index(answerKey)}}"``...) with only the dataset lines
+    pointing at a local JSONL of documents in each task's own fields (and the task renamed,
+    its tags dropped). Returns each task's rows as ``{context, choices, label}`` for the naive
+    scoring: what the task's templates must render."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import lm_eval.tasks
+
+    installed = Path(lm_eval.tasks.__file__).parent
+    docs, expected = {}, {}
+    # hellaswag: a WikiHow-style activity with bracket artefacts, string labels, four endings
+    docs["hellaswag"] = [{"activity_label": r["context"].split()[0], "ctx_a": " ".join(r["context"].split()[1:]) +
+                          (" [title] stop" if i == 0 else ""), "ctx_b": "then", "endings": r["choices"],
+                          "label": str(r["label"])} for i, r in enumerate(rows[:5])]
+    expected["hellaswag"] = [{"context": f"{d['activity_label']}: {d['ctx_a']} Then".replace(" [title]", "."),
+                              "choices": d["endings"], "label": int(d["label"])} for d in docs["hellaswag"]]
+    # piqa: a goal and two solutions, an integer label
+    docs["piqa"] = [{"goal": r["context"], "sol1": r["choices"][0], "sol2": r["choices"][1], "label": r["label"] % 2}
+                    for r in rows[5:9]]
+    expected["piqa"] = [{"context": f"Question: {d['goal']}\nAnswer:", "choices": [d["sol1"], d["sol2"]],
+                         "label": d["label"]} for d in docs["piqa"]]
+    # arc_easy: lettered choices and an answer key
+    docs["arc_easy"] = [{"id": str(i), "question": r["context"], "answerKey": "ABCD"[r["label"]],
+                         "choices": {"text": r["choices"], "label": list("ABCD")}} for i, r in enumerate(rows[9:15])]
+    expected["arc_easy"] = [{"context": f"Question: {d['question']}\nAnswer:", "choices": d["choices"]["text"],
+                             "label": "ABCD".index(d["answerKey"])} for d in docs["arc_easy"]]
+    for task, yaml_path, utils in (("hellaswag", "hellaswag/hellaswag.yaml", "hellaswag/utils.py"),
+                                   ("piqa", "piqa/piqa.yaml", None), ("arc_easy", "arc/arc_easy.yaml", None)):
+        sub = folder / task
+        sub.mkdir(parents=True)
+        data = sub / "docs.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs[task]))
+        if utils:
+            shutil.copy(installed / utils, sub / "utils.py")
+        lines, skip = [], False
+        for line in (installed / yaml_path).read_text().splitlines():
+            key = line.split(":")[0]
+            skip = key == "tag" or (skip and line.startswith("  - "))
+            if skip or key in ("dataset_path", "dataset_name", "training_split", "validation_split", "test_split"):
+                continue
+            lines.append(f"task: local_{task}" if key == "task" else line)
+        lines += ["dataset_path: json", "dataset_kwargs:", "  data_files:", f"    validation: {data}",
+                  f"  cache_dir: {folder / 'hf-cache'}", "validation_split: validation"]
+        (sub / f"local_{task}.yaml").write_text("\n".join(lines) + "\n")
+    return expected
+
+
+def test_tasks_written_like_lm_evals_own_hellaswag_piqa_and_arc_easy_score_through_eval(tiny_model_dir, tmp_path):
+    """'Standard tasks just work': eval --tasks runs the installed YAMLs of hellaswag, piqa and
+    arc_easy (process_docs, list and template choices, an answer-key target) on local documents;
+    every item is scored, by the rule the naive computation applies to what the templates render."""
+    import json
+
+    from minicompress.cli import main
+    from minicompress.models import load_model
+
+    model_dir = tiny_model_dir("llama")
+    expected_rows = _standard_shaped_tasks(tmp_path / "tasks", choice_rows(15, seed=4))
+    names = [f"local_{task}" for task in expected_rows]
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(model_dir), "--tasks", ",".join(names), "--include-path",
+                 str(tmp_path / "tasks"), "--autocast", "none", "--no-speed", "--output", str(out), "-q"]) == 0
+    got = json.loads(out.read_text())["results"]["tasks"]
+    assert set(got) == set(names)
+    model, tokenizer = load_model(str(model_dir))
+    for task, rows in expected_rows.items():
+        result, expected = got[f"local_{task}"], expected_metrics(model, tokenizer, rows)
+        assert result["n"] == len(rows), task
+        for key in ("acc", "acc_norm"):
+            assert 0 <= result[key] <= 1 and result[key] == pytest.approx(expected[key], abs=1e-12), (task, key)

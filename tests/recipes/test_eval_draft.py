@@ -11,7 +11,8 @@ from minicompress.cli import main
 from minicompress.config import DataConfig, EvalConfig, ModelConfig
 from minicompress.errors import ConfigError, MinicompressError
 from minicompress.models import load_model
-from minicompress.recipes.eval import draft_prompts, text_windows
+from minicompress.data.sources import load_token_stream
+from minicompress.recipes.eval import draft_prompts
 from minicompress.evaluation.draft import measure_draft
 
 
@@ -37,8 +38,8 @@ def test_eval_with_a_draft_writes_the_draft_keys(tiny_model_dir, text_corpus, tm
     # the same prompts through the library give the same exact counts
     model, tokenizer = load_model(ModelConfig(source=str(teacher)))
     draft, _ = load_model(ModelConfig(source=str(student)))
-    windows = text_windows(DataConfig(source=str(text_corpus), seq_len=32, shuffle=False, documents="file"), tokenizer)
-    prompts = draft_prompts(windows, 3, 8)
+    stream = load_token_stream(DataConfig(source=str(text_corpus), shuffle=False, documents="file"), tokenizer)
+    prompts = draft_prompts(stream, 3, 8)
     direct = measure_draft(model, draft, prompts, new_tokens=6, num_assistant_tokens=2, warmup=False)
     assert results["acceptance_rate"] == direct["acceptance_rate"]
     for key in ("accepted_tokens", "proposed_tokens", "teacher_forwards", "plain_teacher_forwards",
@@ -63,26 +64,62 @@ def test_the_model_as_its_own_draft_is_accepted_every_time(tiny_model_dir, text_
     assert results["draft_teacher_forwards"] == 3 * 2 and results["draft_plain_teacher_forwards"] == 3 * 6
 
 
-def test_draft_prompts_are_window_starts_evenly_spaced():
-    windows = [(torch.arange(i * 10, i * 10 + 10), 9) for i in range(7)] + [(torch.arange(3), 2)]
-    prompts = draft_prompts(windows, 3, 4)
-    assert [p.tolist() for p in prompts] == [[0, 1, 2, 3], [20, 21, 22, 23], [40, 41, 42, 43]]
-    assert len(draft_prompts(windows, 7, 10)) == 7
-    with pytest.raises(MinicompressError, match="--draft-prompts: the text has 7 windows of at least 10 tokens, "
-                                                "fewer than 8 prompts"):
-        draft_prompts(windows, 8, 10)
+def test_draft_prompts_come_from_evenly_spaced_places_of_the_text():
+    stream = torch.arange(100)
+    prompts = draft_prompts(stream, 3, 4)
+    assert [p.tolist() for p in prompts] == [[0, 1, 2, 3], [33, 34, 35, 36], [66, 67, 68, 69]]
+    assert [p.tolist() for p in draft_prompts(stream, 2, 4, bos_token_id=2)] == [[2, 0, 1, 2], [2, 50, 51, 52]]
+    assert len(draft_prompts(stream, 10, 10)) == 10  # exactly the text, no overlap
+    with pytest.raises(MinicompressError, match="--draft-prompts: the text has 100 tokens, fewer than 11 prompts of "
+                                                "10 tokens"):
+        draft_prompts(stream, 11, 10)
+
+
+def test_eval_draft_on_a_text_of_one_window_still_gets_its_prompts(tiny_model_dir, text_corpus, tmp_path):
+    """--max-tokens that leaves one evaluation window refused the draft test (its prompts were
+    window starts): the prompts come from the text, which holds 8 of them."""
+    teacher = tiny_model_dir("llama")
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(teacher), "--draft", str(teacher), "--data", str(text_corpus), "--seq-len", "96",
+            "--max-tokens", "128", "--no-speed", "--draft-prompts", "8", "--draft-prompt-tokens", "16",
+            "--draft-new-tokens", "2", "--output", str(out), "-q"]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["tokens"] == 95 and results["draft_prompts"] == 8  # one window of 96: 95 scored tokens
+    assert results["acceptance_rate"] == 1.0
 
 
 def test_config_checks_the_draft_settings():
     data = DataConfig(source="t.txt", seq_len=32)
-    assert EvalConfig(data=data).draft is None  # 64-token prompts matter only with a draft
-    with pytest.raises(ConfigError, match="draft_prompt_tokens: must be <= data.seq_len \\(32\\), got 64"):
-        EvalConfig(data=data, draft=ModelConfig(source="s"))
+    assert EvalConfig(data=data, draft=ModelConfig(source="s")).draft_prompt_tokens == 64  # prompts are not windows
     with pytest.raises(ConfigError, match="draft_tokens: must be a number > 0, got 0"):
         EvalConfig(data=data, draft_prompt_tokens=8, draft_tokens=0)
     with pytest.raises(ConfigError, match="draft.dtype: 'float32' differs from model.dtype 'bfloat16'"):
         EvalConfig(data=data, draft_prompt_tokens=8, model=ModelConfig(dtype="bfloat16"), draft=ModelConfig())
     assert EvalConfig(data=data, draft_prompt_tokens=8, draft=ModelConfig(source="s")).draft.source == "s"
+
+
+def test_another_vocabulary_is_refused_before_any_weights_load(tiny_model_dir, text_corpus, tmp_path, capsys,
+                                                               monkeypatch):
+    """A draft (or teacher) of another vocabulary was refused only after both models' weights
+    had loaded (20 s with real models): their config.json files decide it first."""
+    import minicompress.recipes.eval as eval_recipe
+
+    teacher, other_vocab = tiny_model_dir("llama"), tiny_model_dir("llama", vocab_size=300)
+    loaded = []
+    monkeypatch.setattr(eval_recipe, "load_for_flag", lambda cfg, flag="--model": loaded.append(flag))
+    out = tmp_path / "o.json"
+    assert main(draft_args(teacher, other_vocab, text_corpus, out)) == 2
+    assert error_line(capsys) == ("error: --draft: vocabulary size 300 differs from the model's 256; a draft must "
+                                  "share the model's tokenizer")
+    argv = ["eval", "--model", str(teacher), "--teacher", str(other_vocab), "--data", str(text_corpus), "-q",
+            "--output", str(out)]
+    assert main(argv) == 2
+    assert error_line(capsys) == ("error: --teacher: vocabulary size 300 differs from the model's 256; KL needs the "
+                                  "same tokenizer")
+    assert main(draft_args(teacher, tmp_path / "no-draft", text_corpus, out)) == 2
+    assert error_line(capsys).startswith("error: --draft: no such file or folder")
+    assert loaded == [] and not out.exists()
 
 
 def test_draft_errors_name_the_draft_flags(tiny_model_dir, text_corpus, tmp_path, capsys):
@@ -100,8 +137,8 @@ def test_draft_errors_name_the_draft_flags(tiny_model_dir, text_corpus, tmp_path
     argv = ["eval", "--model", str(teacher), "--data", str(text_corpus), "--draft-dtype", "bfloat16", "-q"]
     assert main(argv) == 2
     assert error_line(capsys).startswith("error: --draft: --draft-dtype")
-    assert main(draft_args(teacher, teacher, text_corpus, out, "--draft-prompts", "99")) == 2
+    assert main(draft_args(teacher, teacher, text_corpus, out, "--draft-prompts", "9999")) == 2
     assert error_line(capsys).startswith("error: --draft-prompts: the text has")
-    assert main(draft_args(teacher, teacher, text_corpus, out, "--draft-prompt-tokens", "40")) == 2
-    assert error_line(capsys).startswith("error: --draft-prompt-tokens (draft_prompt_tokens): must be <= data.seq_len")
+    assert main(draft_args(teacher, teacher, text_corpus, out, "--draft-prompt-tokens", "4000")) == 2
+    assert error_line(capsys).startswith("error: --draft-prompts: the text has")
     assert not out.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -437,6 +438,57 @@ def test_a_data_free_run_calibrates_and_recovers_on_the_originals_own_text(tmp_p
         run(other)
 
 
+def test_a_first_run_resumes_nothing_without_a_resume_warning(tmp_path, tiny_llama, caplog, monkeypatch):
+    """run resumes an interrupted generation or recovery itself: a fresh run has none, and the
+    '--resume, but ...' warnings are for a user who typed --resume, not for it."""
+    from minicompress.recipes import generate as generate_module
+
+    real_write = generate_module._write_shard
+
+    def killed_at_shard_1(teacher, starts, shard, *args):
+        if shard == 1:
+            raise KeyboardInterrupt
+        return real_write(teacher, starts, shard, *args)
+
+    config = _data_free_config(tiny_llama, tmp_path / "r")
+    with caplog.at_level(logging.WARNING, logger="minicompress"):
+        monkeypatch.setattr(generate_module, "_write_shard", killed_at_shard_1)
+        with pytest.raises(KeyboardInterrupt):
+            run(config)
+        first_shard = tmp_path / "r" / "generated.partial" / "shard-00000.safetensors"
+        written = first_shard.stat().st_mtime_ns
+        monkeypatch.setattr(generate_module, "_write_shard", real_write)
+        run(config)  # resumes the generation (its first shard is kept), then a first recovery
+    assert (tmp_path / "r" / "generated" / "shard-00000.safetensors").stat().st_mtime_ns == written
+    assert (tmp_path / "r" / "stage-1-ffn" / "model.safetensors").is_file()
+    resumes = [r.getMessage() for r in caplog.records if "--resume" in r.getMessage()]
+    assert resumes == []
+    record = read_provenance(tmp_path / "r" / "stage-1-ffn")
+    assert record["recovery"]["config"]["resume"] is False  # nothing was there to resume
+
+
+def test_a_generate_budget_the_held_out_rows_use_up_is_refused_before_anything(tmp_path, tiny_llama):
+    """generate: {tokens: 192} (12 rows of 16) with recover: {eval_tokens: 4096} (256 rows held out)
+    failed only after generating, scoring and pruning: the dry run's stage checks refuse it,
+    and a search that distils its candidates on the generated text is checked the same way."""
+    config = _data_free_config(tiny_llama, tmp_path / "r",
+                               recover={"global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 4096})
+    with pytest.raises(MinicompressError, match=r"^stages\[0\] \(ffn\): recover.eval_tokens: holding out 4,096 tokens "
+                                                r"\(256 rows of data.seq_len 16\) leaves none of the 12 rows "
+                                                r"generate.tokens makes to train on"):
+        run(config)
+    assert not (tmp_path / "r").exists()
+    search = _data_free_config(tiny_llama, tmp_path / "r", stages=[
+        {"name": "s", "target": {"target_params": 0.7}, "tokens": 0,
+         "search": {"distill_candidates": 1, "distill_tokens": 64,
+                    "recover": {"global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 192}}}])
+    with pytest.raises(MinicompressError, match=r"^stages\[0\] \(s\): stages\[0\].search.recover.eval_tokens: "
+                                                r"holding out 192 tokens"):
+        dry_run(search)
+    assert not (tmp_path / "r").exists()
+    dry_run(_data_free_config(tiny_llama, tmp_path / "r"))  # 2 of 12 rows held out: fine
+
+
 def test_a_run_without_text_or_generate_section_is_refused(tmp_path, tiny_llama):
     from minicompress.errors import ConfigError
 
@@ -489,7 +541,9 @@ def test_a_dry_run_checks_every_source_of_a_mixture(tmp_path, tiny_llama, text_c
         "stages": [{"name": "ffn", "target": {"intermediate_size": 48}, "tokens": 128}]})
     with pytest.raises(MinicompressError, match=r"^data.mixture\[1\].source: no such file or folder: .*nope.txt$"):
         dry_run(config)
+    other = tmp_path / "other.txt"
+    other.write_text(text_corpus.read_text())
     ok = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, mixture=(config.data.mixture[0], dataclasses.replace(config.data.mixture[1], source=str(text_corpus)))))
+        config.data, mixture=(config.data.mixture[0], dataclasses.replace(config.data.mixture[1], source=str(other)))))
     assert [row["name"] for row in dry_run(ok)["stages"]] == ["ffn"]
     assert not (tmp_path / "r").exists()
