@@ -375,12 +375,12 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
 
 def _release_candidate() -> None:
     """Free what one distilled candidate leaves behind, so that the search's memory does not
-    grow with every candidate (measured on SmolLM2-135M: +1 GB RSS per candidate before).
+    grow with every candidate (measured on SmolLM2-135M: about +1,000 MiB RSS per candidate before).
 
     The student, its optimizer and gradients go with the last reference (collected here
     with any reference cycle); what outlives them is process-wide: the fused loss's
     ``[chunk, vocab]`` workspace (:func:`~minicompress.distillation.losses.release_workspace`, about
-    0.5 GB for SmolLM2's vocabulary), ``torch.compile``'s graphs and guards of the compiled
+    four float32 ``[1,024, 49,152]`` buffers of 192 MiB each for SmolLM2's vocabulary), ``torch.compile``'s graphs and guards of the compiled
     layers (``search_recover.compile``; :func:`torch._dynamo.reset`), and the free pages
     glibc keeps in its heap (:func:`~minicompress.measure.release_free_heap`).
     """
