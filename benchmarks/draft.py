@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from minicompress.hardware import resolve_autocast
     from minicompress.models import load_for_flag
     from minicompress.data.sources import bos_token_id, load_token_stream
-    from minicompress.recipes.eval import check_draft, draft_prompts
+    from minicompress.evaluation.draft import check_draft, draft_prompts
     from minicompress.evaluation.draft import measure_draft
 
     from transformers.utils import logging as hf_logging

@@ -548,7 +548,7 @@ class Pruner:
     def batches(self):
         """Calibration rows of the corpus: ``[B, L]`` batches of 4."""
         from minicompress.config import DataConfig, ScoreConfig
-        from minicompress.recipes.score import calibration_batches
+        from minicompress.data.rows import calibration_batches
 
         if self._batches is None:
             n = max(self.s["calib_samples"], self.s["taylor_samples"])

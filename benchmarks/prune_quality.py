@@ -28,7 +28,7 @@ from common import DATA, OUT, run_record, write_json
 
 from minicompress.arch import count_parameters, decoder_layers
 from minicompress.config import DataConfig, ScoreConfig
-from minicompress.recipes.score import calibration_batches
+from minicompress.data.rows import calibration_batches
 from minicompress.data.sources import load_token_stream
 from minicompress.evaluation.perplexity import eval_windows, evaluate_perplexity
 from minicompress.models import load_model

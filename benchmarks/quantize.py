@@ -6,7 +6,7 @@ of those dtypes (torchao round-to-nearest, :mod:`minicompress.quantize`; the emb
 norms, output head and scales keep the dtype). Every variant goes the way a user's would:
 written to a folder under ``--work`` (``minicompress quantize`` for the quantized ones,
 ``save_pretrained`` for the float ones), loaded back from it as ``minicompress eval`` loads
-it, and measured with :func:`minicompress.recipes.eval.evaluate_model`:
+it, and measured with :func:`minicompress.evaluation.perplexity.evaluate_model`:
 
 * size on disk of the folder's weight files;
 * perplexity on the first ``--max-tokens`` tokens of the WikiText-2 test set (whole file as
@@ -63,7 +63,7 @@ def measure_variant(source: str, dtype: str, scheme: str | None, *, group_size: 
 
     from minicompress.config import ModelConfig, QuantizeConfig
     from minicompress.models import load_model
-    from minicompress.recipes.eval import evaluate_model
+    from minicompress.evaluation.perplexity import evaluate_model
     from minicompress.recipes.quantize import quantize
 
     folder = work / f"{_short(source)}-{dtype}-{scheme or 'float'}"

@@ -17,7 +17,7 @@ import time
 import torch
 from common import DATA, OUT, print_table, run_record, write_json
 
-from minicompress.recipes.score import calibration_batches
+from minicompress.data.rows import calibration_batches
 from minicompress.config import DataConfig, ScoreConfig
 from minicompress.models import load_model
 from minicompress.pruning.scoring import ActivationScorer

@@ -362,7 +362,7 @@ def minicompress_perplexity(source: str, data: str, seq_len: int, max_tokens: in
     from minicompress.data.sources import bos_token_id, load_token_stream, read_documents
     from minicompress.evaluation.perplexity import eval_windows
     from minicompress.models import load_for_flag
-    from minicompress.recipes.eval import evaluate_model
+    from minicompress.evaluation.perplexity import evaluate_model
 
     torch.set_num_threads(threads)
     model, tokenizer = load_for_flag(ModelConfig(source=source, dtype="float32"), "--models")

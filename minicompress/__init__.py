@@ -15,7 +15,7 @@ minicompress`` (and the CLI's start-up) loads neither torch nor transformers:
 * ``mc.recover(RecoverConfig(...), student=..., teacher=..., tokenizer=...)`` distils
   (:func:`minicompress.recipes.recover.recover`)
 * ``mc.evaluate(model, tokenizer, "test.txt", teacher=...)`` -> perplexity, KL, size, speed
-  (:func:`minicompress.recipes.eval.evaluate_model`)
+  (:func:`minicompress.evaluation.perplexity.evaluate_model`)
 * ``mc.evaluate_tasks(model, tokenizer, ["arc_easy"])`` -> lm-evaluation-harness accuracy
   (:func:`minicompress.evaluation.tasks.evaluate_tasks`; ``pip install 'minicompress[tasks]'``)
 * ``mc.run(RunConfig or "run.yaml")`` runs progressive stages (:func:`minicompress.recipes.run.run`);
@@ -41,7 +41,7 @@ _API = {
     "validate_target": ("pruning.search", "validate_target"),
     "PrunePlan": ("pruning.plan", "PrunePlan"),
     "recover": ("recipes.recover", "recover"),
-    "evaluate": ("recipes.eval", "evaluate_model"),
+    "evaluate": ("evaluation.perplexity", "evaluate_model"),
     "evaluate_tasks": ("evaluation.tasks", "evaluate_tasks"),
     "run": ("recipes.run", "run"),
     "dry_run": ("recipes.run", "dry_run"),

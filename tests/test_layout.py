@@ -81,3 +81,46 @@ def test_stage_packages_hold_the_pipeline():
     for stage in stages:
         tree = ast.parse((PACKAGE / stage / "__init__.py").read_text())
         assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], stage
+
+
+#: what one recipe may import from another: the other command's function (run composes
+#: generate -> score/prune -> recover, prune scores), never a helper used as a library
+COMMANDS = {"info", "run_eval", "score", "prune", "recover", "write_teacher_cache", "generate", "quantize", "run"}
+#: recipe helpers another recipe may use, each with its reason
+RECIPE_HELPERS = {
+    ("minicompress.recipes.run", "minicompress.recipes.generate", "TEXT_FILE"): "run trains on generate's output file",
+    ("minicompress.recipes.run", "minicompress.recipes.generate", "interrupted"):
+        "run resumes generate only when its working folder holds an interrupted run",
+    ("minicompress.recipes.run", "minicompress.recipes.generate", "same_generation"):
+        "run reuses a finished generation only with the same settings",
+}
+
+
+def recipe_imports() -> list[tuple[str, str, str]]:
+    """``(importer, recipe module, name)`` for every import of a recipe module anywhere in the package."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+                for alias in node.names:
+                    if target == "minicompress.recipes":
+                        found.append((name, f"{target}.{alias.name}", "*"))
+                    elif target.startswith("minicompress.recipes."):
+                        found.append((name, target, alias.name))
+            elif isinstance(node, ast.Import):
+                found += [(name, a.name, "*") for a in node.names if a.name.startswith("minicompress.recipes")]
+    return found
+
+
+def test_components_never_import_recipes_and_recipes_import_only_commands():
+    imports = recipe_imports()
+    assert imports, "the scan found no recipe import at all"
+    for importer, module, name in imports:
+        if not importer.startswith("minicompress.recipes"):  # the command line drives the recipes
+            assert importer in ("minicompress.cli", "minicompress.reports"), (importer, module, name)
+        elif importer != module:
+            assert name in COMMANDS or (importer, module, name) in RECIPE_HELPERS, (importer, module, name)

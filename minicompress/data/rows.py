@@ -9,17 +9,20 @@ draws micro batches as pure functions of the step (:class:`TrainingData`); Minit
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, ScoreConfig
 from ..errors import MinicompressError
 from .mixture import check_weights, largest_remainder, mixture_positions, source_epoch_index, tokens_per_source
 from .sources import bos_token_id, load_token_stream, pack
 from .token_store import get_or_build
+
+log = logging.getLogger(__name__)
 
 
 def token_cache_dir() -> Path:
@@ -198,3 +201,25 @@ def iterate_batches(sequences: torch.Tensor, batch_size: int) -> Iterator[torch.
     """Yield ``[<=batch_size, L]`` slices of ``sequences`` in order."""
     for start in range(0, sequences.shape[0], batch_size):
         yield sequences[start:start + batch_size]
+
+
+def calibration_batches(config: ScoreConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Calibration batches for scoring and the (smaller) batches for the layer-loss score.
+
+    Reads the rows of ``config.data`` (one source, or a mixture by weight) that
+    :func:`load_calibration` picks; used by ``score``, ``prune`` and the search.
+
+    Returns:
+        ``(batches, loss_batches)``: lists of ``[B, L]`` tensors.
+    """
+    data = config.data
+    if data.max_tokens is None:  # read only what the samples need (with slack for shuffling)
+        data = dataclasses.replace(data, max_tokens=max(config.num_samples * data.seq_len * 4, 1 << 20))
+    sequences = load_calibration(data, tokenizer, config.num_samples)  # one source, or a mixture by weight
+    if sequences.shape[0] < config.num_samples:
+        log.warning("calibration: only %d sequences of %d tokens available (asked for %d)",
+                    sequences.shape[0], data.seq_len, config.num_samples)
+    batches = list(iterate_batches(sequences, config.batch_size))
+    loss_batches = list(iterate_batches(sequences[: config.loss_samples], config.batch_size)) \
+        if config.layer_scores and config.loss_samples else []
+    return batches, loss_batches

@@ -41,7 +41,8 @@ a draft pays off only when it agrees with the teacher more often than its relati
 A 50% pruned SmolLM2 student costs ``c`` of about 0.55, so ``k = 1`` is the best constant
 unless ``a`` exceeds about 0.8 (the measured choice of :data:`DEFAULT_DRAFT_TOKENS`).
 
-Nothing here loads or writes anything; :mod:`minicompress.recipes.eval` builds the prompts.
+Nothing here loads or writes anything: :func:`draft_prompts` takes a token stream that the
+``eval`` recipe (:mod:`minicompress.recipes.eval`) read.
 """
 
 from __future__ import annotations
@@ -270,3 +271,83 @@ def measure_draft(teacher: torch.nn.Module, draft: torch.nn.Module, prompts: Seq
         "schedule": schedule,
         "confidence_threshold": confidence_threshold,
     }
+
+
+def draft_prompts(stream, count: int, prompt_tokens: int, bos_token_id: int | None = None,
+                  flag: str = "--draft-prompts") -> list:
+    """``count`` prompts of ``prompt_tokens`` tokens from evenly spaced places of a text (the draft test's prompts).
+
+    The prompts come from the text itself, not from the perplexity windows: a text of one
+    or two windows still gives every prompt the test asks for.
+
+    Args:
+        stream: the text's ``[T]`` token stream (:func:`~minicompress.data.sources.load_token_stream`).
+        count: number of prompts.
+        prompt_tokens: tokens per prompt (BOS included when ``bos_token_id`` is given).
+        bos_token_id: put first in every prompt (tokenizers that add one), as in the windows.
+        flag: named in the error.
+
+    Returns:
+        ``count`` token tensors ``[prompt_tokens]``: prompt ``i`` starts at token ``i * T // count``,
+        so they never overlap and keep the text's order.
+
+    Raises:
+        MinicompressError: the text has fewer than ``count * prompt_tokens`` tokens.
+    """
+    body = prompt_tokens - (1 if bos_token_id is not None else 0)
+    total = stream.numel()
+    if total < count * max(body, 1):
+        raise MinicompressError(f"{flag}: the text has {total:,} tokens, fewer than {count} prompts of "
+                                f"{body} tokens; ask for fewer or shorter prompts (--draft-prompt-tokens) or "
+                                "give a longer text")
+    prompts = []
+    for i in range(count):
+        begin = i * total // count
+        prompt = stream[begin:begin + body]
+        if bos_token_id is not None:
+            prompt = torch.cat([torch.tensor([bos_token_id], dtype=stream.dtype), prompt])
+        prompts.append(prompt.clone())
+    return prompts
+
+
+#: ``measure_draft`` keys renamed in eval's results (the others get a ``draft_`` prefix).
+_DRAFT_KEYS = {"acceptance_rate": "acceptance_rate", "prompts": "draft_prompts", "new_tokens": "draft_generated_tokens",
+               "num_assistant_tokens": "draft_tokens"}
+
+
+def check_draft(model, tokenizer, draft, draft_tokenizer, flag: str = "--draft") -> None:
+    """Refuse a draft whose vocabulary differs from the model's (size, or the tokenizers' vocabularies).
+
+    Raises:
+        MinicompressError: naming ``flag``.
+    """
+    size, draft_size = model.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
+    if size != draft_size:
+        raise MinicompressError(f"{flag}: vocabulary size {draft_size} differs from the model's {size}; "
+                                "a draft must share the model's tokenizer")
+    if tokenizer is not None and draft_tokenizer is not None and tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+        raise MinicompressError(f"{flag}: its tokenizer's vocabulary differs from the model's; a draft must share "
+                                "the model's tokenizer")
+
+
+def evaluate_draft(model, draft, prompts: list, *, new_tokens: int, draft_tokens: int, autocast: str = "auto") -> dict:
+    """:func:`minicompress.evaluation.draft.measure_draft` of ``draft`` for ``model``, as eval's flat keys.
+
+    Returns:
+        ``acceptance_rate``, ``draft_speedup``, ``draft_plain_tokens_per_s``,
+        ``draft_assisted_tokens_per_s``, ``draft_outputs_identical`` ... (``measure_draft``'s
+        keys prefixed with ``draft_``; ``prompts``, ``new_tokens`` and ``num_assistant_tokens``
+        become ``draft_prompts``, ``draft_generated_tokens`` and ``draft_tokens``) and
+        ``draft_parameters``.
+    """
+    from ..progress import progress_bar
+    from .perplexity import parameter_summary
+
+    log.info("draft test: %d prompts of %d tokens, %d new tokens each, draft tokens per teacher forward: %d",
+             len(prompts), prompts[0].numel(), new_tokens, draft_tokens)
+    with progress_bar("draft", len(prompts), unit="prompt") as bar:
+        result = measure_draft(model, draft, prompts, new_tokens=new_tokens, num_assistant_tokens=draft_tokens,
+                               autocast=autocast, on_prompt=lambda done: bar.advance(1))
+    out = {_DRAFT_KEYS.get(key, f"draft_{key}"): value for key, value in result.items()}
+    out["draft_parameters"] = parameter_summary(draft)["total"]
+    return out

@@ -19,8 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import compute_logits, count_parameters
+from ..config import DataConfig
+from ..data.sources import bos_token_id, load_token_stream
 from ..distillation.losses import auto_chunk_size
+from ..errors import MinicompressError
 from ..measure import PeakMemory, synchronize
+from ..models import size_on_disk
 from ..progress import progress_bar
 from ..runtime import autocast_context, final_hidden, model_device
 
@@ -209,7 +213,7 @@ def evaluate(model: torch.nn.Module, windows: list[tuple[torch.Tensor, int]] | N
              prefill_tokens: int = 256, decode_tokens: int = 32) -> dict:
     """The evaluation pipeline on ready windows: perplexity (and agreement with a teacher),
     parameters, peak memory and speed. The recipes read the text into windows
-    (:func:`minicompress.recipes.eval.evaluate_model`) and add the size on disk.
+    (:func:`minicompress.evaluation.perplexity.evaluate_model`) and add the size on disk.
 
     Args:
         model: a supported ``*ForCausalLM``.
@@ -245,4 +249,60 @@ def evaluate(model: torch.nn.Module, windows: list[tuple[torch.Tensor, int]] | N
         out.update({"prefill_tokens_per_s": result["prefill_tokens_per_s"],
                     "decode_tokens_per_s": result["decode_tokens_per_s"],
                     "speed_peak_memory_bytes": result["peak_memory_bytes"]})
+    return out
+
+
+def text_windows(data: DataConfig, tokenizer, stride: int | None = None, flag: str = "--seq-len",
+                 stream=None) -> list:
+    """Read an evaluation text into ``[(window [L], n_scored)]``: one stream, no shuffle,
+    cut into ``data.seq_len`` windows (BOS prepended for tokenizers that add one).
+
+    Args:
+        stream: the text's token stream when already read (:func:`~minicompress.data.sources.load_token_stream`).
+
+    Raises:
+        MinicompressError: unreadable text, or fewer tokens than one window (naming ``flag``).
+    """
+    if stream is None:
+        stream = load_token_stream(data, tokenizer)
+    windows = eval_windows(stream, data.seq_len, stride, bos_token_id(tokenizer))
+    if not windows:
+        raise MinicompressError(f"{flag}: the text has only {stream.numel()} tokens, fewer than one window of "
+                                f"{data.seq_len}")
+    return windows
+
+
+def evaluate_model(model, tokenizer=None, data=None, *, teacher=None, seq_len: int = 1024, max_tokens: int | None = None,
+                   stride: int | None = None, batch_size: int = 4, autocast: str = "auto", speed: bool = False,
+                   prefill_tokens: int = 256, decode_tokens: int = 32, source: str | None = None) -> dict:
+    """Held-out perplexity of an in-memory model (and agreement with a teacher, size and speed).
+
+    This is ``minicompress eval`` on a loaded model, and what ``import minicompress as mc;
+    mc.evaluate(model, tokenizer, "test.txt")`` calls; ``run``'s report uses it too.
+
+    Args:
+        model: a supported ``*ForCausalLM``.
+        tokenizer: its tokenizer (needed with a text ``data``).
+        data: a text source (file, folder, Hub dataset), a
+            :class:`~minicompress.config.DataConfig`, ready ``[(window [L], n_scored)]``
+            windows, or None (no perplexity: parameters, size and speed only).
+        teacher: a reference model with the same vocabulary (KL, top-1 agreement).
+        seq_len: window length for a text source.
+        max_tokens: read at most this many tokens of a text source.
+        stride: sliding-window stride (None: non-overlapping windows).
+        batch_size, autocast, speed, prefill_tokens, decode_tokens: as for
+            :func:`minicompress.evaluation.perplexity.evaluate`.
+        source: the model's folder or GGUF file, for ``size_on_disk_bytes``.
+
+    Returns:
+        :func:`minicompress.evaluation.perplexity.evaluate`'s results, plus ``size_on_disk_bytes``.
+    """
+    windows = data
+    if data is not None and not isinstance(data, list):
+        config = data if isinstance(data, DataConfig) else DataConfig(
+            source=str(data), seq_len=seq_len, max_tokens=max_tokens, shuffle=False, documents="file")
+        windows = text_windows(config, tokenizer, stride, flag="seq_len")
+    out = evaluate(model, windows, teacher=teacher, batch_size=batch_size, autocast=autocast, speed=speed,
+                   prefill_tokens=prefill_tokens, decode_tokens=decode_tokens)
+    out["size_on_disk_bytes"] = size_on_disk(source) if source is not None else None
     return out

@@ -12,128 +12,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import torch
 
-from ..config import DataConfig, EvalConfig
+from ..config import EvalConfig
 from ..data.sources import bos_token_id, load_token_stream
 from ..errors import MinicompressError
-from ..evaluation.perplexity import eval_windows, evaluate
-from ..models import config_for_flag, load_for_flag, size_on_disk
+from ..evaluation.draft import check_draft, draft_prompts, evaluate_draft
+from ..evaluation.perplexity import evaluate_model, text_windows
+from ..models import config_for_flag, load_for_flag
 
 log = logging.getLogger(__name__)
-
-
-def text_windows(data: DataConfig, tokenizer, stride: int | None = None, flag: str = "--seq-len",
-                 stream=None) -> list:
-    """Read an evaluation text into ``[(window [L], n_scored)]``: one stream, no shuffle,
-    cut into ``data.seq_len`` windows (BOS prepended for tokenizers that add one).
-
-    Args:
-        stream: the text's token stream when already read (:func:`~minicompress.data.sources.load_token_stream`).
-
-    Raises:
-        MinicompressError: unreadable text, or fewer tokens than one window (naming ``flag``).
-    """
-    if stream is None:
-        stream = load_token_stream(data, tokenizer)
-    windows = eval_windows(stream, data.seq_len, stride, bos_token_id(tokenizer))
-    if not windows:
-        raise MinicompressError(f"{flag}: the text has only {stream.numel()} tokens, fewer than one window of "
-                                f"{data.seq_len}")
-    return windows
-
-
-def evaluate_model(model, tokenizer=None, data=None, *, teacher=None, seq_len: int = 1024, max_tokens: int | None = None,
-                   stride: int | None = None, batch_size: int = 4, autocast: str = "auto", speed: bool = False,
-                   prefill_tokens: int = 256, decode_tokens: int = 32, source: str | None = None) -> dict:
-    """Held-out perplexity of an in-memory model (and agreement with a teacher, size and speed).
-
-    This is ``minicompress eval`` on a loaded model, and what ``import minicompress as mc;
-    mc.evaluate(model, tokenizer, "test.txt")`` calls; ``run``'s report uses it too.
-
-    Args:
-        model: a supported ``*ForCausalLM``.
-        tokenizer: its tokenizer (needed with a text ``data``).
-        data: a text source (file, folder, Hub dataset), a
-            :class:`~minicompress.config.DataConfig`, ready ``[(window [L], n_scored)]``
-            windows, or None (no perplexity: parameters, size and speed only).
-        teacher: a reference model with the same vocabulary (KL, top-1 agreement).
-        seq_len: window length for a text source.
-        max_tokens: read at most this many tokens of a text source.
-        stride: sliding-window stride (None: non-overlapping windows).
-        batch_size, autocast, speed, prefill_tokens, decode_tokens: as for
-            :func:`minicompress.evaluation.perplexity.evaluate`.
-        source: the model's folder or GGUF file, for ``size_on_disk_bytes``.
-
-    Returns:
-        :func:`minicompress.evaluation.perplexity.evaluate`'s results, plus ``size_on_disk_bytes``.
-    """
-    windows = data
-    if data is not None and not isinstance(data, list):
-        config = data if isinstance(data, DataConfig) else DataConfig(
-            source=str(data), seq_len=seq_len, max_tokens=max_tokens, shuffle=False, documents="file")
-        windows = text_windows(config, tokenizer, stride, flag="seq_len")
-    out = evaluate(model, windows, teacher=teacher, batch_size=batch_size, autocast=autocast, speed=speed,
-                   prefill_tokens=prefill_tokens, decode_tokens=decode_tokens)
-    out["size_on_disk_bytes"] = size_on_disk(source) if source is not None else None
-    return out
-
-
-def draft_prompts(stream, count: int, prompt_tokens: int, bos_token_id: int | None = None,
-                  flag: str = "--draft-prompts") -> list:
-    """``count`` prompts of ``prompt_tokens`` tokens from evenly spaced places of a text (the draft test's prompts).
-
-    The prompts come from the text itself, not from the perplexity windows: a text of one
-    or two windows still gives every prompt the test asks for.
-
-    Args:
-        stream: the text's ``[T]`` token stream (:func:`~minicompress.data.sources.load_token_stream`).
-        count: number of prompts.
-        prompt_tokens: tokens per prompt (BOS included when ``bos_token_id`` is given).
-        bos_token_id: put first in every prompt (tokenizers that add one), as in the windows.
-        flag: named in the error.
-
-    Returns:
-        ``count`` token tensors ``[prompt_tokens]``: prompt ``i`` starts at token ``i * T // count``,
-        so they never overlap and keep the text's order.
-
-    Raises:
-        MinicompressError: the text has fewer than ``count * prompt_tokens`` tokens.
-    """
-    body = prompt_tokens - (1 if bos_token_id is not None else 0)
-    total = stream.numel()
-    if total < count * max(body, 1):
-        raise MinicompressError(f"{flag}: the text has {total:,} tokens, fewer than {count} prompts of "
-                                f"{body} tokens; ask for fewer or shorter prompts (--draft-prompt-tokens) or "
-                                "give a longer text")
-    prompts = []
-    for i in range(count):
-        begin = i * total // count
-        prompt = stream[begin:begin + body]
-        if bos_token_id is not None:
-            prompt = torch.cat([torch.tensor([bos_token_id], dtype=stream.dtype), prompt])
-        prompts.append(prompt.clone())
-    return prompts
-
-
-#: ``measure_draft`` keys renamed in eval's results (the others get a ``draft_`` prefix).
-_DRAFT_KEYS = {"acceptance_rate": "acceptance_rate", "prompts": "draft_prompts", "new_tokens": "draft_generated_tokens",
-               "num_assistant_tokens": "draft_tokens"}
-
-
-def check_draft(model, tokenizer, draft, draft_tokenizer, flag: str = "--draft") -> None:
-    """Refuse a draft whose vocabulary differs from the model's (size, or the tokenizers' vocabularies).
-
-    Raises:
-        MinicompressError: naming ``flag``.
-    """
-    size, draft_size = model.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
-    if size != draft_size:
-        raise MinicompressError(f"{flag}: vocabulary size {draft_size} differs from the model's {size}; "
-                                "a draft must share the model's tokenizer")
-    if tokenizer is not None and draft_tokenizer is not None and tokenizer.get_vocab() != draft_tokenizer.get_vocab():
-        raise MinicompressError(f"{flag}: its tokenizer's vocabulary differs from the model's; a draft must share "
-                                "the model's tokenizer")
 
 
 def _vocab_size(hf_config) -> int:
@@ -242,27 +129,3 @@ def compare_model(config: EvalConfig, source: str, teacher=None) -> dict:
                             autocast=config.autocast, speed=config.speed, prefill_tokens=config.prefill_tokens,
                             decode_tokens=config.decode_tokens, source=source)
     return {"model": source, **result}
-
-
-def evaluate_draft(model, draft, prompts: list, *, new_tokens: int, draft_tokens: int, autocast: str = "auto") -> dict:
-    """:func:`minicompress.evaluation.draft.measure_draft` of ``draft`` for ``model``, as eval's flat keys.
-
-    Returns:
-        ``acceptance_rate``, ``draft_speedup``, ``draft_plain_tokens_per_s``,
-        ``draft_assisted_tokens_per_s``, ``draft_outputs_identical`` ... (``measure_draft``'s
-        keys prefixed with ``draft_``; ``prompts``, ``new_tokens`` and ``num_assistant_tokens``
-        become ``draft_prompts``, ``draft_generated_tokens`` and ``draft_tokens``) and
-        ``draft_parameters``.
-    """
-    from ..evaluation.perplexity import parameter_summary
-    from ..progress import progress_bar
-    from ..evaluation.draft import measure_draft
-
-    log.info("draft test: %d prompts of %d tokens, %d new tokens each, draft tokens per teacher forward: %d",
-             len(prompts), prompts[0].numel(), new_tokens, draft_tokens)
-    with progress_bar("draft", len(prompts), unit="prompt") as bar:
-        result = measure_draft(model, draft, prompts, new_tokens=new_tokens, num_assistant_tokens=draft_tokens,
-                               autocast=autocast, on_prompt=lambda done: bar.advance(1))
-    out = {_DRAFT_KEYS.get(key, f"draft_{key}"): value for key, value in result.items()}
-    out["draft_parameters"] = parameter_summary(draft)["total"]
-    return out

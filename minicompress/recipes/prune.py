@@ -21,7 +21,7 @@ import torch
 from .. import distributed
 from ..arch import count_parameters, describe
 from ..config import PruneConfig
-from ..data.rows import load_training_data
+from ..data.rows import calibration_batches, load_training_data
 from ..data.sources import check_local_source
 from ..distillation.distill import distill, make_schedule
 from ..errors import MinicompressError
@@ -36,7 +36,7 @@ from ..quantize import is_quantized
 from ..runtime import model_device
 from ..pruning.search import row_target, search_architecture, validate_target, zero_shot_ranking
 from ..pruning.scoring import ImportanceScores
-from .score import calibration_batches, score
+from .score import score
 
 log = logging.getLogger(__name__)
 

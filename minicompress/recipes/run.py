@@ -452,8 +452,8 @@ def _generate_data(config: RunConfig, out: Path) -> RunConfig:
 def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path, digest: str,
                original_total: int, original_shape: dict[str, Any]) -> None:
     from .. import distributed
-    from . import prune as prune_recipe
     from ..checkpoint import latest_checkpoint, working_folder
+    from .prune import prune
     from .recover import recover
 
     stage = config.stages[index]
@@ -473,7 +473,7 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
         prune_config = config.stage_prune_config(  # a search of other settings starts over
             index, model=previous, target=_stage_target(stage.target, original_total), output=str(pruned),
             resume=True, overwrite=True)
-        prune_recipe.prune(prune_config, record_extra=extra)
+        prune(prune_config, record_extra=extra)
     if stage.tokens:
         teacher = config.model if stage.teacher == "original" or index == 0 else previous
         student = dataclasses.replace(config.model, source=str(pruned))
@@ -593,8 +593,8 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
         settings, None without ``eval_tasks``).
     """
     from ..models import load_model
-    from .eval import evaluate_model as evaluate
-    from .eval import text_windows
+    from ..evaluation.perplexity import evaluate_model as evaluate
+    from ..evaluation.perplexity import text_windows
 
     rep = config.report
     teacher, tokenizer = load_model(config.model)

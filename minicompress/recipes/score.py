@@ -7,15 +7,13 @@ disk or ranks.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
-import torch
 
 from .. import distributed
 from ..config import ScoreConfig
-from ..data.rows import iterate_batches, load_calibration
+from ..data.rows import calibration_batches
 from ..errors import MinicompressError
 from ..hardware import resolve_autocast
 from ..models import load_model, load_model_on_rank0, resolve_device
@@ -25,25 +23,6 @@ from ..pruning.scoring import ImportanceScores, count_score_forwards, score_mode
 
 log = logging.getLogger(__name__)
 
-
-
-def calibration_batches(config: ScoreConfig, tokenizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Calibration batches for scoring and the (smaller) batches for the layer-loss score.
-
-    Returns:
-        ``(batches, loss_batches)``: lists of ``[B, L]`` tensors.
-    """
-    data = config.data
-    if data.max_tokens is None:  # read only what the samples need (with slack for shuffling)
-        data = dataclasses.replace(data, max_tokens=max(config.num_samples * data.seq_len * 4, 1 << 20))
-    sequences = load_calibration(data, tokenizer, config.num_samples)  # one source, or a mixture by weight
-    if sequences.shape[0] < config.num_samples:
-        log.warning("calibration: only %d sequences of %d tokens available (asked for %d)",
-                    sequences.shape[0], data.seq_len, config.num_samples)
-    batches = list(iterate_batches(sequences, config.batch_size))
-    loss_batches = list(iterate_batches(sequences[: config.loss_samples], config.batch_size)) \
-        if config.layer_scores and config.loss_samples else []
-    return batches, loss_batches
 
 
 def score(config: ScoreConfig, *, model=None, tokenizer=None) -> ImportanceScores:

@@ -12,7 +12,7 @@ from minicompress.config import DataConfig, EvalConfig, ModelConfig
 from minicompress.errors import ConfigError, MinicompressError
 from minicompress.models import load_model
 from minicompress.data.sources import load_token_stream
-from minicompress.recipes.eval import draft_prompts
+from minicompress.evaluation.draft import draft_prompts
 from minicompress.evaluation.draft import measure_draft
 
 

@@ -13,7 +13,7 @@ from minicompress.config import ModelConfig, QuantizeConfig
 from minicompress.errors import MinicompressError
 from minicompress.models import load_model
 from minicompress.quantize import quantize_
-from minicompress.recipes.eval import evaluate_model
+from minicompress.evaluation.perplexity import evaluate_model
 from minicompress.recipes.quantize import quantize
 
 pytest.importorskip("torchao")

@@ -19,7 +19,7 @@ from minicompress.recipes import run as run_module
 from minicompress.cli import main
 from minicompress.config import RunConfig, build_config
 from minicompress.errors import MinicompressError
-from minicompress.recipes.eval import evaluate_model as evaluate
+from minicompress.evaluation.perplexity import evaluate_model as evaluate
 from minicompress.models import load_model
 from minicompress.outputs import read_provenance
 from minicompress.recipes.run import REPORT_COLUMNS, dry_run, estimate_memory, run
