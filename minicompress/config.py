@@ -461,6 +461,9 @@ class PruneConfig:
         for key in self.search_recover:
             if key in PRUNE_SETS_SEARCH_RECOVER_KEYS:
                 raise ConfigError(f"search_recover.{key}: set by the prune for every candidate; remove it")
+            if key.startswith("blockwise_"):
+                raise ConfigError(f"search_recover.{key}: the search's short distillations run no blockwise stage; "
+                                  "remove it")
             if key not in allowed:
                 raise ConfigError(f"search_recover.{key}: unknown key; allowed keys: {', '.join(allowed)}")
         merged = dict(self.search_recover)
@@ -586,6 +589,15 @@ class RecoverConfig:
         seed: seeds data order, init of projections and RNG.
         output: folder for the recovered HF model.
         overwrite: replace an existing output.
+        blockwise_tokens: tokens of a blockwise local distillation stage before the global
+            one, taken from ``tokens`` (the global stage gets the rest; 0: off). Each student
+            layer learns to reproduce its teacher span's output from the teacher's input
+            (Puzzle, arXiv 2411.19146; :mod:`minicompress.distillation.blockwise`), one
+            block at a time, without the vocabulary head. Needs a live ``teacher``, one process.
+        blockwise_lr: peak learning rate of the blockwise stage (None: ``lr``).
+        blockwise_layers: the teacher layer each student layer starts at, for a student
+            without a pruning plan (empty, the default: the kept layers of the plan in the
+            student's ``minicompress.json``, or every layer for a student of the teacher's depth).
     """
 
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -617,6 +629,9 @@ class RecoverConfig:
     seed: int = 0
     output: str | None = None
     overwrite: bool = False
+    blockwise_tokens: int = 0
+    blockwise_lr: float | None = None
+    blockwise_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         _check_positive("tokens", self.tokens)
@@ -665,6 +680,29 @@ class RecoverConfig:
                 f"tokens: the budget ({self.tokens}) is less than one optimizer step "
                 f"(global_batch_tokens={self.global_batch_tokens})"
             )
+        self._check_blockwise()
+
+    def _check_blockwise(self) -> None:
+        """The blockwise stage's budget and needs (:mod:`minicompress.distillation.blockwise`)."""
+        _check_positive("blockwise_tokens", self.blockwise_tokens, allow_zero=True)
+        _check_positive("blockwise_lr", self.blockwise_lr, allow_none=True)
+        if any(i < 0 for i in self.blockwise_layers) or any(b <= a for a, b in zip(self.blockwise_layers,
+                                                                                     self.blockwise_layers[1:])):
+            raise ConfigError(f"blockwise_layers: {list(self.blockwise_layers)} must be strictly increasing teacher "
+                              "layer indices >= 0, one per student layer")
+        if not self.blockwise_tokens:
+            return
+        step = self.global_batch_tokens
+        if self.blockwise_tokens > self.tokens - step:
+            raise ConfigError(f"blockwise_tokens: {self.blockwise_tokens} is larger than tokens ({self.tokens}) less "
+                              f"one global step ({step}): the global stage gets tokens - blockwise_tokens; give at "
+                              f"most {max(self.tokens - step, 0)}")
+        if self.blockwise_tokens < step:
+            raise ConfigError(f"blockwise_tokens: {self.blockwise_tokens} is less than one optimizer step "
+                              f"(global_batch_tokens={step})")
+        if self.teacher is None or self.teacher_cache is not None:
+            raise ConfigError("blockwise_tokens: the blockwise stage needs a live --teacher (its hidden states), "
+                              "not --teacher-cache")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ the teacher (rank 0 reads, FSDP2 shards under torchrun), reads the data, resumes
 ``<output>.partial``, runs :func:`minicompress.distillation.loop.train` and writes the stock Hugging
 Face folder atomically. The how (losses, schedule, data order, the loop) lives in
 :mod:`minicompress.distillation.loop`.
+
+With ``blockwise_tokens`` a blockwise local distillation stage (Puzzle, Bercovich et al.,
+arXiv 2411.19146; :mod:`minicompress.distillation.blockwise`) runs first on that share of the
+budget, with checkpoints of its own in ``<output>.partial/blockwise``; the global stage gets
+the rest and reads exactly the rows a run without the stage reads.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from ..runtime import model_device
 from ..checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, working_folder
 from ..distillation.metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
 from ..models import TORCH_DTYPES, load_model, load_model_on_rank0, resolve_device
-from ..outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
+from ..outputs import (atomic_folder, check_output, provenance, read_provenance, write_json_atomic, write_model_card,
+                       write_provenance)
 from ..progress import progress_bar
 from ..distillation.distill import DistillState, distill, make_schedule
 from ..distillation.loop import Schedule, num_held_out
 from ..distillation.teacher_cache import TeacherCache
+from ..distillation.blockwise import BlockMap, BlockwiseState, block_map, blockwise_distill, blockwise_schedule
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +63,12 @@ def _open_working_folder(config: RecoverConfig) -> tuple[Path, Path, Path | None
     out = check_output(config.output, config.overwrite)
     work = working_folder(out)
     checkpoint = latest_checkpoint(work) if work.exists() else None
-    if checkpoint is not None and not config.resume:
+    if (checkpoint or _blockwise_progress(work)) is not None and not config.resume:
         if not config.overwrite:
             raise MinicompressError(f"resume: {work} holds a checkpoint of an interrupted run; "
                                     "pass --resume to continue it or --overwrite to start over")
         checkpoint = None
-    if config.resume and checkpoint is None and distributed.is_main():
+    if config.resume and (checkpoint or _blockwise_progress(work)) is None and distributed.is_main():
         log.warning("recover: --resume, but %s holds no checkpoint to resume; starting from step 0", work)
     return out, work, checkpoint
 
@@ -129,6 +136,118 @@ def _shard_for_training(config: RecoverConfig, student, teacher, *, device, t_de
                                 from_rank0=from_rank0[1], weights=weights[1])
 
 
+# ---- the blockwise stage (Puzzle's blockwise local distillation) before the global one ----------
+
+BLOCKWISE_DIR = "blockwise"  # its checkpoints, inside <output>.partial
+BLOCKWISE_METRICS = "blockwise.jsonl"  # its step records (copied into the output)
+BLOCKWISE_DONE = "blockwise.json"  # its record, written when the stage has finished
+
+
+def _global_stage(config: RecoverConfig) -> RecoverConfig:
+    """The settings of the global stage: ``tokens - blockwise_tokens``."""
+    if not config.blockwise_tokens:
+        return config
+    return dataclasses.replace(config, tokens=config.tokens - config.blockwise_tokens, blockwise_tokens=0)
+
+
+def _blockwise_progress(work: Path) -> Path | None:
+    """What a killed run's blockwise stage left in ``work``: its record once finished, else its last
+    checkpoint, else None."""
+    if (work / BLOCKWISE_DONE).is_file():
+        return work / BLOCKWISE_DONE
+    return latest_checkpoint(work / BLOCKWISE_DIR) if (work / BLOCKWISE_DIR).is_dir() else None
+
+
+def _blockwise_map(config: RecoverConfig, student, teacher) -> BlockMap | None:
+    """The block map of a run with ``blockwise_tokens`` (None without): ``blockwise_layers``, else the
+    plan in the student's ``minicompress.json``, else the identity."""
+    if not config.blockwise_tokens:
+        return None
+    if distributed.world_size() > 1:
+        raise MinicompressError("blockwise_tokens: the blockwise stage runs in one process only, not under torchrun; "
+                                "set it to 0 or drop torchrun")
+    folder = _student_folder(student)
+    return block_map(student.config, teacher.config, provenance=read_provenance(folder) if folder else None,
+                     layers=config.blockwise_layers)
+
+
+def _blockwise_stage(config: RecoverConfig, student, teacher, data: TrainingData, work: Path, bmap: BlockMap, *,
+                     device: torch.device, autocast: str, accum_steps: int, global_steps: int,
+                     global_checkpoint: Path | None, callback: Callable[[dict], None] | None) -> dict:
+    """Run (or resume, or skip once finished) the blockwise stage; returns its record.
+
+    The stage reads the training rows after the ``global_steps`` steps of the global stage,
+    checkpoints into ``<output>.partial/blockwise`` every ``save_every`` steps and at its end,
+    then writes ``blockwise.json``: a resumed run that finds it loads the stage's last weights
+    (unless the global stage has a checkpoint of its own) and goes on with the global stage.
+    """
+    from safetensors.torch import load_model as load_safetensors_model
+
+    folder, done, metrics_path = work / BLOCKWISE_DIR, work / BLOCKWISE_DONE, work / BLOCKWISE_METRICS
+    if done.is_file():
+        if global_checkpoint is None:  # killed before the global stage's first checkpoint
+            load_safetensors_model(student, str(latest_checkpoint(folder) / "student.safetensors"), strict=True,
+                                   device=str(device))
+        log.info("recover: the blockwise stage finished before the interruption; going on with the global stage")
+        return json.loads(done.read_text())
+    if global_checkpoint is not None:  # a checkpoint of a run without the stage: says which key changed
+        check_resumable(json.loads((global_checkpoint / "state.json").read_text())["config"], config)
+    checkpoint = latest_checkpoint(folder) if folder.is_dir() else None
+    schedule = blockwise_schedule(config)
+    offset = global_steps * accum_steps * config.micro_batch_size
+
+    def restore(state: BlockwiseState) -> None:
+        if checkpoint is None:
+            return
+        check_resumable(json.loads((checkpoint / "state.json").read_text())["config"], config)
+        saved = load_checkpoint(checkpoint, student=student, optimizer=state.optimizer, intermediate=None)
+        state.start_step, state.elapsed, state.before = saved["step"], saved["seconds"], saved["before"]
+        with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
+            f.truncate(saved["metrics_bytes"])
+        log.info("recover: resuming the blockwise stage from %s (step %d of %d)", checkpoint, state.start_step,
+                 schedule.total_steps)
+        bar.advance(state.start_step * schedule.tokens_per_step)
+
+    log.info("recover: blockwise stage, %d steps of %s tokens, %d blocks over teacher spans %s", schedule.total_steps,
+             f"{schedule.tokens_per_step:,}", len(bmap.layers), bmap.spans())
+    with progress_bar("blockwise", schedule.total_steps * schedule.tokens_per_step, unit="tok") as bar:
+
+        def on_step(record: dict, state: BlockwiseState) -> None:
+            append_metrics(metrics_path, record)
+            step = record["step"]
+            bar.advance(schedule.tokens_per_step)
+            bar.update(description=f"blockwise nmse {record['nmse']:.4f}")
+            if step % config.log_every == 0 or step == schedule.total_steps:
+                log.info("blockwise step %d/%d nmse %.4f (max block %.4f) lr %.2e grad %.3f %.0f tok/s", step,
+                         schedule.total_steps, record["nmse"], max(record["nmse_blocks"]), record["lr"],
+                         record["grad_norm"], record["tokens_per_s"])
+            if step == schedule.total_steps or (config.save_every and step % config.save_every == 0):
+                save_checkpoint(folder, student=student, optimizer=state.optimizer, intermediate=None,
+                                state={"step": step, "tokens": record["tokens"], "seconds": state.elapsed,
+                                       "config": to_dict(config), "before": state.before,
+                                       "metrics_bytes": metrics_path.stat().st_size},
+                                keep=config.checkpoint_keep)
+            if callback is not None:
+                callback(record)
+
+        result = blockwise_distill(student, teacher, data, config, bmap, device=device, autocast=autocast,
+                                   offset=offset, accum_steps=accum_steps, restore=restore, on_step=on_step)
+    tokens = schedule.total_steps * schedule.tokens_per_step
+    record = {"tokens": tokens, "steps": schedule.total_steps, "lr": schedule.lr, "map": bmap.to_dict(),
+              "loss": "normalized_mse", "nmse_before": result["before"]["nmse_blocks"],
+              "nmse_after": result["nmse_after"], "metrics_before": result["before"]["metrics"],
+              "seconds": result["elapsed"], "tokens_per_s": tokens / max(result["elapsed"], 1e-9),
+              "resumed_from_step": result["start_step"] or None}
+    write_json_atomic(done, record)
+    log.info("recover: blockwise stage done in %.0f s (%.0f tok/s); held-out normalized MSE per block %s -> %s",
+             record["seconds"], record["tokens_per_s"], _fmt(record["nmse_before"]), _fmt(record["nmse_after"]))
+    return record
+
+
+def _fmt(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+
+
 def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             teacher: torch.nn.Module | None = None, tokenizer: Any = None,
             callback: Callable[[dict], None] | None = None) -> dict:
@@ -143,12 +262,16 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         tokenizer: the student's tokenizer (required with an in-memory student).
         callback: called with each step's metrics record after the step (and its
             checkpoint); an exception from it stops the run, leaving the working folder
-            ``<output>.partial`` to resume from.
+            ``<output>.partial`` to resume from. The blockwise stage's records come first,
+            marked ``"stage": "blockwise"``.
 
     Returns:
         ``{"output", "steps", "tokens", "before", "after", "final_loss", "seconds",
         "tokens_per_s", "resumed_from_step", "metrics"}``; ``before`` / ``after`` are the
-        held-out metrics (``perplexity``, ``kl_to_teacher`` ...).
+        held-out metrics (``perplexity``, ``kl_to_teacher`` ...). With ``blockwise_tokens``
+        also ``"blockwise"`` (the stage's record, ``recovery.blockwise`` of the output);
+        ``steps`` and ``metrics`` are then the global stage's, ``tokens`` and ``seconds``
+        both stages', and ``before`` is the student as it came.
 
     Raises:
         MinicompressError: an existing output without ``overwrite``, a stale working
@@ -185,7 +308,8 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     t_from_rank0 = teacher is None and world > 1
     teacher, t_device, teacher_weights = _place_teacher(config, teacher, student, device, teacher_dtype, cache)
     data = _training_data(config, cache, student, tokenizer)
-    schedule, accum_steps = make_schedule(config, world, data.num_train)
+    bmap = _blockwise_map(config, student, teacher)  # before anything is written: a map that does not fit refuses
+    schedule, accum_steps = make_schedule(_global_stage(config), world, data.num_train)
     _shard_for_training(config, student, teacher, device=device, t_device=t_device, autocast=autocast,
                         from_rank0=(on_host, t_from_rank0), weights=(student_weights, teacher_weights))
     del student_weights, teacher_weights
@@ -198,9 +322,15 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         log.info("recover: compiling the decoder layers (%s)", precision["compile_reason"])
 
     # ---- resume, or evaluate once before training; checkpoints and metrics per step ------
-    _make_working_folder(work, checkpoint)  # only now: a refused run (bad model, data, schedule) leaves nothing
+    _make_working_folder(work, checkpoint or (_blockwise_progress(work) if config.resume else None))
+    # only now: a refused run (bad model, data, schedule) leaves nothing
     metrics_path = work / METRICS_FILE
     resumed_from = None
+    blockwise_record = None
+    if bmap is not None:  # Puzzle's blockwise local distillation first (its own checkpoints, skipped once done)
+        blockwise_record = _blockwise_stage(config, student, teacher, data, work, bmap, device=device,
+                                            autocast=autocast, accum_steps=accum_steps, global_steps=schedule.total_steps,
+                                            global_checkpoint=checkpoint, callback=callback)
 
     def restore(state: DistillState) -> None:
         nonlocal resumed_from
@@ -247,18 +377,22 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     if result["attention"]:
         precision["attention"] = result["attention"]
     before, elapsed = result["before"], result["elapsed"]
+    if blockwise_record is not None:  # "before" is the student as it came; the stage ends where the global one began
+        blockwise_record["metrics_after"] = before
+        before, elapsed = blockwise_record["metrics_before"], elapsed + blockwise_record["seconds"]
     n_eval = data.eval_ids.shape[0]
-    sources = data.tokens_per_source(schedule.total_steps * accum_steps * config.micro_batch_size * world,
-                                     config.data.seq_len)
+    rows = (schedule.total_steps + (blockwise_record or {}).get("steps", 0)) * accum_steps * config.micro_batch_size
+    sources = data.tokens_per_source(rows * world, config.data.seq_len)
     return _write_student(config, out, work, student, tokenizer, cache=cache, schedule=schedule, n_eval=n_eval,
                           n_train=data.num_train, before=before, precision=precision, elapsed=elapsed,
-                          resumed_from=resumed_from, sources=sources)
+                          resumed_from=resumed_from, sources=sources, blockwise=blockwise_record)
 
 
 def _write_student(config: RecoverConfig, out: Path, work: Path, student, tokenizer, *, cache, schedule: Schedule,
                    n_eval: int, n_train: int, before: dict, precision: dict, elapsed: float,
-                   resumed_from: int | None, sources: dict[str, int]) -> dict:
-    """Write the recovered student atomically (rank 0) with its recovery record; returns the report."""
+                   resumed_from: int | None, sources: dict[str, int], blockwise: dict | None = None) -> dict:
+    """Write the recovered student atomically (rank 0) with its recovery record; returns the report
+    (``blockwise``: the record of the blockwise stage, ``recovery.blockwise``)."""
     world, main = distributed.world_size(), distributed.is_main()
     metrics_path = work / METRICS_FILE
     records = distributed.broadcast_object(read_metrics(metrics_path) if main else None)
@@ -269,13 +403,13 @@ def _write_student(config: RecoverConfig, out: Path, work: Path, student, tokeni
     final_loss = last.get("loss")
     teacher_source = cache.index.get("teacher") if cache is not None else \
         (config.teacher.source if config.teacher else None)
-    tokens = schedule.total_steps * schedule.tokens_per_step
+    tokens = schedule.total_steps * schedule.tokens_per_step + (blockwise["tokens"] if blockwise else 0)
     recovery = provenance(
         "recover", config, teacher=teacher_source, teacher_cache=config.teacher_cache,
         tokens_trained=tokens, tokens_per_source=sources, steps=schedule.total_steps, loss=to_dict(config.loss),
         held_out_sequences=n_eval, train_sequences=n_train, metrics_before=before, metrics_after=after,
         precision=precision, **({"world_size": world} if world > 1 else {}),
-        final_train_loss=final_loss, seconds=elapsed,
+        final_train_loss=final_loss, seconds=elapsed, **({"blockwise": blockwise} if blockwise else {}),
     )
     folder = _student_folder(student)
     previous = read_provenance(folder) if folder is not None else None
@@ -292,10 +426,12 @@ def _write_student(config: RecoverConfig, out: Path, work: Path, student, tokeni
             tokenizer.save_pretrained(tmp)
             shutil.copy2(metrics_path, tmp / METRICS_FILE)
             shutil.copy2(work / CURVES_FILE, tmp / CURVES_FILE)
+            if blockwise:
+                shutil.copy2(work / BLOCKWISE_METRICS, tmp / BLOCKWISE_METRICS)
             write_provenance(tmp, record_out)
             write_model_card(tmp, record_out)
         shutil.rmtree(work, ignore_errors=True)
     distributed.barrier()
     return {"output": str(out), "steps": schedule.total_steps, "tokens": tokens, "before": before, "after": after,
             "final_loss": final_loss, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "resumed_from_step": resumed_from, "metrics": records}
+            "resumed_from_step": resumed_from, "metrics": records, **({"blockwise": blockwise} if blockwise else {})}
