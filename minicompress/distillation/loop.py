@@ -201,8 +201,9 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         intermediate: the intermediate-state loss module (needs ``teacher``).
         normalizer: scored targets of the whole step (None: this batch's own).
         autocast: ``none`` or ``bfloat16``.
-        compiled: the loss's compiled chunk kernel (``chunked_distill_loss(compiled=True)``;
-            what ``recover`` passes when it compiles the decoder layers).
+        compiled: the loss's compiled chunk kernel (``LossNumerics(compiled=True)`` of
+            :func:`losses.chunked_distill_loss`; what ``recover`` passes when it compiles
+            the decoder layers).
 
     Under torchrun the whole computation runs as a forward of the student's FSDP root
     (:func:`distributed.run_in_root`), so ``lm_head_weight(student)`` is the gathered
@@ -237,31 +238,29 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
     use_teacher = teacher is not None and teacher_topk is None and (loss.kl_weight > 0 or want_states)
     with autocast_context(device, autocast):
         out = student.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-    t_hidden = t_weight = t_out = None
+    t_out = t_targets = None
     if use_teacher:
         t_device = model_device(teacher)
         with torch.no_grad(), autocast_context(t_device, autocast):
             t_out = distributed.run_in_root(teacher, lambda: teacher.model(
                 input_ids=input_ids.to(t_device), use_cache=False, output_hidden_states=want_states))
-        t_hidden = t_out.last_hidden_state.to(device)
-        t_weight = distributed.full_tensor(arch.lm_head_weight(teacher)).detach().to(device)
+        t_targets = losses.TeacherTargets(
+            t_out.last_hidden_state.to(device),
+            distributed.full_tensor(arch.lm_head_weight(teacher)).detach().to(device),
+            softcap=arch.logit_softcap(teacher))
     # the step's normalizer inside the loss: no [V, H] rescale in its backward (the IS term needs the mean)
     inside = normalizer if (normalizer and not want_states) else None
-    kind, sparse = loss.kind, None
+    kind = loss.kind
     if teacher_topk is not None:
         kind = teacher_topk[2] if len(teacher_topk) == 3 else "topk_kl"
-        sparse = (teacher_topk[0].to(device), teacher_topk[1].to(device))
+        t_targets = losses.TeacherTargets.from_cache(teacher_topk[0].to(device), teacher_topk[1].to(device), kind)
     logit_loss, parts = losses.chunked_distill_loss(
-        out.last_hidden_state, arch.lm_head_weight(student), t_hidden, t_weight,
-        labels=labels,
-        teacher_topk=sparse if kind == "topk_kl" else None,
-        teacher_samples=sparse if kind == "sampled_kl" else None,
-        kl_weight=loss.kl_weight,
-        ce_weight=loss.ce_weight, kind=kind, temperature=loss.temperature, beta=loss.beta,
-        chunk_size=loss.chunk_size, student_softcap=arch.logit_softcap(student),
-        teacher_softcap=arch.logit_softcap(teacher) if use_teacher else None,
-        matmul_dtype=torch.bfloat16 if resolve_autocast(autocast, device) == "bfloat16" else torch.float32,
-        normalizer=inside, compiled=compiled, return_components=True,
+        out.last_hidden_state, arch.lm_head_weight(student), t_targets, labels=labels,
+        loss=losses.LogitLoss.from_config(loss, kind=kind),
+        numerics=losses.LossNumerics(
+            chunk_size=loss.chunk_size, compiled=compiled,
+            matmul_dtype=torch.bfloat16 if resolve_autocast(autocast, device) == "bfloat16" else torch.float32),
+        student_softcap=arch.logit_softcap(student), normalizer=inside, return_components=True,
     )
     share = inside / targets if (inside and targets) else 1.0  # a share of the step's mean -> this batch's mean
     stats = {"kl": float(parts["kl"]) * share, "ce": float(parts["ce"]) * share}
@@ -320,11 +319,11 @@ def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *
                         hidden = final_hidden(student, ids)
                     values, indices, kind = cache.targets(rows)
                     _, parts = losses.chunked_distill_loss(
-                        hidden, arch.lm_head_weight(student), labels=shift_labels(ids),
-                        teacher_topk=(values.to(device), indices.to(device)) if kind == "topk_kl" else None,
-                        teacher_samples=(values.to(device), indices.to(device)) if kind == "sampled_kl" else None,
-                        kl_weight=1.0, ce_weight=0.0, kind=kind, chunk_size=chunk_size, student_softcap=arch.logit_softcap(student),
-                        return_components=True)
+                        hidden, arch.lm_head_weight(student),
+                        losses.TeacherTargets.from_cache(values.to(device), indices.to(device), kind),
+                        labels=shift_labels(ids), loss=losses.LogitLoss(kind=kind),
+                        numerics=losses.LossNumerics(chunk_size=chunk_size),
+                        student_softcap=arch.logit_softcap(student), return_components=True)
                     n = count_targets(ids)
                     kl_sum += float(parts["kl"]) * n
                     count += n
