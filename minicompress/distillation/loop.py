@@ -439,6 +439,7 @@ class Schedule:
         total_steps: optimizer steps of the whole run.
         tokens_per_step: tokens of one optimizer step over all ranks (``global_batch_tokens``).
         grad_clip: global gradient-norm clip (0: none).
+        accum_steps: micro batches per optimizer step and rank (gradient accumulation).
     """
 
     lr: float
@@ -447,11 +448,31 @@ class Schedule:
     total_steps: int
     tokens_per_step: int
     grad_clip: float = 1.0
+    accum_steps: int = 1
 
     def lr_at(self, step: int) -> float:
         """:func:`lr_at` of this schedule."""
         return lr_at(step, lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
                      total_steps=self.total_steps)
+
+
+@dataclass(frozen=True)
+class StepRuntime:
+    """Where and how the steps run (not what they compute), shared by :func:`train` and
+    :func:`~minicompress.distillation.distill.distill`.
+
+    Attributes:
+        device: where the student's inputs go.
+        autocast: ``none`` or ``bfloat16`` (resolved: not ``auto``).
+        compiled: ``torch.compile`` the decoder layers of both models
+            (:func:`~minicompress.distillation.distill.distill`) and run the fused loss's
+            compiled chunk kernel (see :func:`micro_batch_loss`); what
+            :func:`~minicompress.hardware.resolve_compile` decided.
+    """
+
+    device: torch.device
+    autocast: str = "none"
+    compiled: bool = False
 
 
 #: ``batches(step)`` -> this rank's micro batches of optimizer step ``step``: ``[(input_ids [B, L],
@@ -461,8 +482,8 @@ Batches = Callable[[int], list[tuple[torch.Tensor, Any]]]
 
 def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Batches,
           optimizer: torch.optim.Optimizer, schedule: Schedule, on_step: Callable[[dict], None] | None = None, *,
-          loss: LossConfig, device: torch.device, start_step: int = 0, autocast: str = "none",
-          intermediate: losses.IntermediateStateLoss | None = None, compiled: bool = False) -> None:
+          loss: LossConfig, runtime: StepRuntime, start_step: int = 0,
+          intermediate: losses.IntermediateStateLoss | None = None) -> None:
     """Distil ``student`` from ``teacher`` for ``schedule.total_steps - start_step`` optimizer steps.
 
     Each step: set the learning rate, take the step's micro batches, weight each by its
@@ -479,16 +500,15 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Ba
         schedule: learning rate and step arithmetic.
         on_step: called after every optimizer step with its record.
         loss: loss weights and kind.
-        device: where the student's inputs go.
+        runtime: device, autocast and the loss's compiled chunk kernel (:class:`StepRuntime`).
         start_step: the first step to run (a resumed run's checkpoint step).
-        autocast: ``none`` or ``bfloat16``.
         intermediate: Minitron's intermediate-state loss module (one process only).
-        compiled: the loss's compiled chunk kernel (see :func:`micro_batch_loss`).
 
     Raises:
         MinicompressError: a non-finite gradient norm.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = runtime.device
     for step in range(start_step, schedule.total_steps):
         t0 = time.perf_counter()
         lr = schedule.lr_at(step)
@@ -504,7 +524,7 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Ba
         for input_ids, targets in micro:
             value, stats = micro_batch_loss(student, input_ids.to(device), loss=loss, teacher=teacher,
                                             teacher_topk=targets, intermediate=intermediate, normalizer=normalizer,
-                                            autocast=autocast, compiled=compiled)
+                                            autocast=runtime.autocast, compiled=runtime.compiled)
             value.backward()
             share = stats["targets"] / normalizer
             for key in ("loss", "kl", "ce", "is"):

@@ -24,6 +24,7 @@ from ..config import PruneConfig
 from ..data.rows import load_training_data
 from ..data.sources import check_local_source
 from ..distillation.distill import distill, make_schedule
+from ..distillation.loop import StepRuntime
 from ..errors import MinicompressError
 from ..hardware import describe_precision, resolve_compile
 from ..checkpoint import working_folder
@@ -345,8 +346,8 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
             torch.manual_seed(recover_config.seed)
             student = pruned_copy(model, make_plan(scores, model.config, row)).requires_grad_(True).train()
             try:
-                result = distill(student, model, data, recover_config, *schedule, device=device, autocast=autocast,
-                                 compile=compile_layers)
+                result = distill(student, model, data, recover_config, schedule,
+                                 runtime=StepRuntime(device, autocast, compile_layers))
                 before, after = result["before"], result["after"]
                 del result
                 speed = measure_speed(student.eval(), model.config.vocab_size, prefill_tokens=128, decode_tokens=16,

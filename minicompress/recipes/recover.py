@@ -32,7 +32,7 @@ from ..models import TORCH_DTYPES, load_model, load_model_on_rank0, resolve_devi
 from ..outputs import atomic_folder, check_output, provenance, read_provenance, write_model_card, write_provenance
 from ..progress import progress_bar
 from ..distillation.distill import DistillState, distill, make_schedule
-from ..distillation.loop import Schedule, num_held_out
+from ..distillation.loop import Schedule, StepRuntime, num_held_out
 from ..distillation.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     t_from_rank0 = teacher is None and world > 1
     teacher, t_device, teacher_weights = _place_teacher(config, teacher, student, device, teacher_dtype, cache)
     data = _training_data(config, cache, student, tokenizer)
-    schedule, accum_steps = make_schedule(config, world, data.num_train)
+    schedule = make_schedule(config, world, data.num_train)
     _shard_for_training(config, student, teacher, device=device, t_device=t_device, autocast=autocast,
                         from_rank0=(on_host, t_from_rank0), weights=(student_weights, teacher_weights))
     del student_weights, teacher_weights
@@ -233,7 +233,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             if done == schedule.total_steps or (config.save_every and done % config.save_every == 0):
                 save_checkpoint(work, student=student, optimizer=state.optimizer, intermediate=state.intermediate,
                                 state={"step": done, "tokens": record["tokens"], "seconds": state.elapsed,
-                                       "data_position": done * accum_steps * config.micro_batch_size * world,
+                                       "data_position": done * schedule.accum_steps * config.micro_batch_size * world,
                                        "scheduler": {"kind": "warmup_cosine", **dataclasses.asdict(schedule)},
                                        "config": to_dict(config), "before": state.before,
                                        "metrics_bytes": metrics_path.stat().st_size if main else None},
@@ -241,13 +241,13 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             if callback is not None:
                 callback(record)
 
-        result = distill(student, teacher, data, config, schedule, accum_steps, device=device, autocast=autocast,
-                         compile=bool(precision["compile"]), cache=cache, restore=restore, on_step=on_step)
+        result = distill(student, teacher, data, config, schedule, cache=cache, restore=restore, on_step=on_step,
+                         runtime=StepRuntime(device, autocast, bool(precision["compile"])))
     if result["attention"]:
         precision["attention"] = result["attention"]
     before, elapsed = result["before"], result["elapsed"]
     n_eval = data.eval_ids.shape[0]
-    sources = data.tokens_per_source(schedule.total_steps * accum_steps * config.micro_batch_size * world,
+    sources = data.tokens_per_source(schedule.total_steps * schedule.accum_steps * config.micro_batch_size * world,
                                      config.data.seq_len)
     return _write_student(config, out, work, student, tokenizer, cache=cache, schedule=schedule, n_eval=n_eval,
                           n_train=data.num_train, before=before, precision=precision, elapsed=elapsed,
