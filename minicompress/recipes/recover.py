@@ -245,20 +245,34 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                          runtime=StepRuntime(device, autocast, bool(precision["compile"])))
     if result["attention"]:
         precision["attention"] = result["attention"]
+    return _write_student(config, out, student, tokenizer, cache=cache, data=data, schedule=schedule, result=result,
+                          precision=precision, resumed_from=resumed_from)
+
+
+def _write_student(config: RecoverConfig, out: Path, student, tokenizer, *, cache: TeacherCache | None,
+                   data: TrainingData, schedule: Schedule, result: dict, precision: dict,
+                   resumed_from: int | None) -> dict:
+    """Write the recovered student atomically (rank 0) with its recovery record; returns the report.
+
+    Args:
+        config: the recovery settings.
+        out: the output folder (its working folder ``<out>.partial`` holds the metrics).
+        student: the trained student.
+        tokenizer: saved next to it.
+        cache: the teacher cache trained from, or None.
+        data: the held-out and training rows (their counts and sources go into the record).
+        schedule: the run's step arithmetic.
+        result: what :func:`~minicompress.distillation.distill.distill` returned (``before``,
+            ``elapsed``).
+        precision: the precision record.
+        resumed_from: the checkpoint step the run resumed from, or None.
+    """
+    world, main = distributed.world_size(), distributed.is_main()
+    work = working_folder(out)
     before, elapsed = result["before"], result["elapsed"]
-    n_eval = data.eval_ids.shape[0]
+    n_eval, n_train = data.eval_ids.shape[0], data.num_train
     sources = data.tokens_per_source(schedule.total_steps * schedule.accum_steps * config.micro_batch_size * world,
                                      config.data.seq_len)
-    return _write_student(config, out, work, student, tokenizer, cache=cache, schedule=schedule, n_eval=n_eval,
-                          n_train=data.num_train, before=before, precision=precision, elapsed=elapsed,
-                          resumed_from=resumed_from, sources=sources)
-
-
-def _write_student(config: RecoverConfig, out: Path, work: Path, student, tokenizer, *, cache, schedule: Schedule,
-                   n_eval: int, n_train: int, before: dict, precision: dict, elapsed: float,
-                   resumed_from: int | None, sources: dict[str, int]) -> dict:
-    """Write the recovered student atomically (rank 0) with its recovery record; returns the report."""
-    world, main = distributed.world_size(), distributed.is_main()
     metrics_path = work / METRICS_FILE
     records = distributed.broadcast_object(read_metrics(metrics_path) if main else None)
     if main:
