@@ -200,13 +200,14 @@ def evaluate_draft(model, draft, prompts: list, *, new_tokens: int, draft_tokens
     """
     from ..evaluation.perplexity import parameter_summary
     from ..progress import progress_bar
-    from ..evaluation.draft import measure_draft
+    from ..evaluation.draft import DraftSettings, measure_draft
 
     log.info("draft test: %d prompts of %d tokens, %d new tokens each, draft tokens per teacher forward: %d",
              len(prompts), prompts[0].numel(), new_tokens, draft_tokens)
     with progress_bar("draft", len(prompts), unit="prompt") as bar:
-        result = measure_draft(model, draft, prompts, new_tokens=new_tokens, num_assistant_tokens=draft_tokens,
-                               autocast=autocast, on_prompt=lambda done: bar.advance(1))
+        result = measure_draft(model, draft, prompts, new_tokens=new_tokens,
+                               settings=DraftSettings(num_assistant_tokens=draft_tokens), autocast=autocast,
+                               on_prompt=lambda done: bar.advance(1))
     out = {_DRAFT_KEYS.get(key, f"draft_{key}"): value for key, value in result.items()}
     out["draft_parameters"] = parameter_summary(draft)["total"]
     return out
