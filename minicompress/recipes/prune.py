@@ -35,7 +35,7 @@ from ..progress import progress_bar
 from ..pruning.plan import apply_plan_, make_plan, pruned_copy
 from ..quantize import is_quantized
 from ..runtime import model_device
-from ..pruning.search import row_target, search_architecture, validate_target, zero_shot_ranking
+from ..pruning.search import SearchSpace, row_target, search_architecture, validate_target, zero_shot_ranking
 from ..pruning.scoring import ImportanceScores
 from .score import calibration_batches, score
 
@@ -129,8 +129,8 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                                                   batch_size=2, layer_scores=False), tokenizer)
             with progress_bar("search", None, unit="cand") as bar:
                 _, search_table = search_architecture(model, scores, target.target_params, batches,
-                                                      layer_metric=target.layer_metric,
-                                                      width_multiple=target.width_multiple,
+                                                      space=SearchSpace(layer_metric=target.layer_metric,
+                                                                        width_multiple=target.width_multiple),
                                                       finalists=max(6, config.search_distill_candidates),
                                                       progress=bar)
             if save_table is not None:
