@@ -207,8 +207,10 @@ def main() -> None:
             ("frozen float32 weights, autocast bf16", frozen, dict(autocast="bfloat16")),
             ("DynamicCache", teacher, dict(autocast=precision, decode=sampling.DecodeOptions(cache="dynamic"))),
             ("StaticCache", teacher, dict(autocast=precision, decode=sampling.DecodeOptions(cache="static"))),
-            ("transformers sdpa attention", teacher, dict(autocast=precision, decode=sampling.DecodeOptions(attention="sdpa"))),
-            ("torch.multinomial draws", teacher, dict(autocast=precision, decode=sampling.DecodeOptions(draw="multinomial"))),
+            ("transformers sdpa attention", teacher,
+             dict(autocast=precision, decode=sampling.DecodeOptions(attention="sdpa"))),
+            ("torch.multinomial draws", teacher,
+             dict(autocast=precision, decode=sampling.DecodeOptions(draw="multinomial"))),
         ]
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
         for _ in range(args.ablation_repeats):  # interleaved: every variant sees the same load

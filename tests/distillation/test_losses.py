@@ -372,7 +372,8 @@ def test_closed_form_path_matches_naive(kl_weight, ce_weight, tau, chunk_size):
     assert L._use_fast_path(cfg, has_teacher_logits=kl_weight != 0.0)
     _compare(h, w, L.TeacherTargets(th, tw), labels,
              loss=L.LogitLoss(kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau),
-             numerics=L.LossNumerics(chunk_size=chunk_size), ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
+             numerics=L.LossNumerics(chunk_size=chunk_size),
+             ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
     # without gradients (evaluation) the loss is the same
     with torch.no_grad():
         out = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels,
@@ -461,7 +462,8 @@ def test_chunked_bf16_inputs(fp32_matmul):
     tol = dict(rtol=1e-5, atol=1e-6) if fp32_matmul else dict(rtol=3e-2, atol=3e-2)
     matmul_dtype = torch.float32 if fp32_matmul else None  # None: the weight's dtype
     _compare(h, w, L.TeacherTargets(th, tw), labels, loss=L.LogitLoss(ce_weight=0.3),
-             numerics=L.LossNumerics(chunk_size=3, matmul_dtype=matmul_dtype), grad_rtol=3e-2, grad_atol=2e-3, ref_kwargs=dict(ce_weight=0.3), **tol)
+             numerics=L.LossNumerics(chunk_size=3, matmul_dtype=matmul_dtype), grad_rtol=3e-2, grad_atol=2e-3,
+             ref_kwargs=dict(ce_weight=0.3), **tol)
 
 
 def test_chunked_fp32_matmul_false_float32_inputs():
@@ -472,7 +474,8 @@ def test_chunked_fp32_matmul_false_float32_inputs():
 
 def test_chunked_under_autocast():
     h, w, th, tw, labels = _setup(9)
-    kwargs = dict(labels=labels, numerics=L.LossNumerics(chunk_size=3), loss=L.LogitLoss(ce_weight=0.5, kind="reverse_kl"))
+    kwargs = dict(labels=labels, numerics=L.LossNumerics(chunk_size=3),
+                  loss=L.LogitLoss(ce_weight=0.5, kind="reverse_kl"))
     h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     plain = L.chunked_distill_loss(h1, w1, L.TeacherTargets(th, tw), **kwargs)
     plain.backward()
@@ -499,8 +502,9 @@ def test_chunked_under_autocast():
 def test_chunked_grad_output_scaling_and_components():
     h, w, th, tw, labels = _setup(10)
     h1 = h.clone().requires_grad_(True)
-    loss, comps = L.chunked_distill_loss(h1, w, L.TeacherTargets(th, tw), labels=labels, loss=L.LogitLoss(ce_weight=0.5),
-                                         numerics=L.LossNumerics(chunk_size=4), return_components=True)
+    loss, comps = L.chunked_distill_loss(h1, w, L.TeacherTargets(th, tw), labels=labels,
+                                         loss=L.LogitLoss(ce_weight=0.5), numerics=L.LossNumerics(chunk_size=4),
+                                         return_components=True)
     (3.0 * loss).backward()
     h2 = h.clone().requires_grad_(True)
     L.chunked_distill_loss(h2, w, L.TeacherTargets(th, tw), labels=labels, loss=L.LogitLoss(ce_weight=0.5),
@@ -701,7 +705,8 @@ def test_topk_closed_form_matches_naive(ce_weight, tau, chunk_size):
     tv, ti = (th @ tw.t()).topk(10, dim=-1)
     _compare(h, w, L.TeacherTargets(topk=(tv, ti)), labels,
              loss=L.LogitLoss(kind="topk_kl", temperature=tau, ce_weight=ce_weight),
-             numerics=L.LossNumerics(chunk_size=chunk_size), ref_kwargs=dict(topk=(tv, ti), tau=tau, ce_weight=ce_weight))
+             numerics=L.LossNumerics(chunk_size=chunk_size),
+             ref_kwargs=dict(topk=(tv, ti), tau=tau, ce_weight=ce_weight))
 
 
 def _ref_sampled(h, w, logp, idx, labels, ce_weight=0.0):
@@ -785,7 +790,8 @@ def test_reused_buffers_do_not_leak_between_calls():
     def run(setup):
         h, w, th, tw, labels = setup
         h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss = L.chunked_distill_loss(h_, w_, L.TeacherTargets(th, tw), labels=labels, numerics=L.LossNumerics(chunk_size=4))
+        loss = L.chunked_distill_loss(h_, w_, L.TeacherTargets(th, tw), labels=labels,
+                                      numerics=L.LossNumerics(chunk_size=4))
         loss.backward()
         return loss.detach(), h_.grad, w_.grad
 
@@ -832,7 +838,8 @@ def test_compiled_chunk_matches_naive(kl_weight, ce_weight, tau):
     h, w, th, tw, labels = _setup(12)
     _compare(h, w, L.TeacherTargets(th, tw), labels,
              loss=L.LogitLoss(kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau),
-             numerics=L.LossNumerics(chunk_size=4, compiled=True), ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
+             numerics=L.LossNumerics(chunk_size=4, compiled=True),
+             ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
     with torch.no_grad():
         out = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels,
                                      loss=L.LogitLoss(kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau),
@@ -852,7 +859,8 @@ def test_compiled_chunk_in_bf16_matches_the_eager_bf16_path():
     for compiled in (False, True):
         h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
         loss = L.chunked_distill_loss(h_, w_, L.TeacherTargets(th, tw), labels=labels,
-                                      numerics=L.LossNumerics(chunk_size=4, matmul_dtype=torch.bfloat16, compiled=compiled))
+                                      numerics=L.LossNumerics(chunk_size=4, matmul_dtype=torch.bfloat16,
+                                                              compiled=compiled))
         loss.backward()
         outs.append((loss.detach(), h_.grad, w_.grad))
     (l0, gh0, gw0), (l1, gh1, gw1) = outs

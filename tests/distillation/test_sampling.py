@@ -65,8 +65,8 @@ def test_greedy_matches_naive_loop_and_hf_generate(model):
 def test_logprobs_match_one_full_forward(model, bos):
     prompts = torch.tensor([[5, 6, 7], [40, 41, 42]])
     seq_len = 18
-    out = sampling.sample_batch(model, prompts, seq_len, sampling=sampling.SamplingConfig(samples=12), generator=_gen(3),
-                                bos_token_id=bos)
+    out = sampling.sample_batch(model, prompts, seq_len, sampling=sampling.SamplingConfig(samples=12),
+                                generator=_gen(3), bos_token_id=bos)
     ids, idx, lp = out["input_ids"], out["sample_indices"], out["sample_logprobs"]
     assert ids.shape == (2, seq_len)
     assert idx.shape == lp.shape == (2, seq_len, 12)
