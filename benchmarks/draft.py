@@ -48,7 +48,7 @@ ABLATIONS = ("constant:1", "constant:2", "constant:3", "constant:4", "constant:5
 
 
 def parse_setting(text: str) -> dict:
-    """``constant:K`` / ``heuristic:K`` / ``default`` as ``measure_draft`` keyword arguments."""
+    """``constant:K`` / ``heuristic:K`` / ``default`` as ``DraftSettings`` keyword arguments."""
     if text == "default":
         return {"num_assistant_tokens": 20, "schedule": "constant", "confidence_threshold": 0.4}
     schedule, _, k = text.partition(":")
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from minicompress.hardware import resolve_autocast
     from minicompress.models import load_for_flag
     from minicompress.data.sources import bos_token_id, load_token_stream
-    from minicompress.evaluation.draft import check_draft, draft_prompts
-    from minicompress.evaluation.draft import measure_draft
+    from minicompress.evaluation.draft import DraftSettings, check_draft, draft_prompts, measure_draft
 
     from transformers.utils import logging as hf_logging
 
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for text in settings:
             row = {"draft": path, "draft_parameters": parameter_summary(draft)["total"], "setting": text,
                    **measure_draft(teacher, draft, prompts, new_tokens=args.new_tokens, autocast=args.autocast,
-                                   **parse_setting(text)),
+                                   settings=DraftSettings(**parse_setting(text))),
                    "load_average": load_average()}
             record["rows"].append(row)
             print(f"{path} {text}: acceptance {row['acceptance_rate']:.3f}, speedup {row['speedup']:.3f}, "

@@ -205,10 +205,12 @@ def main() -> None:
             ("float32 weights, no autocast", model, dict(autocast="none")),
             ("float32 weights, autocast bf16 (casts cached)", model, dict(autocast="bfloat16")),
             ("frozen float32 weights, autocast bf16", frozen, dict(autocast="bfloat16")),
-            ("DynamicCache", teacher, dict(autocast=precision, cache="dynamic")),
-            ("StaticCache", teacher, dict(autocast=precision, cache="static")),
-            ("transformers sdpa attention", teacher, dict(autocast=precision, attention="sdpa")),
-            ("torch.multinomial draws", teacher, dict(autocast=precision, draw="multinomial")),
+            ("DynamicCache", teacher, dict(autocast=precision, decode=sampling.DecodeOptions(cache="dynamic"))),
+            ("StaticCache", teacher, dict(autocast=precision, decode=sampling.DecodeOptions(cache="static"))),
+            ("transformers sdpa attention", teacher,
+             dict(autocast=precision, decode=sampling.DecodeOptions(attention="sdpa"))),
+            ("torch.multinomial draws", teacher,
+             dict(autocast=precision, decode=sampling.DecodeOptions(draw="multinomial"))),
         ]
         runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
         for _ in range(args.ablation_repeats):  # interleaved: every variant sees the same load
@@ -223,7 +225,8 @@ def main() -> None:
         del frozen
         short = 64
         start_ids = sampling.start_tokens(tokenizer, batch, seed=0)
-        ours_short = timed_sample(teacher, start_ids, 1 + short, greedy_tokens=0, autocast=precision)
+        ours_short = timed_sample(teacher, start_ids, 1 + short, sampling=sampling.SamplingConfig(greedy_tokens=0),
+                                  autocast=precision)
         hf = hf_generate(teacher, start_ids, short, precision)
         base = rows[0]["step_ms"]
         record["ablations"] = {"batch": batch, "prompt": plen, "steps": steps, "rows": rows,

@@ -33,7 +33,7 @@ from minicompress.data.sources import load_token_stream
 from minicompress.evaluation.perplexity import eval_windows, evaluate_perplexity
 from minicompress.models import load_model
 from minicompress.pruning.plan import make_plan, pruned_copy
-from minicompress.pruning.search import search_architecture
+from minicompress.pruning.search import SearchSpace, search_architecture
 from minicompress.pruning.scoring import ImportanceScores, score_model
 
 
@@ -149,7 +149,7 @@ def main() -> None:
             run(f"{tag} depth", "random layers", kinds["random"], {"num_hidden_layers": depth, "layer_metric": "bi"})
         t = time.perf_counter()
         best, table = search_architecture(model, scores, budget + (0.009 if budget == 0.5 else 0.01), search_batches,
-                                          tolerance=0.02)
+                                          space=SearchSpace(tolerance=0.02))
         searches[tag] = {"best": best, "seconds": time.perf_counter() - t, "candidates": table}
         console.print(f"search {tag}: {len(table)} candidates in {searches[tag]['seconds']:.0f}s -> {best}")
         for kind, importance in kinds.items():

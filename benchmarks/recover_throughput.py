@@ -88,7 +88,7 @@ from minicompress.config import LossConfig
 from minicompress.distillation.loop import (make_optimizer, compile_layers_, count_targets, micro_batch_loss,
     shift_labels)
 from minicompress.runtime import autocast_context
-from minicompress.distillation.losses import chunked_distill_loss
+from minicompress.distillation.losses import LogitLoss, LossNumerics, TeacherTargets, chunked_distill_loss
 from minicompress.measure import PeakMemory, release_free_heap
 from minicompress.models import load_model
 
@@ -149,9 +149,10 @@ def step_ours(student, teacher, ids, optimizer, chunk_size, autocast="none") -> 
     with autocast_context("cpu", autocast):
         hidden = student.model(input_ids=ids, use_cache=False).last_hidden_state
     t2 = time.perf_counter()
-    loss = chunked_distill_loss(hidden, arch.lm_head_weight(student), t_hidden, arch.lm_head_weight(teacher),
-                                labels=labels, kl_weight=1.0, ce_weight=0.0, kind="forward_kl",
-                                chunk_size=chunk_size)
+    loss = chunked_distill_loss(hidden, arch.lm_head_weight(student),
+                                TeacherTargets(t_hidden, arch.lm_head_weight(teacher)), labels=labels,
+                                loss=LogitLoss(kind="forward_kl", kl_weight=1.0, ce_weight=0.0),
+                                numerics=LossNumerics(chunk_size=chunk_size))
     t3 = time.perf_counter()
     loss.backward()
     t4 = time.perf_counter()
@@ -245,8 +246,9 @@ def make_loss_only_steps(student, teacher, ids, chunk_size: int, extra_chunks: t
         return step
 
     def ours(h, chunk=chunk_size):
-        return chunked_distill_loss(h, w_s, h_t, w_t, labels=labels, kl_weight=1.0, ce_weight=0.0,
-                                    kind="forward_kl", chunk_size=chunk)
+        return chunked_distill_loss(h, w_s, TeacherTargets(h_t, w_t), labels=labels,
+                                    loss=LogitLoss(kind="forward_kl", kl_weight=1.0, ce_weight=0.0),
+                                    numerics=LossNumerics(chunk_size=chunk))
 
     def naive(h):
         s_logp = F.log_softmax(F.linear(h, w_s).float(), dim=-1)

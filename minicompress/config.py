@@ -570,7 +570,7 @@ class RecoverConfig:
             (CUDA, or a C++ compiler for CPU), without activation checkpointing; ``true`` /
             ``false`` force it. Compiling costs about 25 s once. With it the fused
             vocabulary loss runs each chunk as one compiled kernel
-            (``chunked_distill_loss(compiled=True)``) and, on CPU, the student's attention
+            (``LossNumerics(compiled=True)`` of ``chunked_distill_loss``) and, on CPU, the student's attention
             backward runs as compiled bf16 GEMMs (:mod:`minicompress.distillation.attention`).
         reshard_after_forward: under torchrun, free each FSDP2 layer's gathered weights
             after its forward and gather them again in backward (least memory); False

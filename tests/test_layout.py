@@ -124,3 +124,46 @@ def test_components_never_import_recipes_and_recipes_import_only_commands():
             assert importer in ("minicompress.cli", "minicompress.reports"), (importer, module, name)
         elif importer != module:
             assert name in COMMANDS or (importer, module, name) in RECIPE_HELPERS, (importer, module, name)
+
+
+#: The most parameters a function of the package takes (``self``/``cls`` not counted, ``*args``
+#: and ``**kwargs`` one each); longer lists are grouped into small frozen dataclasses (issue 28).
+MAX_PARAMETERS = 10
+#: ``{"module:function": reason}``: the only functions allowed more.
+PARAMETER_ALLOW_LIST = {
+    "minicompress.evaluation.perplexity:evaluate_model": "the public Python API (mc.evaluate): one keyword per "
+                                                "EvalConfig setting, documented in the README",
+}
+
+
+def parameter_count(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    a = node.args
+    names = [p.arg for p in a.posonlyargs + a.args]
+    bound = 1 if names and names[0] in ("self", "cls") else 0
+    return len(names) - bound + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+
+
+def long_parameter_lists() -> dict[str, int]:
+    """``{"module:function": parameters}`` of every function (nested ones too) over :data:`MAX_PARAMETERS`."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and parameter_count(node) > MAX_PARAMETERS:
+                out[f"{module_name(path)}:{node.name}"] = parameter_count(node)
+    return out
+
+
+def test_parameter_count_counts_every_kind_of_parameter():
+    tree = ast.parse("def f(a, /, b, *c, d, **e): pass\n"
+                     "class K:\n    def m(self, a, *, b): pass\n    @classmethod\n    def k(cls, a): pass\n")
+    counts = {n.name: parameter_count(n) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert counts == {"f": 5, "m": 2, "k": 1}
+
+
+def test_no_function_takes_more_than_ten_parameters():
+    """Long parameter lists are grouped into small config objects (TeacherTargets, LogitLoss and
+    LossNumerics of chunked_distill_loss, SamplingConfig, StepRuntime ...); the allow-list names the
+    exceptions, each with its reason, and holds no stale entry."""
+    long = long_parameter_lists()
+    assert set(long) - set(PARAMETER_ALLOW_LIST) == set(), long
+    assert set(PARAMETER_ALLOW_LIST) <= set(long), "an allow-list entry no longer needs it: drop it"

@@ -44,7 +44,7 @@ from ..data.rows import TrainingData
 from ..errors import MinicompressError
 from ..measure import synchronize
 from ..runtime import autocast_context, model_device
-from .loop import Schedule, batch_positions, default_warmup_steps, evaluate_on_ranks, make_optimizer
+from .loop import Schedule, StepRuntime, batch_positions, default_warmup_steps, evaluate_on_ranks, make_optimizer
 
 #: The shape keys of a pruning plan's ``original`` (the model a plan was made from).
 _SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -442,7 +442,7 @@ def blockwise_batches(data: TrainingData, *, micro_batch_size: int, accum_steps:
 
 
 def blockwise_distill(student: torch.nn.Module, teacher: torch.nn.Module, data: TrainingData, config: RecoverConfig,
-                      bmap: BlockMap, *, device: torch.device, autocast: str, offset: int, accum_steps: int,
+                      bmap: BlockMap, *, runtime: StepRuntime, offset: int, accum_steps: int,
                       restore: Callable[[BlockwiseState], None] | None = None,
                       on_step: Callable[[dict, BlockwiseState], None] | None = None) -> dict:
     """The blockwise stage in memory: evaluate, :func:`train_blocks`, evaluate.
@@ -454,8 +454,7 @@ def blockwise_distill(student: torch.nn.Module, teacher: torch.nn.Module, data: 
         config: the recovery settings (``blockwise_tokens``, ``blockwise_lr``, ``lr``,
             ``weight_decay``, ``micro_batch_size``, ``eval_batch_size``, ``loss.chunk_size``).
         bmap: the block map.
-        device: the student's device.
-        autocast: ``none`` or ``bfloat16``.
+        runtime: the student's device and autocast (``none`` or ``bfloat16``).
         offset: the stream position of the stage's first row (:func:`blockwise_batches`).
         accum_steps: micro batches per step.
         restore: called once the optimizer exists; loads a checkpoint into ``state`` and
@@ -475,13 +474,14 @@ def blockwise_distill(student: torch.nn.Module, teacher: torch.nn.Module, data: 
     eval_ids = data.eval_ids
 
     def blocks() -> list[float]:
-        return evaluate_blocks(student, teacher, bmap, eval_ids, batch_size=config.eval_batch_size, autocast=autocast)
+        return evaluate_blocks(student, teacher, bmap, eval_ids, batch_size=config.eval_batch_size,
+                               autocast=runtime.autocast)
 
     if restore is not None:
         restore(state)
     if state.before is None:
         metrics = evaluate_on_ranks(student, eval_ids, teacher=teacher, batch_size=config.eval_batch_size,
-                                    autocast=autocast, chunk_size=config.loss.chunk_size)
+                                    autocast=runtime.autocast, chunk_size=config.loss.chunk_size)
         state.before = {"nmse_blocks": blocks(), "metrics": metrics}
 
     def step_done(record: dict) -> None:
@@ -492,7 +492,7 @@ def blockwise_distill(student: torch.nn.Module, teacher: torch.nn.Module, data: 
 
     batches = blockwise_batches(data, micro_batch_size=config.micro_batch_size, accum_steps=accum_steps,
                                 offset=offset)
-    train_blocks(student, teacher, bmap, batches, state.optimizer, schedule, step_done, device=device,
-                 start_step=state.start_step, autocast=autocast)
+    train_blocks(student, teacher, bmap, batches, state.optimizer, schedule, step_done, device=runtime.device,
+                 start_step=state.start_step, autocast=runtime.autocast)
     return {"before": state.before, "nmse_after": blocks(), "elapsed": state.elapsed,
             "start_step": state.start_step, "steps": schedule.total_steps}

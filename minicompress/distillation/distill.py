@@ -25,8 +25,8 @@ from ..data.mixture import source_epoch_index
 from ..data.rows import TrainingData
 from ..errors import MinicompressError
 from . import attention, losses
-from .loop import (Batches, Schedule, batch_positions, compile_layers_, default_warmup_steps, evaluate_on_ranks,
-                   make_optimizer, train)
+from .loop import (Batches, Schedule, StepRuntime, batch_positions, compile_layers_, default_warmup_steps,
+                   evaluate_on_ranks, make_optimizer, train)
 from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ class DistillState:
     after: dict = field(default_factory=dict)
 
 
-def make_schedule(config: RecoverConfig, world: int, num_train: int) -> tuple[Schedule, int]:
-    """The run's :class:`~minicompress.distillation.loop.Schedule` and micro batches per step and rank.
+def make_schedule(config: RecoverConfig, world: int, num_train: int) -> Schedule:
+    """The run's :class:`~minicompress.distillation.loop.Schedule`, micro batches per step and rank included.
 
     Args:
         config: the recovery settings (``tokens``, ``global_batch_tokens``, ``lr`` ...).
@@ -83,11 +83,11 @@ def make_schedule(config: RecoverConfig, world: int, num_train: int) -> tuple[Sc
     if epochs > 1:
         log.warning("recover: %d training sequences are read %.1f times (tokens=%d)", num_train, epochs, config.tokens)
     return Schedule(lr=config.lr, min_lr=config.min_lr, warmup_steps=warmup, total_steps=total_steps,
-                    tokens_per_step=config.global_batch_tokens, grad_clip=config.grad_clip), accum_steps
+                    tokens_per_step=config.global_batch_tokens, grad_clip=config.grad_clip, accum_steps=accum_steps)
 
 
 def prepare_training_(student: torch.nn.Module, teacher: torch.nn.Module | None, config: RecoverConfig, *,
-                      device: torch.device, autocast: str, compile: bool) -> tuple[list, Any, torch.optim.Optimizer, str | None]:
+                      runtime: StepRuntime) -> tuple[list, Any, torch.optim.Optimizer, str | None]:
     """Ready a placed student for training, in place.
 
     Activation checkpointing (one process; FSDP2 applies its own), ``torch.compile`` of the
@@ -95,13 +95,20 @@ def prepare_training_(student: torch.nn.Module, teacher: torch.nn.Module | None,
     backward as compiled bf16 GEMMs (:mod:`minicompress.distillation.attention`; measured faster
     only there), the intermediate-state loss and the optimizer.
 
+    Args:
+        student: the placed student (train mode).
+        teacher: the frozen teacher, or None.
+        config: the recovery settings (``activation_checkpointing``, ``loss``, ``lr`` ...).
+        runtime: the device, autocast and whether to compile (:class:`~minicompress.distillation.loop.StepRuntime`).
+
     Returns:
         ``(compiled layers, intermediate loss or None, optimizer, attention name or None)``.
     """
+    device, autocast = runtime.device, runtime.autocast
     if distributed.world_size() == 1 and config.activation_checkpointing:
         distributed.enable_activation_checkpointing(student)
     compiled, attention_name = [], None
-    if compile:
+    if runtime.compiled:
         compiled = compile_layers_(student) + (compile_layers_(teacher) if teacher is not None else [])
         if device.type == "cpu" and autocast == "bfloat16" and attention.use_training_attention_(student):
             attention_name = attention.NAME
@@ -136,8 +143,8 @@ def micro_batches(data: TrainingData, cache: TeacherCache | None, *, micro_batch
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, data: TrainingData, config: RecoverConfig,
-            schedule: Schedule, accum_steps: int, *, device: torch.device, autocast: str, compile: bool,
-            cache: TeacherCache | None = None, restore: Callable[[DistillState], None] | None = None,
+            schedule: Schedule, *, runtime: StepRuntime, cache: TeacherCache | None = None,
+            restore: Callable[[DistillState], None] | None = None,
             on_step: Callable[[dict, DistillState], None] | None = None) -> dict:
     """Distil ``student`` (placed, in train mode) from ``teacher`` (placed, frozen) in memory.
 
@@ -147,15 +154,13 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, data: Tra
     back as they came.
 
     Args:
-        student: the student, on ``device`` (FSDP2-sharded under torchrun).
+        student: the student, on ``runtime.device`` (FSDP2-sharded under torchrun).
         teacher: the frozen teacher, or None (a teacher cache or CE only).
         data: held-out and training rows.
         config: the recovery settings (loss, eval_every, micro_batch_size, seed ...).
-        schedule: the step arithmetic (:func:`make_schedule`).
-        accum_steps: micro batches per step and rank (:func:`make_schedule`).
-        device: where inputs go.
-        autocast: ``none`` or ``bfloat16``.
-        compile: compile the decoder layers (:func:`~minicompress.hardware.resolve_compile`).
+        schedule: the step arithmetic, micro batches per step and rank included (:func:`make_schedule`).
+        runtime: where inputs go, ``none`` or ``bfloat16`` autocast, and whether to compile the
+            decoder layers and the loss kernel (:func:`~minicompress.hardware.resolve_compile`).
         cache: a teacher cache (its targets replace a live teacher).
         restore: called once the optimizer exists; loads a checkpoint into the state
             (``optimizer``, ``intermediate``) and sets ``start_step``, ``elapsed`` and ``before``.
@@ -168,15 +173,15 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, data: Tra
         metrics before training and at the last evaluation, training seconds, the first step
         run, whether layers were compiled, and the attention kernel used (or None).
     """
-    compiled, intermediate, optimizer, attention_name = prepare_training_(
-        student, teacher, config, device=device, autocast=autocast, compile=compile)
+    compiled, intermediate, optimizer, attention_name = prepare_training_(student, teacher, config, runtime=runtime)
     state = DistillState(optimizer=optimizer, intermediate=intermediate)
     eval_ids = data.eval_ids
     n_eval = eval_ids.shape[0]
 
     def evaluate() -> dict:
         return evaluate_on_ranks(student, eval_ids, teacher=teacher, cache=cache, cache_rows=torch.arange(n_eval),
-                                 batch_size=config.eval_batch_size, autocast=autocast, chunk_size=config.loss.chunk_size)
+                                 batch_size=config.eval_batch_size, autocast=runtime.autocast,
+                                 chunk_size=config.loss.chunk_size)
 
     def step_done(record: dict) -> None:
         state.elapsed += record.pop("step_seconds")
@@ -195,10 +200,10 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, data: Tra
             state.before = state.after = evaluate()
             if on_step is not None:
                 on_step({"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in state.before.items()}}, state)
-        batches = micro_batches(data, cache, micro_batch_size=config.micro_batch_size, accum_steps=accum_steps,
-                                seed=config.seed)
-        train(student, teacher, batches, optimizer, schedule, step_done, loss=config.loss, device=device,
-              start_step=state.start_step, autocast=autocast, intermediate=intermediate, compiled=compile)
+        batches = micro_batches(data, cache, micro_batch_size=config.micro_batch_size,
+                                accum_steps=schedule.accum_steps, seed=config.seed)
+        train(student, teacher, batches, optimizer, schedule, step_done, loss=config.loss, runtime=runtime,
+              start_step=state.start_step, intermediate=intermediate)
     finally:
         for layer in compiled:  # the caller's in-memory models go back as they came
             layer._compiled_call_impl = None  # what nn.Module.compile set

@@ -201,8 +201,9 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         intermediate: the intermediate-state loss module (needs ``teacher``).
         normalizer: scored targets of the whole step (None: this batch's own).
         autocast: ``none`` or ``bfloat16``.
-        compiled: the loss's compiled chunk kernel (``chunked_distill_loss(compiled=True)``;
-            what ``recover`` passes when it compiles the decoder layers).
+        compiled: the loss's compiled chunk kernel (``LossNumerics(compiled=True)`` of
+            :func:`losses.chunked_distill_loss`; what ``recover`` passes when it compiles
+            the decoder layers).
 
     Under torchrun the whole computation runs as a forward of the student's FSDP root
     (:func:`distributed.run_in_root`), so ``lm_head_weight(student)`` is the gathered
@@ -237,31 +238,29 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
     use_teacher = teacher is not None and teacher_topk is None and (loss.kl_weight > 0 or want_states)
     with autocast_context(device, autocast):
         out = student.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_states)
-    t_hidden = t_weight = t_out = None
+    t_out = t_targets = None
     if use_teacher:
         t_device = model_device(teacher)
         with torch.no_grad(), autocast_context(t_device, autocast):
             t_out = distributed.run_in_root(teacher, lambda: teacher.model(
                 input_ids=input_ids.to(t_device), use_cache=False, output_hidden_states=want_states))
-        t_hidden = t_out.last_hidden_state.to(device)
-        t_weight = distributed.full_tensor(arch.lm_head_weight(teacher)).detach().to(device)
+        t_targets = losses.TeacherTargets(
+            t_out.last_hidden_state.to(device),
+            distributed.full_tensor(arch.lm_head_weight(teacher)).detach().to(device),
+            softcap=arch.logit_softcap(teacher))
     # the step's normalizer inside the loss: no [V, H] rescale in its backward (the IS term needs the mean)
     inside = normalizer if (normalizer and not want_states) else None
-    kind, sparse = loss.kind, None
+    kind = loss.kind
     if teacher_topk is not None:
         kind = teacher_topk[2] if len(teacher_topk) == 3 else "topk_kl"
-        sparse = (teacher_topk[0].to(device), teacher_topk[1].to(device))
+        t_targets = losses.TeacherTargets.from_cache(teacher_topk[0].to(device), teacher_topk[1].to(device), kind)
     logit_loss, parts = losses.chunked_distill_loss(
-        out.last_hidden_state, arch.lm_head_weight(student), t_hidden, t_weight,
-        labels=labels,
-        teacher_topk=sparse if kind == "topk_kl" else None,
-        teacher_samples=sparse if kind == "sampled_kl" else None,
-        kl_weight=loss.kl_weight,
-        ce_weight=loss.ce_weight, kind=kind, temperature=loss.temperature, beta=loss.beta,
-        chunk_size=loss.chunk_size, student_softcap=arch.logit_softcap(student),
-        teacher_softcap=arch.logit_softcap(teacher) if use_teacher else None,
-        matmul_dtype=torch.bfloat16 if resolve_autocast(autocast, device) == "bfloat16" else torch.float32,
-        normalizer=inside, compiled=compiled, return_components=True,
+        out.last_hidden_state, arch.lm_head_weight(student), t_targets, labels=labels,
+        loss=losses.LogitLoss.from_config(loss, kind=kind),
+        numerics=losses.LossNumerics(
+            chunk_size=loss.chunk_size, compiled=compiled,
+            matmul_dtype=torch.bfloat16 if resolve_autocast(autocast, device) == "bfloat16" else torch.float32),
+        student_softcap=arch.logit_softcap(student), normalizer=inside, return_components=True,
     )
     share = inside / targets if (inside and targets) else 1.0  # a share of the step's mean -> this batch's mean
     stats = {"kl": float(parts["kl"]) * share, "ce": float(parts["ce"]) * share}
@@ -320,11 +319,11 @@ def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *
                         hidden = final_hidden(student, ids)
                     values, indices, kind = cache.targets(rows)
                     _, parts = losses.chunked_distill_loss(
-                        hidden, arch.lm_head_weight(student), labels=shift_labels(ids),
-                        teacher_topk=(values.to(device), indices.to(device)) if kind == "topk_kl" else None,
-                        teacher_samples=(values.to(device), indices.to(device)) if kind == "sampled_kl" else None,
-                        kl_weight=1.0, ce_weight=0.0, kind=kind, chunk_size=chunk_size, student_softcap=arch.logit_softcap(student),
-                        return_components=True)
+                        hidden, arch.lm_head_weight(student),
+                        losses.TeacherTargets.from_cache(values.to(device), indices.to(device), kind),
+                        labels=shift_labels(ids), loss=losses.LogitLoss(kind=kind),
+                        numerics=losses.LossNumerics(chunk_size=chunk_size),
+                        student_softcap=arch.logit_softcap(student), return_components=True)
                     n = count_targets(ids)
                     kl_sum += float(parts["kl"]) * n
                     count += n
@@ -440,6 +439,7 @@ class Schedule:
         total_steps: optimizer steps of the whole run.
         tokens_per_step: tokens of one optimizer step over all ranks (``global_batch_tokens``).
         grad_clip: global gradient-norm clip (0: none).
+        accum_steps: micro batches per optimizer step and rank (gradient accumulation).
     """
 
     lr: float
@@ -448,11 +448,31 @@ class Schedule:
     total_steps: int
     tokens_per_step: int
     grad_clip: float = 1.0
+    accum_steps: int = 1
 
     def lr_at(self, step: int) -> float:
         """:func:`lr_at` of this schedule."""
         return lr_at(step, lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
                      total_steps=self.total_steps)
+
+
+@dataclass(frozen=True)
+class StepRuntime:
+    """Where and how the steps run (not what they compute), shared by :func:`train` and
+    :func:`~minicompress.distillation.distill.distill`.
+
+    Attributes:
+        device: where the student's inputs go.
+        autocast: ``none`` or ``bfloat16`` (resolved: not ``auto``).
+        compiled: ``torch.compile`` the decoder layers of both models
+            (:func:`~minicompress.distillation.distill.distill`) and run the fused loss's
+            compiled chunk kernel (see :func:`micro_batch_loss`); what
+            :func:`~minicompress.hardware.resolve_compile` decided.
+    """
+
+    device: torch.device
+    autocast: str = "none"
+    compiled: bool = False
 
 
 #: ``batches(step)`` -> this rank's micro batches of optimizer step ``step``: ``[(input_ids [B, L],
@@ -462,8 +482,8 @@ Batches = Callable[[int], list[tuple[torch.Tensor, Any]]]
 
 def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Batches,
           optimizer: torch.optim.Optimizer, schedule: Schedule, on_step: Callable[[dict], None] | None = None, *,
-          loss: LossConfig, device: torch.device, start_step: int = 0, autocast: str = "none",
-          intermediate: losses.IntermediateStateLoss | None = None, compiled: bool = False) -> None:
+          loss: LossConfig, runtime: StepRuntime, start_step: int = 0,
+          intermediate: losses.IntermediateStateLoss | None = None) -> None:
     """Distil ``student`` from ``teacher`` for ``schedule.total_steps - start_step`` optimizer steps.
 
     Each step: set the learning rate, take the step's micro batches, weight each by its
@@ -480,16 +500,15 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Ba
         schedule: learning rate and step arithmetic.
         on_step: called after every optimizer step with its record.
         loss: loss weights and kind.
-        device: where the student's inputs go.
+        runtime: device, autocast and the loss's compiled chunk kernel (:class:`StepRuntime`).
         start_step: the first step to run (a resumed run's checkpoint step).
-        autocast: ``none`` or ``bfloat16``.
         intermediate: Minitron's intermediate-state loss module (one process only).
-        compiled: the loss's compiled chunk kernel (see :func:`micro_batch_loss`).
 
     Raises:
         MinicompressError: a non-finite gradient norm.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = runtime.device
     for step in range(start_step, schedule.total_steps):
         t0 = time.perf_counter()
         lr = schedule.lr_at(step)
@@ -505,7 +524,7 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Ba
         for input_ids, targets in micro:
             value, stats = micro_batch_loss(student, input_ids.to(device), loss=loss, teacher=teacher,
                                             teacher_topk=targets, intermediate=intermediate, normalizer=normalizer,
-                                            autocast=autocast, compiled=compiled)
+                                            autocast=runtime.autocast, compiled=runtime.compiled)
             value.backward()
             share = stats["targets"] / normalizer
             for key in ("loss", "kl", "ce", "is"):

@@ -12,6 +12,9 @@ It provides
   ``[N, V]`` logits of the batch: it walks over token chunks, computes each
   chunk's loss and its gradients w.r.t. the hidden states and the lm_head
   weight in the forward pass, and only rescales them in the backward pass;
+  its inputs beyond the student's are three small frozen objects: the teacher's side
+  (:class:`TeacherTargets`), the loss (:class:`LogitLoss`) and the numerics
+  (:class:`LossNumerics`);
 * :class:`IntermediateStateLoss`, :func:`dynamic_weight` and
   :func:`default_layer_map` for the intermediate-state (hidden state)
   distillation of Minitron.
@@ -69,13 +72,16 @@ __all__ = [
     "topk_kl",
     "cross_entropy",
     "chunked_distill_loss",
+    "TeacherTargets",
+    "LogitLoss",
+    "LossNumerics",
     "auto_chunk_size",
     "IntermediateStateLoss",
     "dynamic_weight",
     "default_layer_map",
 ]
 
-#: Values accepted by ``chunked_distill_loss(kind=...)``: the config's list (one list).
+#: Values accepted by ``LogitLoss(kind=...)``: the config's list (one list).
 DIVERGENCE_KINDS = LOSS_KINDS
 #: Kinds whose teacher is a sparse target per token (from a teacher cache).
 SPARSE_KINDS = SPARSE_LOSS_KINDS
@@ -833,40 +839,176 @@ def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BYTES, *, smalles
     return int(min(max(1 << (fits.bit_length() - 1), smallest), largest))
 
 
+@dataclass(frozen=True, eq=False)
+class TeacherTargets:
+    """The teacher's side of :func:`chunked_distill_loss`: exactly one of three forms.
+
+    * live: ``hidden`` and ``weight`` (the teacher's lm_head is applied chunk by chunk,
+      then its ``softcap``); every divergence kind works;
+    * ``topk``: cached top-k logits (``kind`` ``topk_kl``; ``forward_kl`` turns into it);
+    * ``samples``: cached sampled tokens and their teacher log-probs (``kind``
+      ``sampled_kl``; ``forward_kl`` turns into it; temperature 1).
+
+    Build the cached forms from :meth:`~minicompress.distillation.teacher_cache.TeacherCache.targets`
+    with :meth:`from_cache`. Nothing here is differentiated.
+
+    Attributes:
+        hidden: ``[N, H_t]`` (or ``[B, T, H_t]``) teacher final post-norm hidden states.
+        weight: ``[V, H_t]`` teacher lm_head weight.
+        softcap: the teacher's ``final_logit_softcapping`` or None (live form only; cached
+            values are taken as the final logits).
+        topk: ``(values [N, k], indices [N, k] int64)``: the teacher's top-k logits.
+        samples: ``(log_probs [N, k], indices [N, k] int64)``: ``k`` tokens drawn with
+            replacement from the teacher's temperature-1 distribution and their log-probs.
+
+    Raises:
+        ValueError: not exactly one form, ``hidden`` without ``weight`` (or the reverse),
+            or ``softcap`` with a cached form.
+    """
+
+    hidden: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
+    softcap: Optional[float] = None
+    topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    samples: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def __post_init__(self):
+        live = self.hidden is not None or self.weight is not None
+        if live + (self.topk is not None) + (self.samples is not None) != 1:
+            raise ValueError("TeacherTargets: give exactly one of hidden+weight, topk or samples")
+        if live and (self.hidden is None or self.weight is None):
+            raise ValueError("TeacherTargets: a live teacher needs both hidden and weight")
+        if self.softcap is not None and not live:
+            raise ValueError("TeacherTargets: softcap applies to live teacher logits only")
+
+    @classmethod
+    def from_cache(cls, values: torch.Tensor, indices: torch.Tensor, kind: str) -> "TeacherTargets":
+        """The cached form of ``kind`` (``topk_kl`` or ``sampled_kl``), as returned by
+        :meth:`~minicompress.distillation.teacher_cache.TeacherCache.targets`.
+
+        Args:
+            values: ``[N, k]`` (or ``[B, T, k]``) top-k logits or sampled log-probs.
+            indices: ``[N, k]`` their token ids.
+            kind: ``topk_kl`` or ``sampled_kl``.
+        """
+        if kind == "topk_kl":
+            return cls(topk=(values, indices))
+        if kind == "sampled_kl":
+            return cls(samples=(values, indices))
+        raise ValueError(f"kind must be one of {SPARSE_KINDS} for cached targets, got {kind!r}")
+
+    @property
+    def sparse(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``topk`` or ``samples``, whichever is set (None for a live teacher)."""
+        return self.topk if self.topk is not None else self.samples
+
+
+@dataclass(frozen=True)
+class LogitLoss:
+    """What :func:`chunked_distill_loss` computes: ``kl_weight * KL + ce_weight * CE``.
+
+    The logit part of :class:`~minicompress.config.LossConfig` (:meth:`from_config`), plus
+    the label value that marks ignored tokens.
+
+    Attributes:
+        kind: one of :data:`DIVERGENCE_KINDS`: ``forward_kl``, ``reverse_kl``, ``jsd``,
+            ``topk_kl`` or ``sampled_kl``. The last two need cached :class:`TeacherTargets`;
+            ``forward_kl`` with cached targets becomes their kind; ``reverse_kl`` and
+            ``jsd`` need a live teacher.
+        kl_weight: weight of the divergence term (0 skips the teacher).
+        ce_weight: weight of the cross entropy on the labels.
+        temperature: softening temperature ``tau > 0``; the divergence is scaled by
+            ``tau^2``; CE uses the raw (softcapped) logits.
+        beta: ``beta`` in ``[0, 1]`` of the generalised JSD (``kind="jsd"``).
+        ignore_index: label value of tokens skipped in both KL and CE.
+
+    Raises:
+        ValueError: an unknown kind, ``temperature <= 0`` or ``beta`` outside ``[0, 1]``.
+    """
+
+    kind: str = "forward_kl"
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    temperature: float = 1.0
+    beta: float = 0.5
+    ignore_index: int = -100
+
+    def __post_init__(self):
+        if self.kind not in DIVERGENCE_KINDS:
+            raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {self.kind!r}")
+        _check_temperature(self.temperature)
+        _check_beta(self.beta)
+
+    @classmethod
+    def from_config(cls, config, **changes) -> "LogitLoss":
+        """The logit loss of a :class:`~minicompress.config.LossConfig` (its
+        ``intermediate_weight`` and ``chunk_size`` are not part of it), with ``changes``
+        (e.g. ``kind`` from a teacher cache) applied."""
+        fields = dict(kind=config.kind, kl_weight=config.kl_weight, ce_weight=config.ce_weight,
+                      temperature=config.temperature, beta=config.beta)
+        return cls(**{**fields, **changes})
+
+
+@dataclass(frozen=True)
+class LossNumerics:
+    """How :func:`chunked_distill_loss` computes (not what): chunking and precision.
+
+    Attributes:
+        chunk_size: valid tokens per chunk; 0 picks it from the vocabulary size
+            (:func:`auto_chunk_size`); None processes everything in one chunk (for
+            comparison only -- it materialises ``[N, V]``).
+        matmul_dtype: dtype of the vocab matmuls (logits, ``grad_h``, ``grad_W``). float32
+            (the default) upcasts the weights once per call for the most accurate logits;
+            None runs them in the student weight's dtype (like the model's own lm_head, no
+            weight copies); ``torch.bfloat16`` (what recovery passes under bf16 autocast)
+            makes bf16 copies of both weights once per call. Softmax and loss math are
+            float32 and ``grad_W`` is accumulated in float32 in every case.
+        compiled: compute forward KL and/or CE (no soft-capping; a dense teacher or none)
+            with one ``torch.compile``-d kernel per chunk that reads the logits in the
+            matmul dtype and writes the gradient in it (three ``[c, V]`` buffers in the
+            matmul dtype instead of four float32 ones plus a copy); needs a compiler
+            backend (:func:`minicompress.hardware.resolve_compile`). Other settings run
+            the eager path.
+
+    Raises:
+        ValueError: a negative ``chunk_size``.
+    """
+
+    chunk_size: Optional[int] = 0
+    matmul_dtype: Optional[torch.dtype] = torch.float32
+    compiled: bool = False
+
+    def __post_init__(self):
+        if self.chunk_size is not None and self.chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0: automatic) or None, got {self.chunk_size}")
+
+
+_DEFAULT_LOSS = LogitLoss()
+_DEFAULT_NUMERICS = LossNumerics()
+
+
 def chunked_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: Optional[torch.Tensor] = None,
-    teacher_weight: Optional[torch.Tensor] = None,
+    teacher: Optional[TeacherTargets] = None,
     *,
     labels: Optional[torch.Tensor] = None,
-    teacher_topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    teacher_samples: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    kl_weight: float = 1.0,
-    ce_weight: float = 0.0,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    chunk_size: Optional[int] = 0,
+    loss: LogitLoss = _DEFAULT_LOSS,
+    numerics: LossNumerics = _DEFAULT_NUMERICS,
     student_softcap: Optional[float] = None,
-    teacher_softcap: Optional[float] = None,
-    ignore_index: int = -100,
-    fp32_matmul: bool = True,
-    matmul_dtype: Optional[torch.dtype] = None,
     normalizer: Optional[int] = None,
-    compiled: bool = False,
     return_components: bool = False,
 ):
     """Fused "lm_head + distillation loss" that never builds the ``[N, V]`` logits.
 
-    Computes ``kl_weight * KL + ce_weight * CE`` where both terms are means
-    over the valid tokens of the WHOLE batch (``labels != ignore_index``; all
+    Computes ``loss.kl_weight * KL + loss.ce_weight * CE`` where both terms are means
+    over the valid tokens of the WHOLE batch (``labels != loss.ignore_index``; all
     tokens when ``labels`` is None) -- each chunk contributes its sum, not its
     mean.  Ignored tokens are dropped before the vocab matmul, so they cost
     nothing and are excluded from the KL too.
 
     Implementation (Liger-Kernel style): a ``torch.autograd.Function`` whose
-    forward loops over chunks of ``chunk_size`` valid tokens.  For each chunk
+    forward loops over chunks of ``numerics.chunk_size`` valid tokens.  For each chunk
     it computes the float32 student logits ``h_c @ W^T`` (softcapped if
     requested), the teacher chunk logits under ``no_grad`` (or gathers the
     cached top-k), the chunk loss, and the gradient w.r.t. the chunk logits:
@@ -880,10 +1022,10 @@ def chunked_distill_loss(
     gradient accumulator, instead of O(N * V).  Double backward is not
     supported.
 
-    Precision: with ``fp32_matmul=True`` (default) the vocab matmuls run in
-    float32 (weights are upcast once per call: a float32 copy of ``W`` and of
-    the teacher weight if they are low precision) for the most accurate
-    logits.  With ``fp32_matmul=False`` the logits matmul and ``grad_h``
+    Precision (:class:`LossNumerics`): with ``matmul_dtype=torch.float32`` (default)
+    the vocab matmuls run in float32 (weights are upcast once per call: a float32
+    copy of ``W`` and of the teacher weight if they are low precision) for the most
+    accurate logits.  With ``matmul_dtype=None`` the logits matmul and ``grad_h``
     matmul run in the weight's dtype (like the model's own bf16 lm_head) and
     only the logits are upcast; no weight copies are made, ``grad_W`` is
     still accumulated in float32.  ``matmul_dtype=torch.bfloat16`` (what
@@ -901,46 +1043,19 @@ def chunked_distill_loss(
             hidden states of the student, aligned with ``labels``.
         student_weight: ``[V, H_s]`` student lm_head weight (may be tied to
             the input embeddings; autograd sums both contributions).
-        teacher_hidden: ``[N, H_t]`` teacher final hidden states (no grad).
-        teacher_weight: ``[V, H_t]`` teacher lm_head weight (no grad).
+        teacher: the teacher's side (:class:`TeacherTargets`): live hidden states
+            ``[N, H_t]`` and lm_head weight ``[V, H_t]``, or cached top-k logits or
+            samples ``[N, k]``; None when ``loss.kl_weight`` is 0.
         labels: ``[N]`` int64 next-token labels (already shifted), with
-            ``ignore_index`` for tokens to skip in both KL and CE.  Required
-            when ``ce_weight != 0``.
-        teacher_topk: ``(values [N, k], indices [N, k] int64)`` from an offline
-            cache, used instead of ``teacher_hidden``/``teacher_weight``.
-            The values are taken as the teacher's final logits:
-            ``teacher_softcap`` is NOT applied to them.
-        teacher_samples: ``(log_probs [N, k], indices [N, k] int64)``: ``k`` tokens
-            drawn from the teacher's distribution per position (with replacement)
-            and their teacher log-probs, from a sampled cache (``kind="sampled_kl"``,
-            temperature 1). The loss is an unbiased estimate of the full forward KL.
-        kl_weight: Weight of the divergence term (0 skips the teacher).
-        ce_weight: Weight of the cross-entropy term on ``labels``.
-        kind: One of ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"``,
-            ``"topk_kl"``.  ``"topk_kl"`` requires ``teacher_topk``; when
-            ``teacher_topk`` is given with ``"forward_kl"``, ``"topk_kl"`` is
-            used.  ``"reverse_kl"``/``"jsd"`` need the full teacher logits.
-        temperature: Softening temperature ``tau``; the divergence is scaled
-            by ``tau^2``.  CE uses the raw (softcapped) logits.
-        beta: ``beta`` of the generalised JSD (``kind="jsd"``).
-        chunk_size: Valid tokens per chunk; 0 picks it from the vocabulary
-            size (:func:`auto_chunk_size`); ``None`` processes everything in
-            one chunk (for comparison only -- it materialises ``[N, V]``).
+            ``loss.ignore_index`` for tokens to skip in both KL and CE.  Required
+            when ``loss.ce_weight != 0``.
+        loss: kind, weights, temperature and ``beta`` (:class:`LogitLoss`).
+        numerics: chunk size, matmul dtype, compiled kernel (:class:`LossNumerics`).
         student_softcap: ``final_logit_softcapping`` of the student or None.
-        teacher_softcap: ``final_logit_softcapping`` of the teacher or None.
-        ignore_index: Label value marking ignored tokens.
-        fp32_matmul: See "Precision" above.
-        matmul_dtype: dtype of the vocab matmuls; overrides ``fp32_matmul``.
         normalizer: divide the summed KL and CE by this count instead of this call's
             valid tokens (gradient accumulation: the optimizer step's targets over all
             micro batches), so that the loss is this call's share of the step's mean and
             its backward needs no rescaling of the ``[V, H]`` gradient.
-        compiled: compute forward KL and/or CE (no soft-capping; a dense teacher or
-            none) with one ``torch.compile``-d kernel per chunk that reads the logits
-            in the matmul dtype and writes the gradient in it (three ``[c, V]``
-            buffers in the matmul dtype instead of four float32 ones plus a copy);
-            needs a compiler backend (:func:`minicompress.hardware.resolve_compile`).
-            Other settings run the eager path.
         return_components: Also return detached ``{"kl": ..., "ce": ...}``
             float32 scalars (unweighted means; sums over ``normalizer`` when given)
             for logging.
@@ -949,13 +1064,16 @@ def chunked_distill_loss(
         The float32 scalar loss, or ``(loss, {"kl": kl, "ce": ce})`` if
         ``return_components``.  With no valid token the loss is 0 and all
         gradients are 0.
+
+    Raises:
+        ValueError: mismatched shapes, a kind the teacher cannot serve (``topk_kl``
+            without cached top-k, ``reverse_kl``/``jsd`` without a live teacher),
+            ``ce_weight != 0`` without labels, ``sampled_kl`` at a temperature other
+            than 1, or ``normalizer < 1``.
     """
-    if kind not in DIVERGENCE_KINDS:
-        raise ValueError(f"kind must be one of {DIVERGENCE_KINDS}, got {kind!r}")
-    _check_temperature(temperature)
-    _check_beta(beta)
-    if chunk_size is not None and chunk_size < 0:
-        raise ValueError(f"chunk_size must be >= 0 (0: automatic) or None, got {chunk_size}")
+    kind, temperature = loss.kind, loss.temperature
+    kl_weight, ce_weight, ignore_index = loss.kl_weight, loss.ce_weight, loss.ignore_index
+    chunk_size = numerics.chunk_size
     if normalizer is not None and normalizer < 1:
         raise ValueError(f"normalizer must be >= 1 or None, got {normalizer}")
 
@@ -978,6 +1096,8 @@ def chunked_distill_loss(
         raise ValueError("ce_weight != 0 requires labels")
 
     t_h = t_w = t_vals = t_idx = None
+    teacher_topk = teacher.topk if teacher is not None else None
+    teacher_samples = teacher.samples if teacher is not None else None
     if teacher_topk is not None and kind == "forward_kl":
         kind = "topk_kl"
     if teacher_samples is not None and kind == "forward_kl":
@@ -988,27 +1108,29 @@ def chunked_distill_loss(
         if kind in SPARSE_KINDS:
             sparse = teacher_topk if kind == "topk_kl" else teacher_samples
             if sparse is None:
-                what = "teacher_topk=(values, indices)" if kind == "topk_kl" else "teacher_samples=(log_probs, indices)"
+                what = "TeacherTargets(topk=(values, indices))" if kind == "topk_kl" else \
+                    "TeacherTargets(samples=(log_probs, indices))"
                 raise ValueError(f'kind="{kind}" requires {what}')
             t_vals = sparse[0].reshape(-1, sparse[0].shape[-1]).to(h.device)
             t_idx = sparse[1].reshape(-1, sparse[1].shape[-1]).to(h.device, torch.long)
             if t_vals.shape != t_idx.shape or t_vals.shape[0] != n_tokens:
                 raise ValueError(
-                    f"teacher_topk shapes {tuple(t_vals.shape)} / {tuple(t_idx.shape)} "
+                    f"teacher {kind} target shapes {tuple(t_vals.shape)} / {tuple(t_idx.shape)} "
                     f"do not match {n_tokens} tokens"
                 )
         else:
-            if teacher_topk is not None:
-                raise ValueError(f'kind="{kind}" needs full teacher logits, not teacher_topk')
-            if teacher_hidden is None or teacher_weight is None:
-                raise ValueError(f'kind="{kind}" requires teacher_hidden and teacher_weight')
-            t_h = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-            t_w = teacher_weight
+            if teacher is not None and teacher.sparse is not None:
+                raise ValueError(f'kind="{kind}" needs full teacher logits (a live TeacherTargets), '
+                                 'not cached targets')
+            if teacher is None:
+                raise ValueError(f'kind="{kind}" requires TeacherTargets(hidden, weight)')
+            t_h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1])
+            t_w = teacher.weight
             if t_h.shape[0] != n_tokens:
-                raise ValueError(f"teacher_hidden has {t_h.shape[0]} tokens, student has {n_tokens}")
+                raise ValueError(f"teacher hidden has {t_h.shape[0]} tokens, student has {n_tokens}")
             if t_w.dim() != 2 or t_w.shape[1] != t_h.shape[1]:
                 raise ValueError(
-                    f"teacher_weight {tuple(t_w.shape)} does not match teacher hidden size {t_h.shape[1]}"
+                    f"teacher weight {tuple(t_w.shape)} does not match teacher hidden size {t_h.shape[1]}"
                 )
             if t_w.shape[0] != vocab:
                 raise ValueError(f"teacher vocab {t_w.shape[0]} != student vocab {vocab}")
@@ -1019,22 +1141,21 @@ def chunked_distill_loss(
         kl_weight=float(kl_weight),
         ce_weight=float(ce_weight),
         temperature=float(temperature),
-        beta=float(beta),
+        beta=float(loss.beta),
         chunk_size=chunk_size,
         student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
+        teacher_softcap=teacher.softcap if teacher is not None else None,
         ignore_index=int(ignore_index),
-        matmul_dtype=matmul_dtype if matmul_dtype is not None else (
-            torch.float32 if fp32_matmul else student_weight.dtype),
+        matmul_dtype=numerics.matmul_dtype if numerics.matmul_dtype is not None else student_weight.dtype,
         need_grad_h=grad_on and h.requires_grad,
         need_grad_w=grad_on and student_weight.requires_grad,
-        compiled=bool(compiled),
+        compiled=bool(numerics.compiled),
         normalizer=int(normalizer) if normalizer is not None else None,
     )
-    loss, kl, ce = _ChunkedDistillFunction.apply(h, student_weight, t_h, t_w, lab, t_vals, t_idx, cfg)
+    loss_value, kl, ce = _ChunkedDistillFunction.apply(h, student_weight, t_h, t_w, lab, t_vals, t_idx, cfg)
     if return_components:
-        return loss, {"kl": kl, "ce": ce}
-    return loss
+        return loss_value, {"kl": kl, "ce": ce}
+    return loss_value
 
 
 # --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +37,8 @@ import torch
 from ..arch import compute_logits, lm_head_weight
 from ..runtime import autocast_context, model_device
 
-__all__ = ["start_tokens", "prompt_starts", "sample_batch", "special_token_ids", "make_cache", "decode_attention"]
+__all__ = ["start_tokens", "prompt_starts", "sample_batch", "SamplingConfig", "DecodeOptions", "special_token_ids",
+           "make_cache", "decode_attention"]
 
 
 # --------------------------------------------------------------------------
@@ -402,18 +404,95 @@ def _next_token(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: 
 # --------------------------------------------------------------------------
 # the generation loop
 # --------------------------------------------------------------------------
+#: sparse-draw methods of :func:`_sparse_draws`
+DRAW_METHODS = ("cdf", "multinomial")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What :func:`sample_batch` draws: the continuation and the sparse targets.
+
+    The names are :class:`~minicompress.config.GenerateConfig`'s (and, for ``top_k``,
+    ``top_p`` and ``temperature``, Hugging Face ``GenerationConfig``'s):
+    :meth:`from_config` copies them.
+
+    Attributes:
+        greedy_tokens: generated tokens taken greedily (argmax) before sampling starts
+            (LLM-QAT: 2-4).
+        top_k: the continuation is drawn from the ``top_k`` largest logits (0: all).
+        top_p: nucleus mass kept of those (1.0: all).
+        temperature: of the continuation's distribution (the targets use 1).
+        samples: sparse draws per position (Anshumann et al. use 12).
+
+    Raises:
+        ValueError: ``temperature <= 0``, ``top_p`` outside ``(0, 1]``, a negative
+            ``top_k`` or ``greedy_tokens``, or ``samples < 1``.
+    """
+
+    greedy_tokens: int = 3
+    top_k: int = 50
+    top_p: float = 1.0
+    temperature: float = 1.0
+    samples: int = 12
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: {self.temperature} must be > 0 (use greedy_tokens for greedy text)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: {self.top_p} must be in (0, 1]")
+        if self.top_k < 0 or self.samples < 1 or self.greedy_tokens < 0:
+            raise ValueError("top_k and greedy_tokens must be >= 0 and samples >= 1")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "SamplingConfig":
+        """The sampling settings of a :class:`~minicompress.config.GenerateConfig`."""
+        return cls(greedy_tokens=config.greedy_tokens, top_k=config.top_k, top_p=config.top_p,
+                   temperature=config.temperature, samples=config.samples)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How :func:`sample_batch` decodes (not what it draws); the defaults are the fastest,
+    the others are there for comparison (``benchmarks/generate_speed.py``).
+
+    Attributes:
+        cache: KV cache layout (:func:`make_cache`): ``prealloc`` (the fastest),
+            ``dynamic`` or ``static``.
+        attention: ``decode`` (:func:`decode_attention` for single-token steps, the
+            fastest) or ``sdpa`` (transformers' own).
+        draw: sparse-draw method of :func:`_sparse_draws`: ``cdf`` or ``multinomial``.
+
+    Raises:
+        ValueError: a value not among :data:`CACHE_KINDS`, :data:`ATTENTION_KINDS` or
+            :data:`DRAW_METHODS`.
+    """
+
+    cache: str = "prealloc"
+    attention: str = "decode"
+    draw: str = "cdf"
+
+    def __post_init__(self):
+        for name, allowed in (("cache", CACHE_KINDS), ("attention", ATTENTION_KINDS), ("draw", DRAW_METHODS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+
+
+_DEFAULT_SAMPLING = SamplingConfig()
+_DEFAULT_DECODE = DecodeOptions()
+
+
 @torch.inference_mode()
-def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *, greedy_tokens: int = 3,
-                 top_k: int = 50, top_p: float = 1.0, temperature: float = 1.0, samples: int = 12,
-                 generator: torch.Generator, autocast: str = "none", bos_token_id: int | None = None,
-                 cache: str = "prealloc", attention: str = "decode", draw: str = "cdf",
+def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *, generator: torch.Generator,
+                 sampling: SamplingConfig = _DEFAULT_SAMPLING, autocast: str = "none",
+                 bos_token_id: int | None = None, decode: DecodeOptions = _DEFAULT_DECODE,
                  on_tokens: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Continue prompts with the teacher and keep its sparse targets at every position.
 
     The prompt (after ``bos_token_id`` when given) is prefilled in one forward into a KV
     cache; then the whole batch decodes one token per step. The first ``greedy_tokens``
     generated tokens are the argmax (LLM-QAT), later ones are drawn from the top-k /
-    top-p filtered softmax of ``logits / temperature``. Independently, at every position
+    top-p filtered softmax of ``logits / temperature`` (all four in ``sampling``).
+    Independently, at every position
     ``t`` (prompt included) ``samples`` ids are drawn with replacement from the
     unfiltered temperature-1 softmax -- the teacher's prediction of token ``t + 1`` -- and
     stored with their log-probs; the last position takes one extra decode step.
@@ -428,19 +507,12 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         model: a supported ``*ForCausalLM`` (put in eval mode).
         prompts: ``[B, P]`` int64 prompt ids (``P >= 1``; equal length, no padding).
         seq_len: ``L``, tokens per returned row, prompt (and BOS) included.
-        greedy_tokens: generated tokens taken greedily before sampling starts.
-        top_k: the continuation is drawn from the ``top_k`` largest logits (0: all).
-        top_p: nucleus mass kept of those (1.0: all).
-        temperature: of the continuation's distribution (the targets use 1).
-        samples: sparse draws per position (Anshumann et al. use 12).
         generator: random stream of every draw (on the model's device).
+        sampling: greedy tokens, top-k, top-p, temperature and sparse draws per position
+            (:class:`SamplingConfig`).
         autocast: ``none``, ``bfloat16`` or ``auto`` for the forwards.
         bos_token_id: prepended to every row when given.
-        cache: KV cache layout (:func:`make_cache`): ``prealloc`` (the fastest),
-            ``dynamic`` or ``static``.
-        attention: ``decode`` (:func:`decode_attention` for single-token steps, the
-            fastest) or ``sdpa`` (transformers' own, for comparison).
-        draw: sparse-draw method of :func:`_sparse_draws`: ``cdf`` or ``multinomial``.
+        decode: KV cache layout, attention kernel and draw method (:class:`DecodeOptions`).
         on_tokens: called with the number of row positions finished, after the prefill
             (``B * P``) and after every decode step (``B``): a progress bar's ``advance``.
 
@@ -451,16 +523,12 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         layout of a ``sampled`` teacher cache.
 
     Raises:
-        ValueError: ``seq_len`` shorter than the prompt, or bad sampling settings.
+        ValueError: prompts not ``[B, P]`` or ``seq_len`` shorter than the prompt (bad
+            sampling settings are refused by :class:`SamplingConfig`).
     """
     if prompts.dim() != 2 or prompts.shape[1] == 0:
         raise ValueError(f"prompts: expected [B, P] with P >= 1, got {tuple(prompts.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature: {temperature} must be > 0 (use greedy_tokens for greedy text)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p: {top_p} must be in (0, 1]")
-    if top_k < 0 or samples < 1 or greedy_tokens < 0:
-        raise ValueError("top_k and greedy_tokens must be >= 0 and samples >= 1")
+    samples = sampling.samples
     model.eval()
     device = model_device(model)
     prompts = prompts.to(device=device, dtype=torch.long)
@@ -473,7 +541,7 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
     input_ids[:, :prompt_len] = prompts
     indices = torch.empty(batch, seq_len, samples, dtype=torch.int32, device=device)
     logprobs = torch.empty(batch, seq_len, samples, dtype=torch.float32, device=device)
-    kv = make_cache(model, seq_len, cache)
+    kv = make_cache(model, seq_len, decode.cache)
     scratch: dict[int, torch.Tensor] = {}  # [rows, V] float32 work buffers by row count
 
     def targets(hidden: torch.Tensor, pos: slice) -> torch.Tensor:
@@ -486,14 +554,14 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         work = scratch.get(logits.shape[0])
         if work is None:
             work = scratch.setdefault(logits.shape[0], torch.empty_like(logits))
-        idx, lp = _sparse_draws(logits, samples, generator, draw, work)
+        idx, lp = _sparse_draws(logits, samples, generator, decode.draw, work)
         indices[:, pos] = idx.view(batch, -1, samples).to(torch.int32)
         logprobs[:, pos] = lp.view(batch, -1, samples)
         return logits.view(batch, -1, logits.shape[-1])[:, -1]
 
     body = model.model
     # one autocast region for the whole loop: float32 weights that require grad are cast once
-    with _attention(model, attention), autocast_context(device, autocast):
+    with _attention(model, decode.attention), autocast_context(device, autocast):
         hidden = body(input_ids=prompts, cache=kv, use_cache=True).last_hidden_state
         vocab = lm_head_weight(model).shape[0]
         step = max(1, PROMPT_CHUNK_BYTES // (8 * batch * vocab))  # prompt positions per [B * n, V] block
@@ -505,10 +573,11 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
             on_tokens(batch * prompt_len)
         for t in range(prompt_len, seq_len):
             # token t from the logits of position t - 1, then position t's logits
-            if t - prompt_len < greedy_tokens:
+            if t - prompt_len < sampling.greedy_tokens:
                 token = last.argmax(-1)
             else:
-                token = _next_token(last, top_k=top_k, top_p=top_p, temperature=temperature, generator=generator)
+                token = _next_token(last, top_k=sampling.top_k, top_p=sampling.top_p,
+                                    temperature=sampling.temperature, generator=generator)
             input_ids[:, t] = token
             hidden = body(input_ids=input_ids[:, t:t + 1], cache=kv, use_cache=True).last_hidden_state
             last = targets(hidden[:, -1:], slice(t, t + 1))

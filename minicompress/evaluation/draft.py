@@ -19,8 +19,8 @@ scores, num_matches)``, which transformers calls once per teacher forward with
 ``scores [1, proposed + 1, V]`` (the teacher's logits at the proposed positions and the one
 after) and ``num_matches`` accepted draft tokens.
 
-How many tokens the draft proposes per round is set on the draft's generation config
-(transformers reads it from ``assistant_model.generation_config``):
+How many tokens the draft proposes per round (:class:`DraftSettings`) is set on the draft's
+generation config (transformers reads it from ``assistant_model.generation_config``):
 
 * ``schedule="constant"``: exactly ``num_assistant_tokens`` per round (fewer only near
   the end of the budget or after the draft emits EOS);
@@ -51,6 +51,7 @@ import contextlib
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -68,6 +69,37 @@ SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 #: the pruned SmolLM2 student drafting for SmolLM2-135M (``benchmarks/draft.py --ablations``:
 #: constant 1 > 2 > heuristic > 3, 4 > transformers' default of 20 with a confidence threshold).
 DEFAULT_DRAFT_TOKENS = DRAFT_TOKENS
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    """How many tokens the draft proposes per round: transformers' assisted-generation
+    settings (``num_assistant_tokens``, ``num_assistant_tokens_schedule``,
+    ``assistant_confidence_threshold`` of ``GenerationConfig``), set on the draft's
+    generation config for the decodes of :func:`measure_draft`.
+
+    Attributes:
+        num_assistant_tokens: draft tokens per round (the start value for a heuristic schedule).
+        schedule: ``constant``, ``heuristic`` or ``heuristic_transient`` (see the module docstring).
+        confidence_threshold: end a round after a draft token whose probability is below
+            this (0: off).
+
+    Raises:
+        MinicompressError: ``num_assistant_tokens < 1``, an unknown schedule or a threshold
+            outside ``[0, 1)``.
+    """
+
+    num_assistant_tokens: int = DEFAULT_DRAFT_TOKENS
+    schedule: str = "constant"
+    confidence_threshold: float = 0.0
+
+    def __post_init__(self):
+        if self.num_assistant_tokens < 1:
+            raise MinicompressError(f"num_assistant_tokens: must be >= 1, got {self.num_assistant_tokens}")
+        if self.schedule not in SCHEDULES:
+            raise MinicompressError(f"schedule: {self.schedule!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.confidence_threshold < 1.0:
+            raise MinicompressError(f"confidence_threshold: must be in [0, 1), got {self.confidence_threshold}")
 
 
 class _RoundCounter:
@@ -112,14 +144,13 @@ def _counting_rounds(teacher: torch.nn.Module, counter: _RoundCounter):
 
 
 @contextlib.contextmanager
-def _draft_settings(draft: torch.nn.Module, generation_config, *, num_assistant_tokens: int, schedule: str,
-                    confidence_threshold: float):
+def _draft_settings(draft: torch.nn.Module, generation_config, settings: DraftSettings):
     """Give ``draft`` a fresh generation config with the proposal settings; restore its own after."""
     own = draft.generation_config
     config = copy.deepcopy(generation_config)
-    config.num_assistant_tokens = num_assistant_tokens
-    config.num_assistant_tokens_schedule = schedule
-    config.assistant_confidence_threshold = confidence_threshold
+    config.num_assistant_tokens = settings.num_assistant_tokens
+    config.num_assistant_tokens_schedule = settings.schedule
+    config.assistant_confidence_threshold = settings.confidence_threshold
     draft.generation_config = config
     try:
         yield
@@ -154,9 +185,9 @@ def _decode(teacher, prompt: torch.Tensor, config, draft=None) -> tuple[torch.Te
 
 @torch.no_grad()
 def measure_draft(teacher: torch.nn.Module, draft: torch.nn.Module, prompts: Sequence[torch.Tensor], *,
-                  new_tokens: int, num_assistant_tokens: int = DEFAULT_DRAFT_TOKENS, schedule: str = "constant",
-                  confidence_threshold: float = 0.0, autocast: str = "auto", warmup: bool = True,
-                  strict: bool = False, on_prompt: Callable[[int], None] | None = None) -> dict:
+                  new_tokens: int, settings: DraftSettings = DraftSettings(), autocast: str = "auto",
+                  warmup: bool = True, strict: bool = False,
+                  on_prompt: Callable[[int], None] | None = None) -> dict:
     """Acceptance rate and speedup of ``draft`` drafting for ``teacher`` under greedy decoding.
 
     For every prompt (batch size 1, as assisted generation requires) the teacher's plain
@@ -168,9 +199,8 @@ def measure_draft(teacher: torch.nn.Module, draft: torch.nn.Module, prompts: Seq
         draft: the draft with the teacher's vocabulary, on the same device.
         prompts: token ids, each ``[L]`` or ``[1, L]``.
         new_tokens: tokens generated per prompt (fewer if the teacher emits EOS).
-        num_assistant_tokens: draft tokens per round (the start value for a heuristic schedule).
-        schedule: ``constant``, ``heuristic`` or ``heuristic_transient`` (see the module docstring).
-        confidence_threshold: end a round after a draft token whose probability is below this (0: off).
+        settings: draft tokens per round, their schedule and the confidence threshold
+            (:class:`DraftSettings`).
         autocast: ``auto``, ``none`` or ``bfloat16``.
         warmup: first decode a few tokens of the first prompt both ways, untimed.
         strict: raise when an assisted output differs from the plain greedy one (default:
@@ -190,19 +220,13 @@ def measure_draft(teacher: torch.nn.Module, draft: torch.nn.Module, prompts: Seq
         ``schedule``, ``confidence_threshold``.
 
     Raises:
-        MinicompressError: no prompts, a bad setting, different vocabularies or devices, or
+        MinicompressError: no prompts, ``new_tokens < 1``, different vocabularies or devices, or
             (``strict``) an assisted output that differs from plain greedy.
     """
     if not prompts:
         raise MinicompressError("prompts: need at least one prompt")
     if new_tokens < 1:
         raise MinicompressError(f"new_tokens: must be >= 1, got {new_tokens}")
-    if num_assistant_tokens < 1:
-        raise MinicompressError(f"num_assistant_tokens: must be >= 1, got {num_assistant_tokens}")
-    if schedule not in SCHEDULES:
-        raise MinicompressError(f"schedule: {schedule!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
-    if not 0.0 <= confidence_threshold < 1.0:
-        raise MinicompressError(f"confidence_threshold: must be in [0, 1), got {confidence_threshold}")
     t_vocab, d_vocab = teacher.config.get_text_config().vocab_size, draft.config.get_text_config().vocab_size
     if t_vocab != d_vocab:
         raise MinicompressError(f"draft: vocabulary size {d_vocab} differs from the teacher's {t_vocab}; "
@@ -218,9 +242,7 @@ def measure_draft(teacher: torch.nn.Module, draft: torch.nn.Module, prompts: Seq
     counter = _RoundCounter()
     plain_s = assisted_s = 0.0
     plain_n = assisted_n = identical = 0
-    with autocast_context(device, autocast), _draft_settings(
-            draft, config, num_assistant_tokens=num_assistant_tokens, schedule=schedule,
-            confidence_threshold=confidence_threshold):
+    with autocast_context(device, autocast), _draft_settings(draft, config, settings):
         if warmup:
             short = greedy_config(teacher, min(new_tokens, 8))
             _decode(teacher, batch[0], short)
@@ -267,9 +289,9 @@ def measure_draft(teacher: torch.nn.Module, draft: torch.nn.Module, prompts: Seq
         "prompts": len(batch),
         "identical_prompts": identical,
         "outputs_identical": identical == len(batch),
-        "num_assistant_tokens": num_assistant_tokens,
-        "schedule": schedule,
-        "confidence_threshold": confidence_threshold,
+        "num_assistant_tokens": settings.num_assistant_tokens,
+        "schedule": settings.schedule,
+        "confidence_threshold": settings.confidence_threshold,
     }
 
 
@@ -346,8 +368,9 @@ def evaluate_draft(model, draft, prompts: list, *, new_tokens: int, draft_tokens
     log.info("draft test: %d prompts of %d tokens, %d new tokens each, draft tokens per teacher forward: %d",
              len(prompts), prompts[0].numel(), new_tokens, draft_tokens)
     with progress_bar("draft", len(prompts), unit="prompt") as bar:
-        result = measure_draft(model, draft, prompts, new_tokens=new_tokens, num_assistant_tokens=draft_tokens,
-                               autocast=autocast, on_prompt=lambda done: bar.advance(1))
+        result = measure_draft(model, draft, prompts, new_tokens=new_tokens,
+                               settings=DraftSettings(num_assistant_tokens=draft_tokens), autocast=autocast,
+                               on_prompt=lambda done: bar.advance(1))
     out = {_DRAFT_KEYS.get(key, f"draft_{key}"): value for key, value in result.items()}
     out["draft_parameters"] = parameter_summary(draft)["total"]
     return out

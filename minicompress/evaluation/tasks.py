@@ -41,6 +41,7 @@ import difflib
 import logging
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -120,18 +121,37 @@ def parse_task_names(tasks: str | Iterable[str], flag: str = "--tasks") -> tuple
     return tuple(names)
 
 
-def task_manager(names: str | Iterable[str], include_path: str | Path | None = None, *, tasks_flag: str = "--tasks",
-                 include_flag: str = "--include-path"):
+@dataclass(frozen=True)
+class TaskFlags:
+    """The flags (or config keys) the tasks and the include folder came from, named in errors.
+
+    Attributes:
+        tasks: where the task names were set (``--tasks``; ``eval_tasks`` in a run config).
+        include_path: where the include folder was set (``--include-path``; ``eval_include_path``).
+    """
+
+    tasks: str = "--tasks"
+    include_path: str = "--include-path"
+
+
+def task_manager(names: str | Iterable[str], include_path: str | Path | None = None, *,
+                 flags: TaskFlags = TaskFlags()):
     """An lm-eval ``TaskManager`` that knows every name in ``names``.
 
     With ``include_path`` holding all of them, only that folder is indexed; otherwise
     lm-eval's own tasks are indexed too (a few seconds). A name may also be the path of a
     task YAML file.
 
+    Args:
+        names: lm-eval task names (or a comma list), or paths of task YAML files.
+        include_path: a folder of extra task YAMLs, or None.
+        flags: the flags named in errors (:class:`TaskFlags`).
+
     Raises:
         MinicompressError: no such ``include_path`` folder, or an unknown task (with the
-            closest known names and a hint about ``include_flag``).
+            closest known names and a hint about ``flags.include_path``).
     """
+    tasks_flag, include_flag = flags.tasks, flags.include_path
     import_lm_eval(tasks_flag)
     from lm_eval.tasks import TaskManager
 
@@ -276,7 +296,7 @@ def collect_metrics(output: dict) -> dict[str, dict[str, Any]]:
 def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: str | Iterable[str], *,
                    include_path: str | Path | None = None, num_fewshot: int | None = None,
                    limit: int | None = None, batch_size: int = 8, autocast: str = "auto", manager=None,
-                   tasks_flag: str = "--tasks", include_flag: str = "--include-path") -> dict[str, dict[str, Any]]:
+                   flags: TaskFlags = TaskFlags()) -> dict[str, dict[str, Any]]:
     """Accuracy of an in-memory model on lm-evaluation-harness tasks.
 
     Args:
@@ -293,7 +313,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: str | Iterable[str]
             :func:`minicompress.evaluation.perplexity.evaluate`.
         manager: a :func:`task_manager` for these tasks, built once for several models
             (None: built here).
-        tasks_flag, include_flag: the flag or key named in errors.
+        flags: the flags or config keys named in errors (:class:`TaskFlags`).
 
     Returns:
         ``{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr" (tasks that have
@@ -305,6 +325,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: str | Iterable[str]
         MinicompressError: lm-eval not installed, an unknown task, a missing include
             folder, task data that cannot be loaded, or a bad ``num_fewshot``/``limit``.
     """
+    tasks_flag, include_flag = flags.tasks, flags.include_path
     lm_eval = import_lm_eval(tasks_flag)
     names = parse_task_names(tasks, tasks_flag)
     if num_fewshot is not None and num_fewshot < 0:
@@ -312,7 +333,7 @@ def evaluate_tasks(model: torch.nn.Module, tokenizer, tasks: str | Iterable[str]
     if limit is not None and limit < 1:
         raise MinicompressError(f"task_limit: must be >= 1, got {limit}")
     if manager is None:
-        manager = task_manager(names, include_path, tasks_flag=tasks_flag, include_flag=include_flag)
+        manager = task_manager(names, include_path, flags=flags)
     log.info("lm-eval: %s (%s%s)", ", ".join(names),
              "each task's default shots" if num_fewshot is None else f"{num_fewshot}-shot",
              f", first {limit} documents of each" if limit else "")

@@ -10,6 +10,7 @@ the best few briefly before choosing: that step belongs to the ``prune`` recipe
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -137,6 +138,22 @@ def search_candidates(scores: ImportanceScores, config: Any, target_params: floa
     return out
 
 
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which shapes :func:`search_architecture` considers (what :func:`search_candidates` takes).
+
+    Attributes:
+        layer_metric: how layers are chosen when a candidate is shallower: tried first;
+            ``bi`` and (with ``scores.layer_loss``) ``loss`` are tried too.
+        tolerance: allowed relative distance from the parameter budget.
+        width_multiple: hidden and FFN sizes are multiples of this (see :func:`candidate_targets`).
+    """
+
+    layer_metric: str = "bi"
+    tolerance: float = 0.03
+    width_multiple: int = 64
+
+
 def row_target(row: dict[str, Any]) -> dict[str, Any]:
     """The target (shape keys and ``layer_metric``) of a search-table row."""
     return {**{k: row[k] for k in SHAPE_KEYS}, "layer_metric": row["layer_metric"]}
@@ -149,8 +166,8 @@ def zero_shot_ranking(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def search_architecture(model: nn.Module, scores: ImportanceScores, target_params: float,
-                        batches: list[torch.Tensor], *, layer_metric: str = "bi", tolerance: float = 0.03,
-                        screen_tokens: int = 512, finalists: int = 6, width_multiple: int = 64,
+                        batches: list[torch.Tensor], *, space: SearchSpace = SearchSpace(),
+                        screen_tokens: int = 512, finalists: int = 6,
                         evaluate: Callable[[nn.Module, list[torch.Tensor]], float] | None = None,
                         progress=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Pick the uniform shape near a parameter budget with the lowest zero-shot LM loss.
@@ -166,12 +183,10 @@ def search_architecture(model: nn.Module, scores: ImportanceScores, target_param
         scores: its importance scores.
         target_params: count (> 1) or ratio (<= 1) of the original parameters.
         batches: calibration ``[B, T]`` token batches (not the evaluation split).
-        layer_metric: how layers are chosen when a candidate is shallower: tried
-            first; ``bi`` and (with ``scores.layer_loss``) ``loss`` are tried too.
-        tolerance: allowed relative distance from the budget.
+        space: layer metric tried first, budget tolerance and width multiple of the
+            candidates (:class:`SearchSpace`).
         screen_tokens: tokens used in the screening round.
         finalists: candidates re-ranked on all batches.
-        width_multiple: hidden and FFN sizes are multiples of this (see :func:`candidate_targets`).
         evaluate: ``f(model, batches) -> mean loss`` (default: chunked LM loss).
         progress: optional progress bar with ``advance``/``update``.
 
@@ -181,8 +196,8 @@ def search_architecture(model: nn.Module, scores: ImportanceScores, target_param
         ``dropped_layers``, ``screen_loss`` and (finalists) ``loss``.
     """
     evaluate = evaluate or _mean_lm_loss
-    candidates = search_candidates(scores, model.config, target_params, layer_metric=layer_metric,
-                                   tolerance=tolerance, width_multiple=width_multiple)
+    candidates = search_candidates(scores, model.config, target_params, layer_metric=space.layer_metric,
+                                   tolerance=space.tolerance, width_multiple=space.width_multiple)
     first = batches[0]
     rows_per = max(1, screen_tokens // first.shape[1])
     screen = [first[:rows_per]]

@@ -44,7 +44,7 @@ from ..models import load_for_flag
 from ..outputs import check_output, provenance, read_provenance, write_json_atomic, write_provenance
 from ..progress import progress_bar
 from ..runtime import model_device
-from ..distillation.sampling import prompt_starts, sample_batch, start_tokens
+from ..distillation.sampling import SamplingConfig, prompt_starts, sample_batch, start_tokens
 from ..distillation.teacher_cache import CACHE_FORMAT, CACHE_INDEX_FILE
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,11 @@ def _write_shard(teacher: torch.nn.Module, starts: torch.Tensor, shard: int, lo:
                  config: GenerateConfig, bos: int | None, autocast: str, on_tokens) -> None:
     """Generate rows ``lo:hi`` (shard ``shard``, its own random stream) and write its file atomically."""
     gen = torch.Generator(device=model_device(teacher)).manual_seed(config.seed * 1_000_003 + shard)
+    sampling = SamplingConfig.from_config(config)
     parts = []
     for b in range(lo, hi, config.batch_size):
-        part = sample_batch(teacher, starts[b:min(b + config.batch_size, hi)], config.data.seq_len,
-                            greedy_tokens=config.greedy_tokens, top_k=config.top_k, top_p=config.top_p,
-                            temperature=config.temperature, samples=config.samples, generator=gen,
-                            autocast=autocast, bos_token_id=bos, on_tokens=on_tokens)
+        part = sample_batch(teacher, starts[b:min(b + config.batch_size, hi)], config.data.seq_len, generator=gen,
+                            sampling=sampling, autocast=autocast, bos_token_id=bos, on_tokens=on_tokens)
         parts.append({k: v.cpu() for k, v in part.items()})
     name = _shard_name(shard)
     save_file({"input_ids": torch.cat([p["input_ids"] for p in parts]).to(torch.int32).contiguous(),

@@ -24,6 +24,7 @@ from ..config import PruneConfig
 from ..data.rows import calibration_batches, load_training_data
 from ..data.sources import check_local_source
 from ..distillation.distill import distill, make_schedule
+from ..distillation.loop import StepRuntime
 from ..errors import MinicompressError
 from ..hardware import describe_precision, resolve_compile
 from ..checkpoint import working_folder
@@ -34,7 +35,7 @@ from ..progress import progress_bar
 from ..pruning.plan import apply_plan_, make_plan, pruned_copy
 from ..quantize import is_quantized
 from ..runtime import model_device
-from ..pruning.search import row_target, search_architecture, validate_target, zero_shot_ranking
+from ..pruning.search import SearchSpace, row_target, search_architecture, validate_target, zero_shot_ranking
 from ..pruning.scoring import ImportanceScores
 from .score import score
 
@@ -128,8 +129,8 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                                                   batch_size=2, layer_scores=False), tokenizer)
             with progress_bar("search", None, unit="cand") as bar:
                 _, search_table = search_architecture(model, scores, target.target_params, batches,
-                                                      layer_metric=target.layer_metric,
-                                                      width_multiple=target.width_multiple,
+                                                      space=SearchSpace(layer_metric=target.layer_metric,
+                                                                        width_multiple=target.width_multiple),
                                                       finalists=max(6, config.search_distill_candidates),
                                                       progress=bar)
             if save_table is not None:
@@ -345,8 +346,8 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
             torch.manual_seed(recover_config.seed)
             student = pruned_copy(model, make_plan(scores, model.config, row)).requires_grad_(True).train()
             try:
-                result = distill(student, model, data, recover_config, *schedule, device=device, autocast=autocast,
-                                 compile=compile_layers)
+                result = distill(student, model, data, recover_config, schedule,
+                                 runtime=StepRuntime(device, autocast, compile_layers))
                 before, after = result["before"], result["after"]
                 del result
                 speed = measure_speed(student.eval(), model.config.vocab_size, prefill_tokens=128, decode_tokens=16,

@@ -38,7 +38,7 @@ from ..outputs import (atomic_folder, check_output, provenance, read_provenance,
                        write_provenance)
 from ..progress import progress_bar
 from ..distillation.distill import DistillState, distill, make_schedule
-from ..distillation.loop import Schedule, num_held_out
+from ..distillation.loop import Schedule, StepRuntime, num_held_out
 from ..distillation.teacher_cache import TeacherCache
 from ..distillation.blockwise import BlockMap, BlockwiseState, block_map, blockwise_distill, blockwise_schedule
 
@@ -172,11 +172,11 @@ def _blockwise_map(config: RecoverConfig, student, teacher) -> BlockMap | None:
 
 
 def _blockwise_stage(config: RecoverConfig, student, teacher, data: TrainingData, work: Path, bmap: BlockMap, *,
-                     device: torch.device, autocast: str, accum_steps: int, global_steps: int,
+                     runtime: StepRuntime, global_schedule: Schedule,
                      global_checkpoint: Path | None, callback: Callable[[dict], None] | None) -> dict:
     """Run (or resume, or skip once finished) the blockwise stage; returns its record.
 
-    The stage reads the training rows after the ``global_steps`` steps of the global stage,
+    The stage reads the training rows after the ``global_schedule.total_steps`` steps of the global stage,
     checkpoints into ``<output>.partial/blockwise`` every ``save_every`` steps and at its end,
     then writes ``blockwise.json``: a resumed run that finds it loads the stage's last weights
     (unless the global stage has a checkpoint of its own) and goes on with the global stage.
@@ -187,14 +187,15 @@ def _blockwise_stage(config: RecoverConfig, student, teacher, data: TrainingData
     if done.is_file():
         if global_checkpoint is None:  # killed before the global stage's first checkpoint
             load_safetensors_model(student, str(latest_checkpoint(folder) / "student.safetensors"), strict=True,
-                                   device=str(device))
+                                   device=str(runtime.device))
         log.info("recover: the blockwise stage finished before the interruption; going on with the global stage")
         return json.loads(done.read_text())
     if global_checkpoint is not None:  # a checkpoint of a run without the stage: says which key changed
         check_resumable(json.loads((global_checkpoint / "state.json").read_text())["config"], config)
     checkpoint = latest_checkpoint(folder) if folder.is_dir() else None
     schedule = blockwise_schedule(config)
-    offset = global_steps * accum_steps * config.micro_batch_size
+    accum_steps = global_schedule.accum_steps
+    offset = global_schedule.total_steps * accum_steps * config.micro_batch_size
 
     def restore(state: BlockwiseState) -> None:
         if checkpoint is None:
@@ -230,8 +231,8 @@ def _blockwise_stage(config: RecoverConfig, student, teacher, data: TrainingData
             if callback is not None:
                 callback(record)
 
-        result = blockwise_distill(student, teacher, data, config, bmap, device=device, autocast=autocast,
-                                   offset=offset, accum_steps=accum_steps, restore=restore, on_step=on_step)
+        result = blockwise_distill(student, teacher, data, config, bmap, runtime=runtime, offset=offset,
+                                   accum_steps=accum_steps, restore=restore, on_step=on_step)
     tokens = schedule.total_steps * schedule.tokens_per_step
     record = {"tokens": tokens, "steps": schedule.total_steps, "lr": schedule.lr, "map": bmap.to_dict(),
               "loss": "normalized_mse", "nmse_before": result["before"]["nmse_blocks"],
@@ -309,7 +310,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     teacher, t_device, teacher_weights = _place_teacher(config, teacher, student, device, teacher_dtype, cache)
     data = _training_data(config, cache, student, tokenizer)
     bmap = _blockwise_map(config, student, teacher)  # before anything is written: a map that does not fit refuses
-    schedule, accum_steps = make_schedule(_global_stage(config), world, data.num_train)
+    schedule = make_schedule(_global_stage(config), world, data.num_train)
     _shard_for_training(config, student, teacher, device=device, t_device=t_device, autocast=autocast,
                         from_rank0=(on_host, t_from_rank0), weights=(student_weights, teacher_weights))
     del student_weights, teacher_weights
@@ -328,8 +329,8 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     resumed_from = None
     blockwise_record = None
     if bmap is not None:  # Puzzle's blockwise local distillation first (its own checkpoints, skipped once done)
-        blockwise_record = _blockwise_stage(config, student, teacher, data, work, bmap, device=device,
-                                            autocast=autocast, accum_steps=accum_steps, global_steps=schedule.total_steps,
+        blockwise_record = _blockwise_stage(config, student, teacher, data, work, bmap,
+                                            runtime=StepRuntime(device, autocast), global_schedule=schedule,
                                             global_checkpoint=checkpoint, callback=callback)
 
     def restore(state: DistillState) -> None:
@@ -364,7 +365,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             if done == schedule.total_steps or (config.save_every and done % config.save_every == 0):
                 save_checkpoint(work, student=student, optimizer=state.optimizer, intermediate=state.intermediate,
                                 state={"step": done, "tokens": record["tokens"], "seconds": state.elapsed,
-                                       "data_position": done * accum_steps * config.micro_batch_size * world,
+                                       "data_position": done * schedule.accum_steps * config.micro_batch_size * world,
                                        "scheduler": {"kind": "warmup_cosine", **dataclasses.asdict(schedule)},
                                        "config": to_dict(config), "before": state.before,
                                        "metrics_bytes": metrics_path.stat().st_size if main else None},
@@ -372,28 +373,47 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             if callback is not None:
                 callback(record)
 
-        result = distill(student, teacher, data, config, schedule, accum_steps, device=device, autocast=autocast,
-                         compile=bool(precision["compile"]), cache=cache, restore=restore, on_step=on_step)
+        result = distill(student, teacher, data, config, schedule, cache=cache, restore=restore, on_step=on_step,
+                         runtime=StepRuntime(device, autocast, bool(precision["compile"])))
     if result["attention"]:
         precision["attention"] = result["attention"]
-    before, elapsed = result["before"], result["elapsed"]
-    if blockwise_record is not None:  # "before" is the student as it came; the stage ends where the global one began
-        blockwise_record["metrics_after"] = before
-        before, elapsed = blockwise_record["metrics_before"], elapsed + blockwise_record["seconds"]
-    n_eval = data.eval_ids.shape[0]
-    rows = (schedule.total_steps + (blockwise_record or {}).get("steps", 0)) * accum_steps * config.micro_batch_size
-    sources = data.tokens_per_source(rows * world, config.data.seq_len)
-    return _write_student(config, out, work, student, tokenizer, cache=cache, schedule=schedule, n_eval=n_eval,
-                          n_train=data.num_train, before=before, precision=precision, elapsed=elapsed,
-                          resumed_from=resumed_from, sources=sources, blockwise=blockwise_record)
+    if blockwise_record is not None:  # the blockwise stage ends where the global one began
+        blockwise_record["metrics_after"] = result["before"]
+        result["blockwise"] = blockwise_record
+    return _write_student(config, out, student, tokenizer, cache=cache, data=data, schedule=schedule, result=result,
+                          precision=precision, resumed_from=resumed_from)
 
 
-def _write_student(config: RecoverConfig, out: Path, work: Path, student, tokenizer, *, cache, schedule: Schedule,
-                   n_eval: int, n_train: int, before: dict, precision: dict, elapsed: float,
-                   resumed_from: int | None, sources: dict[str, int], blockwise: dict | None = None) -> dict:
-    """Write the recovered student atomically (rank 0) with its recovery record; returns the report
-    (``blockwise``: the record of the blockwise stage, ``recovery.blockwise``)."""
+def _write_student(config: RecoverConfig, out: Path, student, tokenizer, *, cache: TeacherCache | None,
+                   data: TrainingData, schedule: Schedule, result: dict, precision: dict,
+                   resumed_from: int | None) -> dict:
+    """Write the recovered student atomically (rank 0) with its recovery record; returns the report.
+
+    Args:
+        config: the recovery settings.
+        out: the output folder (its working folder ``<out>.partial`` holds the metrics).
+        student: the trained student.
+        tokenizer: saved next to it.
+        cache: the teacher cache trained from, or None.
+        data: the held-out and training rows (their counts and sources go into the record).
+        schedule: the global stage's step arithmetic.
+        result: what :func:`~minicompress.distillation.distill.distill` returned (``before``,
+            ``elapsed``), with ``blockwise``: the blockwise stage's record (``recovery.blockwise``)
+            when there was one; ``before`` is then the student as it came in and the seconds
+            and tokens cover both stages.
+        precision: the precision record.
+        resumed_from: the checkpoint step the run resumed from, or None.
+    """
     world, main = distributed.world_size(), distributed.is_main()
+    work = working_folder(out)
+    blockwise = result.get("blockwise")
+    before, elapsed = result["before"], result["elapsed"]
+    if blockwise is not None:
+        before, elapsed = blockwise["metrics_before"], elapsed + blockwise["seconds"]
+    n_eval, n_train = data.eval_ids.shape[0], data.num_train
+    steps = schedule.total_steps + (blockwise or {}).get("steps", 0)
+    sources = data.tokens_per_source(steps * schedule.accum_steps * config.micro_batch_size * world,
+                                     config.data.seq_len)
     metrics_path = work / METRICS_FILE
     records = distributed.broadcast_object(read_metrics(metrics_path) if main else None)
     if main:

@@ -521,10 +521,10 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
         raise ConfigError("output: a run needs a folder (--output or output: in the YAML)")
     plan = dry_run(config)
     if config.eval_tasks and config.report.enabled:  # a missing lm-eval or unknown task fails now, not after training
-        from ..evaluation.tasks import task_manager
+        from ..evaluation.tasks import TaskFlags, task_manager
 
-        task_manager(config.eval_tasks, config.eval_include_path, tasks_flag="eval_tasks",
-                     include_flag="eval_include_path")
+        task_manager(config.eval_tasks, config.eval_include_path,
+                     flags=TaskFlags(tasks="eval_tasks", include_path="eval_include_path"))
     out = Path(config.output).expanduser()
     distributed.init_from_env()  # torchrun: every rank prunes and recovers; rank 0 writes and reports
     if distributed.is_main():
@@ -638,14 +638,14 @@ def _task_scorer(config: RunConfig, tokenizer) -> Callable[[Any], dict | None]:
     """``model -> {task: metrics}`` for ``eval_tasks`` (one task index for every model), or ``-> None``."""
     if not config.eval_tasks:
         return lambda model: None
-    from ..evaluation.tasks import evaluate_tasks, task_manager
+    from ..evaluation.tasks import TaskFlags, evaluate_tasks, task_manager
 
-    flags = dict(tasks_flag="eval_tasks", include_flag="eval_include_path")
-    manager = task_manager(config.eval_tasks, config.eval_include_path, **flags)
+    flags = TaskFlags(tasks="eval_tasks", include_path="eval_include_path")
+    manager = task_manager(config.eval_tasks, config.eval_include_path, flags=flags)
     rep = config.report
     return lambda model: evaluate_tasks(model, tokenizer, config.eval_tasks, include_path=config.eval_include_path,
                                         num_fewshot=config.eval_num_fewshot, limit=config.eval_task_limit,
-                                        batch_size=rep.batch_size, autocast=rep.autocast, manager=manager, **flags)
+                                        batch_size=rep.batch_size, autocast=rep.autocast, manager=manager, flags=flags)
 
 
 def _report_row(name: str, result: dict, original_params: int, *, kl: float | None, agreement: float | None,

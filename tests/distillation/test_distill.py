@@ -9,6 +9,7 @@ from conftest import corpus_text, make_tiny_model
 from minicompress.config import DataConfig, ModelConfig, RecoverConfig
 from minicompress.data.rows import load_training_data
 from minicompress.distillation.distill import distill, make_schedule
+from minicompress.distillation.loop import StepRuntime
 from minicompress.recipes.recover import recover
 
 SEQ = 16
@@ -27,9 +28,8 @@ def _in_memory(config, tokenizer, **kw):
     torch.manual_seed(config.seed)
     student, teacher = make_tiny_model("llama", seed=1).train(), make_tiny_model("llama").eval().requires_grad_(False)
     data = load_training_data(config.data, tokenizer, config.eval_tokens, seed=config.seed)
-    schedule, accum = make_schedule(config, 1, data.num_train)
-    result = distill(student, teacher, data, config, schedule, accum, device=torch.device("cpu"), autocast="none",
-                     compile=False, **kw)
+    schedule = make_schedule(config, 1, data.num_train)
+    result = distill(student, teacher, data, config, schedule, runtime=StepRuntime(torch.device("cpu")), **kw)
     return student, result
 
 

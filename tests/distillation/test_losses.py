@@ -289,17 +289,19 @@ def _ref_total(h, w, th, tw, labels, *, kind="forward_kl", kl_weight=1.0, ce_wei
     return total
 
 
-def _compare(h, w, th, tw, labels, *, chunk_size, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-6,
-             ref_kwargs=None, **kwargs):
+def _compare(h, w, teacher, labels, *, loss=L.LogitLoss(), numerics=L.LossNumerics(), student_softcap=None,
+             rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-6, ref_kwargs=None):
     ref_kwargs = ref_kwargs or {}
     h_ = h.clone().requires_grad_(True)
     w_ = w.clone().requires_grad_(True)
-    out = L.chunked_distill_loss(h_, w_, th, tw, labels=labels, chunk_size=chunk_size, **kwargs)
+    out = L.chunked_distill_loss(h_, w_, teacher, labels=labels, loss=loss, numerics=numerics,
+                                 student_softcap=student_softcap)
     out.backward()
     h64 = h.double().requires_grad_(True)
     w64 = w.double().requires_grad_(True)
-    th64 = None if th is None else th.double()
-    tw64 = None if tw is None else tw.double()
+    live = teacher is not None and teacher.hidden is not None
+    th64 = teacher.hidden.double() if live else None
+    tw64 = teacher.weight.double() if live else None
     ref = _ref_total(h64, w64, th64, tw64, labels, **ref_kwargs)
     ref.backward()
     assert out.dtype == torch.float32 and out.dim() == 0
@@ -314,15 +316,16 @@ def _compare(h, w, th, tw, labels, *, chunk_size, rtol=1e-5, atol=1e-6, grad_rto
 @pytest.mark.parametrize("kind,tau", [("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 1.0), ("jsd", 2.0)])
 def test_chunked_matches_naive(kind, tau, chunk_size):
     h, w, th, tw, labels = _setup(1)
-    _compare(h, w, th, tw, labels, chunk_size=chunk_size, kind=kind, temperature=tau, beta=0.3,
-             ref_kwargs=dict(kind=kind, tau=tau, beta=0.3))
+    _compare(h, w, L.TeacherTargets(th, tw), labels, loss=L.LogitLoss(kind=kind, temperature=tau, beta=0.3),
+             numerics=L.LossNumerics(chunk_size=chunk_size), ref_kwargs=dict(kind=kind, tau=tau, beta=0.3))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, N, None])
 def test_chunked_with_ce_and_softcap(chunk_size):
     h, w, th, tw, labels = _setup(2)
-    _compare(h, w, th, tw, labels, chunk_size=chunk_size, kl_weight=0.7, ce_weight=0.4, temperature=2.0,
-             student_softcap=4.0, teacher_softcap=6.0,
+    _compare(h, w, L.TeacherTargets(th, tw, softcap=6.0), labels,
+             loss=L.LogitLoss(kl_weight=0.7, ce_weight=0.4, temperature=2.0),
+             numerics=L.LossNumerics(chunk_size=chunk_size), student_softcap=4.0,
              ref_kwargs=dict(kl_weight=0.7, ce_weight=0.4, tau=2.0, scap=4.0, tcap=6.0))
 
 
@@ -331,15 +334,17 @@ def test_chunked_with_teacher_topk(chunk_size):
     h, w, th, tw, labels = _setup(3)
     tv, ti = (th @ tw.t()).topk(10, dim=-1)
     for kind in ("forward_kl", "topk_kl"):  # forward_kl + teacher_topk -> topk_kl
-        _compare(h, w, None, None, labels, chunk_size=chunk_size, teacher_topk=(tv, ti), kind=kind,
-                 temperature=1.5, ce_weight=0.2,
+        _compare(h, w, L.TeacherTargets(topk=(tv, ti)), labels,
+                 loss=L.LogitLoss(kind=kind, temperature=1.5, ce_weight=0.2),
+                 numerics=L.LossNumerics(chunk_size=chunk_size),
                  ref_kwargs=dict(topk=(tv, ti), tau=1.5, ce_weight=0.2))
 
 
 def test_chunked_without_labels_and_ce_only():
     h, w, th, tw, _ = _setup(4)
     h_ = h.clone().requires_grad_(True)
-    out = L.chunked_distill_loss(h_, w, th, tw, chunk_size=4)  # frozen lm_head: only grad_h
+    out = L.chunked_distill_loss(h_, w, L.TeacherTargets(th, tw),
+                                 numerics=L.LossNumerics(chunk_size=4))  # frozen lm_head: only grad_h
     h64 = h.double().requires_grad_(True)
     ref = ref_forward_kl(h64 @ w.double().t(), (th @ tw.t()).double())
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -347,10 +352,11 @@ def test_chunked_without_labels_and_ce_only():
     ref.backward()
     torch.testing.assert_close(h_.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     _, _, _, _, labels = _setup(4)
-    _compare(h, w, th, tw, labels, chunk_size=5, kl_weight=0.0, ce_weight=1.0,
-             ref_kwargs=dict(kl_weight=0.0, ce_weight=1.0))
+    _compare(h, w, L.TeacherTargets(th, tw), labels, loss=L.LogitLoss(kl_weight=0.0, ce_weight=1.0),
+             numerics=L.LossNumerics(chunk_size=5), ref_kwargs=dict(kl_weight=0.0, ce_weight=1.0))
     # CE-only needs no teacher at all
-    out = L.chunked_distill_loss(h, w, labels=labels, kl_weight=0.0, ce_weight=1.0, chunk_size=2)
+    out = L.chunked_distill_loss(h, w, labels=labels, loss=L.LogitLoss(kl_weight=0.0, ce_weight=1.0),
+                                 numerics=L.LossNumerics(chunk_size=2))
     assert out.item() == pytest.approx(ref_ce((h @ w.t()).double(), labels).item(), rel=1e-5)
 
 
@@ -364,12 +370,15 @@ def test_closed_form_path_matches_naive(kl_weight, ce_weight, tau, chunk_size):
                          beta=0.5, chunk_size=chunk_size, student_softcap=None, teacher_softcap=None,
                          ignore_index=-100, matmul_dtype=torch.float32, need_grad_h=True, need_grad_w=True)
     assert L._use_fast_path(cfg, has_teacher_logits=kl_weight != 0.0)
-    _compare(h, w, th, tw, labels, chunk_size=chunk_size, kl_weight=kl_weight, ce_weight=ce_weight,
-             temperature=tau, ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
+    _compare(h, w, L.TeacherTargets(th, tw), labels,
+             loss=L.LogitLoss(kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau),
+             numerics=L.LossNumerics(chunk_size=chunk_size),
+             ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
     # without gradients (evaluation) the loss is the same
     with torch.no_grad():
-        out = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=chunk_size, kl_weight=kl_weight,
-                                     ce_weight=ce_weight, temperature=tau)
+        out = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels,
+                                     loss=L.LogitLoss(kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau),
+                                     numerics=L.LossNumerics(chunk_size=chunk_size))
     ref = _ref_total(h.double(), w.double(), th.double(), tw.double(), labels, kl_weight=kl_weight,
                      ce_weight=ce_weight, tau=tau)
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -399,18 +408,20 @@ def test_auto_chunk_size_bounds_the_chunk_buffer():
         assert c & (c - 1) == 0 and (c == 128 or c * vocab * 4 <= L.CHUNK_BYTES)
     # chunk_size=0 picks it automatically and matches one chunk
     h, w, th, tw, labels = _setup(12)
-    auto = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=0)
-    one = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=None)
+    auto = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels, numerics=L.LossNumerics(chunk_size=0))
+    one = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels,
+                                 numerics=L.LossNumerics(chunk_size=None))
     assert auto.item() == pytest.approx(one.item(), rel=1e-6)
     with pytest.raises(ValueError, match="chunk_size"):
-        L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=-1)
+        L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels, numerics=L.LossNumerics(chunk_size=-1))
 
 
 def test_chunk_weighting_is_by_token_count():
     """Uneven chunks (valid counts 3,3,2) must give the global mean, not a mean of means."""
     h, w, th, tw, labels = _setup(5)
-    out3 = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=3)
-    out_all = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=None)
+    out3 = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels, numerics=L.LossNumerics(chunk_size=3))
+    out_all = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels,
+                                     numerics=L.LossNumerics(chunk_size=None))
     mask = labels != -100
     direct = L.forward_kl(h @ w.t(), th @ tw.t(), mask=mask)
     assert out3.item() == pytest.approx(direct.item(), rel=1e-5)
@@ -430,7 +441,8 @@ def test_chunked_tied_weights():
         a = a64.clone().to(dtype).requires_grad_(True)
         hidden = torch.tanh(emb[ids] @ a)  # the same tensor is embedding and lm_head
         if ours:
-            loss = L.chunked_distill_loss(hidden, emb, th, tw, labels=labels, ce_weight=0.5, chunk_size=4)
+            loss = L.chunked_distill_loss(hidden, emb, L.TeacherTargets(th, tw), labels=labels,
+                                          loss=L.LogitLoss(ce_weight=0.5), numerics=L.LossNumerics(chunk_size=4))
         else:
             loss = _ref_total(hidden, emb, th.double(), tw.double(), labels, ce_weight=0.5)
         loss.backward()
@@ -448,25 +460,28 @@ def test_chunked_bf16_inputs(fp32_matmul):
     h, w, th, tw, labels = _setup(7, dtype=torch.bfloat16)
     # reference runs in float64 on the exact bf16 values; bf16 grads are rounded
     tol = dict(rtol=1e-5, atol=1e-6) if fp32_matmul else dict(rtol=3e-2, atol=3e-2)
-    _compare(h, w, th, tw, labels, chunk_size=3, ce_weight=0.3, fp32_matmul=fp32_matmul,
-             grad_rtol=3e-2, grad_atol=2e-3, ref_kwargs=dict(ce_weight=0.3), **tol)
+    matmul_dtype = torch.float32 if fp32_matmul else None  # None: the weight's dtype
+    _compare(h, w, L.TeacherTargets(th, tw), labels, loss=L.LogitLoss(ce_weight=0.3),
+             numerics=L.LossNumerics(chunk_size=3, matmul_dtype=matmul_dtype), grad_rtol=3e-2, grad_atol=2e-3,
+             ref_kwargs=dict(ce_weight=0.3), **tol)
 
 
 def test_chunked_fp32_matmul_false_float32_inputs():
     h, w, th, tw, labels = _setup(8)
-    _compare(h, w, th, tw, labels, chunk_size=4, fp32_matmul=False, kind="jsd",
-             ref_kwargs=dict(kind="jsd"))
+    _compare(h, w, L.TeacherTargets(th, tw), labels, loss=L.LogitLoss(kind="jsd"),
+             numerics=L.LossNumerics(chunk_size=4, matmul_dtype=None), ref_kwargs=dict(kind="jsd"))
 
 
 def test_chunked_under_autocast():
     h, w, th, tw, labels = _setup(9)
-    kwargs = dict(labels=labels, chunk_size=3, ce_weight=0.5, kind="reverse_kl")
+    kwargs = dict(labels=labels, numerics=L.LossNumerics(chunk_size=3),
+                  loss=L.LogitLoss(ce_weight=0.5, kind="reverse_kl"))
     h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    plain = L.chunked_distill_loss(h1, w1, th, tw, **kwargs)
+    plain = L.chunked_distill_loss(h1, w1, L.TeacherTargets(th, tw), **kwargs)
     plain.backward()
     h2, w2 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = L.chunked_distill_loss(h2, w2, th, tw, **kwargs)
+        auto = L.chunked_distill_loss(h2, w2, L.TeacherTargets(th, tw), **kwargs)
     auto.backward()
     assert auto.dtype == torch.float32
     assert auto.item() == pytest.approx(plain.item(), rel=1e-6)
@@ -478,7 +493,7 @@ def test_chunked_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = h3 @ torch.eye(H)
         assert hidden.dtype == torch.bfloat16
-        loss = L.chunked_distill_loss(hidden, w3, th, tw, **kwargs)
+        loss = L.chunked_distill_loss(hidden, w3, L.TeacherTargets(th, tw), **kwargs)
     loss.backward()
     assert h3.grad.dtype == torch.float32 and w3.grad.dtype == torch.float32
     torch.testing.assert_close(w3.grad, w1.grad, rtol=3e-2, atol=3e-3)
@@ -487,11 +502,13 @@ def test_chunked_under_autocast():
 def test_chunked_grad_output_scaling_and_components():
     h, w, th, tw, labels = _setup(10)
     h1 = h.clone().requires_grad_(True)
-    loss, comps = L.chunked_distill_loss(h1, w, th, tw, labels=labels, ce_weight=0.5, chunk_size=4,
+    loss, comps = L.chunked_distill_loss(h1, w, L.TeacherTargets(th, tw), labels=labels,
+                                         loss=L.LogitLoss(ce_weight=0.5), numerics=L.LossNumerics(chunk_size=4),
                                          return_components=True)
     (3.0 * loss).backward()
     h2 = h.clone().requires_grad_(True)
-    L.chunked_distill_loss(h2, w, th, tw, labels=labels, ce_weight=0.5, chunk_size=4).backward()
+    L.chunked_distill_loss(h2, w, L.TeacherTargets(th, tw), labels=labels, loss=L.LogitLoss(ce_weight=0.5),
+                           numerics=L.LossNumerics(chunk_size=4)).backward()
     torch.testing.assert_close(h1.grad, 3.0 * h2.grad)
     mask = labels != -100
     kl = L.forward_kl(h @ w.t(), th @ tw.t(), mask=mask)
@@ -504,13 +521,15 @@ def test_chunked_grad_output_scaling_and_components():
 def test_chunked_no_grad_and_all_ignored():
     h, w, th, tw, labels = _setup(11)
     with torch.no_grad():
-        out = L.chunked_distill_loss(h.requires_grad_(True), w, th, tw, labels=labels, chunk_size=5)
+        out = L.chunked_distill_loss(h.requires_grad_(True), w, L.TeacherTargets(th, tw), labels=labels,
+                                     numerics=L.LossNumerics(chunk_size=5))
     assert not out.requires_grad
     assert out.item() == pytest.approx(
         L.forward_kl(h @ w.t(), th @ tw.t(), mask=labels != -100).item(), rel=1e-5)
     h_ = h.detach().clone().requires_grad_(True)
     w_ = w.clone().requires_grad_(True)
-    out = L.chunked_distill_loss(h_, w_, th, tw, labels=torch.full((N,), -100), ce_weight=1.0)
+    out = L.chunked_distill_loss(h_, w_, L.TeacherTargets(th, tw), labels=torch.full((N,), -100),
+                                 loss=L.LogitLoss(ce_weight=1.0))
     out.backward()
     assert out.item() == 0.0
     assert torch.all(h_.grad == 0) and torch.all(w_.grad == 0)
@@ -520,15 +539,26 @@ def test_chunked_argument_errors():
     h, w, th, tw, labels = _setup(12)
     tv, ti = (th @ tw.t()).topk(5, dim=-1)
     with pytest.raises(ValueError):
-        L.chunked_distill_loss(h, w, th, tw, kind="topk_kl")
+        L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), loss=L.LogitLoss(kind="topk_kl"))
     with pytest.raises(ValueError):
-        L.chunked_distill_loss(h, w, kind="reverse_kl", teacher_topk=(tv, ti))
+        L.chunked_distill_loss(h, w, L.TeacherTargets(topk=(tv, ti)), loss=L.LogitLoss(kind="reverse_kl"))
     with pytest.raises(ValueError):
-        L.chunked_distill_loss(h, w, th, tw, kind="nope")
+        L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), loss=L.LogitLoss(kind="nope"))
     with pytest.raises(ValueError):
-        L.chunked_distill_loss(h, w, th, tw, ce_weight=1.0)  # no labels
+        L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), loss=L.LogitLoss(ce_weight=1.0))  # no labels
     with pytest.raises(ValueError):
-        L.chunked_distill_loss(h, w, th, tw[:-1])  # vocab mismatch
+        L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw[:-1]))  # vocab mismatch
+    # the teacher's side is exactly one of live, top-k or samples
+    with pytest.raises(ValueError, match="exactly one"):
+        L.TeacherTargets(th, tw, topk=(tv, ti))
+    with pytest.raises(ValueError, match="exactly one"):
+        L.TeacherTargets()
+    with pytest.raises(ValueError, match="both hidden and weight"):
+        L.TeacherTargets(hidden=th)
+    with pytest.raises(ValueError, match="softcap"):
+        L.TeacherTargets(topk=(tv, ti), softcap=30.0)
+    assert L.TeacherTargets.from_cache(tv, ti, "topk_kl").topk[0] is tv
+    assert L.TeacherTargets.from_cache(tv, ti, "sampled_kl").samples[1] is ti
 
 
 class _MaxNumel(TorchDispatchMode):
@@ -555,7 +585,8 @@ def test_chunked_never_materialises_full_logits():
     labels = torch.randint(0, v, (n,), generator=g)
     mode = _MaxNumel()
     with mode:
-        loss = L.chunked_distill_loss(h, w, th, tw, labels=labels, ce_weight=0.5, chunk_size=256)
+        loss = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels, loss=L.LogitLoss(ce_weight=0.5),
+                                      numerics=L.LossNumerics(chunk_size=256))
         loss.backward()
     assert torch.isfinite(loss) and h.grad is not None and w.grad is not None
     assert mode.max_numel <= 256 * v < n * v // 4
@@ -563,7 +594,8 @@ def test_chunked_never_materialises_full_logits():
     m = 512
     control = _MaxNumel()
     with control, torch.no_grad():
-        L.chunked_distill_loss(h[:m], w, th[:m], tw, labels=labels[:m], chunk_size=None)
+        L.chunked_distill_loss(h[:m], w, L.TeacherTargets(th[:m], tw), labels=labels[:m],
+                               numerics=L.LossNumerics(chunk_size=None))
     assert control.max_numel >= m * v
 
 
@@ -671,8 +703,10 @@ def test_topk_closed_form_matches_naive(ce_weight, tau, chunk_size):
     """Cached top-k targets take the sparse closed-form gradient; it equals autograd on the naive loss."""
     h, w, th, tw, labels = _setup(5)
     tv, ti = (th @ tw.t()).topk(10, dim=-1)
-    _compare(h, w, None, None, labels, chunk_size=chunk_size, teacher_topk=(tv, ti), kind="topk_kl",
-             temperature=tau, ce_weight=ce_weight, ref_kwargs=dict(topk=(tv, ti), tau=tau, ce_weight=ce_weight))
+    _compare(h, w, L.TeacherTargets(topk=(tv, ti)), labels,
+             loss=L.LogitLoss(kind="topk_kl", temperature=tau, ce_weight=ce_weight),
+             numerics=L.LossNumerics(chunk_size=chunk_size),
+             ref_kwargs=dict(topk=(tv, ti), tau=tau, ce_weight=ce_weight))
 
 
 def _ref_sampled(h, w, logp, idx, labels, ce_weight=0.0):
@@ -695,8 +729,9 @@ def test_sampled_kl_matches_naive(ce_weight, chunk_size):
     idx = torch.multinomial(t_logp.exp(), 12, replacement=True, generator=g)  # [N, 12], repeats allowed
     logp = t_logp.gather(-1, idx)
     h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    out = L.chunked_distill_loss(h_, w_, labels=labels, teacher_samples=(logp, idx), kind="sampled_kl",
-                                 ce_weight=ce_weight, chunk_size=chunk_size)
+    out = L.chunked_distill_loss(h_, w_, L.TeacherTargets(samples=(logp, idx)), labels=labels,
+                                 loss=L.LogitLoss(kind="sampled_kl", ce_weight=ce_weight),
+                                 numerics=L.LossNumerics(chunk_size=chunk_size))
     out.backward()
     h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
     ref = _ref_sampled(h64, w64, logp, idx, labels, ce_weight)
@@ -705,11 +740,12 @@ def test_sampled_kl_matches_naive(ce_weight, chunk_size):
     torch.testing.assert_close(h_.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w_.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
     # forward_kl + teacher_samples means sampled_kl
-    same = L.chunked_distill_loss(h, w, labels=labels, teacher_samples=(logp, idx), ce_weight=ce_weight,
-                                  chunk_size=chunk_size)
+    same = L.chunked_distill_loss(h, w, L.TeacherTargets(samples=(logp, idx)), labels=labels,
+                                  loss=L.LogitLoss(ce_weight=ce_weight), numerics=L.LossNumerics(chunk_size=chunk_size))
     assert same.item() == pytest.approx(out.item(), rel=1e-6)
     with pytest.raises(ValueError, match="temperature"):
-        L.chunked_distill_loss(h, w, labels=labels, teacher_samples=(logp, idx), temperature=2.0)
+        L.chunked_distill_loss(h, w, L.TeacherTargets(samples=(logp, idx)), labels=labels,
+                               loss=L.LogitLoss(temperature=2.0))
 
 
 def test_sampled_kl_is_unbiased_for_the_full_kl_and_its_gradient():
@@ -718,23 +754,24 @@ def test_sampled_kl_is_unbiased_for_the_full_kl_and_its_gradient():
     t_logp = torch.log_softmax(th @ tw.t(), dim=-1)
     idx = torch.multinomial(t_logp.exp(), 20_000, replacement=True, generator=torch.Generator().manual_seed(2))
     h_s = h.clone().requires_grad_(True)
-    sampled = L.chunked_distill_loss(h_s, w, labels=labels, teacher_samples=(t_logp.gather(-1, idx), idx))
+    sampled = L.chunked_distill_loss(h_s, w, L.TeacherTargets(samples=(t_logp.gather(-1, idx), idx)), labels=labels)
     sampled.backward()
     h_f = h.clone().requires_grad_(True)
-    full = L.chunked_distill_loss(h_f, w, th, tw, labels=labels)
+    full = L.chunked_distill_loss(h_f, w, L.TeacherTargets(th, tw), labels=labels)
     full.backward()
     assert sampled.item() == pytest.approx(full.item(), rel=0.02)
     torch.testing.assert_close(h_s.grad, h_f.grad, rtol=0.0, atol=0.02 * h_f.grad.abs().max().item())
     # a biased target (top-k renormalised) does not converge: its gradient stays off
     tv, ti = (th @ tw.t()).topk(3, dim=-1)
     h_k = h.clone().requires_grad_(True)
-    L.chunked_distill_loss(h_k, w, labels=labels, teacher_topk=(tv, ti)).backward()
+    L.chunked_distill_loss(h_k, w, L.TeacherTargets(topk=(tv, ti)), labels=labels).backward()
     assert (h_k.grad - h_f.grad).abs().max() > 3 * (h_s.grad - h_f.grad).abs().max()
 
 
 def test_closed_form_ce_only_uses_the_raw_logits_whatever_the_temperature():
     h, w, th, tw, labels = _setup(8)
-    out = L.chunked_distill_loss(h, w, labels=labels, kl_weight=0.0, ce_weight=1.0, temperature=2.5, chunk_size=3)
+    out = L.chunked_distill_loss(h, w, labels=labels, loss=L.LogitLoss(kl_weight=0.0, ce_weight=1.0, temperature=2.5),
+                                 numerics=L.LossNumerics(chunk_size=3))
     assert out.item() == pytest.approx(ref_ce((h @ w.t()).double(), labels).item(), rel=1e-5)
 
 
@@ -742,8 +779,8 @@ def test_bf16_vocab_matmuls_stay_close_to_the_float64_reference():
     """matmul_dtype=bfloat16 (recovery under bf16 autocast): logits and both gradient GEMMs in
     bf16, softmax and accumulation in float32: within bf16 rounding of the exact values."""
     h, w, th, tw, labels = _setup(9)
-    _compare(h, w, th, tw, labels, chunk_size=4, matmul_dtype=torch.bfloat16, rtol=2e-2, atol=2e-3,
-             grad_rtol=5e-2, grad_atol=5e-3 * max(1.0, float(w.abs().max())))
+    _compare(h, w, L.TeacherTargets(th, tw), labels, numerics=L.LossNumerics(chunk_size=4, matmul_dtype=torch.bfloat16),
+             rtol=2e-2, atol=2e-3, grad_rtol=5e-2, grad_atol=5e-3 * max(1.0, float(w.abs().max())))
 
 
 def test_reused_buffers_do_not_leak_between_calls():
@@ -753,7 +790,8 @@ def test_reused_buffers_do_not_leak_between_calls():
     def run(setup):
         h, w, th, tw, labels = setup
         h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss = L.chunked_distill_loss(h_, w_, th, tw, labels=labels, chunk_size=4)
+        loss = L.chunked_distill_loss(h_, w_, L.TeacherTargets(th, tw), labels=labels,
+                                      numerics=L.LossNumerics(chunk_size=4))
         loss.backward()
         return loss.detach(), h_.grad, w_.grad
 
@@ -776,14 +814,16 @@ def test_normalizer_divides_the_sums_by_the_steps_targets():
     runs = []
     for normalizer in (None, 50):
         h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss, parts = L.chunked_distill_loss(h_, w_, th, tw, labels=labels, kl_weight=0.6, ce_weight=0.3,
-                                             chunk_size=4, normalizer=normalizer, return_components=True)
+        loss, parts = L.chunked_distill_loss(h_, w_, L.TeacherTargets(th, tw), labels=labels,
+                                             loss=L.LogitLoss(kl_weight=0.6, ce_weight=0.3),
+                                             numerics=L.LossNumerics(chunk_size=4), normalizer=normalizer,
+                                             return_components=True)
         loss.backward()
         runs.append((loss.detach(), parts["kl"], parts["ce"], h_.grad, w_.grad))
     for mean, share in zip(*runs):
         torch.testing.assert_close(share, mean * valid / 50, rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="normalizer"):
-        L.chunked_distill_loss(h, w, th, tw, labels=labels, normalizer=0)
+        L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels, normalizer=0)
 
 
 needs_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="inductor's CPU backend needs a C++ compiler")
@@ -796,11 +836,14 @@ def test_compiled_chunk_matches_naive(kl_weight, ce_weight, tau):
     reference with and without gradients, chunks of 4 and a remainder of 1 (9 valid tokens).
     Two variants (each compiles for seconds): KL + CE (both gradient terms) and a tempered KL."""
     h, w, th, tw, labels = _setup(12)
-    _compare(h, w, th, tw, labels, chunk_size=4, kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau,
-             compiled=True, ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
+    _compare(h, w, L.TeacherTargets(th, tw), labels,
+             loss=L.LogitLoss(kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau),
+             numerics=L.LossNumerics(chunk_size=4, compiled=True),
+             ref_kwargs=dict(kl_weight=kl_weight, ce_weight=ce_weight, tau=tau))
     with torch.no_grad():
-        out = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=4, kl_weight=kl_weight,
-                                     ce_weight=ce_weight, temperature=tau, compiled=True)
+        out = L.chunked_distill_loss(h, w, L.TeacherTargets(th, tw), labels=labels,
+                                     loss=L.LogitLoss(kl_weight=kl_weight, ce_weight=ce_weight, temperature=tau),
+                                     numerics=L.LossNumerics(chunk_size=4, compiled=True))
     ref = _ref_total(h.double(), w.double(), th.double(), tw.double(), labels, kl_weight=kl_weight,
                      ce_weight=ce_weight, tau=tau)
     assert out.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -815,15 +858,17 @@ def test_compiled_chunk_in_bf16_matches_the_eager_bf16_path():
     outs = []
     for compiled in (False, True):
         h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-        loss = L.chunked_distill_loss(h_, w_, th, tw, labels=labels, chunk_size=4, matmul_dtype=torch.bfloat16,
-                                      compiled=compiled)
+        loss = L.chunked_distill_loss(h_, w_, L.TeacherTargets(th, tw), labels=labels,
+                                      numerics=L.LossNumerics(chunk_size=4, matmul_dtype=torch.bfloat16,
+                                                              compiled=compiled))
         loss.backward()
         outs.append((loss.detach(), h_.grad, w_.grad))
     (l0, gh0, gw0), (l1, gh1, gw1) = outs
     assert l1.item() == pytest.approx(l0.item(), rel=1e-5)
     torch.testing.assert_close(gh1, gh0, rtol=2e-2, atol=1e-4)
     torch.testing.assert_close(gw1, gw0, rtol=2e-2, atol=1e-4)
-    _compare(h, w, th, tw, labels, chunk_size=4, matmul_dtype=torch.bfloat16, compiled=True, rtol=2e-2,
+    _compare(h, w, L.TeacherTargets(th, tw), labels,
+             numerics=L.LossNumerics(chunk_size=4, matmul_dtype=torch.bfloat16, compiled=True), rtol=2e-2,
              atol=2e-3, grad_rtol=5e-2, grad_atol=5e-3 * max(1.0, float(w.abs().max())))
 
 
@@ -833,8 +878,11 @@ def test_compiled_flag_leaves_other_losses_on_the_eager_path():
     exactly the eager result for them."""
     h, w, th, tw, labels = _setup(15)
     tv, ti = (th @ tw.t()).topk(10, dim=-1)
-    for kwargs in (dict(kind="reverse_kl"), dict(student_softcap=4.0, teacher_softcap=6.0),
-                   dict(teacher_topk=(tv, ti))):
-        a = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=4, **kwargs)
-        b = L.chunked_distill_loss(h, w, th, tw, labels=labels, chunk_size=4, compiled=True, **kwargs)
+    live = L.TeacherTargets(th, tw)
+    for teacher, kwargs in ((live, dict(loss=L.LogitLoss(kind="reverse_kl"))),
+                            (L.TeacherTargets(th, tw, softcap=6.0), dict(student_softcap=4.0)),
+                            (L.TeacherTargets(topk=(tv, ti)), {})):
+        a = L.chunked_distill_loss(h, w, teacher, labels=labels, numerics=L.LossNumerics(chunk_size=4), **kwargs)
+        b = L.chunked_distill_loss(h, w, teacher, labels=labels, numerics=L.LossNumerics(chunk_size=4, compiled=True),
+                                   **kwargs)
         assert torch.equal(a, b)

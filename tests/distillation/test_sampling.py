@@ -52,7 +52,8 @@ def test_greedy_matches_naive_loop_and_hf_generate(model):
     prompts = sampling.start_tokens(TINY_VOCAB, 3, seed=1, exclude=range(4))
     prompts = torch.cat([prompts, torch.tensor([[7], [9], [11]])], dim=1)  # P = 2
     seq_len = 20  # longer than Gemma's sliding window (8)
-    out = sampling.sample_batch(model, prompts, seq_len, greedy_tokens=seq_len, generator=_gen(0))
+    out = sampling.sample_batch(model, prompts, seq_len, sampling=sampling.SamplingConfig(greedy_tokens=seq_len),
+                                generator=_gen(0))
     assert out["input_ids"].shape == (3, seq_len) and out["input_ids"].dtype == torch.int64
     torch.testing.assert_close(out["input_ids"], _naive_greedy(model, prompts, seq_len), rtol=0, atol=0)
     hf = model.generate(prompts, do_sample=False, max_new_tokens=seq_len - 2, min_new_tokens=seq_len - 2,
@@ -64,7 +65,8 @@ def test_greedy_matches_naive_loop_and_hf_generate(model):
 def test_logprobs_match_one_full_forward(model, bos):
     prompts = torch.tensor([[5, 6, 7], [40, 41, 42]])
     seq_len = 18
-    out = sampling.sample_batch(model, prompts, seq_len, samples=12, generator=_gen(3), bos_token_id=bos)
+    out = sampling.sample_batch(model, prompts, seq_len, sampling=sampling.SamplingConfig(samples=12),
+                                generator=_gen(3), bos_token_id=bos)
     ids, idx, lp = out["input_ids"], out["sample_indices"], out["sample_logprobs"]
     assert ids.shape == (2, seq_len)
     assert idx.shape == lp.shape == (2, seq_len, 12)
@@ -82,7 +84,8 @@ def test_cache_layouts_and_attention_agree():
     model = make_tiny_model("gemma3_text")  # sliding + full layers
     prompts = torch.tensor([[3, 4], [5, 6]])
     settings = [{"cache": c} for c in sampling.CACHE_KINDS] + [{"attention": "sdpa"}]
-    outs = [sampling.sample_batch(model, prompts, 14, generator=_gen(0), **kw) for kw in settings]
+    outs = [sampling.sample_batch(model, prompts, 14, generator=_gen(0), decode=sampling.DecodeOptions(**kw))
+            for kw in settings]
     for other in outs[1:]:
         torch.testing.assert_close(other["input_ids"], outs[0]["input_ids"], rtol=0, atol=0)
         torch.testing.assert_close(other["sample_indices"], outs[0]["sample_indices"], rtol=0, atol=0)
@@ -95,7 +98,8 @@ def test_cache_growth_in_small_blocks_matches_full_forward(model, monkeypatch):
     out = sampling.sample_batch(model, prompts, 17, generator=_gen(4))
     ref = torch.log_softmax(_full_logits(model, out["input_ids"]), dim=-1).gather(-1, out["sample_indices"].long())
     torch.testing.assert_close(out["sample_logprobs"], ref, rtol=0, atol=1e-5)
-    greedy = sampling.sample_batch(model, prompts, 17, greedy_tokens=17, generator=_gen(0))
+    greedy = sampling.sample_batch(model, prompts, 17, sampling=sampling.SamplingConfig(greedy_tokens=17),
+                                   generator=_gen(0))
     torch.testing.assert_close(greedy["input_ids"], _naive_greedy(model, prompts, 17), rtol=0, atol=0)
 
 
@@ -171,8 +175,10 @@ def test_bf16_autocast_runs():
 def test_top_k_one_is_greedy_and_seeds_are_deterministic():
     model = make_tiny_model("llama")
     prompts = sampling.start_tokens(TINY_VOCAB, 4, seed=0, exclude=range(4))
-    greedy = sampling.sample_batch(model, prompts, 16, greedy_tokens=16, generator=_gen(0))
-    top1 = sampling.sample_batch(model, prompts, 16, greedy_tokens=0, top_k=1, temperature=2.0, generator=_gen(5))
+    greedy = sampling.sample_batch(model, prompts, 16, sampling=sampling.SamplingConfig(greedy_tokens=16),
+                                   generator=_gen(0))
+    top1 = sampling.sample_batch(model, prompts, 16, generator=_gen(5),
+                                 sampling=sampling.SamplingConfig(greedy_tokens=0, top_k=1, temperature=2.0))
     torch.testing.assert_close(top1["input_ids"], greedy["input_ids"], rtol=0, atol=0)
     a = sampling.sample_batch(model, prompts, 16, generator=_gen(11))
     b = sampling.sample_batch(model, prompts, 16, generator=_gen(11))
@@ -198,8 +204,8 @@ def test_continuation_follows_filtered_tempered_distribution(top_k, top_p, tempe
     model = make_tiny_model("llama", initializer_range=0.5)  # a peaked, non-uniform distribution
     rows = 6000
     prompts = torch.full((rows, 1), 17)
-    out = sampling.sample_batch(model, prompts, 3, greedy_tokens=1, top_k=top_k, top_p=top_p,
-                                temperature=temperature, generator=_gen(0))
+    out = sampling.sample_batch(model, prompts, 3, generator=_gen(0), sampling=sampling.SamplingConfig(
+        greedy_tokens=1, top_k=top_k, top_p=top_p, temperature=temperature))
     ids = out["input_ids"]
     assert (ids[:, 1] == ids[0, 1]).all()  # the greedy token is the same for every row
     logits = _full_logits(model, ids[:1, :2])[0, -1]  # position 1 predicts token 2
@@ -226,7 +232,8 @@ def test_sparse_draws_follow_the_full_softmax():
     model = make_tiny_model("llama", initializer_range=0.5)
     rows, samples = 4000, 12
     prompts = torch.full((rows, 1), 17)
-    out = sampling.sample_batch(model, prompts, 2, greedy_tokens=1, samples=samples, generator=_gen(1))
+    out = sampling.sample_batch(model, prompts, 2, sampling=sampling.SamplingConfig(greedy_tokens=1, samples=samples),
+                                generator=_gen(1))
     p = torch.softmax(_full_logits(model, out["input_ids"][:1])[0, 0].double(), -1)  # position 0: all rows equal
     draws = out["sample_indices"][:, 0].reshape(-1).long()
     n = draws.numel()
@@ -297,3 +304,13 @@ def test_on_tokens_counts_every_position_once_as_it_is_produced(model):
     out = sampling.sample_batch(model, prompts, 9, generator=_gen(1), bos_token_id=1, on_tokens=calls.append)
     assert calls == [2 * 3] + [2] * 6  # the prefill (BOS + 2 prompt tokens), then one call per decode step
     assert sum(calls) == out["input_ids"].numel()
+
+
+def test_sampling_and_decode_settings_are_checked_when_built():
+    for bad in (dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(samples=0),
+                dict(greedy_tokens=-1)):
+        with pytest.raises(ValueError):
+            sampling.SamplingConfig(**bad)
+    for bad in (dict(cache="paged"), dict(attention="flash"), dict(draw="gumbel")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sampling.DecodeOptions(**bad)

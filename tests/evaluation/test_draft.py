@@ -9,7 +9,7 @@ import torch
 
 from minicompress.evaluation import draft as speculative
 from minicompress.errors import MinicompressError
-from minicompress.evaluation.draft import measure_draft
+from minicompress.evaluation.draft import DraftSettings, measure_draft
 
 from conftest import EOS_ID, make_tiny_model
 
@@ -106,8 +106,8 @@ def test_the_teacher_as_its_own_draft_accepts_every_token(monkeypatch):
     teacher = make_tiny_model("llama", seed=0)
     prompts = prompts_of(3)
     seen = captured_outputs(monkeypatch)
-    result = measure_draft(teacher, teacher, prompts, new_tokens=23, num_assistant_tokens=4, autocast="none",
-                           warmup=False)
+    result = measure_draft(teacher, teacher, prompts, new_tokens=23, settings=DraftSettings(num_assistant_tokens=4),
+                           autocast="none", warmup=False)
     ref = naive_speculative(teacher, teacher, prompts, 23, 4)
     assert result["acceptance_rate"] == 1.0 and result["accepted_tokens"] == result["proposed_tokens"]
     assert (result["accepted_tokens"], result["teacher_forwards"]) == (ref["accepted"], ref["rounds"])
@@ -132,8 +132,8 @@ def test_counts_equal_a_naive_speculative_loop(monkeypatch, model_type, k, scale
     draft = perturbed(teacher, scale) if scale is not None else make_tiny_model(model_type, seed=1)
     prompts = prompts_of(3)
     seen = captured_outputs(monkeypatch)
-    result = measure_draft(teacher, draft, prompts, new_tokens=20, num_assistant_tokens=k, autocast="none",
-                           warmup=False)
+    result = measure_draft(teacher, draft, prompts, new_tokens=20, settings=DraftSettings(num_assistant_tokens=k),
+                           autocast="none", warmup=False)
     ref = naive_speculative(teacher, draft, prompts, 20, k)
     assert (result["accepted_tokens"], result["proposed_tokens"], result["teacher_forwards"]) == (
         ref["accepted"], ref["proposed"], ref["rounds"])
@@ -155,8 +155,8 @@ def test_heuristic_schedule_and_confidence_threshold_match_the_loop(monkeypatch,
     teacher = make_tiny_model("llama", seed=0)
     draft = perturbed(teacher, 0.02)
     prompts = prompts_of(3)
-    result = measure_draft(teacher, draft, prompts, new_tokens=20, num_assistant_tokens=2, schedule=schedule,
-                           confidence_threshold=threshold, autocast="none", warmup=False)
+    result = measure_draft(teacher, draft, prompts, new_tokens=20, settings=DraftSettings(
+        num_assistant_tokens=2, schedule=schedule, confidence_threshold=threshold), autocast="none", warmup=False)
     ref = naive_speculative(teacher, draft, prompts, 20, 2, schedule=schedule, threshold=threshold)
     assert (result["accepted_tokens"], result["proposed_tokens"], result["teacher_forwards"]) == (
         ref["accepted"], ref["proposed"], ref["rounds"])
@@ -170,8 +170,8 @@ def test_draft_generation_config_is_restored_and_warmup_is_untimed(monkeypatch):
     teacher, draft = make_tiny_model("llama", seed=0), make_tiny_model("llama", seed=1)
     own = draft.generation_config
     seen = captured_outputs(monkeypatch)
-    result = measure_draft(teacher, draft, prompts_of(2), new_tokens=12, num_assistant_tokens=2, schedule="heuristic",
-                           autocast="none")
+    result = measure_draft(teacher, draft, prompts_of(2), new_tokens=12,
+                           settings=DraftSettings(num_assistant_tokens=2, schedule="heuristic"), autocast="none")
     assert draft.generation_config is own and own.num_assistant_tokens is None
     assert "_get_candidate_generator" not in vars(teacher)
     assert [len(tokens) for _, tokens in seen[:2]] == [8, 8]  # the warm-up: 8 tokens both ways
@@ -184,11 +184,12 @@ def test_both_decodes_run_under_the_requested_autocast():
     for name, model in (("teacher", teacher), ("draft", draft)):
         model.register_forward_hook(lambda m, a, o, name=name: states[name].add(
             (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
-    measure_draft(teacher, draft, prompts_of(1), new_tokens=6, num_assistant_tokens=2, autocast="bfloat16",
-                  warmup=False)
+    measure_draft(teacher, draft, prompts_of(1), new_tokens=6, settings=DraftSettings(num_assistant_tokens=2),
+                  autocast="bfloat16", warmup=False)
     assert states == {"teacher": {(True, torch.bfloat16)}, "draft": {(True, torch.bfloat16)}}
     states = {"teacher": set(), "draft": set()}
-    measure_draft(teacher, draft, prompts_of(1), new_tokens=6, num_assistant_tokens=2, autocast="none", warmup=False)
+    measure_draft(teacher, draft, prompts_of(1), new_tokens=6, settings=DraftSettings(num_assistant_tokens=2),
+                  autocast="none", warmup=False)
     assert {s for s, _ in states["teacher"] | states["draft"]} == {False}
 
 
@@ -217,10 +218,10 @@ def test_bad_inputs_raise_one_line_errors():
     with pytest.raises(MinicompressError, match="draft: vocabulary size 300 differs from the teacher's 256"):
         measure_draft(teacher, other_vocab, prompts_of(1), new_tokens=4)
     with pytest.raises(MinicompressError, match="schedule: 'dynamic' is not allowed"):
-        measure_draft(teacher, teacher, prompts_of(1), new_tokens=4, schedule="dynamic")
+        measure_draft(teacher, teacher, prompts_of(1), new_tokens=4, settings=DraftSettings(schedule="dynamic"))
     with pytest.raises(MinicompressError, match="prompts: need at least one"):
         measure_draft(teacher, teacher, [], new_tokens=4)
     with pytest.raises(MinicompressError, match="num_assistant_tokens: must be >= 1"):
-        measure_draft(teacher, teacher, prompts_of(1), new_tokens=4, num_assistant_tokens=0)
+        measure_draft(teacher, teacher, prompts_of(1), new_tokens=4, settings=DraftSettings(num_assistant_tokens=0))
     with pytest.raises(MinicompressError, match=r"prompts: each must be \[L\]"):
         measure_draft(teacher, teacher, [torch.zeros(2, 3, dtype=torch.long)], new_tokens=4)

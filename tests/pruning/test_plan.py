@@ -12,8 +12,8 @@ from conftest import TINY_MODEL_TYPES, make_tiny_model
 from minicompress.arch import count_parameters, decoder_layers
 from minicompress.errors import MinicompressError
 from minicompress.pruning.plan import PrunePlan, apply_plan_, make_plan, plan_parameters, pruned_copy, slice_parameter
-from minicompress.pruning.search import (candidate_targets, row_target, search_architecture, search_candidates,
-    validate_target, zero_shot_ranking)
+from minicompress.pruning.search import (SearchSpace, candidate_targets, row_target, search_architecture,
+    search_candidates, validate_target, zero_shot_ranking)
 from minicompress.pruning.scoring import score_model
 
 SHRINK = {"hidden_size": 24, "intermediate_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -191,7 +191,8 @@ def test_candidates_are_within_budget_and_search_picks_one():
     cands = candidate_targets(model.config, 0.7, tolerance=0.05)
     assert cands and all(abs(c["params"] - 0.7 * total) <= 0.05 * 0.7 * total for c in cands)
     assert len({c["num_hidden_layers"] for c in cands}) > 1  # depth and width mixes are both tried
-    best, table = search_architecture(model, scores, 0.7, [_ids(5, (2, 16))], tolerance=0.05, finalists=3)
+    best, table = search_architecture(model, scores, 0.7, [_ids(5, (2, 16))], space=SearchSpace(tolerance=0.05),
+                                      finalists=3)
     plan = make_plan(scores, model.config, best)
     assert abs(plan_parameters(plan, model.config) - 0.7 * total) <= 0.05 * 0.7 * total
     finals = [r for r in table if "loss" in r]
@@ -269,8 +270,8 @@ def test_search_candidates_have_aligned_widths_and_both_layer_metrics():
     assert any(c["intermediate_size"] % 32 or c["hidden_size"] % 32 for c in plain)  # 1: the finer plain grid
     assert candidate_targets(model.config, 0.6, tolerance=0.05, width_multiple=128) == plain  # widths < 4 x 128
     assert validate_target(model.config, {"target_params": 0.6, "width_multiple": 32})["candidates"] < len(plain)
-    best, table = search_architecture(model, scores, 0.6, [_ids(5, (2, 16))], tolerance=0.05, width_multiple=32,
-                                      finalists=3, layer_metric="loss")
+    best, table = search_architecture(model, scores, 0.6, [_ids(5, (2, 16))], finalists=3,
+                                      space=SearchSpace(layer_metric="loss", tolerance=0.05, width_multiple=32))
     assert len(table) == len(cands) and best == row_target(zero_shot_ranking(table)[0])
     assert best["layer_metric"] in ("bi", "loss") and len(zero_shot_ranking(table)) == 3
     scores.layer_loss = None  # scored without loss_samples: Block Importance only

@@ -12,8 +12,7 @@ from minicompress.config import DataConfig, EvalConfig, ModelConfig
 from minicompress.errors import ConfigError, MinicompressError
 from minicompress.models import load_model
 from minicompress.data.sources import load_token_stream
-from minicompress.evaluation.draft import draft_prompts
-from minicompress.evaluation.draft import measure_draft
+from minicompress.evaluation.draft import DraftSettings, draft_prompts, measure_draft
 
 
 def error_line(capsys) -> str:
@@ -40,7 +39,8 @@ def test_eval_with_a_draft_writes_the_draft_keys(tiny_model_dir, text_corpus, tm
     draft, _ = load_model(ModelConfig(source=str(student)))
     stream = load_token_stream(DataConfig(source=str(text_corpus), shuffle=False, documents="file"), tokenizer)
     prompts = draft_prompts(stream, 3, 8)
-    direct = measure_draft(model, draft, prompts, new_tokens=6, num_assistant_tokens=2, warmup=False)
+    direct = measure_draft(model, draft, prompts, new_tokens=6, settings=DraftSettings(num_assistant_tokens=2),
+                           warmup=False)
     assert results["acceptance_rate"] == direct["acceptance_rate"]
     for key in ("accepted_tokens", "proposed_tokens", "teacher_forwards", "plain_teacher_forwards",
                 "outputs_identical"):

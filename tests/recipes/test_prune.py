@@ -212,7 +212,7 @@ def test_search_keeps_the_candidate_with_the_lowest_distilled_kl(tmp_path, tiny_
     calls = []
     kls = iter([0.5, 0.2, 0.9])
 
-    def fake_recover(student, teacher, data, config, schedule, accum_steps, **kwargs):
+    def fake_recover(student, teacher, data, config, schedule, **kwargs):
         calls.append({"shape": tuple(getattr(student.config, k) for k in SHAPE), "teacher": teacher,
                       "teacher_layers": len(teacher.model.layers), "seed": config.seed, "tokens": config.tokens,
                       "data": config.data, "eval_tokens": config.eval_tokens, "teacher_dtype": config.teacher_dtype,
