@@ -633,7 +633,7 @@ def score_command(args: argparse.Namespace) -> int:
 
 
 def _prune_setup(p: argparse.ArgumentParser) -> None:
-    from .config import LAYER_METRICS
+    from .config import LAYER_METRICS, REPAIR_DAMPING_SCALES, REPAIR_RIDGES
 
     add_common(p, output_help="folder for the pruned Hugging Face model")
     add_model_flags(p, "model", default_help="; default smollm2-135m")
@@ -665,6 +665,19 @@ def _prune_setup(p: argparse.ArgumentParser) -> None:
     config_flag(p, "--streaming", key="streaming", action="store_const", const=True,
                 help="prune a local safetensors checkpoint one tensor at a time without loading it "
                      "(needs --scores and explicit sizes or --drop-layers)")
+    config_flag(p, "--repair", key="repair", metavar="NAME,...",
+                help="closed-form repairs after pruning, comma-separated: none (default), refit (down_proj), "
+                     "refit_o (o_proj), flap (bias; llama), replaceme (dropped layers as a linear map)")
+    config_flag(p, "--repair-damping", key="repair_damping", metavar="D,...",
+                help="relative ridge of the refits (default 0.01); several: chosen per linear on held-out batches")
+    config_flag(p, "--repair-tokens", key="repair_tokens",
+                help="calibration tokens the repairs read, from the scoring's rows (default 32K)")
+    config_flag(p, "--repair-keep-scale", key="repair_keep_scale", action="store_const", const=True,
+                help="keep each refit row's norm from the plainly pruned weight")
+    config_flag(p, "--repair-ridge", key="repair_ridge", choices=REPAIR_RIDGES,
+                help="centre of the refit's ridge: zero (default) or pruned (a damped correction of the prune)")
+    config_flag(p, "--repair-damping-scale", key="repair_damping_scale", choices=REPAIR_DAMPING_SCALES,
+                help="damping relative to the mean input energy (default mean, GPTQ) or to each input's own (diagonal)")
 
 
 @subcommand("prune", help="score, plan and rewrite a model into a smaller stock HF model", setup=_prune_setup)
