@@ -56,6 +56,12 @@ RUN_SETS_GENERATE_KEYS = ("teacher", "data", "output", "overwrite", "resume")
 #: RecoverConfig keys the prune's search sets for its short distillations (not allowed in ``search_recover``):
 #: the teacher is the original in memory, which must keep its dtype and device.
 PRUNE_SETS_SEARCH_RECOVER_KEYS = RUN_SETS_RECOVER_KEYS + ("eval_every", "teacher_dtype", "teacher_device")
+#: ``prune --repair`` names, in the order they run (the one list: :mod:`minicompress.pruning.repair` imports it).
+REPAIRS = ("none", "refit", "refit_o", "flap", "replaceme")
+#: ``prune --repair-ridge``: the centre of a refit's ridge penalty, zero or the pruned weight.
+REPAIR_RIDGES = ("zero", "pruned")
+#: ``prune --repair-damping-scale``: a refit's ridge relative to the mean input energy, or to each input's own.
+REPAIR_DAMPING_SCALES = ("mean", "diagonal")
 
 
 def choice(default: Any, choices: tuple) -> Any:
@@ -417,6 +423,42 @@ class PruneConfig:
             (:data:`PRUNE_SETS_SEARCH_RECOVER_KEYS`); unset keys keep its defaults, but
             ``global_batch_tokens`` defaults to the multiple of ``micro_batch_size *
             data.seq_len`` nearest the default (4,096).
+        repair: closed-form repairs of the pruned model on calibration activations
+            (:mod:`minicompress.pruning.repair`), comma-separated (``--repair refit,flap``);
+            ``none`` (the default) or any of: ``refit``: ridge least-squares refit of the
+            kept columns of every ``down_proj`` so that, on the pruned student's own input,
+            it adds what the original full FFN adds (layers in order, each on the output of
+            the repaired ones before it); ``refit_o``: the same for ``o_proj`` against the
+            original attention with all heads; ``flap``: FLAP's bias compensation (the mean
+            of what is lost becomes a bias of ``down_proj`` / ``o_proj``; llama only, it
+            sets ``mlp_bias`` / ``attention_bias`` in the config); ``replaceme``: each
+            span of dropped layers becomes a linear map (least squares on the original
+            model) folded into the ``down_proj`` of the layer before it (not if layer 0 is
+            dropped; not gemma3). Calibration rows are the scoring's (``score.num_samples``
+            x ``data.seq_len``), so ``data`` is needed even with ``scores``. Not with
+            ``streaming``. Whether a repair helps is judged after distillation; none is a
+            default yet.
+        repair_damping: relative ridge of the refits, ``lambda = repair_damping *
+            mean(diag(X^T X))`` (0: plain least squares); several comma-separated values
+            (``0.001,0.01,0.1``): each linear uses the one with the lowest error on held-out
+            calibration batches (every 8th). ``replaceme`` uses the first value, damped
+            towards the identity map. Default 0.01.
+        repair_tokens: calibration tokens the repairs read (whole rows of ``data.seq_len``
+            from the scoring's rows, so at most ``score.num_samples * data.seq_len``); at
+            least as many as the widest refit solves for (kept neurons for ``refit``, kept
+            heads x head_dim for ``refit_o``, the hidden size for ``replaceme``). Default 32768.
+        repair_keep_scale: after a refit, rescale each row of the new weight to the norm
+            of the same row of the plainly pruned weight (least squares grows the weights
+            that compensate the dropped ones).
+        repair_ridge: centre of the refit's ridge penalty: ``zero`` (classic ridge,
+            ``lambda ||W||^2``) or ``pruned`` (``lambda ||W - W_pruned||^2``: the refit as a
+            damped correction of the plain prune, which a large damping gives back).
+        repair_damping_scale: what ``repair_damping`` is relative to: ``mean`` (GPTQ's
+            ``lambda I``, ``lambda = repair_damping * mean(diag(X^T X))``) or ``diagonal``
+            (``repair_damping * diag(X^T X)``: each kept input damped relative to its own
+            energy). On SmolLM2-135M one massive-activation neuron holds 86-90% of
+            ``diag(X^T X)`` in some layers, so ``mean`` damps every other neuron about ten
+            times its own energy and shrinks its weights towards zero (``zero`` ridge).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -432,13 +474,52 @@ class PruneConfig:
     search_distill_candidates: int = 4
     search_distill_tokens: int = 65536
     search_recover: dict[str, Any] = field(default_factory=dict)
+    repair: tuple[str, ...] = ()
+    repair_damping: tuple[float, ...] = (0.01,)
+    repair_tokens: int = 32768
+    repair_keep_scale: bool = False
+    repair_ridge: str = choice("zero", REPAIR_RIDGES)
+    repair_damping_scale: str = choice("mean", REPAIR_DAMPING_SCALES)
 
     def __post_init__(self):
+        self._check_repair()
         _check_positive("search_batches", self.search_batches)
         _check_positive("search_distill_candidates", self.search_distill_candidates, allow_zero=True)
         _check_positive("search_distill_tokens", self.search_distill_tokens)
         if self.target.target_params is not None and self.search_distill_candidates:
             self.search_recover_config()  # fails early, naming the key
+
+    @property
+    def repairs(self) -> tuple[str, ...]:
+        """The repairs to run, in :data:`REPAIRS` order (empty for ``none``)."""
+        names = [str(r).strip().lower() for r in self.repair]
+        return tuple(r for r in REPAIRS if r in names and r != "none")
+
+    def _check_repair(self) -> None:
+        names = [str(r).strip().lower() for r in self.repair]
+        for name in names:
+            if name not in REPAIRS:
+                raise ConfigError(f"repair: {name!r} is not a repair; choose from {', '.join(REPAIRS)} "
+                                  "(comma-separated, e.g. refit,refit_o)")
+        if "none" in names and len(names) > 1:
+            raise ConfigError("repair: 'none' cannot be combined with other repairs")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"repair: a repair is named twice in {','.join(names)}")
+        repairs = self.repairs
+        if not self.repair_damping:
+            raise ConfigError("repair_damping: give at least one value >= 0, e.g. 0.01")
+        for value in self.repair_damping:
+            _check_positive("repair_damping", value, allow_zero=True)
+        _check_positive("repair_tokens", self.repair_tokens)
+        _check_choice("repair_ridge", self.repair_ridge, REPAIR_RIDGES)
+        _check_choice("repair_damping_scale", self.repair_damping_scale, REPAIR_DAMPING_SCALES)
+        if not repairs:
+            return
+        if self.streaming:
+            raise ConfigError("repair: a repair runs the loaded pruned model on calibration text; --streaming never "
+                              "loads it; drop --repair or --streaming")
+        if self.repair_keep_scale and not {"refit", "refit_o"} & set(repairs):
+            raise ConfigError("repair_keep_scale: applies to the refits; add refit or refit_o to --repair")
 
     def search_recover_config(self, teacher_dtype: str = "auto") -> "RecoverConfig":
         """The :class:`RecoverConfig` of one candidate's short distillation in the search.

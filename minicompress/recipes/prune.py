@@ -90,6 +90,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
     if hf_config is not None:  # None for GGUF: checked once loaded, still before scoring
         validate_target(hf_config, target)
     _check_data(config)  # like the target: before any folder is created or any weights are loaded
+    _check_repair(config, hf_config)
     search_folder = _check_search_folder(config)
     if (model is None and distributed.world_size() > 1 and target.target_params is None and config.output is not None
             and _streamable(config.model)):
@@ -144,7 +145,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
     else:
         chosen = {**explicit, "drop_layers": list(target.drop_layers), "layer_metric": target.layer_metric}
     plan = make_plan(scores, model.config, {**chosen, "norm_correction": target.norm_correction})
-    apply_plan_(model, plan)
+    repair = _apply_plan_and_repair(config, model, tokenizer, plan, score_config)
     pruned_params = count_parameters(model.config)
     report = {
         "source": config.model.source,
@@ -156,6 +157,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
         "plan": plan.to_dict(),
         "scores_digest": scores.digest(),
         "search": search_table,
+        "repair": repair,
     }
     if config.output is not None and distributed.is_main():  # torchrun: every rank pruned alike; rank 0 writes
         with atomic_folder(config.output, config.overwrite) as tmp:
@@ -176,6 +178,111 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
         distributed.barrier()
         report["output"] = str(config.output)
     return report
+
+
+# ----------------------------------------------------------------------------------------
+# Repairs (issue 30): closed-form refits around apply_plan_ (minicompress.pruning.repair)
+
+
+def _repair_tokens(config: PruneConfig) -> tuple[int, str]:
+    """Calibration tokens the repairs will read (whole rows of the scoring's), and the
+    key that bounds them."""
+    seq_len = config.data.seq_len
+    rows = -(-config.repair_tokens // seq_len)
+    if rows <= config.score.num_samples:
+        return rows * seq_len, "repair_tokens"
+    return config.score.num_samples * seq_len, "score.num_samples"
+
+
+def _check_repair(config: PruneConfig, hf_config: Any) -> None:
+    """Refuse a repair that cannot run, before any weights are loaded or anything is
+    written: no calibration text, torchrun, the family (:func:`check_repairs`) and, for
+    explicit sizes, too few calibration tokens for the widest refit."""
+    from ..pruning.repair import check_repairs
+
+    repairs = config.repairs
+    if not repairs:
+        return
+    if not config.data.sources():
+        raise MinicompressError("--data: --repair reads calibration text (the scoring's rows), also with --scores")
+    if distributed.world_size() > 1:
+        raise MinicompressError("repair: repairs run in one process, not under torchrun; drop --repair or torchrun")
+    if hf_config is None:
+        return  # GGUF: checked with the plan, still before anything is written
+    target = config.target
+    sizes = None
+    if target.target_params is None:
+        sizes = {"intermediate_size": target.intermediate_size or hf_config.intermediate_size,
+                 "num_attention_heads": target.num_attention_heads or hf_config.num_attention_heads,
+                 "drops_layers": bool(target.drop_layers) or (target.num_hidden_layers or 0) not in
+                 (0, hf_config.num_hidden_layers)}
+    tokens, key = _repair_tokens(config)
+    check_repairs(repairs, hf_config, sizes=sizes, tokens=tokens, token_key=key)
+
+
+def _apply_plan_and_repair(config: PruneConfig, model, tokenizer, plan, score_config) -> dict[str, Any] | None:
+    """:func:`apply_plan_`, with the repairs of ``config.repair`` around it.
+
+    ``replaceme`` is computed on the original model and folded into it before the plan
+    is applied; the refits keep references to the original weights of the kept layers
+    (no copy: peak memory is the original plus the pruned model, as in ``apply_plan_``),
+    apply the plan, then repair the pruned model layer by layer on the first
+    ``repair_tokens`` tokens of the scoring's calibration rows.
+
+    Returns:
+        None without repairs; else the record written to ``minicompress.json``: the
+        repairs, tokens, settings, ``replaceme`` spans and per-layer ``layers`` errors
+        before and after (:func:`~minicompress.pruning.repair.refit_layers_`).
+    """
+    repairs = config.repairs
+    if not repairs:
+        apply_plan_(model, plan)
+        return None
+    from ..pruning import repair as rp
+    from ..pruning.plan import check_shapes_match_config
+
+    start = time.perf_counter()
+    tokens, key = _repair_tokens(config)
+    batches, _ = calibration_batches(dataclasses.replace(score_config, layer_scores=False), tokenizer)
+    rows = torch.cat(batches)[: tokens // config.data.seq_len]
+    if rows.shape[0] * rows.shape[1] < tokens:
+        key = "repair_tokens"  # the text ran out before num_samples rows
+    rp.check_repairs(repairs, model.config, plan, tokens=rows.numel(), token_key=key)
+    batches = list(rows.split(config.score.batch_size))
+    record: dict[str, Any] = {"repairs": list(repairs), "tokens": rows.numel(), "damping": list(config.repair_damping),
+                              "keep_scale": config.repair_keep_scale, "ridge": config.repair_ridge,
+                              "damping_scale": config.repair_damping_scale}
+    if "replaceme" in repairs:
+        maps = rp.span_maps(model, plan, batches, damping=config.repair_damping[0])
+        rp.fold_span_maps_(model, maps)
+        record["replaceme"] = [m.record() for m in maps]
+        if not maps:
+            log.warning("repair: replaceme: the chosen architecture drops no layers; nothing to map")
+    bias = []
+    if "flap" in repairs:  # a bias where something was dropped: heads (o_proj), neurons (down_proj)
+        shrunk = {key: plan.config[key] < plan.original[key] for key in ("num_attention_heads", "intermediate_size")}
+        bias = [name for name, key in (("o_proj", "num_attention_heads"), ("down_proj", "intermediate_size"))
+                if shrunk[key]]
+        record["flap"] = bias
+    refits = "refit" in repairs or "refit_o" in repairs or bias
+    teacher = rp.teacher_weights(model, plan) if refits else None
+    apply_plan_(model, plan)
+    if refits:
+        if bias:
+            rp.add_biases_(model, bias)
+            check_shapes_match_config(model.config, {n: tuple(p.shape) for n, p in model.named_parameters()},
+                                      "repair: the model with biases does not match its config")
+        record["layers"] = rp.refit_layers_(model, teacher, plan, batches, rp.RefitSettings(
+            refit="refit" in repairs, refit_o="refit_o" in repairs, bias=bias, damping=config.repair_damping,
+            keep_scale=config.repair_keep_scale, ridge=config.repair_ridge, damping_scale=config.repair_damping_scale))
+        for proj in ("o_proj", "down_proj"):
+            rows_ = [r[proj] for r in record["layers"] if proj in r]
+            if rows_:
+                log.info("repair: %s relative error %.4f -> %.4f (mean over %d layers)", proj,
+                         sum(r["error_before"] for r in rows_) / len(rows_),
+                         sum(r["error_after"] for r in rows_) / len(rows_), len(rows_))
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
 
 
 #: the candidate table of an architecture search in progress (in ``<output>.partial``)
