@@ -665,6 +665,8 @@ class RefitSettings:
         keep_scale: keep the row norms of the pruned weight.
         ridge: ridge centre, ``zero`` or ``pruned`` (:data:`~minicompress.config.REPAIR_RIDGES`).
         damping_scale: ``mean`` or ``diagonal`` (:meth:`GramAccumulator.solve`).
+        skip_unpruned: leave linears whose inputs lost nothing (False: solve them too,
+            which at damping 0 must give them back: a check of the gathering).
     """
 
     refit: bool = True
@@ -674,6 +676,7 @@ class RefitSettings:
     keep_scale: bool = False
     ridge: str = "zero"
     damping_scale: str = "mean"
+    skip_unpruned: bool = True
 
 
 def refit_layers_(model: nn.Module, teacher: dict[int, dict[str, torch.Tensor]], plan: PrunePlan,
@@ -686,7 +689,9 @@ def refit_layers_(model: nn.Module, teacher: dict[int, dict[str, torch.Tensor]],
     input, it outputs what the original MLP with all neurons adds (the original's
     projections with the student's embedding channels, so a hidden-size prune compares
     like with like); the next layer's input is the repaired layer's output. Each layer's
-    original weights are released from ``teacher`` once it is repaired.
+    original weights are released from ``teacher`` once it is repaired. A linear whose
+    inputs lost nothing (every head, or every neuron, kept) is left as it is: its weight
+    is already the exact optimum, which any damping would only move away from.
 
     Args:
         model: the pruned model (after ``apply_plan_``; with :func:`add_biases_` for
@@ -704,15 +709,17 @@ def refit_layers_(model: nn.Module, teacher: dict[int, dict[str, torch.Tensor]],
     """
     refit, refit_o, bias, damping = settings.refit, settings.refit_o, settings.bias, settings.damping
     keep_scale, ridge, damping_scale = settings.keep_scale, settings.ridge, settings.damping_scale
+    skip_unpruned = settings.skip_unpruned
     adapter = get_adapter(model)
     full_plan = _full_plan(plan)
     layers = decoder_layers(model)
     jobs = []
     if refit_o or adapter.o_proj in bias:
         jobs.append((adapter.attn, adapter.o_proj, (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj),
-                     refit_o))
+                     refit_o, lambda j: len(plan.heads[j]) < plan.original["num_attention_heads"]))
     if refit or adapter.down_proj in bias:
-        jobs.append((adapter.mlp, adapter.down_proj, (adapter.gate_proj, adapter.up_proj, adapter.down_proj), refit))
+        jobs.append((adapter.mlp, adapter.down_proj, (adapter.gate_proj, adapter.up_proj, adapter.down_proj), refit,
+                     lambda j: len(plan.neurons[j]) < plan.original["intermediate_size"]))
     groups = plan.original["num_attention_heads"] // plan.original["num_key_value_heads"]
     records = []
     with _eval_mode(model):
@@ -720,7 +727,10 @@ def refit_layers_(model: nn.Module, teacher: dict[int, dict[str, torch.Tensor]],
         for j, layer in enumerate(layers):
             record: dict[str, Any] = {"layer": j, "original_layer": plan.layers[j]}
             weights = teacher.pop(j)
-            for part, proj, projections, fit_weight in jobs:
+            for part, proj, projections, fit_weight, pruned_inputs in jobs:
+                if skip_unpruned and not pruned_inputs(j):
+                    record[proj] = {"skipped": "no input was pruned"}
+                    continue
                 module = getattr(layer, part)
                 full = _full_module(module, part, plan.layers[j], weights, projections, full_plan, adapter)
                 if part == adapter.attn and hasattr(full, "num_key_value_groups"):

@@ -276,7 +276,7 @@ def _apply_plan_and_repair(config: PruneConfig, model, tokenizer, plan, score_co
             refit="refit" in repairs, refit_o="refit_o" in repairs, bias=bias, damping=config.repair_damping,
             keep_scale=config.repair_keep_scale, ridge=config.repair_ridge, damping_scale=config.repair_damping_scale))
         for proj in ("o_proj", "down_proj"):
-            rows_ = [r[proj] for r in record["layers"] if proj in r]
+            rows_ = [r[proj] for r in record["layers"] if "error_before" in r.get(proj, {})]
             if rows_:
                 log.info("repair: %s relative error %.4f -> %.4f (mean over %d layers)", proj,
                          sum(r["error_before"] for r in rows_) / len(rows_),

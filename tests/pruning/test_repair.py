@@ -218,7 +218,7 @@ def test_keep_everything_repairs_change_nothing(tiny):
     with torch.no_grad():
         want = model(ids).logits
     student, _, records = _pruned(model, scores, {}, repairs=("refit", "refit_o"), bias=("o_proj", "down_proj"),
-                                  damping=(0.0,))
+                                  damping=(0.0,), skip_unpruned=False)  # solved: targets and inputs must align
     for name, p in model.named_parameters():
         torch.testing.assert_close(student.get_parameter(name), p, rtol=1e-5, atol=1e-6)
     for rec in records:
@@ -227,10 +227,18 @@ def test_keep_everything_repairs_change_nothing(tiny):
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, want, rtol=1e-4, atol=1e-5)
     # a channel prune (no neuron or head dropped) leaves nothing for a refit to do either
-    student, _, _ = _pruned(model, scores, {"hidden_size": 24}, repairs=("refit", "refit_o"), damping=(0.0,))
+    student, _, _ = _pruned(model, scores, {"hidden_size": 24}, repairs=("refit", "refit_o"), damping=(0.0,),
+                            skip_unpruned=False)
     plain = apply_plan_(copy.deepcopy(model), make_plan(scores, model.config, {"hidden_size": 24}))
     for name, p in plain.named_parameters():
         torch.testing.assert_close(student.get_parameter(name), p, rtol=1e-4, atol=1e-5)
+    # by default such a linear is not solved at all: any damping would move it off its optimum
+    student, _, records = _pruned(model, scores, {"intermediate_size": 24}, repairs=("refit", "refit_o"),
+                                  damping=(0.3,))
+    assert all(r["o_proj"] == {"skipped": "no input was pruned"} for r in records)
+    for j, layer in enumerate(decoder_layers(student)):
+        torch.testing.assert_close(layer.self_attn.o_proj.weight, decoder_layers(model)[j].self_attn.o_proj.weight,
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text", "mistral"])
@@ -348,6 +356,17 @@ def test_repaired_prune_reloads_in_plain_transformers_to_the_same_logits(tmp_pat
     with torch.no_grad():
         assert not torch.allclose(plain_model(ids).logits, logits)  # the repair did change the weights
     _check_gguf_names(out)
+
+
+def test_a_repair_with_nothing_to_repair_in_a_sublayer_records_the_skip(tmp_path, tiny_llama, text_corpus):
+    out = tmp_path / "repaired"
+    assert main(_prune_args(tiny_llama, text_corpus, out, "--intermediate-size", "40", "--repair",
+                            "refit,refit_o,flap")) == 0
+    record = json.loads((out / "minicompress.json").read_text())["repair"]
+    assert record["flap"] == ["down_proj"]  # no head dropped: no o_proj bias, attention_bias stays off
+    assert not json.loads((out / "config.json").read_text()).get("attention_bias")
+    for r in record["layers"]:
+        assert r["o_proj"] == {"skipped": "no input was pruned"} and r["down_proj"]["bias"]
 
 
 def _converter() -> Path | None:
