@@ -62,6 +62,7 @@ from torch import nn
 from ..arch import ArchAdapter, decoder_layers, get_adapter, head_dim
 from ..errors import MinicompressError
 from .plan import PrunePlan, slice_parameter
+from .scoring import removing_hooks
 
 #: families whose stock config can give down_proj / o_proj a bias, and the key that does
 BIAS_KEYS: dict[str, dict[str, str]] = {"llama": {"down_proj": "mlp_bias", "o_proj": "attention_bias"}}
@@ -351,16 +352,6 @@ def check_repairs(repairs: Sequence[str], config: Any, plan: PrunePlan | None = 
 # Gathering (a model run on given batches, with hooks; never loads data)
 
 
-@contextlib.contextmanager
-def _hooks() -> Iterator[list]:
-    handles: list = []
-    try:
-        yield handles
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class _Stop(Exception):
     """Raised by a hook to end a forward pass early."""
 
@@ -437,7 +428,7 @@ def span_maps(model: nn.Module, plan: PrunePlan, batches: Sequence[torch.Tensor]
     with _eval_mode(model):
         for batch in batches:
             seen: dict[str, torch.Tensor] = {}
-            with _hooks() as handles:
+            with removing_hooks() as handles:
                 for n, (k, _, e) in enumerate(spans):
                     def mlp_hook(module, args, out, k=k):
                         seen[f"m{k}"] = _output(out)
@@ -575,7 +566,7 @@ def _layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> tuple[li
     kwargs: list[list[dict]] = []
     for batch in batches:
         per_layer: list[dict] = [{} for _ in layers]
-        with _hooks() as handles:
+        with removing_hooks() as handles:
             for i, layer in enumerate(layers):
                 def pre_hook(module, args, kw, i=i):
                     kw = dict(kw)
@@ -606,14 +597,14 @@ def _sublayer_pass(layer: nn.Module, hiddens: Sequence[torch.Tensor], kwargs: Se
     held_out = _held_out(len(hiddens)) if held is not None else set()
 
     def student_in(mod, args, kw):
-        with _hooks() as inner:
+        with removing_hooks() as inner:
             inner.append(target_proj.register_forward_pre_hook(lambda m, a: state.__setitem__("full", a[0])))
             full(*args, **kw)
 
     def student_proj(mod, args):
         state["x"] = args[0]
 
-    with _hooks() as handles:
+    with removing_hooks() as handles:
         handles.append(module.register_forward_pre_hook(student_in, with_kwargs=True))
         handles.append(getattr(module, proj).register_forward_pre_hook(student_proj))
         for n, (h, kw) in enumerate(zip(hiddens, kwargs)):

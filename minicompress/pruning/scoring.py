@@ -230,7 +230,8 @@ class ImportanceScores:
 
 
 @contextlib.contextmanager
-def _hooks() -> Iterator[list]:
+def removing_hooks() -> Iterator[list]:
+    """A list to append hook handles to; every handle is removed on exit, also on error."""
     handles: list = []
     try:
         yield handles
@@ -274,7 +275,7 @@ class ActivationScorer:
         self.mask = mask
         self._channel_sum = None
         layers = decoder_layers(self.model)
-        with _hooks() as handles:
+        with removing_hooks() as handles:
             for i, layer in enumerate(layers):
                 attn = getattr(layer, self.adapter.attn)
                 mlp = getattr(layer, self.adapter.mlp)
