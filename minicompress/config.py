@@ -1360,15 +1360,20 @@ def _defaults_as_dict(cls: type) -> dict:
     return to_dict(_instantiate_defaults(cls))
 
 
-def _instantiate_defaults(cls: type):
+def declared_defaults(cls: type) -> dict[str, Any]:
+    """``{field: default}`` of the fields of config class ``cls`` that declare one (factories called)."""
     values = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             values[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             values[f.name] = f.default_factory()  # type: ignore[misc]
+    return values
+
+
+def _instantiate_defaults(cls: type):
     obj = object.__new__(cls)
-    for key, value in values.items():
+    for key, value in declared_defaults(cls).items():
         object.__setattr__(obj, key, value)
     return obj
 

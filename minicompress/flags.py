@@ -49,7 +49,7 @@ import types
 import typing
 from typing import Any, Iterator, Mapping
 
-from .config import DataConfig, LossConfig, ModelConfig, ScoreConfig
+from .config import DataConfig, LossConfig, ModelConfig, ScoreConfig, declared_defaults
 from .errors import ConfigError, MinicompressError
 
 CFG_PREFIX = "cfg:"
@@ -155,13 +155,7 @@ def _defaults(obj: Any) -> dict[str, Any]:
     """Field values of a config instance, or the declared defaults of a config class."""
     if not isinstance(obj, type):
         return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    out = {}
-    for f in dataclasses.fields(obj):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-    return out
+    return declared_defaults(obj)
 
 
 def _shown(value: Any) -> str:
