@@ -333,11 +333,13 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                                             runtime=StepRuntime(device, autocast), global_schedule=schedule,
                                             global_checkpoint=checkpoint, callback=callback)
 
+    resume_state = json.loads((checkpoint / "state.json").read_text()) if checkpoint is not None else None
+
     def restore(state: DistillState) -> None:
         nonlocal resumed_from
-        if checkpoint is None:
+        if resume_state is None:
             return
-        check_resumable(json.loads((checkpoint / "state.json").read_text())["config"], config)
+        check_resumable(resume_state["config"], config)
         saved = load_checkpoint(checkpoint, student=student, optimizer=state.optimizer, intermediate=state.intermediate)
         state.start_step, state.elapsed, state.before = saved["step"], saved["seconds"], saved["before"]
         resumed_from = state.start_step
@@ -346,9 +348,8 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                 f.truncate(saved["metrics_bytes"])
         log.info("recover: resuming from %s (step %d of %d)", checkpoint, state.start_step, schedule.total_steps)
 
-    saved_step = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint is not None else 0
     with progress_bar("recover", schedule.total_steps * schedule.tokens_per_step, unit="tok",
-                      completed=saved_step * schedule.tokens_per_step) as bar:
+                      completed=(resume_state or {}).get("step", 0) * schedule.tokens_per_step) as bar:
 
         def on_step(record: dict, state: DistillState) -> None:
             if main:
