@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import corpus_text, make_tiny_model
+from conftest import make_tiny_model
 from minicompress import checkpoint
 from minicompress.cli import main
 from minicompress.config import (DataConfig, LossConfig, ModelConfig, PruneConfig, RecoverConfig, RunConfig, StageConfig,
@@ -184,13 +184,6 @@ def test_a_layer_map_that_does_not_fit_is_refused_in_one_line(kwargs, match):
 
 # ----------------------------------------------------------------------------------------
 # The stage of ``recover``
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(corpus_text(40) + "\n")
-    return path
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from conftest import corpus_text, make_tiny_model
+from conftest import make_tiny_model
 from minicompress.config import DataConfig, ModelConfig, RecoverConfig
 from minicompress.data.rows import load_training_data
 from minicompress.distillation.distill import distill, make_schedule
@@ -15,9 +15,7 @@ from minicompress.recipes.recover import recover
 SEQ = 16
 
 
-def _config(tmp_path, **kw) -> RecoverConfig:
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(corpus_text(40) + "\n")
+def _config(tmp_path, corpus, **kw) -> RecoverConfig:
     return RecoverConfig(student=ModelConfig(source="in-memory"), teacher=ModelConfig(source="in-memory"),
                          data=DataConfig(source=str(corpus), seq_len=SEQ), tokens=192, global_batch_tokens=64,
                          micro_batch_size=2, lr=1e-2, warmup_steps=1, eval_tokens=2 * SEQ, autocast="none",
@@ -33,11 +31,11 @@ def _in_memory(config, tokenizer, **kw):
     return student, result
 
 
-def test_distill_in_memory_equals_the_recover_recipe(tmp_path, tiny_tokenizer):
+def test_distill_in_memory_equals_the_recover_recipe(tmp_path, corpus, tiny_tokenizer):
     """Same rows, schedule and seed: the in-memory call trains the very weights ``recover`` writes,
     and reports the same held-out metrics before and after."""
     torch.set_num_threads(1)
-    config = _config(tmp_path)
+    config = _config(tmp_path, corpus)
     student, result = _in_memory(config, tiny_tokenizer)
     report = recover(config, student=make_tiny_model("llama", seed=1), teacher=make_tiny_model("llama"),
                      tokenizer=tiny_tokenizer)
@@ -50,8 +48,8 @@ def test_distill_in_memory_equals_the_recover_recipe(tmp_path, tiny_tokenizer):
     assert result["start_step"] == 0 and not result["compiled"] and result["attention"] is None
 
 
-def test_hooks_see_every_step_and_a_restore_skips_the_first_evaluation(tmp_path, tiny_tokenizer):
-    config = _config(tmp_path, eval_every=2)
+def test_hooks_see_every_step_and_a_restore_skips_the_first_evaluation(tmp_path, corpus, tiny_tokenizer):
+    config = _config(tmp_path, corpus, eval_every=2)
     steps = []
     _, result = _in_memory(config, tiny_tokenizer, on_step=lambda record, state: steps.append(dict(record)))
     assert [r["step"] for r in steps] == [0, 1, 2, 3]

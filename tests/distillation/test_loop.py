@@ -34,15 +34,6 @@ def _one_thread():
 
 
 @pytest.fixture
-def corpus(tmp_path):
-    from conftest import corpus_text
-
-    path = tmp_path / "corpus.txt"
-    path.write_text(corpus_text(40) + "\n")
-    return path
-
-
-@pytest.fixture
 def models(make_tiny_model):
     """``(teacher, student)``: a 2-layer teacher and a narrower 1-layer student, same vocab."""
     teacher = make_tiny_model("llama", seed=0)
