@@ -81,6 +81,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
     if target.target_params is None and not explicit and not target.drop_layers:
         raise MinicompressError("target: nothing to prune; set --target-params, explicit sizes or --drop-layers")
     if config.streaming:
+        config = _resolve_auto_repair(config, None)[0]  # none: the record says so
         return _prune_streaming(config, {**explicit, "drop_layers": list(target.drop_layers),
                                          "layer_metric": target.layer_metric}, record_extra=record_extra)
     if config.output is not None:
@@ -90,6 +91,9 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
     if hf_config is not None:  # None for GGUF: checked once loaded, still before scoring
         validate_target(hf_config, target)
     _check_data(config)  # like the target: before any folder is created or any weights are loaded
+    repair_note = None
+    if hf_config is not None:
+        config, repair_note = _resolve_auto_repair(config, hf_config)
     _check_repair(config, hf_config)
     search_folder = _check_search_folder(config)
     if (model is None and distributed.world_size() > 1 and target.target_params is None and config.output is not None
@@ -103,6 +107,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
                                     "prune the float model, then quantize it")
         if hf_config is None:
             validate_target(model.config, target)
+            config, repair_note = _resolve_auto_repair(config, model.config)
     original_config = model.config.to_dict()
     original_params = count_parameters(model.config)
 
@@ -145,6 +150,8 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
     else:
         chosen = {**explicit, "drop_layers": list(target.drop_layers), "layer_metric": target.layer_metric}
     plan = make_plan(scores, model.config, {**chosen, "norm_correction": target.norm_correction})
+    if repair_note:
+        log.info("prune: %s", repair_note)
     repair = _apply_plan_and_repair(config, model, tokenizer, plan, score_config)
     pruned_params = count_parameters(model.config)
     report = {
@@ -220,6 +227,67 @@ def _check_repair(config: PruneConfig, hf_config: Any) -> None:
     check_repairs(repairs, hf_config, sizes=sizes, tokens=tokens, token_key=key)
 
 
+def _resolve_auto_repair(config: PruneConfig, hf_config: Any) -> tuple[PruneConfig, str | None]:
+    """``repair: auto`` made explicit: :data:`~minicompress.config.REPAIR_AUTO` where
+    :func:`_check_repair` takes it, else ``none``. The resolved value is what the output's
+    ``minicompress.json`` records. Other values pass unchanged.
+
+    Returns:
+        ``(config, note)``: ``note`` says what ``auto`` became and why (logged once the prune
+        runs, so that a refused command still prints one line), None for other values.
+    """
+    if not config.repair_is_auto:
+        return config, None
+    reason = "--streaming never loads the model" if config.streaming else None
+    if reason is None:
+        try:
+            _check_repair(config, hf_config)
+        except MinicompressError as err:
+            reason = str(err)
+    if reason:
+        return dataclasses.replace(config, repair=("none",)), f"repair auto -> none ({reason})"
+    return (dataclasses.replace(config, repair=config.repairs),
+            f"repair auto -> {','.join(config.repairs)} ({config.repair_ridge} ridge, "
+            f"{_repair_tokens(config)[0]:,} calibration tokens)")
+
+
+def _repair_batches(config: PruneConfig, tokenizer, score_config) -> tuple[list[torch.Tensor], str]:
+    """The repairs' calibration batches (the first ``repair_tokens`` tokens of the scoring's
+    rows, in ``score.batch_size`` rows each) and the key that bounds their count."""
+    tokens, key = _repair_tokens(config)
+    batches, _ = calibration_batches(dataclasses.replace(score_config, layer_scores=False), tokenizer)
+    rows = torch.cat(batches)[: tokens // config.data.seq_len]
+    if rows.shape[0] * rows.shape[1] < tokens:
+        key = "repair_tokens"  # the text ran out before num_samples rows
+    return list(rows.split(config.score.batch_size)), key
+
+
+def _refit_(config: PruneConfig, student, teacher, plan, batches: list[torch.Tensor], bias: list[str]) -> list:
+    """The refits and FLAP biases of ``config.repair`` on the pruned ``student``, in place, from
+    ``teacher`` (:func:`~minicompress.pruning.repair.teacher_weights` of the original); returns the
+    per-layer record."""
+    from ..pruning import repair as rp
+    from ..pruning.plan import check_shapes_match_config
+
+    if bias:
+        rp.add_biases_(student, bias)
+        check_shapes_match_config(student.config, {n: tuple(p.shape) for n, p in student.named_parameters()},
+                                  "repair: the model with biases does not match its config")
+    repairs = config.repairs
+    return rp.refit_layers_(student, teacher, plan, batches, rp.RefitSettings(
+        refit="refit" in repairs, refit_o="refit_o" in repairs, bias=bias, damping=config.repair_damping,
+        keep_scale=config.repair_keep_scale, ridge=config.repair_ridge, damping_scale=config.repair_damping_scale))
+
+
+def _flap_bias(config: PruneConfig, plan) -> list[str]:
+    """The projections that get FLAP's bias: where heads (o_proj) or neurons (down_proj) were dropped."""
+    if "flap" not in config.repairs:
+        return []
+    shrunk = {key: plan.config[key] < plan.original[key] for key in ("num_attention_heads", "intermediate_size")}
+    return [name for name, key in (("o_proj", "num_attention_heads"), ("down_proj", "intermediate_size"))
+            if shrunk[key]]
+
+
 def _apply_plan_and_repair(config: PruneConfig, model, tokenizer, plan, score_config) -> dict[str, Any] | None:
     """:func:`apply_plan_`, with the repairs of ``config.repair`` around it.
 
@@ -239,17 +307,12 @@ def _apply_plan_and_repair(config: PruneConfig, model, tokenizer, plan, score_co
         apply_plan_(model, plan)
         return None
     from ..pruning import repair as rp
-    from ..pruning.plan import check_shapes_match_config
 
     start = time.perf_counter()
-    tokens, key = _repair_tokens(config)
-    batches, _ = calibration_batches(dataclasses.replace(score_config, layer_scores=False), tokenizer)
-    rows = torch.cat(batches)[: tokens // config.data.seq_len]
-    if rows.shape[0] * rows.shape[1] < tokens:
-        key = "repair_tokens"  # the text ran out before num_samples rows
-    rp.check_repairs(repairs, model.config, plan, tokens=rows.numel(), token_key=key)
-    batches = list(rows.split(config.score.batch_size))
-    record: dict[str, Any] = {"repairs": list(repairs), "tokens": rows.numel(), "damping": list(config.repair_damping),
+    batches, key = _repair_batches(config, tokenizer, score_config)
+    tokens = sum(b.numel() for b in batches)
+    rp.check_repairs(repairs, model.config, plan, tokens=tokens, token_key=key)
+    record: dict[str, Any] = {"repairs": list(repairs), "tokens": tokens, "damping": list(config.repair_damping),
                               "keep_scale": config.repair_keep_scale, "ridge": config.repair_ridge,
                               "damping_scale": config.repair_damping_scale}
     if "replaceme" in repairs:
@@ -258,23 +321,14 @@ def _apply_plan_and_repair(config: PruneConfig, model, tokenizer, plan, score_co
         record["replaceme"] = [m.record() for m in maps]
         if not maps:
             log.warning("repair: replaceme: the chosen architecture drops no layers; nothing to map")
-    bias = []
-    if "flap" in repairs:  # a bias where something was dropped: heads (o_proj), neurons (down_proj)
-        shrunk = {key: plan.config[key] < plan.original[key] for key in ("num_attention_heads", "intermediate_size")}
-        bias = [name for name, key in (("o_proj", "num_attention_heads"), ("down_proj", "intermediate_size"))
-                if shrunk[key]]
+    bias = _flap_bias(config, plan)
+    if bias:
         record["flap"] = bias
     refits = "refit" in repairs or "refit_o" in repairs or bias
     teacher = rp.teacher_weights(model, plan) if refits else None
     apply_plan_(model, plan)
     if refits:
-        if bias:
-            rp.add_biases_(model, bias)
-            check_shapes_match_config(model.config, {n: tuple(p.shape) for n, p in model.named_parameters()},
-                                      "repair: the model with biases does not match its config")
-        record["layers"] = rp.refit_layers_(model, teacher, plan, batches, rp.RefitSettings(
-            refit="refit" in repairs, refit_o="refit_o" in repairs, bias=bias, damping=config.repair_damping,
-            keep_scale=config.repair_keep_scale, ridge=config.repair_ridge, damping_scale=config.repair_damping_scale))
+        record["layers"] = _refit_(config, model, teacher, plan, batches, bias)
         for proj in ("o_proj", "down_proj"):
             rows_ = [r[proj] for r in record["layers"] if "error_before" in r.get(proj, {})]
             if rows_:
@@ -283,6 +337,21 @@ def _apply_plan_and_repair(config: PruneConfig, model, tokenizer, plan, score_co
                          sum(r["error_after"] for r in rows_) / len(rows_), len(rows_))
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
+
+
+def _candidate(config: PruneConfig, model, plan, batches: list[torch.Tensor] | None):
+    """A search candidate: a pruned copy of ``model`` with the refits and FLAP biases of
+    ``config.repair`` when ``batches`` are given (``replaceme`` folds into the original, which
+    the search must keep: its candidates go without it)."""
+    student = pruned_copy(model, plan)
+    bias = _flap_bias(config, plan)
+    if batches is not None and ("refit" in config.repairs or "refit_o" in config.repairs or bias):
+        from ..pruning import repair as rp
+
+        rp.check_repairs(tuple(r for r in config.repairs if r != "replaceme"), model.config, plan,
+                         tokens=sum(b.numel() for b in batches))
+        _refit_(config, student, rp.teacher_weights(model, plan), plan, batches, bias)
+    return student
 
 
 #: the candidate table of an architecture search in progress (in ``<output>.partial``)
@@ -397,7 +466,9 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
 
     Each of the ``config.search_distill_candidates`` best rows of
     :func:`~minicompress.pruning.search.zero_shot_ranking` is pruned from a copy of ``model``
-    (left as it was: weights, dtype, device, ``requires_grad``, train/eval mode),
+    (left as it was: weights, dtype, device, ``requires_grad``, train/eval mode) and
+    repaired as the chosen one will be (``config.repair``'s refits and biases, on the same
+    calibration rows; the default ``auto`` refits ``down_proj``), then
     distilled in memory for ``config.search_distill_tokens`` tokens from ``model`` as live
     teacher by :func:`~minicompress.distillation.distill.distill` (the call ``recover`` makes;
     the same rows, held-out split, schedule and seed for every candidate; nothing is
@@ -435,7 +506,7 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
     autocast = describe_precision(recover_config.autocast, device)["resolved"]
     compile_layers, _ = resolve_compile(recover_config.compile, device, tokens=recover_config.tokens,
                                         activation_checkpointing=recover_config.activation_checkpointing)
-    data = schedule = None  # read once, on the first candidate that is distilled
+    data = schedule = batches = None  # read once, on the first candidate that is distilled
     try:
         for i, row in enumerate(finalists):
             if "distill_kl" in row:
@@ -450,8 +521,12 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
                                           seed=recover_config.seed)
                 schedule = make_schedule(recover_config, 1, data.num_train)
             model.eval().requires_grad_(False)  # the frozen teacher
+            if batches is None and {"refit", "refit_o", "flap"} & set(config.repairs):
+                score_config = dataclasses.replace(config.score, model=config.model, data=config.data, output=None)
+                batches = _repair_batches(config, tokenizer, score_config)[0]
             torch.manual_seed(recover_config.seed)
-            student = pruned_copy(model, make_plan(scores, model.config, row)).requires_grad_(True).train()
+            student = _candidate(config, model, make_plan(scores, model.config, row), batches)
+            student.requires_grad_(True).train()
             try:
                 result = distill(student, model, data, recover_config, schedule,
                                  runtime=StepRuntime(device, autocast, compile_layers))

@@ -326,7 +326,7 @@ def test_repaired_prune_reloads_in_plain_transformers_to_the_same_logits(tmp_pat
     sizes = ["--intermediate-size", "40", "--num-attention-heads", "2", "--hidden-size", "24",
              "--drop-layers", "1"]
     assert main(_prune_args(tiny_llama, text_corpus, out, *sizes, "--repair", repair)) == 0
-    assert main(_prune_args(tiny_llama, text_corpus, plain, *sizes)) == 0
+    assert main(_prune_args(tiny_llama, text_corpus, plain, *sizes, "--repair", "none")) == 0
     record = json.loads((out / "minicompress.json").read_text())["repair"]
     assert record["repairs"] == repair.split(",") and record["tokens"] == 40 * 16
     assert [r["original_layer"] for r in record["layers"]] == [0, 2]
@@ -432,7 +432,7 @@ def test_repaired_output_converts_to_gguf(tmp_path, text_corpus):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--repair", "refit,bogus"], "--repair (repair): 'bogus' is not a repair; choose from none, refit"),
+    (["--repair", "refit,bogus"], "--repair (repair): 'bogus' is not a repair; choose auto, or from none, refit"),
     (["--repair", "none,refit"], "--repair (repair): 'none' cannot be combined"),
     (["--repair", "refit", "--repair-tokens", "32"], "--repair-tokens (repair_tokens): 32 calibration tokens are "
                                                      "fewer than the 40 inputs of down_proj"),

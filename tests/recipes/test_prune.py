@@ -62,8 +62,10 @@ def test_prune_cli_output_is_a_stock_hf_model(tmp_path, tiny_llama, text_corpus,
     assert len(record["plan"]["channels"]) == 24 and len(record["plan"]["layers"]) == 2
     assert record["parameters"]["pruned"] == counted
     assert (out / "tokenizer.json").is_file() and (out / "minicompress.yaml").is_file()
-    # the same plan from Python gives the same logits
+    assert record["repair"]["repairs"] == ["refit"] and record["config"]["repair"] == ["refit"]  # auto, resolved
+    # the same plan (and default repair) from Python gives the same logits
     cfg = build_config(PruneConfig, overrides={"model": {"source": str(tiny_llama)}, "scores": str(scores_dir),
+                                               "data": {"source": str(text_corpus), "seq_len": 16},
                                                "target": {"hidden_size": 24, "num_attention_heads": 2,
                                                           "intermediate_size": 48, "num_hidden_layers": 2}})
     from minicompress.models import load_model
@@ -495,3 +497,54 @@ def test_score_and_a_search_read_a_mixture(tmp_path, tiny_llama, text_corpus, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert main(args + ["--data-mix", mix]) == 0
     assert (tmp_path / "searched" / "config.json").is_file()
+
+
+# ---- repair: auto (the default; issue 30) -------------------------------------------------
+
+
+def test_default_repair_is_the_refit_where_it_can_run_and_none_elsewhere(tmp_path, tiny_llama, text_corpus):
+    scores_dir = _score(tmp_path, tiny_llama, text_corpus)
+    sizes = {"intermediate_size": 40, "num_attention_heads": 2}
+    base = {"model": {"source": str(tiny_llama)}, "scores": str(scores_dir), "target": sizes,
+            "score": {"num_samples": 40, "batch_size": 4}}
+    with_data = {**base, "data": {"source": str(text_corpus), "seq_len": 16}}
+    auto = build_config(PruneConfig, overrides=with_data)
+    assert auto.repair == ("auto",) and auto.repairs == ("refit",) and auto.repair_ridge == "pruned"
+    refit = prune(build_config(PruneConfig, overrides={**with_data, "output": str(tmp_path / "auto")}))
+    explicit = prune(build_config(PruneConfig, overrides={**with_data, "output": str(tmp_path / "refit"),
+                                                          "repair": ["refit"], "repair_ridge": "pruned"}))
+    assert refit["repair"]["repairs"] == ["refit"] and refit["repair"]["ridge"] == "pruned"
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "auto").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "refit").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # auto is exactly the explicit refit
+    assert explicit["repair"]["layers"] == refit["repair"]["layers"]
+    # no calibration text (scores reused, no --data): auto prunes plainly, recorded as none
+    plain = prune(build_config(PruneConfig, overrides={**base, "output": str(tmp_path / "plain")}))
+    assert plain["repair"] is None
+    assert json.loads((tmp_path / "plain" / "minicompress.json").read_text())["config"]["repair"] == ["none"]
+    c = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_search_candidates_start_from_the_repair_the_chosen_one_gets(tmp_path, tiny_llama, text_corpus):
+    from minicompress.models import load_model
+    from minicompress.pruning.plan import make_plan, pruned_copy
+    from minicompress.recipes.prune import _apply_plan_and_repair, _candidate, _repair_batches
+
+    scores_dir = _score(tmp_path, tiny_llama, text_corpus)
+    cfg = build_config(PruneConfig, overrides={"model": {"source": str(tiny_llama)}, "scores": str(scores_dir),
+                                               "data": {"source": str(text_corpus), "seq_len": 16},
+                                               "score": {"num_samples": 40, "batch_size": 4},
+                                               "target": {"intermediate_size": 40}})
+    model, tok = load_model(cfg.model)
+    scores = ImportanceScores.load(scores_dir)
+    plan = make_plan(scores, model.config, {"intermediate_size": 40, "num_attention_heads": 2})
+    score_config = cfg.score.__class__(**{**cfg.score.__dict__, "model": cfg.model, "data": cfg.data})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    candidate = _candidate(cfg, model, plan, _repair_batches(cfg, tok, score_config)[0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the teacher is untouched
+    plain = pruned_copy(model, plan)
+    _apply_plan_and_repair(cfg, model, tok, plan, score_config)  # what the chosen one gets
+    got, want, unrepaired = candidate.state_dict(), model.state_dict(), plain.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.equal(got[k], unrepaired[k]) for k in want if "down_proj" in k)
