@@ -14,6 +14,8 @@ minicompress`` (and the CLI's start-up) loads neither torch nor transformers:
 * ``mc.apply_plan_(model, plan)`` rewrites the model in place
 * ``mc.recover(RecoverConfig(...), student=..., teacher=..., tokenizer=...)`` distils
   (:func:`minicompress.recipes.recover.recover`)
+* ``mc.correct(CorrectConfig(...))`` fine-tunes a copy of the teacher on the distillation
+  text first, Minitron's teacher correction (:func:`minicompress.recipes.correct.correct`)
 * ``mc.evaluate(model, tokenizer, "test.txt", teacher=...)`` -> perplexity, KL, size, speed
   (:func:`minicompress.evaluation.perplexity.evaluate_model`)
 * ``mc.evaluate_tasks(model, tokenizer, ["arc_easy"])`` -> lm-evaluation-harness accuracy
@@ -41,6 +43,7 @@ _API = {
     "validate_target": ("pruning.search", "validate_target"),
     "PrunePlan": ("pruning.plan", "PrunePlan"),
     "recover": ("recipes.recover", "recover"),
+    "correct": ("recipes.correct", "correct"),
     "evaluate": ("evaluation.perplexity", "evaluate_model"),
     "evaluate_tasks": ("evaluation.tasks", "evaluate_tasks"),
     "run": ("recipes.run", "run"),
@@ -52,6 +55,7 @@ _API = {
     "TargetConfig": ("config", "TargetConfig"),
     "PruneConfig": ("config", "PruneConfig"),
     "RecoverConfig": ("config", "RecoverConfig"),
+    "CorrectConfig": ("config", "CorrectConfig"),
     "LossConfig": ("config", "LossConfig"),
     "RunConfig": ("config", "RunConfig"),
     "MinicompressError": ("errors", "MinicompressError"),

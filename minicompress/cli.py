@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from . import reports
-from .config import (EvalConfig, GenerateConfig, PruneConfig, QuantizeConfig, RecoverConfig, RunConfig, ScoreConfig,
-                     TeacherCacheConfig)
+from .config import (CorrectConfig, EvalConfig, GenerateConfig, PruneConfig, QuantizeConfig, RecoverConfig, RunConfig,
+                     ScoreConfig, TeacherCacheConfig)
 from .errors import ConfigError, MinicompressError
 from .flags import (CFG_PREFIX, add_common, add_config_flags, add_logging_flags, add_set_flag, add_threads_flag,
                     build_from_args, flag_names, flags_to_overrides, name_flag)
@@ -223,7 +223,7 @@ def prune_command(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------
-# recover, teacher-cache, generate, quantize
+# recover, correct, teacher-cache, generate, quantize
 
 
 @subcommand("recover", help="distil a pruned student from its frozen teacher", config=RecoverConfig,
@@ -241,6 +241,22 @@ def recover_command(args: argparse.Namespace) -> int:
     report = recover(cfg)
     if is_main():  # torchrun: one table, from rank 0
         reports.render_recover(cfg, report)
+    return 0
+
+
+@subcommand("correct", help="teacher correction: fine-tune the unpruned teacher on the distillation text first",
+            config=CorrectConfig, exclude={"seed": "--seed is data.seed; set this one as seed=N",
+                                           "teacher.dtype": "correct trains float32 master weights"})
+def correct_command(args: argparse.Namespace) -> int:
+    """``minicompress correct``: a fine-tuned copy of the teacher, written as a stock HF folder."""
+    from .recipes.correct import correct
+
+    cfg = build_from_args(CorrectConfig, args, output_needed_for="correct needs a folder for the corrected teacher")
+    try:
+        report = correct(cfg)
+    except MinicompressError as err:
+        raise name_flag(err, args) from None
+    reports.render_correct(cfg, report)
     return 0
 
 

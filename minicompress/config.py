@@ -53,6 +53,8 @@ RUN_SETS_RECOVER_KEYS = ("student", "teacher", "teacher_cache", "data", "tokens"
 RUN_SEARCH_KEYS = ("batches", "distill_candidates", "distill_tokens", "recover", "width_multiple")
 #: GenerateConfig keys a run sets for its ``generate:`` section (the rest are the section's keys)
 RUN_SETS_GENERATE_KEYS = ("teacher", "data", "output", "overwrite", "resume")
+#: CorrectConfig keys a run sets for its ``correct:`` section (the rest are the section's keys)
+RUN_SETS_CORRECT_KEYS = ("teacher", "data", "output", "overwrite", "resume")
 #: RecoverConfig keys the prune's search sets for its short distillations (not allowed in ``search_recover``):
 #: the teacher is the original in memory, which must keep its dtype and device.
 PRUNE_SETS_SEARCH_RECOVER_KEYS = RUN_SETS_RECOVER_KEYS + ("eval_every", "teacher_dtype", "teacher_device")
@@ -805,6 +807,105 @@ class RecoverConfig:
                               "not --teacher-cache")
 
 
+#: The loss of teacher correction: next-token cross-entropy on the text, no teacher.
+CORRECTION_LOSS = {"kl_weight": 0.0, "ce_weight": 1.0}
+
+
+@dataclass(frozen=True)
+class CorrectConfig:
+    """``minicompress correct``: teacher correction, a short fine-tune of the unpruned teacher.
+
+    Minitron (Sreenivas et al., arXiv 2408.11796) first fine-tunes the teacher on the
+    distillation text when its own pretraining data is not available, then prunes and
+    distils from the corrected teacher. The fine-tune is ``recover``'s training with
+    cross-entropy on the text and no teacher (:meth:`recover_config`): same schedule,
+    checkpoints, resume and metrics.
+
+    Attributes:
+        teacher: the teacher to correct; every parameter is trained, as float32 master weights.
+        data: the distillation text (the text ``prune`` and ``recover`` will read).
+        tokens: fine-tuning budget in tokens (0: the teacher unchanged, written as a stock folder).
+        global_batch_tokens: tokens per optimizer step (gradient accumulation fills it).
+        micro_batch_size: sequences per forward.
+        lr: peak learning rate, low so the teacher adapts to the text without forgetting
+            (1e-5: not measured yet; ``benchmarks/correct_lr.py`` sweeps it).
+        min_lr: final learning rate of the cosine decay.
+        warmup_steps: linear warmup steps (None, the default: a tenth of the steps, between 1
+            and 10).
+        weight_decay: AdamW weight decay.
+        grad_clip: max gradient norm (0: off).
+        autocast: ``auto`` (default): bf16 autocast where the hardware has native bf16 (CUDA, AVX512-BF16/AMX CPUs), float32 elsewhere; ``none`` or ``bfloat16`` force it.
+        activation_checkpointing: recompute each decoder layer's activations in backward
+            instead of keeping them.
+        compile: ``torch.compile`` each decoder layer; ``auto`` (default) as ``recover``'s
+            (runs of at least 262,144 tokens where a compiler backend exists); ``true`` /
+            ``false`` force it.
+        eval_every: optimizer steps between evaluations (0: only at the end).
+        eval_tokens: held-out tokens of the text for the perplexity before and after.
+        save_every: optimizer steps between checkpoints (0: only at the end).
+        checkpoint_keep: checkpoints kept in the working folder ``<output>.partial``.
+        log_every: optimizer steps between log lines (``metrics.jsonl`` gets every step).
+        eval_batch_size: held-out sequences per evaluation forward.
+        resume: continue from the last checkpoint in ``<output>.partial`` (a fresh
+            start when there is none).
+        seed: seeds data order and RNG.
+        output: folder for the corrected teacher (a stock HF folder).
+        overwrite: replace an existing output.
+    """
+
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
+    tokens: int = 1_000_000
+    global_batch_tokens: int = 4096
+    micro_batch_size: int = 4
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_steps: int | None = None
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    autocast: str = choice("auto", AUTOCAST)
+    activation_checkpointing: bool = False
+    compile: bool | str = choice("auto", ("auto", "true", "false"))
+    eval_every: int = 0
+    eval_tokens: int = 16384
+    save_every: int = 0
+    checkpoint_keep: int = 1
+    log_every: int = 10
+    eval_batch_size: int = 4
+    resume: bool = False
+    seed: int = 0
+    output: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self):
+        _check_positive("tokens", self.tokens, allow_zero=True)
+        if self.teacher.dtype != "float32":
+            raise ConfigError(f"teacher.dtype: correct trains float32 master weights; got {self.teacher.dtype!r}, "
+                              "set float32 (bf16 autocast follows --autocast)")
+        self._recover_config(max(self.tokens, self.global_batch_tokens))  # the training settings, checked once
+        if 0 < self.tokens < self.global_batch_tokens:
+            raise ConfigError(f"tokens: the budget ({self.tokens}) is less than one optimizer step "
+                              f"(global_batch_tokens={self.global_batch_tokens}); give 0 for the teacher unchanged")
+
+    def _recover_config(self, tokens: int) -> "RecoverConfig":
+        names = {f.name for f in dataclasses.fields(RecoverConfig)}
+        same = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in names and f.name not in ("teacher", "tokens")}
+        return RecoverConfig(student=self.teacher, teacher=None, tokens=tokens, loss=LossConfig(**CORRECTION_LOSS),
+                             **same)
+
+    def recover_config(self) -> "RecoverConfig":
+        """The fine-tune as ``recover`` settings: the teacher is the student, no teacher, the
+        loss cross-entropy on the text alone (:data:`CORRECTION_LOSS`).
+
+        Raises:
+            ConfigError: ``tokens`` is 0 (nothing to train).
+        """
+        if not self.tokens:
+            raise ConfigError("tokens: 0 trains nothing; there are no training settings")
+        return self._recover_config(self.tokens)
+
+
 @dataclass(frozen=True)
 class TeacherCacheConfig:
     """``minicompress teacher-cache``: the teacher's top-k logits for a dataset, offline.
@@ -1058,6 +1159,11 @@ class RunConfig:
             first tokens when given, else from LLM-QAT start tokens); every stage then
             calibrates on that text, and a stage whose teacher is the original recovers
             from its sparse targets (the ``sampled`` cache: no teacher forward).
+        correct: teacher correction (empty: off): keys of :class:`CorrectConfig` except those
+            the run sets (:data:`RUN_SETS_CORRECT_KEYS`), e.g. ``{tokens: 1M, lr: 1e-5}``.
+            Before stage 1 the original is fine-tuned on ``data`` into ``OUTPUT/corrected``
+            (Minitron's order, Sreenivas et al., arXiv 2408.11796); stage 1 prunes the
+            corrected teacher and every stage whose teacher is the original distils from it.
         report: settings of the end-of-run evaluation.
         keep_pruned: keep each stage's pruned-but-not-recovered folder
             ``stage-<i>-<name>.pruned`` after its recovery finished.
@@ -1080,6 +1186,7 @@ class RunConfig:
     search: dict[str, Any] = field(default_factory=dict)
     stages: tuple[StageConfig, ...] = ()
     generate: dict[str, Any] = field(default_factory=dict)
+    correct: dict[str, Any] = field(default_factory=dict)
     report: ReportConfig = field(default_factory=ReportConfig)
     keep_pruned: bool = False
     output: str | None = None
@@ -1091,6 +1198,11 @@ class RunConfig:
         elif self.data.source is None and not self.data.mixture:
             raise ConfigError("data.source: a run needs calibration / training text (never the evaluation split), "
                               "or a generate: section (data-free: the original writes its own)")
+        if self.correct:
+            if self.generate:
+                raise ConfigError("correct: a data-free run (generate:) trains on the original's own text, which needs "
+                                  "no correction; drop one of the two sections")
+            self.correct_config(output="corrected")  # checks the section, naming correct.<key>
         _check_tasks("eval_tasks", self.eval_tasks, self.eval_include_path, self.eval_num_fewshot,
                      self.eval_task_limit, ("eval_include_path", "eval_num_fewshot", "eval_task_limit"))
         _check_positive("search_batches", self.search_batches)
@@ -1133,6 +1245,30 @@ class RunConfig:
             return _build(GenerateConfig, merged)
         except ConfigError as err:
             raise ConfigError(f"generate.{err}") from None
+
+    def correct_config(self, *, output: str, resume: bool = False) -> "CorrectConfig":
+        """The :class:`CorrectConfig` of the ``correct:`` section: the original (as float32
+        master weights) fine-tuned on ``data`` into ``output``.
+
+        Raises:
+            ConfigError: a key the run sets, an unknown key or an invalid value, named
+                ``correct.<key>``.
+        """
+        if not isinstance(self.correct, dict):
+            raise ConfigError(f"correct: expected a mapping of CorrectConfig keys, got {self.correct!r}")
+        allowed = [f.name for f in dataclasses.fields(CorrectConfig) if f.name not in RUN_SETS_CORRECT_KEYS]
+        for key in self.correct:
+            if key in RUN_SETS_CORRECT_KEYS:
+                raise ConfigError(f"correct.{key}: set by the run (the original, data, OUTPUT/corrected); remove it")
+            if key not in allowed:
+                raise ConfigError(f"correct.{key}: unknown key; allowed keys of correct: {', '.join(allowed)}")
+        merged = dict(self.correct)
+        merged.update(teacher=dataclasses.replace(self.model, dtype="float32"), data=self.data, output=output,
+                      resume=resume, overwrite=False)
+        try:
+            return _build(CorrectConfig, merged)
+        except ConfigError as err:
+            raise ConfigError(f"correct.{err}") from None
 
     def _stage_search(self, index: int) -> tuple[dict[str, Any], dict[str, str]]:
         """The merged ``search`` settings of stage ``index`` and where each key came from."""

@@ -575,10 +575,10 @@ def _for_flag(err: MinicompressError, model_config, flag: str) -> MinicompressEr
     return MinicompressError(message)
 
 
-def load_for_flag(model_config, flag: str = "--model"):
+def load_for_flag(model_config, flag: str = "--model", *, for_training: bool = False):
     """:func:`~minicompress.models.load_model`, with errors naming ``flag`` (``--teacher``)."""
     try:
-        return load_model(model_config)
+        return load_model(model_config, for_training=for_training)
     except MinicompressError as err:
         raise _for_flag(err, model_config, flag) from None
 

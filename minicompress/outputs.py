@@ -198,11 +198,13 @@ def model_card(record: dict[str, Any], shape: dict[str, Any] | None = None, titl
         data, and the measured metrics.
     """
     recovery = record.get("recovery")
+    correction = record.get("correction")
     stage = record.get("run_stage")
     pruned_shape = record.get("pruned") or shape or {}
     base = _hub_name(_root_source(record))
     model_type = pruned_shape.get("model_type")
     tags = ["minicompress", "minitron"] + (["pruned"] if "plan" in record else []) + (["distilled"] if recovery else [])
+    tags += ["teacher-correction"] if correction else []
     tags += [model_type] if model_type else []
     meta: dict[str, Any] = {}
     if base:
@@ -211,12 +213,16 @@ def model_card(record: dict[str, Any], shape: dict[str, Any] | None = None, titl
     output = ((recovery or {}).get("config") or {}).get("output") or (record.get("config") or {}).get("output")
     title = title or (Path(output).name if output else "minicompress model")
     what = "structurally pruned" + (" and distilled" if recovery else "") if "plan" in record else "distilled"
+    if correction and not recovery and "plan" not in record:
+        what = "fine-tuned (teacher-corrected)"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", "",
              f"A {what} version of `{base}`, made with minicompress following the Minitron recipe "
              "(Muralidharan et al., arXiv 2407.14679; Sreenivas et al., arXiv 2408.11796)"
              + (": the importance of attention heads, FFN neurons, embedding channels and layers was measured on "
                 "calibration text and the least important were removed" if "plan" in record else "")
-             + ("; the model was recovered by knowledge distillation from its teacher." if recovery else "."),
+             + ("; the model was recovered by knowledge distillation from its teacher." if recovery else
+                ": the unpruned teacher was fine-tuned on the distillation text before pruning (teacher correction)."
+                if correction else "."),
              "It is a stock Hugging Face model: `AutoModelForCausalLM.from_pretrained(<this folder>)` loads it "
              "without minicompress.", ""]
     if stage:
@@ -284,6 +290,9 @@ def model_card(record: dict[str, Any], shape: dict[str, Any] | None = None, titl
             lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in keys]
             lines.append("")
 
+    if correction:
+        lines += _correction_lines(correction, record.get("config") or {})
+
     versions = record.get("versions") or {}
     lines += ["## Provenance", "",
               f"Made with minicompress {versions.get('minicompress', '?')} (torch {versions.get('torch', '?')}, "
@@ -291,6 +300,23 @@ def model_card(record: dict[str, Any], shape: dict[str, Any] | None = None, titl
               "`minicompress.json` holds the full record (plan with kept indices, resolved config) and "
               "`minicompress.yaml` the resolved config.", ""]
     return "\n".join(lines)
+
+
+def _correction_lines(correction: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The model card's section on a teacher correction (``minicompress correct``)."""
+    data = cfg.get("data") or {}
+    lines = ["## Teacher correction (fine-tuning)", "",
+             f"- teacher: `{_hub_name(correction.get('teacher'))}`",
+             f"- token budget: {_fmt(correction.get('tokens_trained'))} tokens of `{correction.get('data')}` "
+             f"({_fmt(correction.get('steps'))} steps of {_fmt(cfg.get('global_batch_tokens'))} tokens, sequences "
+             f"of {_fmt(data.get('seq_len'))})",
+             f"- loss: next-token cross-entropy on the text, lr {correction.get('lr')}", ""]
+    before, after = correction.get("metrics_before") or {}, correction.get("metrics_after") or {}
+    if "perplexity" in before or "perplexity" in after:
+        lines += [f"Held-out perplexity ({_fmt(correction.get('held_out_sequences'))} sequences of the text, never "
+                  "trained on):", "", "| metric | before correction | after correction |", "| --- | --- | --- |",
+                  f"| perplexity | {_fmt(before.get('perplexity'))} | {_fmt(after.get('perplexity'))} |", ""]
+    return lines
 
 
 def write_model_card(folder: str | Path, record: dict[str, Any], title: str | None = None) -> Path:

@@ -330,6 +330,16 @@ def render_recover(cfg, report: dict) -> None:
     render_table(f"recovered {cfg.student.source} -> {cfg.output}", shown)
 
 
+def render_correct(cfg, report: dict) -> None:
+    """``correct``: the fine-tune's numbers and the teacher's held-out perplexity before and after."""
+    before, after = report.get("before") or {}, report.get("after") or {}
+    render_table(f"corrected {cfg.teacher.source} -> {cfg.output}", {
+        "tokens": report["tokens"], "steps": report["steps"], "lr": cfg.lr, "seconds": report["seconds"],
+        "tokens/s": report["tokens_per_s"], "final train loss": report["final_loss"],
+        "held-out perplexity before": before.get("perplexity"), "held-out perplexity after": after.get("perplexity"),
+        "held-out tokens": before.get("tokens"), "resumed from step": report["resumed_from_step"]})
+
+
 def render_quantize(cfg, report: dict) -> None:
     """``quantize``: scheme, what was quantized, size on disk before and after."""
     group = report["group_size"]
@@ -368,6 +378,12 @@ def render_dry_run(config_path: str, cfg, plan: dict, ranks: int) -> None:
         notes.insert(0, f"data-free: the original first writes {gen['tokens']:,} tokens in rows of "
                         f"{gen['seq_len']} from {starts} into OUTPUT/{gen['output']}; every stage calibrates "
                         "on that text, and stages taught by the original recover from its sparse targets")
+    if plan.get("correct"):
+        corr = plan["correct"]
+        memory = f", {gib(corr['memory_bytes'])} in one process" if corr["memory_bytes"] else ""
+        notes.insert(0, f"teacher correction: the original is first fine-tuned on {corr['tokens']:,} tokens of the "
+                        f"text (cross-entropy, lr {corr['lr']:g}{memory}) into OUTPUT/{corr['output']}; stage 1 "
+                        "prunes it and every stage taught by the original distils from it")
     if ranks > 1:
         notes.append(f"memory: per rank of {ranks} (torchrun + FSDP2) for the recovery: sharded student "
                      "weights + grads + AdamW and teacher weights, gathered layers, root groups, activations "

@@ -245,6 +245,22 @@ def test_registry_has_info_and_eval():
     assert {"info", "eval"} <= set(cli.SUBCOMMANDS)
 
 
+def test_correct_parses_its_generated_flags():
+    from minicompress.config import CorrectConfig
+    from minicompress.flags import build_from_args
+
+    args, _ = cli.build_parser().parse_known_args(["correct", "--teacher", "t", "--data", "d.txt", "--tokens", "64k",
+                                                   "--lr", "3e-5", "--seq-len", "256", "--resume", "--output", "o"])
+    assert args._subcommand == "correct"
+    assert flags_to_overrides(args) == {"teacher": {"source": "t"}, "data": {"source": "d.txt", "seq_len": "256"},
+                                        "tokens": "64k", "lr": "3e-5", "resume": True, "output": "o"}
+    cfg = build_from_args(CorrectConfig, args)
+    assert (cfg.teacher.source, cfg.tokens, cfg.lr, cfg.data.seq_len, cfg.resume) == ("t", 64_000, 3e-5, 256, True)
+    assert cfg.recover_config().loss.kl_weight == 0 and cfg.recover_config().student == cfg.teacher
+    _, unknown = cli.build_parser().parse_known_args(["correct", "--teacher-dtype", "bfloat16"])
+    assert unknown == ["--teacher-dtype", "bfloat16"]  # float32 master weights: no flag for the teacher's dtype
+
+
 def test_module_help_runs_in_a_subprocess():
     result = subprocess.run([sys.executable, "-m", "minicompress.cli", "--help"], capture_output=True, text=True,
                             timeout=120)

@@ -84,8 +84,9 @@ def test_stage_packages_hold_the_pipeline():
 
 
 #: what one recipe may import from another: the other command's function (run composes
-#: generate -> score/prune -> recover, prune scores), never a helper used as a library
-COMMANDS = {"info", "run_eval", "score", "prune", "recover", "write_teacher_cache", "generate", "quantize", "run"}
+#: generate or correct -> score/prune -> recover, prune scores), never a helper used as a library
+COMMANDS = {"info", "run_eval", "score", "prune", "recover", "correct", "write_teacher_cache", "generate", "quantize",
+            "run"}
 #: recipe helpers another recipe may use, each with its reason
 RECIPE_HELPERS = {
     ("minicompress.recipes.run", "minicompress.recipes.generate", "TEXT_FILE"): "run trains on generate's output file",

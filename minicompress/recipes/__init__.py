@@ -2,7 +2,7 @@
 and writes folders.
 
 Each recipe is one function whose signature is its CLI (as in litgpt): ``info``,
-``eval``, ``score``, ``prune``, ``recover``, ``teacher_cache``, ``run``. It decides when and
+``eval``, ``score``, ``prune``, ``recover``, ``correct``, ``teacher_cache``, ``run``. It decides when and
 where things happen (which model to load, on which rank, which folder to write and when
 to resume), and hands tensors to the components below it, which never touch disk or
 ranks: :mod:`minicompress.pruning.scoring`, :mod:`minicompress.pruning.plan`, :mod:`minicompress.pruning.search`,

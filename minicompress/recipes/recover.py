@@ -5,8 +5,9 @@ retrains a pruned student on a small token budget with the forward KL to its fro
 teacher. This recipe is the when-and-where of that retraining: it loads the student and
 the teacher (rank 0 reads, FSDP2 shards under torchrun), reads the data, resumes from
 ``<output>.partial``, runs :func:`minicompress.distillation.loop.train` and writes the stock Hugging
-Face folder atomically. The how (losses, schedule, data order, the loop) lives in
-:mod:`minicompress.distillation.loop`.
+Face folder atomically (the working folder, checkpoints, metrics and output are
+:mod:`minicompress.training`'s, shared with ``correct``). The how (losses, schedule, data
+order, the loop) lives in :mod:`minicompress.distillation.loop`.
 
 With ``blockwise_tokens`` a blockwise local distillation stage (Puzzle, Bercovich et al.,
 arXiv 2411.19146; :mod:`minicompress.distillation.blockwise`) runs first on that share of the
@@ -19,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,16 +31,17 @@ from ..data.rows import TrainingData, load_training_data
 from ..errors import MinicompressError
 from ..hardware import describe_precision, keep_freed_memory, resolve_compile
 from ..runtime import model_device
-from ..checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint, working_folder
-from ..distillation.metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
+from ..checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..distillation.metrics import append_metrics
 from ..models import TORCH_DTYPES, load_model, load_model_on_rank0, resolve_device
-from ..outputs import (atomic_folder, check_output, provenance, read_provenance, write_json_atomic, write_model_card,
-                       write_provenance)
+from ..outputs import provenance, read_provenance, write_json_atomic
 from ..progress import progress_bar
-from ..distillation.distill import DistillState, distill, make_schedule
+from ..distillation.distill import make_schedule
 from ..distillation.loop import Schedule, StepRuntime, num_held_out
 from ..distillation.teacher_cache import TeacherCache
 from ..distillation.blockwise import BlockMap, BlockwiseState, block_map, blockwise_distill, blockwise_schedule
+from ..training import (TRAINING_FILES, WorkingFolder, distill_with_checkpoints, finish_metrics, make_working_folder,
+                        open_working_folder, write_model_folder)
 
 log = logging.getLogger(__name__)
 
@@ -51,36 +52,6 @@ def _student_folder(student: torch.nn.Module) -> Path | None:
     name = getattr(student.config, "_name_or_path", "") or ""
     path = Path(name).expanduser() if name else None
     return path if path is not None and path.is_dir() else None
-
-
-def _open_working_folder(config: RecoverConfig) -> tuple[Path, Path, Path | None]:
-    """Check the output and ``<output>.partial``; returns ``(out, work, checkpoint)``.
-
-    A checkpoint there is resumed only with ``resume``; without it the run is refused
-    (``overwrite`` starts over). ``resume`` with nothing to resume says so and starts fresh.
-    Nothing is written: :func:`_make_working_folder` does that once the setup has succeeded.
-    """
-    out = check_output(config.output, config.overwrite)
-    work = working_folder(out)
-    checkpoint = latest_checkpoint(work) if work.exists() else None
-    if (checkpoint or _blockwise_progress(work)) is not None and not config.resume:
-        if not config.overwrite:
-            raise MinicompressError(f"resume: {work} holds a checkpoint of an interrupted run; "
-                                    "pass --resume to continue it or --overwrite to start over")
-        checkpoint = None
-    if config.resume and (checkpoint or _blockwise_progress(work)) is None and distributed.is_main():
-        log.warning("recover: --resume, but %s holds no checkpoint to resume; starting from step 0", work)
-    return out, work, checkpoint
-
-
-def _make_working_folder(work: Path, checkpoint: Path | None) -> None:
-    """Empty ``work`` for a fresh run (keep it to resume ``checkpoint``), on rank 0."""
-    distributed.barrier()  # every rank has looked at the working folder before rank 0 changes it
-    if distributed.is_main():
-        if checkpoint is None:
-            shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
 
 
 def _place_teacher(config: RecoverConfig, teacher, student, device: torch.device, teacher_dtype: str,
@@ -281,11 +252,12 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     """
     # ---- where: output and working folder, ranks, models, data -------------------------
     world = distributed.init_from_env()  # 1 without torchrun: no process group, nothing changes
-    main = distributed.is_main()
     if world > 1 and config.loss.intermediate_weight > 0:
         raise MinicompressError("loss.intermediate_weight: the intermediate-state loss runs in one process only, "
                                 "not under torchrun; set it to 0 or drop torchrun")
-    out, work, checkpoint = _open_working_folder(config)
+    folder = open_working_folder("recover", config,
+                                 interrupted=lambda work: latest_checkpoint(work) or _blockwise_progress(work))
+    work, checkpoint = folder.work, folder.checkpoint
     torch.manual_seed(config.seed)
     on_host, student_weights = student is None and world > 1, None  # torchrun: rank 0 reads, shard_model hands out
     if student is None:
@@ -323,90 +295,45 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         log.info("recover: compiling the decoder layers (%s)", precision["compile_reason"])
 
     # ---- resume, or evaluate once before training; checkpoints and metrics per step ------
-    _make_working_folder(work, checkpoint or (_blockwise_progress(work) if config.resume else None))
+    make_working_folder(work, keep=(checkpoint or (_blockwise_progress(work) if config.resume else None)) is not None)
     # only now: a refused run (bad model, data, schedule) leaves nothing
-    metrics_path = work / METRICS_FILE
-    resumed_from = None
     blockwise_record = None
     if bmap is not None:  # Puzzle's blockwise local distillation first (its own checkpoints, skipped once done)
         blockwise_record = _blockwise_stage(config, student, teacher, data, work, bmap,
                                             runtime=StepRuntime(device, autocast), global_schedule=schedule,
                                             global_checkpoint=checkpoint, callback=callback)
-
-    resume_state = json.loads((checkpoint / "state.json").read_text()) if checkpoint is not None else None
-
-    def restore(state: DistillState) -> None:
-        nonlocal resumed_from
-        if resume_state is None:
-            return
-        check_resumable(resume_state["config"], config)
-        saved = load_checkpoint(checkpoint, student=student, optimizer=state.optimizer, intermediate=state.intermediate)
-        state.start_step, state.elapsed, state.before = saved["step"], saved["seconds"], saved["before"]
-        resumed_from = state.start_step
-        if main:
-            with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
-                f.truncate(saved["metrics_bytes"])
-        log.info("recover: resuming from %s (step %d of %d)", checkpoint, state.start_step, schedule.total_steps)
-
-    with progress_bar("recover", schedule.total_steps * schedule.tokens_per_step, unit="tok",
-                      completed=(resume_state or {}).get("step", 0) * schedule.tokens_per_step) as bar:
-
-        def on_step(record: dict, state: DistillState) -> None:
-            if main:
-                append_metrics(metrics_path, record)
-            done = record["step"]
-            if done == 0:  # the evaluation before training
-                return
-            bar.advance(schedule.tokens_per_step)
-            bar.update(description=f"recover loss {record['loss']:.4f}")
-            if done % config.log_every == 0 or done == schedule.total_steps:
-                log.info("step %d/%d loss %.4f kl %.4f ce %.4f lr %.2e grad %.3f %.0f tok/s", done,
-                         schedule.total_steps, record["loss"], record["kl"], record["ce"], record["lr"],
-                         record["grad_norm"], record["tokens_per_s"])
-            if done == schedule.total_steps or (config.save_every and done % config.save_every == 0):
-                save_checkpoint(work, student=student, optimizer=state.optimizer, intermediate=state.intermediate,
-                                state={"step": done, "tokens": record["tokens"], "seconds": state.elapsed,
-                                       "data_position": done * schedule.accum_steps * config.micro_batch_size * world,
-                                       "scheduler": {"kind": "warmup_cosine", **dataclasses.asdict(schedule)},
-                                       "config": to_dict(config), "before": state.before,
-                                       "metrics_bytes": metrics_path.stat().st_size if main else None},
-                                keep=config.checkpoint_keep)
-            if callback is not None:
-                callback(record)
-
-        result = distill(student, teacher, data, config, schedule, cache=cache, restore=restore, on_step=on_step,
-                         runtime=StepRuntime(device, autocast, bool(precision["compile"])))
+    result = distill_with_checkpoints(student, teacher, data, config, schedule, folder=folder, cache=cache,
+                                      callback=callback,
+                                      runtime=StepRuntime(device, autocast, bool(precision["compile"])))
     if result["attention"]:
         precision["attention"] = result["attention"]
     if blockwise_record is not None:  # the blockwise stage ends where the global one began
         blockwise_record["metrics_after"] = result["before"]
         result["blockwise"] = blockwise_record
-    return _write_student(config, out, student, tokenizer, cache=cache, data=data, schedule=schedule, result=result,
-                          precision=precision, resumed_from=resumed_from)
+    return _write_student(config, folder, student, tokenizer, cache=cache, data=data, schedule=schedule,
+                          result=result, precision=precision)
 
 
-def _write_student(config: RecoverConfig, out: Path, student, tokenizer, *, cache: TeacherCache | None,
-                   data: TrainingData, schedule: Schedule, result: dict, precision: dict,
-                   resumed_from: int | None) -> dict:
+def _write_student(config: RecoverConfig, folder: WorkingFolder, student, tokenizer, *, cache: TeacherCache | None,
+                   data: TrainingData, schedule: Schedule, result: dict, precision: dict) -> dict:
     """Write the recovered student atomically (rank 0) with its recovery record; returns the report.
 
     Args:
         config: the recovery settings.
-        out: the output folder (its working folder ``<out>.partial`` holds the metrics).
+        folder: the output folder and its working folder ``<output>.partial`` (the metrics).
         student: the trained student.
         tokenizer: saved next to it.
         cache: the teacher cache trained from, or None.
         data: the held-out and training rows (their counts and sources go into the record).
         schedule: the global stage's step arithmetic.
-        result: what :func:`~minicompress.distillation.distill.distill` returned (``before``,
-            ``elapsed``), with ``blockwise``: the blockwise stage's record (``recovery.blockwise``)
-            when there was one; ``before`` is then the student as it came in and the seconds
+        result: what :func:`~minicompress.training.distill_with_checkpoints` returned (``before``,
+            ``elapsed``, ``resumed_from_step``), with ``blockwise``: the blockwise stage's record
+            (``recovery.blockwise``) when there was one; ``before`` is then the student as it came in and the seconds
             and tokens cover both stages.
         precision: the precision record.
-        resumed_from: the checkpoint step the run resumed from, or None.
     """
-    world, main = distributed.world_size(), distributed.is_main()
-    work = working_folder(out)
+    world = distributed.world_size()
+    out = folder.output
     blockwise = result.get("blockwise")
     before, elapsed = result["before"], result["elapsed"]
     if blockwise is not None:
@@ -415,10 +342,7 @@ def _write_student(config: RecoverConfig, out: Path, student, tokenizer, *, cach
     steps = schedule.total_steps + (blockwise or {}).get("steps", 0)
     sources = data.tokens_per_source(steps * schedule.accum_steps * config.micro_batch_size * world,
                                      config.data.seq_len)
-    metrics_path = work / METRICS_FILE
-    records = distributed.broadcast_object(read_metrics(metrics_path) if main else None)
-    if main:
-        plot_curves(records, work / CURVES_FILE, title=f"recover {Path(out).name}")
+    records = finish_metrics(folder)
     last = records[-1]
     after = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
     final_loss = last.get("loss")
@@ -432,27 +356,16 @@ def _write_student(config: RecoverConfig, out: Path, student, tokenizer, *, cach
         precision=precision, **({"world_size": world} if world > 1 else {}),
         final_train_loss=final_loss, seconds=elapsed, **({"blockwise": blockwise} if blockwise else {}),
     )
-    folder = _student_folder(student)
-    previous = read_provenance(folder) if folder is not None else None
+    source = _student_folder(student)
+    previous = read_provenance(source) if source is not None else None
     record_out = dict(previous) if previous else provenance("recover", config)
     if previous and "recovery" in previous:
         record_out["recovery_history"] = previous.get("recovery_history", []) + [previous["recovery"]]
     record_out["recovery"] = recovery
     full_state = distributed.full_state_dict(student) if world > 1 else None  # collective; rank 0 holds it
-    if main:
-        with atomic_folder(out, config.overwrite) as tmp:
-            distributed.save_pretrained(student, tmp, full_state)
-            if getattr(student, "generation_config", None) is not None:
-                student.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            shutil.copy2(metrics_path, tmp / METRICS_FILE)
-            shutil.copy2(work / CURVES_FILE, tmp / CURVES_FILE)
-            if blockwise:
-                shutil.copy2(work / BLOCKWISE_METRICS, tmp / BLOCKWISE_METRICS)
-            write_provenance(tmp, record_out)
-            write_model_card(tmp, record_out)
-        shutil.rmtree(work, ignore_errors=True)
-    distributed.barrier()
+    write_model_folder(folder, student, tokenizer, record_out, overwrite=config.overwrite, full_state=full_state,
+                       files=TRAINING_FILES + ((BLOCKWISE_METRICS,) if blockwise else ()))
     return {"output": str(out), "steps": schedule.total_steps, "tokens": tokens, "before": before, "after": after,
             "final_loss": final_loss, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "resumed_from_step": resumed_from, "metrics": records, **({"blockwise": blockwise} if blockwise else {})}
+            "resumed_from_step": result["resumed_from_step"], "metrics": records,
+            **({"blockwise": blockwise} if blockwise else {})}

@@ -12,6 +12,9 @@ The run folder::
 
     OUTPUT/
       minicompress.yaml, minicompress.json   the resolved run config (and its dry-run plan)
+      corrected/                             with a correct: section, the original fine-tuned on the
+                                             text first (teacher correction; stage 1 prunes it and it
+                                             teaches every stage the original would)
       stage-1-<name>.pruned/                 pruned, not yet recovered (removed after recovery
                                              unless keep_pruned)
       stage-1-<name>.partial/                recovery checkpoints while it runs
@@ -53,6 +56,8 @@ from ..outputs import provenance, read_provenance, settings_digest, write_json_a
 log = logging.getLogger(__name__)
 
 TIMINGS = "timings.json"
+#: the folder of a run's corrected teacher (``correct:``)
+CORRECTED = "corrected"
 #: the folder of a data-free run's generated text and sparse targets (``generate:``)
 GENERATED = "generated"
 REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"
@@ -63,7 +68,7 @@ REPORT_COLUMNS = ("model", "parameters", "ratio", "size_on_disk_bytes", "perplex
 REPORT_LABELS = {"model": "model", "parameters": "parameters", "ratio": "ratio", "size_on_disk_bytes": "size on disk",
                  "perplexity": "held-out perplexity", "kl_to_original": "KL to original",
                  "top1_agreement": "top-1 agreement", "decode_tokens_per_s": "decode tok/s",
-                 "wall_time_s": "wall time (s)", "tokens": "recovery tokens"}
+                 "wall_time_s": "wall time (s)", "tokens": "training tokens"}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _SHAPE_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_hidden_layers")
 
@@ -296,6 +301,8 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
         row["ratio"] = row["params"] / total if row["params"] else None
         row["tokens"] = stage.tokens
         row["teacher"] = "original" if stage.teacher == "original" or i == 0 else "previous"
+        if config.correct and row["teacher"] == "original":
+            row["teacher"] = CORRECTED
         recover = None
         teacher_config = None
         if stage.tokens:
@@ -309,11 +316,25 @@ def dry_run(config: RunConfig, *, ranks: int = 1) -> dict[str, Any]:
         rows.append(row)
         current = student
     plan = {"model": config.model.source, "original": describe(original), "stages": rows}
+    if config.correct:
+        plan["correct"] = _correction_plan(config, original)
     if config.generate:
         gen = config.generate_config(output=GENERATED)
         plan["generate"] = {"tokens": gen.tokens // gen.data.seq_len * gen.data.seq_len, "seq_len": gen.data.seq_len,
                             "prompts": gen.data.source, "output": GENERATED}
         _check_generated_rows(config, gen.tokens // gen.data.seq_len)
+    return plan
+
+
+def _correction_plan(config: RunConfig, original: Any) -> dict[str, Any]:
+    """The dry run's line for the ``correct:`` section: tokens (whole steps), lr, folder and the
+    memory of fine-tuning the original in one process (weights, gradients, AdamW, activations)."""
+    cc = config.correct_config(output=CORRECTED)
+    plan = {"tokens": cc.tokens // cc.global_batch_tokens * cc.global_batch_tokens, "lr": cc.lr,
+            "output": CORRECTED, "memory_bytes": None}
+    if cc.tokens:
+        memory = estimate_memory(original, original, cc.recover_config(), dtype="float32", device=config.model.device)
+        plan["memory_bytes"] = sum(memory[k] for k in ("weights", "grads", "adamw", "activations"))
     return plan
 
 
@@ -399,6 +420,8 @@ def _stage_digest(config: RunConfig, index: int) -> str:
              "search_batches": config.search_batches, "stages": stages}
     if config.generate:
         basis["generate"] = to_dict(config.generate)
+    if config.correct:
+        basis["correct"] = to_dict(config.correct)
     return settings_digest(basis)
 
 
@@ -449,8 +472,47 @@ def _generate_data(config: RunConfig, out: Path) -> RunConfig:
     return dataclasses.replace(config, data=data)
 
 
+def _correct_teacher(config: RunConfig, out: Path) -> dict[str, Any]:
+    """Teacher correction first: the original fine-tuned on the run's text into ``OUTPUT/corrected``
+    (once; an interrupted correction resumes, a finished one is reused).
+
+    Returns:
+        ``{"folder", "status" (done/skipped), "tokens", "before", "after"}``; ``before`` /
+        ``after``: the held-out metrics of the correction record.
+
+    Raises:
+        MinicompressError: a finished ``corrected`` folder of other settings.
+    """
+    from ..checkpoint import RESUME_FREE_KEYS, latest_checkpoint, working_folder
+    from .correct import correct
+
+    folder = out / CORRECTED
+    # resume an interrupted correction, and only that (a first run is no "--resume" with nothing to resume)
+    cc = config.correct_config(output=str(folder), resume=latest_checkpoint(working_folder(folder)) is not None)
+    record = read_provenance(folder) if folder.is_dir() else None
+    status = "skipped"
+    if record is not None:
+        now = json.loads(json.dumps(to_dict(cc)))
+        if {k: v for k, v in record.get("config", {}).items() if k not in RESUME_FREE_KEYS} != \
+                {k: v for k, v in now.items() if k not in RESUME_FREE_KEYS}:
+            raise MinicompressError(f"correct: {folder} was written with other settings; pass --overwrite to start "
+                                    "the run over, or choose another output")
+        log.info("teacher correction: reusing %s", folder)
+    else:
+        log.info("teacher correction: fine-tuning %s on %s tokens of the text into %s", config.model.source,
+                 f"{cc.tokens:,}", folder)
+        correct(cc)
+        record = read_provenance(folder)
+        status = "done"
+    correction = record["correction"]
+    return {"folder": str(folder), "status": status, "tokens": correction["tokens_trained"],
+            "before": correction["metrics_before"], "after": correction["metrics_after"]}
+
+
 def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path, digest: str,
-               original_total: int, original_shape: dict[str, Any]) -> None:
+               original_total: int, original_shape: dict[str, Any], original: ModelConfig) -> None:
+    """Prune ``previous`` into stage ``index`` and recover it from its teacher: ``original`` (the
+    run's model, or its corrected copy) or the previous stage."""
     from .. import distributed
     from ..checkpoint import latest_checkpoint, working_folder
     from .prune import prune
@@ -460,6 +522,8 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
     extra = {"run_stage": {"index": index, "of": len(config.stages), "name": stage.name, "digest": digest,
                            "run": str(final.parent), "original_source": config.model.source,
                            "original": original_shape}}
+    if original is not config.model:
+        extra["run_stage"]["corrected_teacher"] = original.source
     pruned = final.with_name(final.name + ".pruned") if stage.tokens else final
     if stage.tokens and pruned.exists():
         record = read_provenance(pruned)
@@ -475,7 +539,7 @@ def _run_stage(config: RunConfig, index: int, previous: ModelConfig, final: Path
             resume=True, overwrite=True)
         prune(prune_config, record_extra=extra)
     if stage.tokens:
-        teacher = config.model if stage.teacher == "original" or index == 0 else previous
+        teacher = original if stage.teacher == "original" or index == 0 else previous
         student = dataclasses.replace(config.model, source=str(pruned))
         # resume an interrupted recovery, and only that: a user's --resume with nothing to resume is
         # warned about; the run's own (every first run of a stage) must be silent
@@ -507,8 +571,10 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
             exception from it stops the run, which the same call continues later.
 
     Returns:
-        ``{"output", "plan" (:func:`dry_run`), "stages", "report"}``; the report (also
-        written as ``report.json``/``.md``/``.png``) has one row per model.
+        ``{"output", "plan" (:func:`dry_run`), "corrected", "stages", "report"}``; the report
+        (also written as ``report.json``/``.md``/``.png``) has one row per model;
+        ``corrected`` (None without a ``correct:`` section) is the corrected teacher's
+        ``folder``, ``status``, ``tokens``, ``seconds`` and held-out ``before`` / ``after``.
 
     Raises:
         MinicompressError: any problem with the config (before anything is loaded), a
@@ -527,6 +593,9 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
                      flags=TaskFlags(tasks="eval_tasks", include_path="eval_include_path"))
     out = Path(config.output).expanduser()
     distributed.init_from_env()  # torchrun: every rank prunes and recovers; rank 0 writes and reports
+    if config.correct and distributed.world_size() > 1:
+        raise MinicompressError("correct: teacher correction runs in one process only, not under torchrun; "
+                                "drop torchrun or the correct: section")
     if distributed.is_main():
         _prepare_folder(out, config, plan)
     distributed.barrier()
@@ -535,7 +604,16 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
     original_total = plan["original"]["parameters"]["total"]
     timings_path = out / TIMINGS
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    previous, results = config.model, []
+    corrected = None
+    if config.correct:  # Minitron's order: correct the teacher, then prune it and distil from it
+        start = time.perf_counter()
+        corrected = _correct_teacher(config, out)
+        if corrected["status"] == "done":
+            timings[CORRECTED] = timings.get(CORRECTED, 0.0) + time.perf_counter() - start
+            write_json_atomic(timings_path, timings)
+        corrected["seconds"] = timings.get(CORRECTED)
+    original = dataclasses.replace(config.model, source=corrected["folder"]) if corrected else config.model
+    previous, results = original, []
     for i, stage in enumerate(config.stages):
         final = stage_folder(out, i, stage.name)
         digest = _stage_digest(config, i)
@@ -549,7 +627,7 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
         else:
             start = time.perf_counter()
             try:
-                _run_stage(config, i, previous, final, digest, original_total, plan["original"])
+                _run_stage(config, i, previous, final, digest, original_total, plan["original"], original)
             except MinicompressError as err:
                 raise MinicompressError(f"stages[{i}] ({stage.name}): {err}") from None
             timings[final.name] = timings.get(final.name, 0.0) + time.perf_counter() - start
@@ -564,17 +642,18 @@ def run(config: RunConfig | str | Path, overrides: dict | list[str] | None = Non
         previous = dataclasses.replace(config.model, source=str(final))
     report = None
     if distributed.is_main() and config.report.enabled:
-        report = evaluate_run(config, results)
+        report = evaluate_run(config, results, corrected=corrected)
         write_report(out, report)
     distributed.barrier()
-    return {"output": str(out), "plan": plan, "stages": results, "report": report}
+    return {"output": str(out), "plan": plan, "corrected": corrected, "stages": results, "report": report}
 
 
 # ----------------------------------------------------------------------------------------
 # The report
 
 
-def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, Any]:
+def evaluate_run(config: RunConfig, stages: list[dict[str, Any]], *,
+                 corrected: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the original and every finished stage side by side.
 
     Perplexity, KL(original || stage) and top-1 agreement on ``eval_data`` (when set;
@@ -587,6 +666,8 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
     Args:
         config: the run.
         stages: the results of :func:`run` (``name``, ``folder``, ``seconds``, ``tokens``).
+        corrected: the corrected teacher of a ``correct:`` run (``folder``, ``seconds``,
+            ``tokens``): a row ``corrected`` after the original.
 
     Returns:
         ``{"columns", "rows", "eval_data", "original", "tasks"}`` (``tasks``: the task
@@ -606,6 +687,13 @@ def evaluate_run(config: RunConfig, stages: list[dict[str, Any]]) -> dict[str, A
     base = evaluate(teacher, tokenizer, windows, source=config.model.source, **kwargs)
     rows = [_report_row("original", base, base["parameters"], kl=0.0 if windows else None,
                         agreement=1.0 if windows else None, tasks=score_tasks(teacher))]
+    if corrected is not None:
+        model, _ = load_model(dataclasses.replace(config.model, source=corrected["folder"]))
+        result = evaluate(model, tokenizer, windows, teacher=teacher, source=corrected["folder"], **kwargs)
+        rows.append(_report_row(CORRECTED, result, base["parameters"], kl=result.get("kl_to_teacher"),
+                                agreement=result.get("top1_agreement"), seconds=corrected.get("seconds"),
+                                tokens=corrected["tokens"], tasks=score_tasks(model)))
+        del model
     for stage in stages:
         pruned = Path(stage["folder"]).with_name(Path(stage["folder"]).name + ".pruned")
         if pruned.is_dir():  # kept (keep_pruned): show what recovery brought back
@@ -689,6 +777,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         limit = f", the first {tasks['limit']} documents of each task" if tasks["limit"] else ""
         lines += [f"Task accuracy (`<task>/acc`): lm-evaluation-harness `acc`, {shots}{limit}; every metric "
                   "(`acc_norm`, standard errors, documents) is in `report.json`.", ""]
+    if any(row["model"] == CORRECTED for row in report["rows"]):
+        lines += [f"`{CORRECTED}`: the original fine-tuned on the run's text first (teacher correction); the stages "
+                  "were pruned from it and distilled from it, and KL and agreement stay against the original.", ""]
     lines += ["| " + " | ".join(REPORT_LABELS.get(c, c) for c in columns) + " |",
               "| --- |" + " ---: |" * (len(columns) - 1)]
     for row in report["rows"]:

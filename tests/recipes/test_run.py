@@ -547,3 +547,99 @@ def test_a_dry_run_checks_every_source_of_a_mixture(tmp_path, tiny_llama, text_c
         config.data, mixture=(config.data.mixture[0], dataclasses.replace(config.data.mixture[1], source=str(other)))))
     assert [row["name"] for row in dry_run(ok)["stages"]] == ["ffn"]
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- teacher correction (correct:)
+
+_CORRECT = {"tokens": 128, "global_batch_tokens": 64, "micro_batch_size": 2, "eval_tokens": 32, "lr": 1e-3,
+            "warmup_steps": 1, "autocast": "none"}
+
+
+def test_a_correct_section_corrects_first_then_prunes_and_distils_from_the_corrected_teacher(
+        tmp_path, tiny_llama, text_corpus, capsys):
+    config = _run_config(tiny_llama, text_corpus, tmp_path / "r", correct=_CORRECT, report={"speed": False},
+                         stages=[{"name": "ffn", "target": {"intermediate_size": 48}, "tokens": 64},
+                                 {"name": "prev", "target": {"intermediate_size": 40}, "tokens": 64,
+                                  "teacher": "previous"}])
+    plan = dry_run(config)
+    assert plan["correct"]["tokens"] == 128 and plan["correct"]["output"] == "corrected"
+    assert plan["correct"]["memory_bytes"] >= 16 * plan["original"]["parameters"]["total"]
+    assert [row["teacher"] for row in plan["stages"]] == ["corrected", "previous"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_as_yaml(config)))
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "teacher correction: the original is first fine-tuned on 128 tokens" in \
+        " ".join(capsys.readouterr().out.split())
+
+    result = run(config)
+    corrected = tmp_path / "r" / "corrected"
+    assert result["corrected"]["folder"] == str(corrected) and result["corrected"]["status"] == "done"
+    correction = read_provenance(corrected)["correction"]
+    assert correction["tokens_trained"] == 128 and correction["teacher"] == str(tiny_llama)
+    assert correction["metrics_after"]["perplexity"] < correction["metrics_before"]["perplexity"]
+    first, second = read_provenance(tmp_path / "r" / "stage-1-ffn"), read_provenance(tmp_path / "r" / "stage-2-prev")
+    assert first["source_model"] == str(corrected)  # stage 1 prunes the corrected teacher ...
+    assert first["recovery"]["teacher"] == str(corrected)  # ... and distils from it
+    assert first["run_stage"]["corrected_teacher"] == str(corrected)
+    assert first["run_stage"]["original_source"] == str(tiny_llama)
+    assert second["recovery"]["teacher"] == str(tmp_path / "r" / "stage-1-ffn")
+    rows = result["report"]["rows"]
+    assert [r["model"] for r in rows] == ["original", "corrected", "stage-1-ffn", "stage-2-prev"]
+    assert rows[1]["tokens"] == 128 and rows[1]["parameters"] == rows[0]["parameters"] and rows[1]["kl_to_original"] > 0
+    assert "teacher correction" in (tmp_path / "r" / "report.md").read_text()
+    assert "corrected" in json.loads((tmp_path / "r" / "timings.json").read_text())
+
+    again = run(config)  # finished: nothing is trained again
+    assert again["corrected"]["status"] == "skipped" and [s["status"] for s in again["stages"]] == ["skipped"] * 2
+    other = _run_config(tiny_llama, text_corpus, tmp_path / "r", correct={**_CORRECT, "lr": 2e-3},
+                        report={"speed": False}, stages=config.stages)
+    with pytest.raises(MinicompressError, match="correct: .* other settings"):
+        run(other)
+
+
+def test_a_correct_section_changes_the_stage_digests_and_bad_keys_are_refused(tmp_path, tiny_llama, text_corpus):
+    from minicompress.errors import ConfigError
+
+    plain = _run_config(tiny_llama, text_corpus, tmp_path / "r")
+    corrected = _run_config(tiny_llama, text_corpus, tmp_path / "r", correct=_CORRECT)
+    assert run_module._stage_digest(plain, 0) != run_module._stage_digest(corrected, 0)
+    for bad, fragment in (({"teacher": "x"}, "correct.teacher: set by the run"),
+                          ({"tokens": -1}, "correct.tokens: must be a number >= 0"),
+                          ({"lrr": 1}, "correct.lrr: unknown key")):
+        with pytest.raises(ConfigError, match=fragment):
+            _run_config(tiny_llama, text_corpus, tmp_path / "r", correct=bad)
+    with pytest.raises(ConfigError, match="correct: a data-free run"):
+        _data_free_config(tiny_llama, tmp_path / "r", correct=_CORRECT)
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupted_correction_resumes_to_the_uninterrupted_teacher(tmp_path, tiny_llama, text_corpus,
+                                                                        monkeypatch):
+    import minicompress.recipes.correct
+
+    def config(output):
+        return _run_config(tiny_llama, text_corpus, output, correct={**_CORRECT, "save_every": 1},
+                           report={"enabled": False},
+                           stages=[{"name": "ffn", "target": {"intermediate_size": 48}, "tokens": 0}])
+
+    run(config(tmp_path / "full"))
+    real_correct = minicompress.recipes.correct.correct
+
+    def killed_at_step_1(cfg, **kwargs):
+        def callback(record):
+            if record["step"] == 1:
+                raise KeyboardInterrupt
+        return real_correct(cfg, callback=callback, **kwargs)
+
+    monkeypatch.setattr(minicompress.recipes.correct, "correct", killed_at_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(tmp_path / "killed"))
+    assert (tmp_path / "killed" / "corrected.partial").is_dir() and not (tmp_path / "killed" / "corrected").exists()
+    monkeypatch.setattr(minicompress.recipes.correct, "correct", real_correct)
+    resumed = run(config(tmp_path / "killed"))
+    assert resumed["corrected"]["status"] == "done"
+    assert read_provenance(tmp_path / "killed" / "corrected")["correction"]["resumed_from_step"] == 1
+    a, b = _weights(tmp_path / "full" / "corrected"), _weights(tmp_path / "killed" / "corrected")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = _weights(tmp_path / "full" / "stage-1-ffn"), _weights(tmp_path / "killed" / "stage-1-ffn")
+    assert all(torch.equal(a[k], b[k]) for k in a)
