@@ -1061,8 +1061,8 @@ def test_mixture_never_materialises_more_than_a_chunk():
     weights = torch.rand(n, 3, generator=g)
     mode = _MaxNumel()
     with mode:
-        loss = L.chunked_distill_loss(h, w, L.TeacherTargets.mixture(members + [L.TeacherTargets(topk=(tv, ti))], weights),
-                                      numerics=L.LossNumerics(chunk_size=128))
+        target = L.TeacherTargets.mixture(members + [L.TeacherTargets(topk=(tv, ti))], weights)
+        loss = L.chunked_distill_loss(h, w, target, numerics=L.LossNumerics(chunk_size=128))
         loss.backward()
     assert torch.isfinite(loss) and mode.max_numel <= 128 * v < n * v // 4
 
