@@ -135,7 +135,9 @@ def check_resumable(saved: dict, config: RecoverConfig) -> None:
     # written before mixtures existed had no mixture: the same as an empty one
     now["data"] = {k: v for k, v in now["data"].items() if k != "token_store"}
     before["data"] = {"mixture": [], **{k: v for k, v in before.get("data", {}).items() if k != "token_store"}}
+    before["data"]["mixture"] = [{"teacher": None, **m} for m in before["data"]["mixture"]]  # before source teachers
     before = {"blockwise_tokens": 0, "blockwise_lr": None, "blockwise_layers": [], **before}  # before the stage existed
+    before = {"teachers": [], "teacher_weights": [], **before}  # before several teachers
     for key in now:
         if now[key] != before.get(key):
             raise MinicompressError(

@@ -228,6 +228,8 @@ def prune_command(args: argparse.Namespace) -> int:
 
 @subcommand("recover", help="distil a pruned student from its frozen teacher", config=RecoverConfig,
             exclude={"seed": "--seed is data.seed; set this one as seed=N",
+                     "teachers": "a repeated --teacher adds one (--teacher A --teacher B); a teacher cache: "
+                                 "teachers: [{cache: DIR}] in YAML",
                      # recover loads its teacher in teacher_dtype on teacher_device (teacher.dtype/device
                      # would be replaced by them), so --teacher-dtype / --teacher-device set those
                      "teacher.dtype": "recover places the teacher by teacher_dtype (--teacher-dtype)",

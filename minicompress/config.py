@@ -139,16 +139,22 @@ class SourceConfig:
     Attributes:
         source: a text source as :attr:`DataConfig.source` (file, folder, Hub dataset).
         weight: its share of the training sequences (> 0; weights are normalised).
+        teacher: ``recover`` only: the one teacher this source's rows are distilled from, by
+            index (0: ``teacher`` / ``teacher_cache``, 1 on: ``teachers``) or by its source or
+            cache as written there; None (default): the weighted mixture of all teachers.
     """
 
     source: str = ""
     weight: float = 1.0
+    teacher: str | None = None
 
     def __post_init__(self):
         if not self.source or not str(self.source).strip():
             raise ConfigError("source: must name a file, folder or Hub dataset")
         if not (isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight > 0):
             raise ConfigError(f"weight: must be a number > 0, got {self.weight!r}")
+        if self.teacher is not None and not str(self.teacher).strip():
+            raise ConfigError("teacher: must name a teacher: its index or its source")
 
     @classmethod
     def parse(cls, text: str) -> "SourceConfig":
@@ -566,6 +572,9 @@ class PruneConfig:
             if key.startswith("blockwise_"):
                 raise ConfigError(f"search_recover.{key}: the search's short distillations run no blockwise stage; "
                                   "remove it")
+            if key in ("teachers", "teacher_weights"):
+                raise ConfigError(f"search_recover.{key}: the search distils every candidate from the original "
+                                  "alone; remove it")
             if key not in allowed:
                 raise ConfigError(f"search_recover.{key}: unknown key; allowed keys: {', '.join(allowed)}")
         merged = dict(self.search_recover)
@@ -637,13 +646,69 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """One more teacher of ``recover`` after its first (multi-teacher distillation).
+
+    Attributes:
+        source: the teacher model (a Hugging Face folder, a ``.gguf`` file, a Hub id or a
+            built-in name), loaded like ``teacher`` in ``teacher_dtype`` on ``teacher_device``;
+            its tokenizer must be the student's.
+        cache: this teacher's top-k teacher cache (``minicompress teacher-cache --kind topk``)
+            instead of ``source``; its rows must be those of every other cache of the run.
+        trust_remote_code: allow custom code from the model's repository.
+    """
+
+    source: str | None = None
+    cache: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if (self.source is None) == (self.cache is None):
+            raise ConfigError("source: give the teacher's model (source) or its teacher cache (cache), one of the two")
+        if not str(self.name).strip():
+            raise ConfigError(f"{'source' if self.source is not None else 'cache'}: must not be empty")
+
+    @property
+    def name(self) -> str:
+        """``source``, or ``cache`` for a cached teacher."""
+        return self.source if self.source is not None else self.cache
+
+
+def _teacher_index(text: str, names: list[str], where: str) -> int:
+    """The index of the teacher ``text`` names: an index, or a name of ``names`` (a path spelled
+    another way is the same teacher)."""
+    text = str(text).strip()
+    if not names:
+        raise ConfigError(f"{where}: names teacher {text!r}, but the run has no teacher (--teacher)")
+    if re.fullmatch(r"\d+", text):
+        if int(text) >= len(names):
+            raise ConfigError(f"{where}: teacher {text} does not exist; the teachers are 0-{len(names) - 1}")
+        return int(text)
+    for i, name in enumerate(names):
+        if text == name or _source_key(text) == _source_key(name):
+            return i
+    raise ConfigError(f"{where}: {text!r} names no teacher; give an index 0-{len(names) - 1} or one of "
+                      f"{', '.join(names)}")
+
+
+@dataclass(frozen=True)
 class RecoverConfig:
     """``minicompress recover``: knowledge distillation from a frozen teacher.
 
     Attributes:
         student: the (pruned) model to train.
-        teacher: the frozen teacher (None with ``teacher_cache``, or for CE-only).
+        teacher: the frozen teacher (None with ``teacher_cache``, or for CE-only); give
+            ``--teacher`` again for each further teacher (``teachers``).
         teacher_cache: folder written by ``minicompress teacher-cache``.
+        teachers: more teachers after the first (``teacher`` or ``teacher_cache``), each a
+            model (``source``) or its top-k teacher cache (``cache``): the target is then the
+            mixture of all teachers' distributions, weighted by ``teacher_weights``
+            (``kl_to_teacher`` keeps measuring the first; ``kl_to_teachers`` the mixture).
+            One process, no intermediate-state loss. A repeated ``--teacher`` adds one.
+        teacher_weights: one weight > 0 per teacher, the first teacher's first
+            (``--teacher-weights 0.7,0.3``), normalised to sum 1; empty (default): equal
+            weights. A ``data`` mixture source with its own ``teacher`` is distilled from
+            that teacher alone.
         data: training text.
         tokens: training budget in tokens.
         global_batch_tokens: tokens per optimizer step (gradient accumulation fills it); 4,096
@@ -703,8 +768,10 @@ class RecoverConfig:
     """
 
     student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: ModelConfig | None = None
+    teacher: ModelConfig | None = field(default=None, metadata={"repeat": "teachers"})  # --teacher A --teacher B
     teacher_cache: str | None = None
+    teachers: tuple[TeacherConfig, ...] = ()
+    teacher_weights: tuple[float, ...] = ()
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=512))
     tokens: int = 1_000_000
     global_batch_tokens: int = 4096
@@ -760,7 +827,7 @@ class RecoverConfig:
             raise ConfigError("teacher: KL recovery needs --teacher or --teacher-cache (or set loss.kl_weight=0)")
         if self.loss.intermediate_weight > 0 and self.teacher is None:
             raise ConfigError("loss.intermediate_weight: the intermediate-state loss needs --teacher")
-        if self.loss.kl_weight > 0 and self.loss.kind in SPARSE_LOSS_KINDS and self.teacher_cache is None:
+        if self.loss.kl_weight > 0 and self.loss.kind in SPARSE_LOSS_KINDS and not any(self.teacher_caches()):
             raise ConfigError(f"loss.kind: {self.loss.kind} needs --teacher-cache; use forward_kl with a live teacher")
         if self.teacher_cache is not None:
             if self.data.mixture:
@@ -783,6 +850,64 @@ class RecoverConfig:
                 f"(global_batch_tokens={self.global_batch_tokens})"
             )
         self._check_blockwise()
+        self._check_teachers()
+
+    def _check_teachers(self) -> None:
+        """More teachers than one: their weights, what a mixture of them allows, the data sources' teachers."""
+        count = len(self.teacher_names())
+        if self.teachers and self.teacher is None and self.teacher_cache is None:
+            raise ConfigError("teachers: more teachers need a first one (--teacher or --teacher-cache)")
+        if any(isinstance(w, bool) or not math.isfinite(w) or w <= 0 for w in self.teacher_weights):
+            raise ConfigError(f"teacher_weights: must be numbers > 0, got {list(self.teacher_weights)}")
+        if self.teacher_weights and len(self.teacher_weights) != count:
+            n = len(self.teacher_weights)
+            raise ConfigError(f"teacher_weights: {n} weight{'s' if n != 1 else ''} for {count} teacher"
+                              f"{'s' if count != 1 else ''}; give one per teacher, the first teacher's first")
+        if self.teachers:
+            cached = [c for c in self.teacher_caches() if c is not None]
+            if self.loss.intermediate_weight > 0:
+                raise ConfigError("loss.intermediate_weight: the intermediate-state loss follows one teacher; "
+                                  "drop the further teachers or set it to 0")
+            if self.loss.kind == "sampled_kl":
+                raise ConfigError("loss.kind: sampled_kl estimates one teacher's KL from its draws and cannot mix "
+                                  "teachers; use forward_kl with top-k caches or live teachers")
+            if cached and self.loss.kind not in ("forward_kl", "topk_kl"):
+                raise ConfigError(f"loss.kind: {self.loss.kind} needs full teacher logits; a mixture with a teacher "
+                                  "cache supports forward_kl only")
+            if cached and self.data.mixture:
+                raise ConfigError("data.mixture: a teacher cache trains on the cache's own rows; a mixture of "
+                                  "sources needs live teachers")
+        self.source_teachers()
+
+    def teacher_names(self) -> list[str]:
+        """Each teacher's name, the first first: its ``teacher_cache`` (which wins over ``teacher``)
+        or ``teacher`` source, then each of ``teachers``; empty without a teacher."""
+        if self.teacher is None and self.teacher_cache is None:
+            return []
+        first = self.teacher_cache if self.teacher_cache is not None else self.teacher.source
+        return [first] + [t.name for t in self.teachers]
+
+    def teacher_caches(self) -> tuple[str | None, ...]:
+        """Each teacher's cache folder (None for a live teacher), in :meth:`teacher_names`' order."""
+        if self.teacher is None and self.teacher_cache is None:
+            return ()
+        return (self.teacher_cache,) + tuple(t.cache for t in self.teachers)
+
+    def mixture_weights(self) -> tuple[float, ...]:
+        """Each teacher's weight in the mixture, normalised to sum 1 (equal without ``teacher_weights``)."""
+        raw = self.teacher_weights or (1.0,) * len(self.teacher_names())
+        return tuple(w / sum(raw) for w in raw)
+
+    def source_teachers(self) -> tuple[int | None, ...]:
+        """Per ``data.mixture`` source, the index of the teacher its rows are distilled from alone,
+        or None (the weighted mixture).
+
+        Raises:
+            ConfigError: ``data.mixture[i].teacher`` names no teacher.
+        """
+        names = self.teacher_names()
+        return tuple(None if part.teacher is None else _teacher_index(part.teacher, names, f"data.mixture[{i}].teacher")
+                     for i, part in enumerate(self.data.mixture))
 
     def _check_blockwise(self) -> None:
         """The blockwise stage's budget and needs (:mod:`minicompress.distillation.blockwise`)."""

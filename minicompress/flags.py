@@ -13,6 +13,9 @@ and its nested sections and adds one flag per field:
   command's default (``prune`` scores 256 samples, ``score`` 1024).
 * choices: the field's ``metadata["choices"]`` (:func:`~minicompress.config.choice`).
 * booleans: one switch away from the default: ``--resume`` sets True, ``--no-speed`` False.
+* repeats: a section field with ``metadata["repeat"]`` names a list field beside it; its
+  ``source`` flag, given again, adds an entry to that list (``recover --teacher A --teacher
+  B``: ``teacher.source`` is A, ``teachers`` is ``[B]``).
 
 So a new setting of :class:`~minicompress.config.RecoverConfig` (a field and its
 docstring line) is a ``recover`` flag with no edit here or in :mod:`minicompress.cli`.
@@ -164,7 +167,24 @@ def _shown(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _walk(cls: type, defaults: dict, key: str, prefix: str, skip: set[str]) -> Iterator[Flag]:
+class RepeatedFlag(argparse.Action):
+    """A flag whose first use sets its own key and each further use appends to the key
+    ``more`` (``--teacher A --teacher B``: ``teacher.source`` is A, ``teachers`` is ``[B]``)."""
+
+    def __init__(self, option_strings, dest, more: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.more = more
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.dest not in vars(namespace):  # the default is SUPPRESS: absent until given
+            setattr(namespace, self.dest, values)
+        else:
+            more = CFG_PREFIX + self.more
+            setattr(namespace, more, [*getattr(namespace, more, []), values])
+
+
+def _walk(cls: type, defaults: dict, key: str, prefix: str, skip: set[str], repeat: str | None = None
+          ) -> Iterator[Flag]:
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     section = key[:-1]
     for f in dataclasses.fields(cls):
@@ -178,7 +198,9 @@ def _walk(cls: type, defaults: dict, key: str, prefix: str, skip: set[str]) -> I
             sub = _defaults(tp if default is None else default)
             if default is None:  # an optional section (no teacher by default): its source has no default
                 sub.pop("source", None)
-            yield from _walk(tp, sub, dotted + ".", f"{prefix}{f.name.replace('_', '-')}-" if inner else prefix, skip)
+            more = key + f.metadata["repeat"] if "repeat" in f.metadata else None
+            yield from _walk(tp, sub, dotted + ".", f"{prefix}{f.name.replace('_', '-')}-" if inner else prefix, skip,
+                             more)
             continue
         if f.name not in docs:
             raise TypeError(f"{cls.__name__}.{f.name}: no entry in the class's Attributes: docstring (it is the "
@@ -205,6 +227,9 @@ def _walk(cls: type, defaults: dict, key: str, prefix: str, skip: set[str]) -> I
                 kwargs["metavar"] = metavar + (",..." if typing.get_origin(tp) is tuple else "")
             if default not in (None, (), "") and "default" not in help_text.lower():
                 help_text = f"{help_text.removesuffix('.')} (default: {_shown(default)})"
+            if repeat is not None and f.name == "source":
+                kwargs.update(action=RepeatedFlag, more=repeat)
+                help_text = f"{help_text.removesuffix('.')}; give it again for each further {section} ({repeat})"
         names = FLAG_NAMES.get((cls, f.name)) or (FLAG_NAMES.get((None, f.name)) if not key else None) or names
         kwargs["help"] = help_text.replace("%", "%%")
         yield Flag(dotted, names, kwargs, section)

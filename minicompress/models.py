@@ -469,6 +469,33 @@ def _finish_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def load_tokenizer(config: ModelConfig | str):
+    """The tokenizer of a model source, without its weights (a GGUF file's from its header).
+
+    Args:
+        config: a :class:`ModelConfig` or a bare source string.
+
+    Returns:
+        The tokenizer, as :func:`load_model` returns it.
+
+    Raises:
+        MinicompressError: the source is missing, not in the offline cache, or has no tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    if isinstance(config, str):
+        config = ModelConfig(source=config)
+    target, extra = resolve_source(config.source)
+    try:
+        if extra.get("gguf"):
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(target).parent), gguf_file=Path(target).name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise MinicompressError(f"--model {config.source}: no tokenizer ({str(err).splitlines()[0]})") from None
+    return _finish_tokenizer(tokenizer)
+
+
 def load_model_on_rank0(config: ModelConfig | str, *, for_training: bool = False):
     """Prepare a model for FSDP2 sharding without any rank holding all of it.
 

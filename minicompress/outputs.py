@@ -143,7 +143,7 @@ def read_provenance(folder: str | Path) -> dict[str, Any] | None:
 MODEL_CARD = "README.md"
 _SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                "intermediate_size", "vocab_size")
-_METRIC_KEYS = ("perplexity", "kl_to_teacher", "top1_agreement", "topk_kl_to_teacher")
+_METRIC_KEYS = ("perplexity", "kl_to_teacher", "top1_agreement", "topk_kl_to_teacher", "kl_to_teachers")
 
 
 def _hub_name(source: str | None) -> str | None:
@@ -274,7 +274,10 @@ def model_card(record: dict[str, Any], shape: dict[str, Any] | None = None, titl
         rcfg = recovery.get("config") or {}
         loss = recovery.get("loss") or rcfg.get("loss") or {}
         lines += ["## Recovery (knowledge distillation)", "",
-                  f"- teacher: `{_hub_name(recovery.get('teacher'))}`",
+                  f"- teacher: `{_hub_name(recovery.get('teacher'))}`" + (
+                      "; the mixture of " + ", ".join(f"`{_hub_name(t.get('teacher'))}` ({_fmt(t.get('weight'))})"
+                                                      for t in recovery["teachers"])
+                      if recovery.get("teachers") else ""),
                   f"- token budget: {_fmt(recovery.get('tokens_trained'))} tokens of "
                   f"`{(rcfg.get('data') or {}).get('source')}` ({_fmt(recovery.get('steps'))} steps of "
                   f"{_fmt(rcfg.get('global_batch_tokens'))} tokens, sequences of "

@@ -128,3 +128,71 @@ def test_the_same_source_twice_in_a_mixture_is_refused(tmp_path, monkeypatch, ca
                                                                        {"source": "./a.txt", "weight": 2}]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     assert len(build_config(DataConfig, overrides={"mixture": ["a.txt=1", "b.txt=1"]}).mixture) == 2  # distinct
+
+
+def test_several_teachers_round_trip_yaml_json_and_the_repeated_flag(tmp_path):
+    """``teachers`` and ``teacher_weights`` (and a source's ``teacher``) survive YAML, the saved resolved config
+    and ``--teacher A --teacher B``; one teacher stays what it was."""
+    import json
+
+    import yaml
+
+    from minicompress import cli
+    from minicompress.config import SourceConfig, TeacherConfig
+
+    path = tmp_path / "r.yaml"
+    path.write_text("teacher: A\nteachers:\n  - B\n  - {source: C, trust_remote_code: true}\n"
+                    "teacher_weights: [0.5, 0.3, 0.2]\n"
+                    "data:\n  - {source: x.txt, weight: 2, teacher: C}\n  - {source: y.txt}\n"
+                    "  - {source: z.txt, teacher: 1}\n")
+    cfg = build_config(RecoverConfig, path)
+    assert cfg.teachers == (TeacherConfig(source="B"), TeacherConfig(source="C", trust_remote_code=True))
+    assert cfg.teacher_names() == ["A", "B", "C"] and cfg.teacher_caches() == (None, None, None)
+    assert cfg.mixture_weights() == pytest.approx((0.5, 0.3, 0.2)) and cfg.source_teachers() == (2, None, 1)
+    assert cfg.data.mixture[0] == SourceConfig("x.txt", 2.0, "C")
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))  # as minicompress.json saves it
+    assert build_config(RecoverConfig, again) == cfg == build_config(RecoverConfig, overrides=to_dict(cfg))
+    cached = build_config(RecoverConfig, overrides={"teacher_cache": "K", "teachers": ["B", {"cache": "C"}]})
+    assert cached.teacher_names() == ["K", "B", "C"] and cached.teacher_caches() == ("K", None, "C")
+    assert build_config(RecoverConfig, overrides=to_dict(cached)) == cached
+    one = build_config(RecoverConfig, overrides=["teacher=A"])
+    assert one.teachers == () and one.teacher_weights == () and one.mixture_weights() == (1.0,)
+    parser = cli.build_parser()
+    args = parser.parse_args(["recover", "--teacher", "A", "--teacher", "B", "--teacher", "C", "--teacher-weights",
+                              "0.7,0.2,0.1", "--data", "d", "-o", str(tmp_path / "o")])
+    cfg = cli.build_from_args(RecoverConfig, args)
+    assert cfg.teacher.source == "A" and [t.source for t in cfg.teachers] == ["B", "C"]
+    assert cfg.teacher_weights == (0.7, 0.2, 0.1)
+    cfg = cli.build_from_args(RecoverConfig, parser.parse_args(["recover", "--teacher", "A", "--data", "d"]))
+    assert cfg.teachers == ()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"teachers": ["B"], "loss": {"kl_weight": 0, "ce_weight": 1}}, "teachers: more teachers need a first one"),
+    ({"teacher": "A", "teachers": [{"source": "B", "cache": "C"}]}, "teachers[0].source: give the teacher's model"),
+    ({"teacher": "A", "teachers": [{}]}, "teachers[0].source: give the teacher's model"),
+    ({"teacher": "A", "teacher_weights": [1, 2]}, "teacher_weights: 2 weights for 1 teacher;"),
+    ({"teacher": "A", "teachers": ["B"], "teacher_weights": "1,nan"}, "teacher_weights: must be numbers > 0"),
+    ({"teacher": "A", "teachers": ["B"], "loss": {"intermediate_weight": 1}}, "loss.intermediate_weight: "),
+    ({"teacher": "A", "teachers": [{"cache": "C"}], "loss": {"kind": "jsd"}}, "loss.kind: jsd needs full teacher"),
+    ({"teacher_cache": "C", "teachers": ["B"], "loss": {"kind": "sampled_kl"}}, "loss.kind: sampled_kl estimates"),
+    ({"teacher": "A", "teachers": [{"cache": "C"}], "data": [{"source": "x"}, {"source": "y"}]},
+     "data.mixture: a teacher cache trains on the cache's own rows"),
+    ({"teacher": "A", "teachers": ["B"], "data": [{"source": "x", "teacher": "Q"}, {"source": "y"}]},
+     "data.mixture[0].teacher: 'Q' names no teacher; give an index 0-1 or one of A, B"),
+    ({"teacher": "A", "data": [{"source": "x"}, {"source": "y", "teacher": 3}]},
+     "data.mixture[1].teacher: teacher 3 does not exist; the teachers are 0-0"),
+    ({"teacher": "A", "data": [{"source": "x", "teacher": " "}, {"source": "y"}]},
+     "data.mixture[0].teacher: must name a teacher"),
+])
+def test_bad_teachers_raise_one_line_config_error_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        build_config(RecoverConfig, overrides=overrides)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def test_the_search_distils_from_the_original_alone():
+    for key, value in (("teachers", ["B"]), ("teacher_weights", [1.0])):
+        with pytest.raises(ConfigError, match=f"^search_recover.{key}: the search distils every candidate from"):
+            build_config(PruneConfig, overrides={"search_recover": {key: value}}).search_recover_config()

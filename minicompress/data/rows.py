@@ -92,6 +92,7 @@ class TrainingData:
         sources: the source names, in order.
         weights: their normalised weights (``[1.0]`` for one source).
         eval_ids: ``[E, L]`` held-out rows of every source, concatenated.
+        eval_sources: ``[E]`` int64 source of each held-out row.
         num_train: training rows of all sources together.
     """
 
@@ -107,7 +108,15 @@ class TrainingData:
                                         "train on; lower eval_tokens or add data")
         self.eval_ids = torch.cat([as_tensor(r[:n_eval]) for r in rows]) if n_eval else \
             torch.empty(0, rows[0].shape[1], dtype=torch.long)
+        self.eval_sources = torch.arange(len(rows)).repeat_interleave(n_eval)
         self.num_train = sum(len(t) for t in self._train)
+
+    def row_sources(self, positions: torch.Tensor) -> torch.Tensor:
+        """``[B]`` int64 source of the training rows at global stream positions ``positions``
+        ``[B]`` (the rows :meth:`rows` returns): a pure function of the positions."""
+        if len(self._train) == 1:
+            return torch.zeros(positions.numel(), dtype=torch.long)
+        return mixture_positions(positions, self.weights, MIXTURE_BLOCK, self.seed)[0].reshape(-1)
 
     def rows(self, positions: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` training rows at global stream positions ``positions`` ``[B]``."""

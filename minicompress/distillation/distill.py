@@ -25,8 +25,8 @@ from ..data.mixture import source_epoch_index
 from ..data.rows import TrainingData
 from ..errors import MinicompressError
 from . import attention, losses
-from .loop import (Batches, Schedule, StepRuntime, batch_positions, compile_layers_, default_warmup_steps,
-                   evaluate_on_ranks, make_optimizer, train)
+from .loop import (Batches, MixtureBatch, Schedule, StepRuntime, Teacher, Teachers, batch_positions, compile_layers_,
+                   default_warmup_steps, evaluate_on_ranks, make_optimizer, train)
 from .teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def make_schedule(config: RecoverConfig, world: int, num_train: int) -> Schedule
                     tokens_per_step=config.global_batch_tokens, grad_clip=config.grad_clip, accum_steps=accum_steps)
 
 
-def prepare_training_(student: torch.nn.Module, teacher: torch.nn.Module | None, config: RecoverConfig, *,
+def prepare_training_(student: torch.nn.Module, teacher: Teacher, config: RecoverConfig, *,
                       runtime: StepRuntime) -> tuple[list, Any, torch.optim.Optimizer, str | None]:
     """Ready a placed student for training, in place.
 
@@ -97,7 +97,7 @@ def prepare_training_(student: torch.nn.Module, teacher: torch.nn.Module | None,
 
     Args:
         student: the placed student (train mode).
-        teacher: the frozen teacher, or None.
+        teacher: the frozen teacher, or None, or several (:class:`~minicompress.distillation.loop.Teachers`).
         config: the recovery settings (``activation_checkpointing``, ``loss``, ``lr`` ...).
         runtime: the device, autocast and whether to compile (:class:`~minicompress.distillation.loop.StepRuntime`).
 
@@ -109,7 +109,8 @@ def prepare_training_(student: torch.nn.Module, teacher: torch.nn.Module | None,
         distributed.enable_activation_checkpointing(student)
     compiled, attention_name = [], None
     if runtime.compiled:
-        compiled = compile_layers_(student) + (compile_layers_(teacher) if teacher is not None else [])
+        live = teacher.live() if isinstance(teacher, Teachers) else [teacher] if teacher is not None else []
+        compiled = compile_layers_(student) + [layer for model in live for layer in compile_layers_(model)]
         if device.type == "cpu" and autocast == "bfloat16" and attention.use_training_attention_(student):
             attention_name = attention.NAME
     intermediate = None
@@ -123,26 +124,38 @@ def prepare_training_(student: torch.nn.Module, teacher: torch.nn.Module | None,
 
 
 def micro_batches(data: TrainingData, cache: TeacherCache | None, *, micro_batch_size: int, accum_steps: int,
-                  seed: int) -> Batches:
+                  seed: int, teachers: Teachers | None = None) -> Batches:
     """This rank's micro batches of a step, a pure function of the step (see :data:`~minicompress.distillation.loop.Batches`).
 
     Rows come from ``data`` (one source or a mixture), or, with a teacher cache, the cache's
     own training rows (after its ``data.num_eval`` held-out rows) with their cached targets.
+    With several ``teachers`` each micro batch brings a
+    :class:`~minicompress.distillation.loop.MixtureBatch`: every cached teacher's targets of
+    its rows (the rows of the first cache, when there is one) and the rows' teacher weights.
     """
     rank, world = distributed.rank(), distributed.world_size()
+    if teachers is not None:
+        cache = teachers.rows_cache
 
     def batches(step: int) -> list[tuple[torch.Tensor, Any]]:
         micro = [batch_positions(step, m, micro_batch_size=micro_batch_size, accum_steps=accum_steps,
                                  rank=rank, world_size=world) for m in range(accum_steps)]
-        if cache is None:
+        if cache is None and teachers is None:
             return [(data.rows(positions), None) for positions in micro]
+        if cache is None:
+            return [(data.rows(positions), MixtureBatch((None,) * len(teachers.models),
+                                                        teachers.row_weights(data.row_sources(positions))))
+                    for positions in micro]
         rows = [source_epoch_index(positions, data.num_train, seed) + data.eval_ids.shape[0] for positions in micro]
-        return [(cache.input_ids[r], cache.targets(r)) for r in rows]
+        if teachers is None:
+            return [(cache.input_ids[r], cache.targets(r)) for r in rows]
+        return [(cache.input_ids[r], MixtureBatch(tuple(None if c is None else c.targets(r) for c in teachers.caches)))
+                for r in rows]
 
     return batches
 
 
-def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, data: TrainingData, config: RecoverConfig,
+def distill(student: torch.nn.Module, teacher: Teacher, data: TrainingData, config: RecoverConfig,
             schedule: Schedule, *, runtime: StepRuntime, cache: TeacherCache | None = None,
             restore: Callable[[DistillState], None] | None = None,
             on_step: Callable[[dict, DistillState], None] | None = None) -> dict:
@@ -155,7 +168,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, data: Tra
 
     Args:
         student: the student, on ``runtime.device`` (FSDP2-sharded under torchrun).
-        teacher: the frozen teacher, or None (a teacher cache or CE only).
+        teacher: the frozen teacher, or None (a teacher cache or CE only), or several
+            (:class:`~minicompress.distillation.loop.Teachers`: their caches replace ``cache``).
         data: held-out and training rows.
         config: the recovery settings (loss, eval_every, micro_batch_size, seed ...).
         schedule: the step arithmetic, micro batches per step and rank included (:func:`make_schedule`).
@@ -181,7 +195,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, data: Tra
     def evaluate() -> dict:
         return evaluate_on_ranks(student, eval_ids, teacher=teacher, cache=cache, cache_rows=torch.arange(n_eval),
                                  batch_size=config.eval_batch_size, autocast=runtime.autocast,
-                                 chunk_size=config.loss.chunk_size)
+                                 chunk_size=config.loss.chunk_size, sources=data.eval_sources)
 
     def step_done(record: dict) -> None:
         state.elapsed += record.pop("step_seconds")
@@ -201,7 +215,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module | None, data: Tra
             if on_step is not None:
                 on_step({"step": 0, "tokens": 0, **{f"eval_{k}": v for k, v in state.before.items()}}, state)
         batches = micro_batches(data, cache, micro_batch_size=config.micro_batch_size,
-                                accum_steps=schedule.accum_steps, seed=config.seed)
+                                accum_steps=schedule.accum_steps, seed=config.seed,
+                                teachers=teacher if isinstance(teacher, Teachers) else None)
         train(student, teacher, batches, optimizer, schedule, step_done, loss=config.loss, runtime=runtime,
               start_step=state.start_step, intermediate=intermediate)
     finally:

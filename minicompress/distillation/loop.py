@@ -28,6 +28,12 @@ explicit loop that reads top to bottom, in the spirit of nanoGPT's ``train.py``:
 (safetensors shards holding ``input_ids`` too), and ``recover(teacher_cache=...)`` trains
 from them with the top-k forward KL without loading the teacher.
 
+Several teachers (:class:`Teachers`, one process) make the target the weighted mixture of
+their distributions (multi-teacher distillation, You et al., KDD 2017):
+:func:`mixture_targets` runs each live teacher on the rows that weigh it and hands
+:meth:`~minicompress.distillation.losses.TeacherTargets.mixture` to the same fused loss; rows
+of a data source with a teacher of its own weigh that teacher alone.
+
 Under torchrun (:mod:`minicompress.distributed`) the same loop runs on every rank with
 FSDP2-sharded student and teacher: rank ``r`` reads the micro batches
 ``batch_indices(..., rank=r, world_size=W)`` (``global_batch_tokens / (micro_batch_size *
@@ -46,7 +52,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 
@@ -168,12 +174,122 @@ def num_held_out(num_sequences: int, eval_tokens: int, seq_len: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# Several teachers
+
+
+@dataclass(frozen=True, eq=False)
+class Teachers:
+    """The teachers of a multi-teacher distillation: the target is the mixture of their
+    distributions (:meth:`~minicompress.distillation.losses.TeacherTargets.mixture`).
+
+    Attributes:
+        models: per teacher, the frozen live model, or None where its cache serves it. The
+            first is the original teacher, the one ``kl_to_teacher`` measures against.
+        caches: per teacher, its top-k :class:`TeacherCache`, or None for a live teacher.
+        weights: per teacher, its weight in the mixture (normalised to sum 1).
+        by_source: per data source, the index of the teacher its rows are distilled from
+            alone, or None (the weighted mixture); empty: every row takes the mixture.
+    """
+
+    models: tuple
+    caches: tuple
+    weights: tuple[float, ...]
+    by_source: tuple = ()
+
+    @property
+    def rows_cache(self) -> TeacherCache | None:
+        """The first teacher cache (training and held-out rows are its rows), or None."""
+        return next((c for c in self.caches if c is not None), None)
+
+    def live(self) -> list[torch.nn.Module]:
+        """The live teacher models."""
+        return [m for m in self.models if m is not None]
+
+    def row_weights(self, sources: torch.Tensor | None) -> torch.Tensor | None:
+        """``[B, T]`` teacher weights of rows from data sources ``sources`` ``[B]``: one-hot for a
+        source with a teacher of its own, ``weights`` for the others; None when every row takes
+        ``weights`` (no source has a teacher, or ``sources`` is None)."""
+        if sources is None or all(t is None for t in self.by_source):
+            return None
+        table = torch.tensor(self.weights, dtype=torch.float32).repeat(len(self.by_source), 1)
+        for s, t in enumerate(self.by_source):
+            if t is not None:
+                table[s] = 0.0
+                table[s, t] = 1.0
+        return table[sources]
+
+
+@dataclass(frozen=True, eq=False)
+class MixtureBatch:
+    """The teachers' side of one batch of a :class:`Teachers` run.
+
+    Attributes:
+        cached: per teacher, its cached ``(values [B, L, k], indices [B, L, k], kind)``, or None
+            for a live teacher.
+        row_weights: ``[B, T]`` each row's teacher weights (:meth:`Teachers.row_weights`), or
+            None: every row takes ``Teachers.weights``.
+    """
+
+    cached: tuple
+    row_weights: torch.Tensor | None = None
+
+
+def mixture_targets(teachers: Teachers, input_ids: torch.Tensor, batch: MixtureBatch, *, device: torch.device,
+                    autocast: str = "none") -> losses.TeacherTargets:
+    """The mixture target of one ``[B, L]`` batch for :func:`losses.chunked_distill_loss`.
+
+    Each live teacher runs (under ``no_grad``) only on the rows that give it a weight (the
+    others get zero hidden states and weight 0); a teacher no row weighs is left out.
+
+    Args:
+        teachers: the teachers.
+        input_ids: ``[B, L]`` int64 rows.
+        batch: the batch's cached targets and row weights.
+        device: where the student's loss runs.
+        autocast: ``none`` or ``bfloat16``.
+
+    Returns:
+        :meth:`losses.TeacherTargets.mixture` of the teachers used, with weights ``[T]`` or
+        per token ``[B * L, T]``.
+    """
+    b, length = input_ids.shape
+    weights = batch.row_weights if batch.row_weights is not None else \
+        torch.tensor(teachers.weights, dtype=torch.float32).expand(b, -1)
+    members, used = [], []
+    for i, (model, cached) in enumerate(zip(teachers.models, batch.cached)):
+        need = weights[:, i] > 0
+        if not bool(need.any()):
+            continue
+        used.append(i)
+        if model is None:
+            values, indices, kind = cached
+            members.append(losses.TeacherTargets.from_cache(values.to(device), indices.to(device), kind))
+            continue
+        rows = need.nonzero().squeeze(1)
+        t_device = model_device(model)
+        with torch.no_grad(), autocast_context(t_device, autocast):
+            hidden = model.model(input_ids=input_ids[rows].to(t_device), use_cache=False).last_hidden_state.to(device)
+        if rows.numel() < b:
+            hidden = hidden.new_zeros(b, length, hidden.shape[-1]).index_copy_(0, rows.to(device), hidden)
+        members.append(losses.TeacherTargets(hidden, arch.lm_head_weight(model).detach().to(device),
+                                             softcap=arch.logit_softcap(model)))
+    if batch.row_weights is None:
+        return losses.TeacherTargets.mixture(members, torch.tensor([teachers.weights[i] for i in used]))
+    per_token = weights[:, used].to(device).unsqueeze(1).expand(b, length, len(used))
+    return losses.TeacherTargets.mixture(members, per_token)
+
+
+# ----------------------------------------------------------------------------------------
 # The loss of one micro batch
 
 
+#: The teacher argument of the loop: one frozen model, several (:class:`Teachers`), or None.
+Teacher = Union[torch.nn.Module, Teachers, None]
+
+
 def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss: LossConfig,
-                     teacher: torch.nn.Module | None = None,
-                     teacher_topk: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     teacher: Teacher = None,
+                     teacher_topk: tuple | MixtureBatch | None = None,
                      intermediate: losses.IntermediateStateLoss | None = None,
                      normalizer: int | None = None, autocast: str = "none",
                      compiled: bool = False) -> tuple[torch.Tensor, dict]:
@@ -193,11 +309,14 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         student: the student ``*ForCausalLM`` (train mode).
         input_ids: ``[B, L]`` int64 on the student's device.
         loss: loss weights and kind.
-        teacher: the frozen teacher (None for CE-only or with ``teacher_topk``).
+        teacher: the frozen teacher (None for CE-only or with ``teacher_topk``), or several
+            (:class:`Teachers`: the target is their mixture, :func:`mixture_targets`).
         teacher_topk: cached sparse teacher targets ``(values [B, L, k], indices [B, L, k])``
             (top-k logits), or ``(values, indices, kind)`` from
             :meth:`~minicompress.distillation.teacher_cache.TeacherCache.targets` with ``kind``
-            ``topk_kl`` or ``sampled_kl`` (values: the sampled tokens' teacher log-probs).
+            ``topk_kl`` or ``sampled_kl`` (values: the sampled tokens' teacher log-probs); with
+            :class:`Teachers`, the batch's :class:`MixtureBatch` (None: every teacher live,
+            global weights).
         intermediate: the intermediate-state loss module (needs ``teacher``).
         normalizer: scored targets of the whole step (None: this batch's own).
         autocast: ``none`` or ``bfloat16``.
@@ -223,11 +342,17 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
 
 
 def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss: LossConfig,
-                      teacher: torch.nn.Module | None, teacher_topk: tuple[torch.Tensor, torch.Tensor] | None,
+                      teacher: Teacher, teacher_topk: tuple | MixtureBatch | None,
                       intermediate: losses.IntermediateStateLoss | None, normalizer: int | None,
                       autocast: str, compiled: bool) -> tuple[torch.Tensor, dict]:
     """The body of :func:`micro_batch_loss` (inside the student's FSDP root forward)."""
-    if loss.kl_weight > 0 and teacher is None and teacher_topk is None:
+    mixture = teacher if isinstance(teacher, Teachers) else None
+    if mixture is not None:
+        if intermediate is not None:
+            raise MinicompressError("loss.intermediate_weight: the intermediate-state loss follows one teacher")
+        teacher, batch = None, teacher_topk if teacher_topk is not None else MixtureBatch((None,) * len(mixture.models))
+        teacher_topk = None
+    if loss.kl_weight > 0 and teacher is None and teacher_topk is None and mixture is None:
         raise MinicompressError("teacher: loss.kl_weight > 0 needs a teacher or cached top-k logits")
     if intermediate is not None and teacher is None:
         raise MinicompressError("teacher: loss.intermediate_weight > 0 needs a live teacher")
@@ -251,7 +376,11 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
     # the step's normalizer inside the loss: no [V, H] rescale in its backward (the IS term needs the mean)
     inside = normalizer if (normalizer and not want_states) else None
     kind = loss.kind
-    if teacher_topk is not None:
+    if mixture is not None:  # a dense target whatever the members: topk_kl means forward_kl
+        kind = "forward_kl" if kind in losses.SPARSE_KINDS else kind
+        if loss.kl_weight > 0:
+            t_targets = mixture_targets(mixture, input_ids, batch, device=device, autocast=autocast)
+    elif teacher_topk is not None:
         kind = teacher_topk[2] if len(teacher_topk) == 3 else "topk_kl"
         t_targets = losses.TeacherTargets.from_cache(teacher_topk[0].to(device), teacher_topk[1].to(device), kind)
     logit_loss, parts = losses.chunked_distill_loss(
@@ -282,27 +411,34 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
 
 
 def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *,
-                      teacher: torch.nn.Module | None = None, cache: TeacherCache | None = None,
+                      teacher: Teacher = None, cache: TeacherCache | None = None,
                       cache_rows: torch.Tensor | None = None, batch_size: int = 4, autocast: str = "none",
-                      chunk_size: int = 0) -> dict:
+                      chunk_size: int = 0, sources: torch.Tensor | None = None) -> dict:
     """Perplexity (and KL to the teacher) of the student on held-out sequences.
 
     Args:
         student: the student (its train/eval mode is restored afterwards).
         eval_ids: ``[E, L]`` held-out sequences (None or empty: no evaluation).
-        teacher: the teacher for ``kl_to_teacher`` and ``top1_agreement``.
+        teacher: the teacher for ``kl_to_teacher`` and ``top1_agreement``; with several
+            (:class:`Teachers`) the first one (or its cache), plus ``kl_to_teachers``.
         cache: a teacher cache for ``topk_kl_to_teacher`` when there is no teacher.
         cache_rows: ``[E]`` cache rows of ``eval_ids``.
         batch_size: sequences per forward.
         autocast: ``none`` or ``bfloat16``.
         chunk_size: tokens per vocabulary chunk of the cached KL.
+        sources: ``[E]`` data source of each row (per-source teachers of :class:`Teachers`).
 
     Returns:
         ``{"perplexity", "nll", ...}`` from :func:`evaluate.evaluate_perplexity` (without
-        its timing keys) plus ``topk_kl_to_teacher`` with a cache; ``{}`` without data.
+        its timing keys) plus ``topk_kl_to_teacher`` with a cache and ``kl_to_teachers``
+        (forward KL at temperature 1 to the teachers' mixture) with :class:`Teachers`;
+        ``{}`` without data.
     """
     if eval_ids is None or eval_ids.shape[0] == 0:
         return {}
+    mixture = teacher if isinstance(teacher, Teachers) else None
+    if mixture is not None:  # kl_to_teacher keeps measuring the first teacher
+        teacher, cache = mixture.models[0], mixture.caches[0]
     was_training = student.training
     student.eval()
     try:
@@ -328,15 +464,44 @@ def evaluate_held_out(student: torch.nn.Module, eval_ids: torch.Tensor | None, *
                     kl_sum += float(parts["kl"]) * n
                     count += n
             metrics[f"{cache.kind}_kl_to_teacher"] = kl_sum / count  # topk_ or sampled_kl_to_teacher
+        if mixture is not None:
+            metrics["kl_to_teachers"] = _kl_to_mixture(student, eval_ids, mixture, cache_rows=cache_rows,
+                                                       sources=sources, batch_size=batch_size, autocast=autocast,
+                                                       chunk_size=chunk_size)
     finally:
         student.train(was_training)
     return metrics
 
 
+def _kl_to_mixture(student: torch.nn.Module, eval_ids: torch.Tensor, teachers: Teachers, *,
+                   cache_rows: torch.Tensor | None, sources: torch.Tensor | None, batch_size: int, autocast: str,
+                   chunk_size: int) -> float:
+    """Forward KL (temperature 1) of the student from the teachers' mixture, per held-out target."""
+    device = model_device(student)
+    kl_sum, count = 0.0, 0
+    rows_all = torch.arange(eval_ids.shape[0])
+    with torch.no_grad():
+        for rows in rows_all.split(batch_size):
+            ids = eval_ids[rows].to(device)
+            with autocast_context(device, autocast):
+                hidden = final_hidden(student, ids)
+            cached = tuple(None if c is None else c.targets(cache_rows[rows]) for c in teachers.caches)
+            batch = MixtureBatch(cached, teachers.row_weights(None if sources is None else sources[rows]))
+            _, parts = losses.chunked_distill_loss(
+                hidden, arch.lm_head_weight(student),
+                mixture_targets(teachers, ids, batch, device=device, autocast=autocast),
+                labels=shift_labels(ids), numerics=losses.LossNumerics(chunk_size=chunk_size),
+                student_softcap=arch.logit_softcap(student), return_components=True)
+            n = count_targets(ids)
+            kl_sum += float(parts["kl"]) * n
+            count += n
+    return kl_sum / count
+
+
 def evaluate_on_ranks(student: torch.nn.Module, eval_ids: torch.Tensor | None, *,
-                      teacher: torch.nn.Module | None = None, cache: TeacherCache | None = None,
+                      teacher: Teacher = None, cache: TeacherCache | None = None,
                       cache_rows: torch.Tensor | None = None, batch_size: int = 4, autocast: str = "none",
-                      chunk_size: int = 0) -> dict:
+                      chunk_size: int = 0, sources: torch.Tensor | None = None) -> dict:
     """:func:`evaluate_held_out` shared by the ranks (the same call for one process).
 
     Rank ``r`` of ``W`` scores held-out rows ``r, r + W, ...`` in batches of
@@ -347,8 +512,9 @@ def evaluate_on_ranks(student: torch.nn.Module, eval_ids: torch.Tensor | None, *
     token count, so the result equals one process's up to float rounding.
 
     Args:
-        student, eval_ids, teacher, cache, cache_rows, batch_size, autocast, chunk_size:
-            as for :func:`evaluate_held_out` (``eval_ids`` ``[E, L]``, the same on every rank).
+        student, eval_ids, teacher, cache, cache_rows, batch_size, autocast, chunk_size, sources:
+            as for :func:`evaluate_held_out` (``eval_ids`` ``[E, L]``, the same on every rank;
+            several :class:`Teachers` run in one process only).
 
     Returns:
         The metrics of :func:`evaluate_held_out` over all ``E`` rows.
@@ -356,7 +522,9 @@ def evaluate_on_ranks(student: torch.nn.Module, eval_ids: torch.Tensor | None, *
     kwargs = dict(teacher=teacher, cache=cache, batch_size=batch_size, autocast=autocast, chunk_size=chunk_size)
     world, rank = distributed.world_size(), distributed.rank()
     if world == 1 or eval_ids is None or eval_ids.shape[0] == 0:
-        return evaluate_held_out(student, eval_ids, cache_rows=cache_rows, **kwargs)
+        return evaluate_held_out(student, eval_ids, cache_rows=cache_rows, sources=sources, **kwargs)
+    if isinstance(teacher, Teachers):
+        raise MinicompressError("teachers: several teachers run in one process only, not under torchrun")
     mine = torch.arange(rank, eval_ids.shape[0], world)
     steps = math.ceil(math.ceil(eval_ids.shape[0] / world) / batch_size)
     sums: dict[str, float] = {}
@@ -476,11 +644,12 @@ class StepRuntime:
 
 
 #: ``batches(step)`` -> this rank's micro batches of optimizer step ``step``: ``[(input_ids [B, L],
-#: cached teacher targets or None)]``, a pure function of the step (resume needs no loader state).
+#: cached teacher targets, a MixtureBatch of several teachers, or None)]``, a pure function of the
+#: step (resume needs no loader state).
 Batches = Callable[[int], list[tuple[torch.Tensor, Any]]]
 
 
-def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Batches,
+def train(student: torch.nn.Module, teacher: Teacher, batches: Batches,
           optimizer: torch.optim.Optimizer, schedule: Schedule, on_step: Callable[[dict], None] | None = None, *,
           loss: LossConfig, runtime: StepRuntime, start_step: int = 0,
           intermediate: losses.IntermediateStateLoss | None = None) -> None:
@@ -494,7 +663,8 @@ def train(student: torch.nn.Module, teacher: torch.nn.Module | None, batches: Ba
 
     Args:
         student: the student in train mode (FSDP2-sharded under torchrun).
-        teacher: the frozen teacher, or None (cached targets or CE only).
+        teacher: the frozen teacher, or None (cached targets or CE only), or several
+            (:class:`Teachers`; each micro batch then brings its :class:`MixtureBatch`).
         batches: this rank's micro batches of a step (see :data:`Batches`).
         optimizer: the optimizer over the student's (and ``intermediate``'s) parameters.
         schedule: learning rate and step arithmetic.

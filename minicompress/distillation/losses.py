@@ -13,7 +13,8 @@ It provides
   chunk's loss and its gradients w.r.t. the hidden states and the lm_head
   weight in the forward pass, and only rescales them in the backward pass;
   its inputs beyond the student's are three small frozen objects: the teacher's side
-  (:class:`TeacherTargets`), the loss (:class:`LogitLoss`) and the numerics
+  (:class:`TeacherTargets`: one teacher, or the mixture of several teachers'
+  distributions), the loss (:class:`LogitLoss`) and the numerics
   (:class:`LossNumerics`);
 * :class:`IntermediateStateLoss`, :func:`dynamic_weight` and
   :func:`default_layer_map` for the intermediate-state (hidden state)
@@ -35,6 +36,11 @@ References:
     * Hsu et al., "Liger Kernel: Efficient Triton Kernels for LLM Training",
       arXiv:2410.10989 -- chunked fused linear + loss with gradients computed
       in the forward pass.
+    * You et al., "Learning from Multiple Teacher Networks", KDD 2017, and Liu et
+      al., "Adaptive Multi-Teacher Multi-level Knowledge Distillation",
+      arXiv:2103.04062 -- distillation towards a weighted average of several
+      teachers' softened distributions (the mixture target of
+      :meth:`TeacherTargets.mixture`).
 
 Conventions:
     * Logits are ``[N, V]`` (tokens x vocabulary); callers flatten batch and
@@ -360,6 +366,37 @@ class _ChunkConfig:
     need_grad_w: bool
     compiled: bool = False
     normalizer: Optional[int] = None
+    mixture: bool = False
+
+
+#: Floor of a mixture's log-probabilities: tokens outside every cached top-k member have
+#: probability 0 (log -inf); a finite floor keeps ``0 * (log p - log q)`` from becoming NaN.
+LOG_FLOOR = -1e4
+
+
+@dataclass(frozen=True, eq=False)
+class _Mixture:
+    """The members of a mixture target, flattened to ``[N, ...]`` (see :meth:`TeacherTargets.mixture`).
+
+    Attributes:
+        hidden: per member, ``[N, H_i]`` live hidden states or None (a cached member).
+        weight: per member, its ``[V, H_i]`` lm_head weight or None.
+        softcap: per member, its ``final_logit_softcapping`` or None.
+        vals: per member, ``[N, k]`` cached top-k logits or None (a live member).
+        idx: per member, ``[N, k]`` int64 token ids of ``vals`` or None.
+        log_w: float32 log of the normalised weights, ``[T]`` or per token ``[N, T]``.
+    """
+
+    hidden: tuple
+    weight: tuple
+    softcap: tuple
+    vals: tuple
+    idx: tuple
+    log_w: torch.Tensor
+
+    @property
+    def per_token(self) -> bool:
+        return self.log_w.dim() == 2
 
 
 def _lm_head_logits(h: torch.Tensor, w_mm: torch.Tensor) -> torch.Tensor:
@@ -417,7 +454,7 @@ class _ChunkedDistillFunction(torch.autograd.Function):
     """Fused lm_head + KD loss; gradients are computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, h, w, t_h, t_w, labels, t_vals, t_idx, cfg: _ChunkConfig):
+    def forward(ctx, h, w, t_h, t_w, labels, t_vals, t_idx, mix: Optional[_Mixture], cfg: _ChunkConfig):
         device = h.device
         n_tokens = h.shape[0]
         need_grad = cfg.need_grad_h or cfg.need_grad_w
@@ -442,12 +479,14 @@ class _ChunkedDistillFunction(torch.autograd.Function):
             chunk = max(chunk, 1)
             fast = _use_fast_path(cfg, use_teacher)
             sparse = cfg.kl_weight != 0.0 and cfg.kind in SPARSE_KINDS
-            fused = fast and cfg.compiled and not sparse
+            fused = fast and cfg.compiled and not sparse and mix is None  # a mixture runs the eager closed form
             ws = _workspace(min(chunk, max(n_valid, 1)), w.shape[0], w.shape[1], device, mm,
                             need_grad and cfg.need_grad_w, fused) if fast else None
             # one cast of each weight per call (none when the dtypes agree), into a reused buffer
             w_mm = _cast(w.detach(), mm, ws, "student")
-            t_w_mm = _cast(t_w.detach(), mm, ws, "teacher") if use_teacher else None
+            t_w_mm = _cast(t_w.detach(), mm, ws, "teacher") if use_teacher and mix is None else None
+            mix_w_mm = tuple(None if m_w is None else _cast(m_w.detach(), mm, ws, f"teacher{i}")
+                             for i, m_w in enumerate(mix.weight)) if use_teacher and mix is not None else None
             scale = torch.tensor(1.0 / denom, dtype=torch.float32, device=device) if fused else None
 
             for start in range(0, n_valid, chunk):
@@ -480,15 +519,20 @@ class _ChunkedDistillFunction(torch.autograd.Function):
                         _logits_into(z, low, h_c, w_mm)
                         if use_teacher:
                             t_logits = ws.t[:n]
-                            _logits_into(t_logits, low, t_h.detach().index_select(0, idx), t_w_mm)
+                            if mix is None:
+                                _logits_into(t_logits, low, t_h.detach().index_select(0, idx), t_w_mm)
+                            else:  # t <- log p_mix, p <- p_mix; q is free until the student's softmax
+                                _mixture_into_(t_logits, ws.p[:n], q, low, mix, mix_w_mm, idx, cfg.temperature)
                         kl_c, ce_c, g_z = _closed_form_chunk(z, q, t_logits, ws.p[:n] if use_teacher else None,
                                                              t_vals_c, t_idx_c, lab_c, cfg,
                                                              1.0 / denom if need_grad else None)
                 else:  # softcap, reverse KL, JSD...: autograd on the chunk's loss
                     with torch.no_grad():
-                        if use_teacher:
+                        if use_teacher and mix is None:
                             t_logits = _lm_head_logits(t_h.detach().index_select(0, idx), t_w_mm)
                             t_logits = softcap(t_logits, cfg.teacher_softcap)
+                        elif use_teacher:
+                            t_logits = _mixture_logits(mix, mix_w_mm, idx, w.shape[0], mm, cfg.temperature)
                         z = _lm_head_logits(h_c, w_mm)
                     if not need_grad:
                         with torch.no_grad():
@@ -548,18 +592,19 @@ class _ChunkedDistillFunction(torch.autograd.Function):
             out_h = grad_h if unit else grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None and ctx.needs_input_grad[1]:
             out_w = grad_w if unit else grad_w * grad_loss.to(grad_w.dtype)
-        return out_h, out_w, None, None, None, None, None, None
+        return out_h, out_w, None, None, None, None, None, None, None
 
 
 def _use_fast_path(cfg: _ChunkConfig, has_teacher_logits: bool) -> bool:
     """Whether :func:`_closed_form_chunk` computes this loss (the
     common recovery settings).
 
-    Forward KL on full teacher logits or on cached sparse targets (top-k or sampled)
-    and/or cross-entropy, no soft-capping, and a temperature of 1 whenever CE is on (CE
+    Forward KL on full teacher logits (one teacher or a mixture) or on cached sparse
+    targets (top-k or sampled) and/or cross-entropy, no soft-capping (a mixture's members
+    are soft-capped one by one in :func:`_mixture_into_`), and a temperature of 1 whenever CE is on (CE
     uses the raw logits, KL the tempered ones).
     """
-    if cfg.student_softcap is not None:
+    if cfg.student_softcap is not None or cfg.teacher_softcap is not None:
         return False
     if cfg.kl_weight != 0.0 and not ((cfg.kind == "forward_kl" and has_teacher_logits) or cfg.kind in SPARSE_KINDS):
         return False
@@ -656,6 +701,78 @@ def _log_softmax_(x: torch.Tensor, probs: torch.Tensor) -> None:
     x.sub_(total.log_())
 
 
+def _mixture_into_(
+    t: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    low: Optional[torch.Tensor],
+    mix: _Mixture,
+    weights_mm: tuple,
+    idx: torch.Tensor,
+    temperature: float,
+) -> None:
+    """The mixture target of one chunk, in place: ``t <- log p_mix``, ``p <- p_mix``.
+
+    ``log p_mix = logsumexp_i(log w_i + log_softmax(t_i / tau))`` accumulated member by
+    member with ``torch.logaddexp(..., out=t)``: each member's tempered log-probs go into
+    ``p`` (the first straight into ``t``), ``q`` is the exp scratch of their softmax, so
+    no ``[c, V]`` buffer beyond the closed form's own is needed. A cached top-k member
+    has log-prob ``-inf`` outside its top-k; ``log p_mix`` is floored at
+    :data:`LOG_FLOOR` so that tokens outside every member's support get probability 0
+    without NaN. Members whose weight is 0 on every token of the chunk are skipped.
+
+    Args:
+        t: ``[c, V]`` float32 buffer; becomes ``log p_mix`` (tempered, floored).
+        p: ``[c, V]`` float32 buffer; becomes ``p_mix``.
+        q: ``[c, V]`` float32 scratch.
+        low: ``[c, V]`` buffer in the matmul dtype for low-precision GEMMs, or None.
+        mix: the members (:class:`_Mixture`).
+        weights_mm: per member, its lm_head weight in the matmul dtype, or None.
+        idx: ``[c]`` token rows of the chunk.
+        temperature: ``tau``.
+    """
+    log_w = mix.log_w.index_select(0, idx) if mix.per_token else mix.log_w  # [c, T] or [T]
+    members = range(len(mix.hidden))
+    if mix.per_token:  # one sync per chunk; per-source teachers leave most members idle
+        members = [i for i, used in enumerate(torch.isfinite(log_w).any(0).tolist()) if used]
+    first = True
+    for i in members:
+        dst = t if first else p
+        if mix.hidden[i] is not None:
+            _logits_into(dst, low, mix.hidden[i].detach().index_select(0, idx), weights_mm[i])
+            if mix.softcap[i] is not None:
+                dst.div_(mix.softcap[i]).tanh_().mul_(mix.softcap[i])
+            if temperature != 1.0:
+                dst.div_(temperature)
+            _log_softmax_(dst, q)
+        else:
+            vals = mix.vals[i].index_select(0, idx).to(torch.float32)
+            dst.fill_(-math.inf).scatter_(1, mix.idx[i].index_select(0, idx),
+                                          torch.log_softmax(vals / temperature, dim=-1))
+        dst.add_(log_w[:, i:i + 1] if mix.per_token else log_w[i])
+        if not first:
+            torch.logaddexp(t, p, out=t)
+        first = False
+    t.clamp_(min=LOG_FLOOR)
+    torch.exp(t, out=p)
+
+
+def _mixture_logits(mix: _Mixture, weights_mm: tuple, idx: torch.Tensor, vocab: int, mm: torch.dtype,
+                    temperature: float) -> torch.Tensor:
+    """Effective teacher logits ``tau * log p_mix`` ``[c, V]`` float32 of one chunk (allocated).
+
+    ``log_softmax(tau * log p_mix / tau)`` is ``log p_mix`` itself, so every divergence of
+    :func:`_chunk_losses` (forward and reverse KL, JSD) takes the mixture unchanged.
+    """
+    n, device = idx.numel(), idx.device
+    t = torch.empty(n, vocab, dtype=torch.float32, device=device)
+    p, q = torch.empty_like(t), torch.empty_like(t)
+    low = torch.empty(n, vocab, dtype=mm, device=device) if mm != torch.float32 else None
+    _mixture_into_(t, p, q, low, mix, weights_mm, idx, temperature)
+    del p, q, low
+    return t.mul_(temperature) if temperature != 1.0 else t
+
+
 def _closed_form_chunk(
     z: torch.Tensor,
     q: torch.Tensor,
@@ -684,8 +801,10 @@ def _closed_form_chunk(
     Args:
         z: ``[c, V]`` float32 student logits; becomes the student log-probs.
         q: ``[c, V]`` float32 buffer; becomes the student probs, then the gradient.
-        t: ``[c, V]`` float32 teacher logits (dense teacher) or None; overwritten.
-        p: ``[c, V]`` float32 buffer for the teacher probs (dense teacher) or None.
+        t: ``[c, V]`` float32 teacher logits (dense teacher) or None; overwritten. With
+            ``cfg.mixture`` the mixture's tempered log-probs (:func:`_mixture_into_`).
+        p: ``[c, V]`` float32 buffer for the teacher probs (dense teacher) or None; with
+            ``cfg.mixture`` the mixture's probs.
         t_vals: ``[c, k]`` top-k teacher logits or sampled teacher log-probs, or None.
         t_idx: ``[c, k]`` int64 token ids, or None.
         labels: ``[c]`` int64 labels (needed for CE).
@@ -707,9 +826,10 @@ def _closed_form_chunk(
     p_sparse = None
     if cfg.kl_weight != 0.0:
         if t is not None:
-            if tau != 1.0:
-                t.div_(tau)
-            _log_softmax_(t, p)  # t: teacher log-probs, p: probs
+            if not cfg.mixture:  # a mixture's t and p hold its tempered log-probs and probs already
+                if tau != 1.0:
+                    t.div_(tau)
+                _log_softmax_(t, p)  # t: teacher log-probs, p: probs
             rows_kl = t.sub_(z).mul_(p).sum(dim=-1)  # sum_v p (log p - log q), one float32 sum per row
         else:
             vals = t_vals.to(torch.float32)
@@ -841,13 +961,15 @@ def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BYTES, *, smalles
 
 @dataclass(frozen=True, eq=False)
 class TeacherTargets:
-    """The teacher's side of :func:`chunked_distill_loss`: exactly one of three forms.
+    """The teacher's side of :func:`chunked_distill_loss`: exactly one of four forms.
 
     * live: ``hidden`` and ``weight`` (the teacher's lm_head is applied chunk by chunk,
       then its ``softcap``); every divergence kind works;
     * ``topk``: cached top-k logits (``kind`` ``topk_kl``; ``forward_kl`` turns into it);
     * ``samples``: cached sampled tokens and their teacher log-probs (``kind``
-      ``sampled_kl``; ``forward_kl`` turns into it; temperature 1).
+      ``sampled_kl``; ``forward_kl`` turns into it; temperature 1);
+    * ``members``: the mixture of several live or top-k teachers' distributions
+      (:meth:`mixture`); ``forward_kl``, and with live members only ``reverse_kl`` and ``jsd``.
 
     Build the cached forms from :meth:`~minicompress.distillation.teacher_cache.TeacherCache.targets`
     with :meth:`from_cache`. Nothing here is differentiated.
@@ -860,10 +982,13 @@ class TeacherTargets:
         topk: ``(values [N, k], indices [N, k] int64)``: the teacher's top-k logits.
         samples: ``(log_probs [N, k], indices [N, k] int64)``: ``k`` tokens drawn with
             replacement from the teacher's temperature-1 distribution and their log-probs.
+        members: live or ``topk`` TeacherTargets whose distributions are mixed (:meth:`mixture`).
+        member_weights: ``[T]`` (one weight per member) or ``[N, T]`` (per token; or ``[B, L, T]``)
+            non-negative weights of ``members``, normalised to sum 1 per token by the loss.
 
     Raises:
         ValueError: not exactly one form, ``hidden`` without ``weight`` (or the reverse),
-            or ``softcap`` with a cached form.
+            ``softcap`` with a cached form or a mixture, or a bad mixture (see :meth:`mixture`).
     """
 
     hidden: Optional[torch.Tensor] = None
@@ -871,15 +996,54 @@ class TeacherTargets:
     softcap: Optional[float] = None
     topk: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     samples: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    members: Optional[tuple["TeacherTargets", ...]] = None
+    member_weights: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         live = self.hidden is not None or self.weight is not None
-        if live + (self.topk is not None) + (self.samples is not None) != 1:
-            raise ValueError("TeacherTargets: give exactly one of hidden+weight, topk or samples")
+        forms = live + (self.topk is not None) + (self.samples is not None) + (self.members is not None)
+        if forms != 1:
+            raise ValueError("TeacherTargets: give exactly one of hidden+weight, topk, samples or members")
         if live and (self.hidden is None or self.weight is None):
             raise ValueError("TeacherTargets: a live teacher needs both hidden and weight")
         if self.softcap is not None and not live:
             raise ValueError("TeacherTargets: softcap applies to live teacher logits only")
+        if (self.member_weights is not None) != (self.members is not None):
+            raise ValueError("TeacherTargets: member_weights go with members")
+        if self.members is not None:
+            _check_members(self.members, self.member_weights)
+
+    @classmethod
+    def mixture(cls, members: Sequence["TeacherTargets"], weights=None) -> "TeacherTargets":
+        """The mixture of several teachers' distributions as one target.
+
+        The target of every token is ``p_mix = sum_i w_i softmax(t_i / tau)`` with the
+        weights normalised to sum 1 (per token when they are per token): probability
+        space, as in multi-teacher distillation (You et al., KDD 2017). Per-token weights
+        that are one-hot distil each token from one teacher (a data source with its own
+        teacher). :func:`chunked_distill_loss` computes it chunk by chunk in log space and
+        hands the divergence ``tau * log p_mix`` as the teacher's logits, so forward KL,
+        reverse KL and JSD are the same code as for one teacher.
+
+        Args:
+            members: live (``hidden`` + ``weight``) or ``topk`` :class:`TeacherTargets`; a
+                top-k member has probability 0 outside its top-k (forward KL only).
+            weights: ``[T]`` or per token ``[N, T]`` (``[B, L, T]``) weights >= 0 with a
+                positive sum on every token; None: equal weights.
+
+        Raises:
+            ValueError: no member, a sampled or nested-mixture member, weights of the wrong
+                shape, negative or non-finite weights, or a token whose weights sum to 0.
+        """
+        members = tuple(members)
+        if weights is None:
+            weights = torch.ones(len(members))
+        return cls(members=members, member_weights=torch.as_tensor(weights, dtype=torch.float32))
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether this is a mixture of teachers (:meth:`mixture`)."""
+        return self.members is not None
 
     @classmethod
     def from_cache(cls, values: torch.Tensor, indices: torch.Tensor, kind: str) -> "TeacherTargets":
@@ -899,8 +1063,27 @@ class TeacherTargets:
 
     @property
     def sparse(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """``topk`` or ``samples``, whichever is set (None for a live teacher)."""
+        """``topk`` or ``samples``, whichever is set (None for a live teacher or a mixture)."""
         return self.topk if self.topk is not None else self.samples
+
+
+def _check_members(members: tuple, weights: torch.Tensor) -> None:
+    """Validate the members and weights of a :meth:`TeacherTargets.mixture` (one line each)."""
+    if not members:
+        raise ValueError("TeacherTargets.mixture: give at least one member")
+    for i, member in enumerate(members):
+        if not isinstance(member, TeacherTargets) or member.members is not None:
+            raise ValueError(f"TeacherTargets.mixture: member {i} must be a live or top-k TeacherTargets")
+        if member.samples is not None:
+            raise ValueError(f"TeacherTargets.mixture: member {i} holds sampled tokens, an estimate of one teacher's "
+                             "KL that cannot be mixed; use its top-k logits or the live teacher")
+    if weights.dim() == 0 or weights.shape[-1] != len(members):
+        raise ValueError(f"TeacherTargets.mixture: weights {tuple(weights.shape)} need a last dimension of "
+                         f"{len(members)} (one per member)")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("TeacherTargets.mixture: weights must be finite and >= 0")
+    if bool((weights.sum(-1) <= 0).any()):
+        raise ValueError("TeacherTargets.mixture: the weights of every token must have a positive sum")
 
 
 @dataclass(frozen=True)
@@ -1045,7 +1228,9 @@ def chunked_distill_loss(
             the input embeddings; autograd sums both contributions).
         teacher: the teacher's side (:class:`TeacherTargets`): live hidden states
             ``[N, H_t]`` and lm_head weight ``[V, H_t]``, or cached top-k logits or
-            samples ``[N, k]``; None when ``loss.kl_weight`` is 0.
+            samples ``[N, k]``, or the mixture of several live or top-k teachers
+            (:meth:`TeacherTargets.mixture`: computed per chunk in the closed form's own
+            buffers, never with the compiled kernel); None when ``loss.kl_weight`` is 0.
         labels: ``[N]`` int64 next-token labels (already shifted), with
             ``loss.ignore_index`` for tokens to skip in both KL and CE.  Required
             when ``loss.ce_weight != 0``.
@@ -1067,7 +1252,8 @@ def chunked_distill_loss(
 
     Raises:
         ValueError: mismatched shapes, a kind the teacher cannot serve (``topk_kl``
-            without cached top-k, ``reverse_kl``/``jsd`` without a live teacher),
+            without cached top-k, ``reverse_kl``/``jsd`` without a live teacher or with a
+            mixture holding a top-k member), a mixture with a sparse kind,
             ``ce_weight != 0`` without labels, ``sampled_kl`` at a temperature other
             than 1, or ``normalizer < 1``.
     """
@@ -1095,7 +1281,7 @@ def chunked_distill_loss(
     if ce_weight != 0.0 and lab is None:
         raise ValueError("ce_weight != 0 requires labels")
 
-    t_h = t_w = t_vals = t_idx = None
+    t_h = t_w = t_vals = t_idx = mix = None
     teacher_topk = teacher.topk if teacher is not None else None
     teacher_samples = teacher.samples if teacher is not None else None
     if teacher_topk is not None and kind == "forward_kl":
@@ -1105,7 +1291,9 @@ def chunked_distill_loss(
     if kind == "sampled_kl" and temperature != 1.0:
         raise ValueError("sampled_kl: the tokens were drawn at temperature 1; use temperature=1.0")
     if kl_weight != 0.0:
-        if kind in SPARSE_KINDS:
+        if teacher is not None and teacher.is_mixture:
+            mix = _prepare_mixture(teacher, kind, n_tokens, vocab, h.device)
+        elif kind in SPARSE_KINDS:
             sparse = teacher_topk if kind == "topk_kl" else teacher_samples
             if sparse is None:
                 what = "TeacherTargets(topk=(values, indices))" if kind == "topk_kl" else \
@@ -1151,11 +1339,53 @@ def chunked_distill_loss(
         need_grad_w=grad_on and student_weight.requires_grad,
         compiled=bool(numerics.compiled),
         normalizer=int(normalizer) if normalizer is not None else None,
+        mixture=mix is not None,
     )
-    loss_value, kl, ce = _ChunkedDistillFunction.apply(h, student_weight, t_h, t_w, lab, t_vals, t_idx, cfg)
+    loss_value, kl, ce = _ChunkedDistillFunction.apply(h, student_weight, t_h, t_w, lab, t_vals, t_idx, mix, cfg)
     if return_components:
         return loss_value, {"kl": kl, "ce": ce}
     return loss_value
+
+
+def _prepare_mixture(teacher: TeacherTargets, kind: str, n_tokens: int, vocab: int, device) -> _Mixture:
+    """Check a mixture against the student's tokens and vocabulary; flatten its members.
+
+    Raises:
+        ValueError: a sparse kind, ``reverse_kl``/``jsd`` with a top-k member, or members
+            or weights whose shapes do not match ``n_tokens`` tokens of ``vocab``.
+    """
+    if kind not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError(f'kind="{kind}": a mixture of teachers is a full distribution; use forward_kl, '
+                         'reverse_kl or jsd')
+    hidden, weight, caps, vals, idx = [], [], [], [], []
+    for i, member in enumerate(teacher.members):
+        if member.topk is not None:
+            if kind != "forward_kl":
+                raise ValueError(f'kind="{kind}" needs full teacher logits; a mixture with a cached top-k member '
+                                 '(probability 0 outside its top-k) supports forward_kl only')
+            v = member.topk[0].reshape(-1, member.topk[0].shape[-1]).to(device)
+            j = member.topk[1].reshape(-1, member.topk[1].shape[-1]).to(device, torch.long)
+            if v.shape != j.shape or v.shape[0] != n_tokens:
+                raise ValueError(f"mixture member {i}: top-k shapes {tuple(v.shape)} / {tuple(j.shape)} do not "
+                                 f"match {n_tokens} tokens")
+            hidden.append(None), weight.append(None), caps.append(None), vals.append(v), idx.append(j)
+            continue
+        m_h = member.hidden.reshape(-1, member.hidden.shape[-1])
+        if m_h.shape[0] != n_tokens:
+            raise ValueError(f"mixture member {i}: teacher hidden has {m_h.shape[0]} tokens, student has {n_tokens}")
+        if member.weight.dim() != 2 or member.weight.shape != (vocab, m_h.shape[1]):
+            raise ValueError(f"mixture member {i}: teacher weight {tuple(member.weight.shape)} does not match "
+                             f"vocab {vocab} and teacher hidden size {m_h.shape[1]}")
+        hidden.append(m_h), weight.append(member.weight), caps.append(member.softcap), vals.append(None)
+        idx.append(None)
+    w = teacher.member_weights.to(device=device, dtype=torch.float32)
+    if w.dim() > 1:
+        w = w.reshape(-1, w.shape[-1])
+        if w.shape[0] != n_tokens:
+            raise ValueError(f"mixture weights have {w.shape[0]} tokens, student has {n_tokens}")
+    log_w = (w / w.sum(-1, keepdim=True)).log()
+    return _Mixture(hidden=tuple(hidden), weight=tuple(weight), softcap=tuple(caps), vals=tuple(vals),
+                    idx=tuple(idx), log_w=log_w)
 
 
 # --------------------------------------------------------------------------

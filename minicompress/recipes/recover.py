@@ -9,6 +9,11 @@ Face folder atomically (the working folder, checkpoints, metrics and output are
 :mod:`minicompress.training`'s, shared with ``correct``). The how (losses, schedule, data
 order, the loop) lives in :mod:`minicompress.distillation.loop`.
 
+With ``teachers`` (``--teacher A --teacher B``) the target is the weighted mixture of several
+teachers' distributions (:class:`~minicompress.distillation.loop.Teachers`); every further
+teacher must have the student's tokenizer (checked before its weights are read) and
+vocabulary, and a teacher cache per teacher works as ``teacher_cache`` does.
+
 With ``blockwise_tokens`` a blockwise local distillation stage (Puzzle, Bercovich et al.,
 arXiv 2411.19146; :mod:`minicompress.distillation.blockwise`) runs first on that share of the
 budget, with checkpoints of its own in ``<output>.partial/blockwise``; the global stage gets
@@ -26,18 +31,18 @@ from typing import Any, Callable
 import torch
 
 from .. import arch, distributed
-from ..config import RecoverConfig, to_dict
+from ..config import ModelConfig, RecoverConfig, to_dict
 from ..data.rows import TrainingData, load_training_data
 from ..errors import MinicompressError
 from ..hardware import describe_precision, keep_freed_memory, resolve_compile
 from ..runtime import model_device
 from ..checkpoint import check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from ..distillation.metrics import append_metrics
-from ..models import TORCH_DTYPES, load_model, load_model_on_rank0, resolve_device
+from ..models import TORCH_DTYPES, load_for_flag, load_model, load_model_on_rank0, load_tokenizer, resolve_device
 from ..outputs import provenance, read_provenance, write_json_atomic
 from ..progress import progress_bar
 from ..distillation.distill import make_schedule
-from ..distillation.loop import Schedule, StepRuntime, num_held_out
+from ..distillation.loop import Schedule, StepRuntime, Teachers, num_held_out
 from ..distillation.teacher_cache import TeacherCache
 from ..distillation.blockwise import BlockMap, BlockwiseState, block_map, blockwise_distill, blockwise_schedule
 from ..training import (TRAINING_FILES, WorkingFolder, distill_with_checkpoints, finish_metrics, make_working_folder,
@@ -55,12 +60,15 @@ def _student_folder(student: torch.nn.Module) -> Path | None:
 
 
 def _place_teacher(config: RecoverConfig, teacher, student, device: torch.device, teacher_dtype: str,
-                   cache: TeacherCache | None):
+                   cache: TeacherCache | None, tokenizer):
     """Load the teacher when the run needs a live one (rank 0 reads under torchrun), cast it to
-    ``teacher_dtype`` on its device and freeze it; returns ``(teacher, t_device, weights)``."""
+    ``teacher_dtype`` on its device and freeze it; returns ``(teacher, t_device, weights)``.
+    With further ``teachers`` its tokenizer must be the student's ``tokenizer`` (checked first)."""
     world, weights = distributed.world_size(), None
     if teacher is None and cache is None and config.teacher is not None:  # CE-only still evaluates KL
         t_config = dataclasses.replace(config.teacher, dtype=teacher_dtype, device=config.teacher_device or device.type)
+        if config.teachers:
+            _check_tokenizer(f"--teacher {t_config.source}", t_config, tokenizer)
         teacher, _, weights = load_model_on_rank0(t_config) if world > 1 else (*load_model(t_config), None)
     t_device = torch.device(config.teacher_device) if config.teacher_device else device
     if teacher is None:
@@ -79,6 +87,84 @@ def _place_teacher(config: RecoverConfig, teacher, student, device: torch.device
     return teacher, t_device, weights
 
 
+def _check_tokenizer(flag: str, model: ModelConfig, tokenizer) -> None:
+    """Refuse a teacher whose tokenizer (its vocabulary: token -> id) is not the student's ``tokenizer``;
+    reads the teacher's tokenizer files only, before its weights."""
+    theirs, ours = load_tokenizer(model).get_vocab(), tokenizer.get_vocab()
+    if theirs != ours:
+        sizes = f"{len(theirs)} vs {len(ours)} tokens" if len(theirs) != len(ours) else \
+            f"both {len(ours)} tokens, not the same ids"
+        raise MinicompressError(f"{flag}: its tokenizer differs from the student's ({sizes})")
+
+
+def _open_cache(folder: str, key: str) -> TeacherCache:
+    """A further teacher's cache, its errors naming ``key`` (``teachers[1].cache``)."""
+    try:
+        return TeacherCache(folder)
+    except MinicompressError as err:
+        raise MinicompressError(str(err).replace("--teacher-cache", key, 1)) from None
+
+
+def _place_teachers(config: RecoverConfig, first, cache: TeacherCache | None, student, tokenizer, *,
+                    device: torch.device, teacher_dtype: str) -> Teachers | None:
+    """The teachers of a multi-teacher run (None with one teacher): the first as placed, then each of
+    ``config.teachers`` loaded (tokenizer checked before the weights), cast and frozen like the first,
+    or its cache opened.
+
+    Raises:
+        MinicompressError: a teacher with another tokenizer or vocabulary size, a sampled cache (its
+            draws cannot be mixed), or caches whose rows differ.
+    """
+    if not config.teachers:
+        return None
+    vocab = arch.lm_head_weight(student).shape[0]
+    models, caches, keys = [first if cache is None else None], [cache], ["--teacher-cache"]
+    for i, spec in enumerate(config.teachers):
+        if spec.cache is not None:
+            models.append(None)
+            caches.append(_open_cache(spec.cache, f"teachers[{i}].cache"))
+            keys.append(f"teachers[{i}].cache")
+            if caches[-1].vocab_size != vocab:
+                raise MinicompressError(f"teachers[{i}].cache: vocabulary size {caches[-1].vocab_size} differs from "
+                                        f"the student's {vocab}")
+            continue
+        flag = f"--teacher {spec.source}"
+        t_config = ModelConfig(source=spec.source, dtype=teacher_dtype, device=config.teacher_device or device.type,
+                               trust_remote_code=spec.trust_remote_code)
+        _check_tokenizer(flag, t_config, tokenizer)
+        model, _ = load_for_flag(t_config, "--teacher")
+        model.eval()
+        model.requires_grad_(False)
+        if arch.lm_head_weight(model).shape[0] != vocab:
+            raise MinicompressError(f"{flag}: its vocabulary size {arch.lm_head_weight(model).shape[0]} differs from "
+                                    f"the student's {vocab}")
+        models.append(model)
+        caches.append(None)
+    rows = next((c for c in caches if c is not None), None)
+    for key, c in zip(keys, caches):
+        if c is None:
+            continue
+        if c.kind != "topk":
+            raise MinicompressError(f"{key}: {c.folder} holds sampled tokens, an estimate of one teacher's KL that "
+                                    "cannot be mixed with other teachers; write it with teacher-cache --kind topk")
+        if c is not rows and not torch.equal(c.input_ids, rows.input_ids):
+            raise MinicompressError(f"{key}: its rows differ from those of {rows.folder}; write every teacher's cache "
+                                    "from the same data, seq_len and tokens")
+    return Teachers(tuple(models), tuple(caches), config.mixture_weights(), config.source_teachers())
+
+
+def _teachers_record(config: RecoverConfig, teachers: Teachers) -> dict:
+    """The ``recovery`` record of a multi-teacher run: each teacher, its cache and weight, and the
+    data sources distilled from one teacher alone."""
+    record = {"teachers": [{"teacher": c.index.get("teacher", name) if c is not None else name,
+                            "cache": str(c.folder) if c is not None else None, "weight": w}
+                           for name, c, w in zip(config.teacher_names(), teachers.caches, teachers.weights)]}
+    by_source = {part.source: t for part, t in zip(config.data.mixture, teachers.by_source) if t is not None}
+    if by_source:
+        record["source_teachers"] = by_source
+    return record
+
+
 def _training_data(config: RecoverConfig, cache: TeacherCache | None, student, tokenizer) -> TrainingData:
     """Held-out and training rows: the cache's own rows, or the data (one source or a mixture)."""
     if cache is None:
@@ -89,7 +175,9 @@ def _training_data(config: RecoverConfig, cache: TeacherCache | None, student, t
         raise MinicompressError(f"--teacher-cache: vocabulary size {cache.vocab_size} differs from the "
                                 f"student's {arch.lm_head_weight(student).shape[0]}")
     n_eval = num_held_out(cache.input_ids.shape[0], config.eval_tokens, config.data.seq_len)
-    return TrainingData([cache.input_ids], None, n_eval, names=[str(config.teacher_cache)], seed=config.seed)
+    first = config.teacher_cache is not None and cache.folder == Path(config.teacher_cache).expanduser()
+    return TrainingData([cache.input_ids], None, n_eval, names=[str(config.teacher_cache if first else cache.folder)],
+                        seed=config.seed)
 
 
 def _shard_for_training(config: RecoverConfig, student, teacher, *, device, t_device, autocast: str,
@@ -255,6 +343,9 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     if world > 1 and config.loss.intermediate_weight > 0:
         raise MinicompressError("loss.intermediate_weight: the intermediate-state loss runs in one process only, "
                                 "not under torchrun; set it to 0 or drop torchrun")
+    if world > 1 and config.teachers:
+        raise MinicompressError("teachers: several teachers run in one process only, not under torchrun; give one "
+                                "teacher or drop torchrun")
     folder = open_working_folder("recover", config,
                                  interrupted=lambda work: latest_checkpoint(work) or _blockwise_progress(work))
     work, checkpoint = folder.work, folder.checkpoint
@@ -279,8 +370,10 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     log.info("recover: precision %s (%s)", "bf16 autocast" if autocast == "bfloat16" else "float32", precision["reason"])
     cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
     t_from_rank0 = teacher is None and world > 1
-    teacher, t_device, teacher_weights = _place_teacher(config, teacher, student, device, teacher_dtype, cache)
-    data = _training_data(config, cache, student, tokenizer)
+    teacher, t_device, teacher_weights = _place_teacher(config, teacher, student, device, teacher_dtype, cache,
+                                                        tokenizer)
+    teachers = _place_teachers(config, teacher, cache, student, tokenizer, device=device, teacher_dtype=teacher_dtype)
+    data = _training_data(config, teachers.rows_cache if teachers is not None else cache, student, tokenizer)
     bmap = _blockwise_map(config, student, teacher)  # before anything is written: a map that does not fit refuses
     schedule = make_schedule(_global_stage(config), world, data.num_train)
     _shard_for_training(config, student, teacher, device=device, t_device=t_device, autocast=autocast,
@@ -302,7 +395,8 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         blockwise_record = _blockwise_stage(config, student, teacher, data, work, bmap,
                                             runtime=StepRuntime(device, autocast), global_schedule=schedule,
                                             global_checkpoint=checkpoint, callback=callback)
-    result = distill_with_checkpoints(student, teacher, data, config, schedule, folder=folder, cache=cache,
+    result = distill_with_checkpoints(student, teachers if teachers is not None else teacher, data, config, schedule,
+                                      folder=folder, cache=cache if teachers is None else None,
                                       callback=callback,
                                       runtime=StepRuntime(device, autocast, bool(precision["compile"])))
     if result["attention"]:
@@ -310,6 +404,8 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     if blockwise_record is not None:  # the blockwise stage ends where the global one began
         blockwise_record["metrics_after"] = result["before"]
         result["blockwise"] = blockwise_record
+    if teachers is not None:
+        result["teachers"] = _teachers_record(config, teachers)
     return _write_student(config, folder, student, tokenizer, cache=cache, data=data, schedule=schedule,
                           result=result, precision=precision)
 
@@ -329,7 +425,8 @@ def _write_student(config: RecoverConfig, folder: WorkingFolder, student, tokeni
         result: what :func:`~minicompress.training.distill_with_checkpoints` returned (``before``,
             ``elapsed``, ``resumed_from_step``), with ``blockwise``: the blockwise stage's record
             (``recovery.blockwise``) when there was one; ``before`` is then the student as it came in and the seconds
-            and tokens cover both stages.
+            and tokens cover both stages; ``teachers``: the teachers' record of a multi-teacher run
+            (``recovery.teachers``, ``recovery.source_teachers``).
         precision: the precision record.
     """
     world = distributed.world_size()
@@ -355,6 +452,7 @@ def _write_student(config: RecoverConfig, folder: WorkingFolder, student, tokeni
         held_out_sequences=n_eval, train_sequences=n_train, metrics_before=before, metrics_after=after,
         precision=precision, **({"world_size": world} if world > 1 else {}),
         final_train_loss=final_loss, seconds=elapsed, **({"blockwise": blockwise} if blockwise else {}),
+        **result.get("teachers", {}),
     )
     source = _student_folder(student)
     previous = read_provenance(source) if source is not None else None

@@ -264,6 +264,12 @@ def test_a_mixture_draws_by_weight_holds_out_every_source_and_counts_its_tokens(
     assert data.tokens_per_source(200, 8) == {str(a): 150 * 8, str(b): 50 * 8}
     # a pure function of the position: the same rows however the positions are asked for
     assert torch.equal(drawn[37:41], data.rows(torch.arange(37, 41)))
+    # which source each row came from (per-source teachers), held-out rows included
+    sources = data.row_sources(torch.arange(200))
+    assert [tuple(r) in (train_a if s == 0 else train_b) for r, s in zip(drawn.tolist(), sources.tolist())] == \
+        [True] * 200
+    assert torch.equal(data.row_sources(torch.arange(37, 41)), sources[37:41])
+    assert data.eval_sources.tolist() == [0, 0, 1, 1]
 
 
 def test_a_mixture_weight_must_be_positive_and_a_source_must_exist(tmp_path, tiny_tokenizer):

@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_model
-from minicompress.config import DataConfig, ModelConfig, RecoverConfig
+from minicompress.config import DataConfig, ModelConfig, RecoverConfig, SourceConfig
 from minicompress.data.rows import load_training_data
-from minicompress.distillation.distill import distill, make_schedule
-from minicompress.distillation.loop import StepRuntime
+from minicompress.distillation.distill import distill, make_schedule, micro_batches
+from minicompress.distillation.loop import MixtureBatch, StepRuntime, Teachers
 from minicompress.recipes.recover import recover
 
 SEQ = 16
@@ -63,3 +63,22 @@ def test_hooks_see_every_step_and_a_restore_skips_the_first_evaluation(tmp_path,
     _, resumed = _in_memory(config, tiny_tokenizer, restore=restore,
                             on_step=lambda record, state: steps.append(record["step"]))
     assert steps == [3] and resumed["before"] == {"kl_to_teacher": 9.0} and resumed["elapsed"] > 1.5
+
+
+def test_micro_batches_of_several_teachers_weigh_each_row_by_its_source(tmp_path, corpus, tiny_tokenizer):
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[::-1])
+    data = load_training_data(DataConfig(seq_len=SEQ, mixture=(SourceConfig(str(corpus)), SourceConfig(str(other)))),
+                              tiny_tokenizer, 2 * SEQ)
+    teachers = Teachers((None, None), (None, None), (0.5, 0.5), by_source=(None, 1))
+    batches = micro_batches(data, None, micro_batch_size=4, accum_steps=2, seed=0, teachers=teachers)
+    plain = micro_batches(data, None, micro_batch_size=4, accum_steps=2, seed=0)
+    for step in (0, 3):
+        for (ids, batch), (same, none), m in zip(batches(step), plain(step), range(2)):
+            assert torch.equal(ids, same) and none is None and isinstance(batch, MixtureBatch)
+            positions = torch.arange(4) + (step * 2 + m) * 4
+            sources = data.row_sources(positions)
+            assert batch.row_weights.tolist() == [[0.5, 0.5] if s == 0 else [0.0, 1.0] for s in sources.tolist()]
+    # without a source of its own teacher every row takes the global weights
+    assert micro_batches(data, None, micro_batch_size=4, accum_steps=1, seed=0,
+                         teachers=Teachers((None, None), (None, None), (0.5, 0.5)))(0)[0][1].row_weights is None

@@ -118,6 +118,46 @@ def test_gradient_accumulation_equals_one_big_batch(models, loss):
         torch.testing.assert_close(p.grad, grads_big[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_each_row_is_distilled_from_the_teachers_its_source_names(models, make_tiny_model, kind):
+    """Rows of a source with a teacher of its own are distilled from it alone (its forward runs on those
+    rows only), the other rows from the weighted mixture: the loss and its gradient equal the naive float64
+    per-row targets."""
+    teacher, student = models
+    other = make_tiny_model("llama", seed=5, hidden_size=24, intermediate_size=48)
+    teachers = train.Teachers((teacher, other), (None, None), (0.25, 0.75), by_source=(None, 1, 0))
+    ids = torch.randint(4, 200, (3, SEQ), generator=torch.Generator().manual_seed(1))
+    weights = teachers.row_weights(torch.tensor([0, 1, 2]))
+    assert weights.tolist() == [[0.25, 0.75], [0.0, 1.0], [1.0, 0.0]]
+    calls = []
+    hook = other.model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    loss = LossConfig(kind=kind, temperature=2.0)
+    student.zero_grad()
+    value, stats = train.micro_batch_loss(student, ids, loss=loss, teacher=teachers,
+                                          teacher_topk=train.MixtureBatch((None, None), weights))
+    value.backward()
+    hook.remove()
+    assert calls == [2]  # the second teacher saw the two rows that weigh it
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    student.zero_grad()
+    tau = 2.0
+    q = torch.log_softmax(student(ids).logits.double()[:, :-1] / tau, dim=-1)
+    with torch.no_grad():
+        p = sum(w[:, None, None] * torch.softmax(t(ids).logits.double()[:, :-1] / tau, dim=-1)
+                for t, w in zip((teacher, other), weights.double().t()))
+    if kind == "forward_kl":
+        ref = (p * (p.log() - q)).sum(-1).mean() * tau**2
+    else:  # JSD(0.5)
+        m = 0.5 * p + 0.5 * q.exp()
+        ref = (0.5 * (p * (p.log() - m.log())).sum(-1) + 0.5 * (q.exp() * (q - m.log())).sum(-1)).mean() * tau**2
+    ref.backward()
+    assert stats["kl"] == pytest.approx(float(ref.detach()), rel=1e-5)
+    for name, param in student.named_parameters():
+        torch.testing.assert_close(grads[name].double(), param.grad.double(), rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(corpus, make_tiny_model, tiny_tokenizer, tmp_path):
     def pair():
         return (make_tiny_model("llama", seed=0),

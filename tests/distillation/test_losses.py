@@ -886,3 +886,219 @@ def test_compiled_flag_leaves_other_losses_on_the_eager_path():
         b = L.chunked_distill_loss(h, w, teacher, labels=labels, numerics=L.LossNumerics(chunk_size=4, compiled=True),
                                    **kwargs)
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# a mixture of teachers (TeacherTargets.mixture)
+# --------------------------------------------------------------------------
+def _members(seed, hidden_sizes=(24, 8, 16)):
+    """Live teachers of different widths: ``[(hidden [N, H_i], weight [V, H_i])]``."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(N, hs, generator=g), torch.randn(V, hs, generator=g) * 0.5) for hs in hidden_sizes]
+
+
+def _token_weights(seed, t):
+    """``[N, t]`` per-token weights: random rows, one-hot rows (a source with its own teacher) and a zero entry."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(N, t, generator=g) + 0.1
+    w[1] = 0.0
+    w[1, 0] = 3.0
+    w[2] = 0.0
+    w[2, t - 1] = 1.0
+    w[3, 1] = 0.0
+    return w
+
+
+def ref_mixture_probs(members, weights, tau):
+    """Naive float64 ``[N, V]`` ``p_mix = sum_j w_j softmax(t_j / tau)``; a member is ``("live", logits)``
+    or ``("topk", values, indices)`` (its softmax over the top-k, 0 elsewhere)."""
+    w = weights.double()
+    w = w.expand(N, -1) if w.dim() == 1 else w
+    w = w / w.sum(-1, keepdim=True)
+    rows = []
+    for i in range(N):
+        p = torch.zeros(V, dtype=torch.float64)
+        for j, member in enumerate(members):
+            part = torch.zeros(V, dtype=torch.float64)
+            if member[0] == "live":
+                part = _softmax(member[1][i].double() / tau)
+            else:
+                part[member[2][i]] = _softmax(member[1][i].double() / tau)
+            p = p + w[i, j] * part
+        rows.append(p)
+    return torch.stack(rows)
+
+
+def ref_mixture_loss(z, p_mix, labels, *, kind="forward_kl", tau=1.0, beta=0.5, ce_weight=0.0):
+    """Naive float64 divergence of the student logits ``z`` ``[N, V]`` from ``p_mix``, KL by hand."""
+    vals = []
+    for i in _rows(N, labels != -100):
+        p, q = p_mix[i], _softmax(z[i] / tau)
+        pos = p > 0
+        fwd = (p[pos] * torch.log(p[pos] / q[pos])).sum()
+        rev = (q * (torch.log(q) - torch.log(p.clamp_min(1e-300)))).sum()
+        m = beta * p + (1 - beta) * q
+        jsd = beta * (p[pos] * torch.log(p[pos] / m[pos])).sum() + (1 - beta) * (q * torch.log(q / m)).sum()
+        vals.append({"forward_kl": fwd, "reverse_kl": rev, "jsd": jsd}[kind])
+    total = torch.stack(vals).mean() * tau**2
+    return total + ce_weight * ref_ce(z, labels) if ce_weight else total
+
+
+def _compare_mixture(target, ref_members, weights, *, kind="forward_kl", tau=1.0, ce_weight=0.0, chunk_size=4,
+                     student_softcap=None, seed=21):
+    h, w, _, _, labels = _setup(seed)
+    h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = L.chunked_distill_loss(h_, w_, target, labels=labels,
+                                 loss=L.LogitLoss(kind=kind, temperature=tau, beta=0.3, ce_weight=ce_weight),
+                                 numerics=L.LossNumerics(chunk_size=chunk_size), student_softcap=student_softcap)
+    out.backward()
+    h64, w64 = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = ref_mixture_loss(ref_softcap(h64 @ w64.t(), student_softcap), ref_mixture_probs(ref_members, weights, tau),
+                           labels, kind=kind, tau=tau, beta=0.3, ce_weight=ce_weight)
+    ref.backward()
+    assert torch.isfinite(out) and out.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(h_.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w_.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("kind,tau,softcapped", [("forward_kl", 1.0, False), ("forward_kl", 2.0, False),
+                                                 ("forward_kl", 1.5, True), ("reverse_kl", 2.0, False),
+                                                 ("jsd", 1.5, False)])
+def test_mixture_of_teachers_matches_naive(kind, tau, softcapped, per_token, chunk_size):
+    """Three live teachers of different widths, global or per-token weights: the loss and both gradients
+    equal autograd through the dense float64 mixture (forward KL in the closed form, the other kinds and a
+    soft-capped student on the autograd path)."""
+    members = _members(22)
+    weights = _token_weights(23, 3) if per_token else torch.tensor([0.5, 0.2, 0.3])
+    caps = (None, 5.0, None)  # one member soft-capped
+    target = L.TeacherTargets.mixture([L.TeacherTargets(th, tw, softcap=c) for (th, tw), c in zip(members, caps)],
+                                      weights)
+    ref = [("live", ref_softcap(th.double() @ tw.double().t(), c)) for (th, tw), c in zip(members, caps)]
+    _compare_mixture(target, ref, weights, kind=kind, tau=tau, chunk_size=chunk_size,
+                     student_softcap=4.0 if softcapped else None)
+
+
+@pytest.mark.parametrize("chunk_size", [3, None])
+@pytest.mark.parametrize("ce_weight,tau", [(0.0, 1.5), (0.4, 1.0), (0.4, 2.0)])
+def test_mixture_of_a_live_and_a_top_k_teacher_matches_naive(ce_weight, tau, chunk_size):
+    """A cached top-k member has probability 0 outside its top-k; with CE and any temperature."""
+    (th, tw), (th2, tw2) = _members(24, (24, 12))
+    tv, ti = (th2 @ tw2.t()).topk(7, dim=-1)
+    weights = torch.tensor([0.6, 0.4])
+    target = L.TeacherTargets.mixture([L.TeacherTargets(th, tw), L.TeacherTargets(topk=(tv, ti))], weights)
+    _compare_mixture(target, [("live", th.double() @ tw.double().t()), ("topk", tv, ti)], weights, tau=tau,
+                     ce_weight=ce_weight, chunk_size=chunk_size)
+
+
+def test_mixture_of_top_k_teachers_only_stays_finite():
+    """Every member sparse: tokens outside all top-k have log-probability floored, probability 0, no NaN."""
+    (th, tw), (th2, tw2) = _members(25, (24, 12))
+    a, b = (th @ tw.t()).topk(5, dim=-1), (th2 @ tw2.t()).topk(3, dim=-1)
+    weights = _token_weights(26, 2)
+    target = L.TeacherTargets.mixture([L.TeacherTargets(topk=a), L.TeacherTargets(topk=b)], weights)
+    _compare_mixture(target, [("topk", *a), ("topk", *b)], weights, tau=1.3)
+
+
+def _loss_and_grads(target, *, kind="forward_kl", tau=1.0, seed=27, chunk_size=4):
+    h, w, _, _, labels = _setup(seed)
+    h_, w_ = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = L.chunked_distill_loss(h_, w_, target, labels=labels, loss=L.LogitLoss(kind=kind, temperature=tau),
+                                 numerics=L.LossNumerics(chunk_size=chunk_size))
+    out.backward()
+    return out.detach(), h_.grad, w_.grad
+
+
+@pytest.mark.parametrize("kind,tau", [("forward_kl", 1.0), ("forward_kl", 2.0), ("reverse_kl", 1.5), ("jsd", 1.0)])
+def test_one_teacher_of_weight_1_and_two_identical_teachers_equal_one_teacher(kind, tau):
+    (th, tw), = _members(28, (24,))
+    one = _loss_and_grads(L.TeacherTargets(th, tw), kind=kind, tau=tau)
+    alone = _loss_and_grads(L.TeacherTargets.mixture([L.TeacherTargets(th, tw)], torch.tensor([1.0])), kind=kind,
+                            tau=tau)
+    twice = _loss_and_grads(L.TeacherTargets.mixture([L.TeacherTargets(th, tw)] * 2, torch.tensor([0.7, 0.3])),
+                            kind=kind, tau=tau)
+    for got in (alone, twice):
+        assert got[0].item() == pytest.approx(one[0].item(), rel=1e-6, abs=1e-7)
+        torch.testing.assert_close(got[1], one[1], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[2], one[2], rtol=1e-5, atol=1e-7)
+    # a top-k teacher alone in a mixture is today's topk_kl
+    tv, ti = (th @ tw.t()).topk(9, dim=-1)
+    if kind == "forward_kl":
+        topk = _loss_and_grads(L.TeacherTargets(topk=(tv, ti)), tau=tau)
+        mixed = _loss_and_grads(L.TeacherTargets.mixture([L.TeacherTargets(topk=(tv, ti))] * 2), tau=tau)
+        assert mixed[0].item() == pytest.approx(topk[0].item(), rel=1e-6)
+        torch.testing.assert_close(mixed[1], topk[1], rtol=1e-5, atol=1e-7)
+
+
+def test_mixture_in_bf16_and_with_the_compiled_flag():
+    """bf16 vocab matmuls stay within bf16 rounding of the float32 mixture; ``compiled=True`` leaves a
+    mixture on the eager closed form (the same numbers, no compiler needed)."""
+    members = _members(29, (24, 16))
+    target = L.TeacherTargets.mixture([L.TeacherTargets(th, tw) for th, tw in members], torch.tensor([0.3, 0.7]))
+    h, w, _, _, labels = _setup(30)
+    runs = {}
+    for name, numerics, kind in (("f32", L.LossNumerics(chunk_size=4), "forward_kl"),
+                                 ("bf16", L.LossNumerics(chunk_size=4, matmul_dtype=torch.bfloat16), "forward_kl"),
+                                 ("compiled", L.LossNumerics(chunk_size=4, compiled=True), "forward_kl"),
+                                 ("f32_jsd", L.LossNumerics(chunk_size=4), "jsd"),
+                                 ("bf16_jsd", L.LossNumerics(chunk_size=4, matmul_dtype=torch.bfloat16), "jsd")):
+        runs[name] = L.chunked_distill_loss(h, w, target, labels=labels, loss=L.LogitLoss(kind=kind), numerics=numerics)
+    assert torch.equal(runs["compiled"], runs["f32"])
+    assert runs["bf16"].item() == pytest.approx(runs["f32"].item(), rel=3e-2)
+    assert runs["bf16_jsd"].item() == pytest.approx(runs["f32_jsd"].item(), rel=3e-2)
+
+
+def test_mixture_never_materialises_more_than_a_chunk():
+    n, v, hs = 1024, 4096, 16
+    g = torch.Generator().manual_seed(31)
+    h = torch.randn(n, hs, generator=g, requires_grad=True)
+    w = (torch.randn(v, hs, generator=g) * 0.2).requires_grad_(True)
+    members = [L.TeacherTargets(torch.randn(n, ht, generator=g), torch.randn(v, ht, generator=g) * 0.2)
+               for ht in (24, 8)]
+    tv, ti = torch.randn(n, 8, generator=g), torch.randint(0, v, (n, 8), generator=g)
+    weights = torch.rand(n, 3, generator=g)
+    mode = _MaxNumel()
+    with mode:
+        target = L.TeacherTargets.mixture(members + [L.TeacherTargets(topk=(tv, ti))], weights)
+        loss = L.chunked_distill_loss(h, w, target, numerics=L.LossNumerics(chunk_size=128))
+        loss.backward()
+    assert torch.isfinite(loss) and mode.max_numel <= 128 * v < n * v // 4
+
+
+def test_mixture_argument_errors():
+    (th, tw), (th2, tw2) = _members(32, (24, 8))
+    h, w, _, _, labels = _setup(33)
+    tv, ti = (th @ tw.t()).topk(4, dim=-1)
+    live, cached = L.TeacherTargets(th, tw), L.TeacherTargets(topk=(tv, ti))
+    with pytest.raises(ValueError, match="sampled tokens"):
+        L.TeacherTargets.mixture([live, L.TeacherTargets(samples=(tv, ti))])
+    with pytest.raises(ValueError, match="at least one member"):
+        L.TeacherTargets.mixture([])
+    with pytest.raises(ValueError, match="member 0 must be a live or top-k"):
+        L.TeacherTargets.mixture([L.TeacherTargets.mixture([live])])
+    with pytest.raises(ValueError, match="one per member"):
+        L.TeacherTargets.mixture([live, cached], torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=">= 0"):
+        L.TeacherTargets.mixture([live, cached], torch.tensor([1.0, -0.5]))
+    with pytest.raises(ValueError, match="positive sum"):
+        L.TeacherTargets.mixture([live, cached], torch.zeros(N, 2))
+    with pytest.raises(ValueError, match="softcap"):
+        L.TeacherTargets(members=(live,), member_weights=torch.ones(1), softcap=3.0)
+    with pytest.raises(ValueError, match="forward_kl only"):
+        L.chunked_distill_loss(h, w, L.TeacherTargets.mixture([live, cached]), loss=L.LogitLoss(kind="reverse_kl"))
+    with pytest.raises(ValueError, match="full distribution"):
+        L.chunked_distill_loss(h, w, L.TeacherTargets.mixture([live, cached]), loss=L.LogitLoss(kind="topk_kl"))
+    with pytest.raises(ValueError, match="member 1: teacher weight"):
+        L.chunked_distill_loss(h, w, L.TeacherTargets.mixture([live, L.TeacherTargets(th2, tw2[:-1])]))
+    with pytest.raises(ValueError, match="weights have 3 tokens"):
+        L.chunked_distill_loss(h, w, L.TeacherTargets.mixture([live, cached], torch.ones(3, 2)))
+
+
+def test_a_soft_capped_teacher_of_an_uncapped_student_leaves_the_closed_form():
+    """The closed form applies no teacher soft-cap: a capped teacher takes the autograd path (a student
+    without the cap used to get the teacher's raw logits)."""
+    h, w, th, tw, labels = _setup(34)
+    _compare(h, w, L.TeacherTargets(th, tw, softcap=3.0), labels, numerics=L.LossNumerics(chunk_size=4),
+             ref_kwargs=dict(tcap=3.0))
