@@ -8,6 +8,10 @@ the teacher (rank 0 reads, FSDP2 shards under torchrun), reads the data, resumes
 Face folder atomically. The how (losses, schedule, data order, the loop) lives in
 :mod:`minicompress.distillation.loop`.
 
+With ``on_policy`` a share of each step's rows is written by the student itself and scored
+by the teacher (on-policy distillation, GKD: Agarwal et al., arXiv 2306.13649;
+:mod:`minicompress.distillation.onpolicy`); this recipe reads the optional prompts file.
+
 With ``blockwise_tokens`` a blockwise local distillation stage (Puzzle, Bercovich et al.,
 arXiv 2411.19146; :mod:`minicompress.distillation.blockwise`) runs first on that share of the
 budget, with checkpoints of its own in ``<output>.partial/blockwise``; the global stage gets
@@ -28,6 +32,7 @@ import torch
 from .. import arch, distributed
 from ..config import RecoverConfig, to_dict
 from ..data.rows import TrainingData, load_training_data
+from ..data.sources import bos_token_id, read_documents
 from ..errors import MinicompressError
 from ..hardware import describe_precision, keep_freed_memory, resolve_compile
 from ..runtime import model_device
@@ -40,6 +45,7 @@ from ..progress import progress_bar
 from ..distillation.distill import DistillState, distill, make_schedule
 from ..distillation.loop import Schedule, StepRuntime, num_held_out
 from ..distillation.teacher_cache import TeacherCache
+from ..distillation.onpolicy import Prompts, generated_rows, tokenize_prompts
 from ..distillation.blockwise import BlockMap, BlockwiseState, block_map, blockwise_distill, blockwise_schedule
 
 log = logging.getLogger(__name__)
@@ -119,6 +125,32 @@ def _training_data(config: RecoverConfig, cache: TeacherCache | None, student, t
                                 f"student's {arch.lm_head_weight(student).shape[0]}")
     n_eval = num_held_out(cache.input_ids.shape[0], config.eval_tokens, config.data.seq_len)
     return TrainingData([cache.input_ids], None, n_eval, names=[str(config.teacher_cache)], seed=config.seed)
+
+
+def _on_policy_prompts(config: RecoverConfig, tokenizer) -> Prompts | None:
+    """The prompts file of ``on_policy_prompts``, tokenised like the data rows (BOS first when
+    the tokenizer adds one) and cut to ``on_policy_prompt_tokens``; None without one."""
+    if not config.on_policy or config.on_policy_prompts is None:
+        return None
+    path = Path(config.on_policy_prompts).expanduser()
+    if not path.exists():
+        raise MinicompressError(f"on_policy_prompts: no such file or folder: {path}")
+    try:
+        texts = read_documents(str(path), text_field=config.data.text_field)
+    except MinicompressError as err:  # its errors name --data
+        raise MinicompressError(f"on_policy_prompts: {str(err).partition(': ')[2]}") from None
+    return tokenize_prompts(texts, tokenizer, config.on_policy_prompt_tokens, bos_token_id(tokenizer))
+
+
+def _on_policy_record(config: RecoverConfig, schedule: Schedule, gen_seconds: float) -> dict:
+    """``recovery.on_policy``: the share, prompts, divergence, sampling and generation seconds."""
+    rows = schedule.accum_steps * config.micro_batch_size
+    return {"on_policy": config.on_policy, "prompt_tokens": config.on_policy_prompt_tokens,
+            "prompts": config.on_policy_prompts, "divergence": config.loss.kind,
+            **({"beta": config.loss.beta} if config.loss.kind == "jsd" else {}),
+            "temperature": config.on_policy_temperature, "top_k": config.on_policy_top_k,
+            "top_p": config.on_policy_top_p, "generated_rows_per_step": generated_rows(config.on_policy, rows),
+            "rows_per_step": rows, "generation_seconds": gen_seconds}
 
 
 def _shard_for_training(config: RecoverConfig, student, teacher, *, device, t_device, autocast: str,
@@ -272,7 +304,9 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         held-out metrics (``perplexity``, ``kl_to_teacher`` ...). With ``blockwise_tokens``
         also ``"blockwise"`` (the stage's record, ``recovery.blockwise`` of the output);
         ``steps`` and ``metrics`` are then the global stage's, ``tokens`` and ``seconds``
-        both stages', and ``before`` is the student as it came.
+        both stages', and ``before`` is the student as it came. With ``on_policy`` also
+        ``"generation_seconds"`` (of ``seconds``, the student's own continuations;
+        ``recovery.on_policy`` of the output holds it with the share, prompts and divergence).
 
     Raises:
         MinicompressError: an existing output without ``overwrite``, a stale working
@@ -285,6 +319,10 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     if world > 1 and config.loss.intermediate_weight > 0:
         raise MinicompressError("loss.intermediate_weight: the intermediate-state loss runs in one process only, "
                                 "not under torchrun; set it to 0 or drop torchrun")
+    if world > 1 and config.on_policy > 0:
+        raise MinicompressError("on_policy: on-policy distillation runs in one process only, not under torchrun "
+                                "(decoding from an FSDP2-sharded student would all-gather every layer per token); "
+                                "set it to 0 or drop torchrun")
     out, work, checkpoint = _open_working_folder(config)
     torch.manual_seed(config.seed)
     on_host, student_weights = student is None and world > 1, None  # torchrun: rank 0 reads, shard_model hands out
@@ -309,6 +347,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     t_from_rank0 = teacher is None and world > 1
     teacher, t_device, teacher_weights = _place_teacher(config, teacher, student, device, teacher_dtype, cache)
     data = _training_data(config, cache, student, tokenizer)
+    prompts = _on_policy_prompts(config, tokenizer)
     bmap = _blockwise_map(config, student, teacher)  # before anything is written: a map that does not fit refuses
     schedule = make_schedule(_global_stage(config), world, data.num_train)
     _shard_for_training(config, student, teacher, device=device, t_device=t_device, autocast=autocast,
@@ -342,6 +381,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         check_resumable(resume_state["config"], config)
         saved = load_checkpoint(checkpoint, student=student, optimizer=state.optimizer, intermediate=state.intermediate)
         state.start_step, state.elapsed, state.before = saved["step"], saved["seconds"], saved["before"]
+        state.gen_elapsed = saved.get("gen_seconds", 0.0)
         resumed_from = state.start_step
         if main:
             with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
@@ -358,15 +398,16 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
             if done == 0:  # the evaluation before training
                 return
             bar.advance(schedule.tokens_per_step)
-            bar.update(description=f"recover loss {record['loss']:.4f}")
+            times = f" gen {record['gen_seconds']:.1f}s train {record['train_seconds']:.1f}s" if config.on_policy else ""
+            bar.update(description=f"recover loss {record['loss']:.4f}{times}")
             if done % config.log_every == 0 or done == schedule.total_steps:
-                log.info("step %d/%d loss %.4f kl %.4f ce %.4f lr %.2e grad %.3f %.0f tok/s", done,
+                log.info("step %d/%d loss %.4f kl %.4f ce %.4f lr %.2e grad %.3f %.0f tok/s%s", done,
                          schedule.total_steps, record["loss"], record["kl"], record["ce"], record["lr"],
-                         record["grad_norm"], record["tokens_per_s"])
+                         record["grad_norm"], record["tokens_per_s"], times)
             if done == schedule.total_steps or (config.save_every and done % config.save_every == 0):
                 save_checkpoint(work, student=student, optimizer=state.optimizer, intermediate=state.intermediate,
                                 state={"step": done, "tokens": record["tokens"], "seconds": state.elapsed,
-                                       "data_position": done * schedule.accum_steps * config.micro_batch_size * world,
+                                       "gen_seconds": state.gen_elapsed, "data_position": done * schedule.accum_steps * config.micro_batch_size * world,
                                        "scheduler": {"kind": "warmup_cosine", **dataclasses.asdict(schedule)},
                                        "config": to_dict(config), "before": state.before,
                                        "metrics_bytes": metrics_path.stat().st_size if main else None},
@@ -375,7 +416,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                 callback(record)
 
         result = distill(student, teacher, data, config, schedule, cache=cache, restore=restore, on_step=on_step,
-                         runtime=StepRuntime(device, autocast, bool(precision["compile"])))
+                         runtime=StepRuntime(device, autocast, bool(precision["compile"])), prompts=prompts)
     if result["attention"]:
         precision["attention"] = result["attention"]
     if blockwise_record is not None:  # the blockwise stage ends where the global one began
@@ -399,7 +440,7 @@ def _write_student(config: RecoverConfig, out: Path, student, tokenizer, *, cach
         data: the held-out and training rows (their counts and sources go into the record).
         schedule: the global stage's step arithmetic.
         result: what :func:`~minicompress.distillation.distill.distill` returned (``before``,
-            ``elapsed``), with ``blockwise``: the blockwise stage's record (``recovery.blockwise``)
+            ``elapsed``, ``gen_seconds``), with ``blockwise``: the blockwise stage's record (``recovery.blockwise``)
             when there was one; ``before`` is then the student as it came in and the seconds
             and tokens cover both stages.
         precision: the precision record.
@@ -431,6 +472,7 @@ def _write_student(config: RecoverConfig, out: Path, student, tokenizer, *, cach
         held_out_sequences=n_eval, train_sequences=n_train, metrics_before=before, metrics_after=after,
         precision=precision, **({"world_size": world} if world > 1 else {}),
         final_train_loss=final_loss, seconds=elapsed, **({"blockwise": blockwise} if blockwise else {}),
+        **({"on_policy": _on_policy_record(config, schedule, result["gen_seconds"])} if config.on_policy else {}),
     )
     folder = _student_folder(student)
     previous = read_provenance(folder) if folder is not None else None
@@ -455,4 +497,5 @@ def _write_student(config: RecoverConfig, out: Path, student, tokenizer, *, cach
     distributed.barrier()
     return {"output": str(out), "steps": schedule.total_steps, "tokens": tokens, "before": before, "after": after,
             "final_loss": final_loss, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "resumed_from_step": resumed_from, "metrics": records, **({"blockwise": blockwise} if blockwise else {})}
+            "resumed_from_step": resumed_from, "metrics": records, **({"blockwise": blockwise} if blockwise else {}),
+            **({"generation_seconds": result["gen_seconds"]} if config.on_policy else {})}
