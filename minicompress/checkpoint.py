@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .config import RecoverConfig, to_dict
+from .config import RecoverConfig, declared_defaults, to_dict
 from .errors import MinicompressError
 from .runtime import model_device
 from .outputs import write_json_atomic
@@ -33,6 +33,8 @@ DCP_METADATA = ".metadata"  # written by torch.distributed.checkpoint
 # Keys that may change between an interrupted run and its resumption.
 RESUME_FREE_KEYS = ("resume", "overwrite", "eval_every", "save_every", "checkpoint_keep", "log_every",
                     "eval_batch_size", "activation_checkpointing", "reshard_after_forward", "compile")
+#: The on-policy keys of a run without them (checkpoints written before they existed resume as such).
+ON_POLICY_DEFAULTS = {f: v for f, v in declared_defaults(RecoverConfig).items() if f.startswith("on_policy")}
 
 
 
@@ -137,7 +139,7 @@ def check_resumable(saved: dict, config: RecoverConfig) -> None:
     before["data"] = {"mixture": [], **{k: v for k, v in before.get("data", {}).items() if k != "token_store"}}
     before["data"]["mixture"] = [{"teacher": None, **m} for m in before["data"]["mixture"]]  # before source teachers
     before = {"blockwise_tokens": 0, "blockwise_lr": None, "blockwise_layers": [], **before}  # before the stage existed
-    before = {"teachers": [], "teacher_weights": [], **before}  # before several teachers
+    before = {"teachers": [], "teacher_weights": [], **ON_POLICY_DEFAULTS, **before}  # before several teachers / on-policy
     for key in now:
         if now[key] != before.get(key):
             raise MinicompressError(

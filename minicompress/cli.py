@@ -375,8 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.setup(p)
         if sub.config is not None:
             add_config_flags(p, sub.config, exclude=sub.exclude, only=sub.only)
-        p.set_defaults(_subcommand=name, _flag_names={
-            a.dest[len(CFG_PREFIX):]: a.option_strings[0] for a in p._actions if a.dest.startswith(CFG_PREFIX)})
+        names: dict[str, str] = {}
+        for a in p._actions:  # a key's own flag, not its FLAG_ALIASES flag (added after it)
+            if a.dest.startswith(CFG_PREFIX):
+                names.setdefault(a.dest[len(CFG_PREFIX):], a.option_strings[0])
+        p.set_defaults(_subcommand=name, _flag_names=names)
     return parser
 
 

@@ -87,6 +87,20 @@ def _check_positive(name: str, value: Any, allow_none: bool = False, allow_zero:
         raise ConfigError(f"{name}: must be a number {bound}, got {value!r}")
 
 
+def check_sampling(top_k: int, top_p: float, temperature: float, *, prefix: str = "",
+                   error: type[Exception] = ConfigError) -> None:
+    """The continuation's sampling knobs, Hugging Face ``GenerationConfig``'s names: ``top_k >= 0``
+    (0: all), ``top_p`` in ``(0, 1]`` (1: all), ``temperature > 0``. One check for ``generate``,
+    ``recover --on-policy`` (keys ``on_policy_*``, ``prefix="on_policy_"``) and
+    :class:`~minicompress.distillation.sampling.SamplingConfig` (``error=ValueError``)."""
+    if top_k is None or top_k < 0:
+        raise error(f"{prefix}top_k: must be a number >= 0 (0: all tokens), got {top_k!r}")
+    if top_p is None or not 0 < top_p <= 1:
+        raise error(f"{prefix}top_p: must be in (0, 1], got {top_p!r}")
+    if temperature is None or not temperature > 0:
+        raise error(f"{prefix}temperature: must be a number > 0, got {temperature!r}")
+
+
 def _check_tasks(name: str, tasks: tuple, include_path: str | None, num_fewshot: int | None, limit: int | None,
                  keys: tuple[str, str, str]) -> None:
     """lm-eval task settings: non-empty names; the other three only with tasks (named by ``keys``)."""
@@ -575,6 +589,9 @@ class PruneConfig:
             if key in ("teachers", "teacher_weights"):
                 raise ConfigError(f"search_recover.{key}: the search distils every candidate from the original "
                                   "alone; remove it")
+            if key == "on_policy_prompts":
+                raise ConfigError("search_recover.on_policy_prompts: the search's short distillations prompt from "
+                                  "their data rows; remove it")
             if key not in allowed:
                 raise ConfigError(f"search_recover.{key}: unknown key; allowed keys: {', '.join(allowed)}")
         merged = dict(self.search_recover)
@@ -765,6 +782,23 @@ class RecoverConfig:
         blockwise_layers: the teacher layer each student layer starts at, for a student
             without a pruning plan (empty, the default: the kept layers of the plan in the
             student's ``minicompress.json``, or every layer for a student of the teacher's depth).
+        on_policy: share of each step's sequences the student writes itself (on-policy
+            distillation, GKD's lambda; 0: off, 1: all): they start from the first
+            ``on_policy_prompt_tokens`` tokens of their data rows (or ``on_policy_prompts``),
+            are continued by the current student and scored by the teacher on the generated
+            tokens only (:mod:`minicompress.distillation.onpolicy`). Needs a live ``teacher``;
+            one process.
+        on_policy_prompt_tokens: tokens of a row that prompt the student's continuation (64,
+            the default: a paragraph's worth of the data's context, and 7/8 of a 512-token row
+            left for the student to write).
+        on_policy_prompts: a text file (blank-line separated prompts in ``.txt``; one record
+            per line in ``.jsonl``, field ``data.text_field``) whose prompts replace the data
+            rows' starts, each cut to ``on_policy_prompt_tokens`` (None, the default: the rows').
+        on_policy_temperature: sampling temperature of the student's continuation; 1 samples
+            its own distribution, as GKD does.
+        on_policy_top_k: the continuation samples from the ``top_k`` most likely tokens (0,
+            the default: all).
+        on_policy_top_p: nucleus mass of the continuation's sampling (1.0, the default: off).
     """
 
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -801,6 +835,12 @@ class RecoverConfig:
     blockwise_tokens: int = 0
     blockwise_lr: float | None = None
     blockwise_layers: tuple[int, ...] = ()
+    on_policy: float = 0.0
+    on_policy_prompt_tokens: int = 64
+    on_policy_prompts: str | None = None
+    on_policy_temperature: float = 1.0
+    on_policy_top_k: int = 0
+    on_policy_top_p: float = 1.0
 
     def __post_init__(self):
         _check_positive("tokens", self.tokens)
@@ -851,6 +891,7 @@ class RecoverConfig:
             )
         self._check_blockwise()
         self._check_teachers()
+        self._check_on_policy()
 
     def _check_teachers(self) -> None:
         """More teachers than one: their weights, what a mixture of them allows, the data sources' teachers."""
@@ -908,6 +949,29 @@ class RecoverConfig:
         names = self.teacher_names()
         return tuple(None if part.teacher is None else _teacher_index(part.teacher, names, f"data.mixture[{i}].teacher")
                      for i, part in enumerate(self.data.mixture))
+
+    def _check_on_policy(self) -> None:
+        """On-policy distillation's share, prompts and sampling (:mod:`minicompress.distillation.onpolicy`)."""
+        if self.on_policy is None or not 0.0 <= self.on_policy <= 1.0:
+            raise ConfigError(f"on_policy: must be in [0, 1] (the share of each step's sequences the student "
+                              f"generates), got {self.on_policy!r}")
+        _check_positive("on_policy_prompt_tokens", self.on_policy_prompt_tokens)
+        check_sampling(self.on_policy_top_k, self.on_policy_top_p, self.on_policy_temperature, prefix="on_policy_")
+        if not self.on_policy:
+            if self.on_policy_prompts is not None:
+                raise ConfigError("on_policy_prompts: prompts the student's own samples; give on_policy > 0 too")
+            return
+        if any(c is not None for c in self.teacher_caches()):
+            raise ConfigError("on_policy: the teacher must score the student's own samples, which a --teacher-cache "
+                              "cannot hold; give a live --teacher instead")
+        if self.teacher is None:
+            raise ConfigError("on_policy: the student's samples are scored by a live --teacher; give one")
+        if self.loss.kl_weight == 0:
+            raise ConfigError("on_policy: the student's samples are scored by the teacher's divergence; set "
+                              "loss.kl_weight > 0")
+        if self.on_policy_prompt_tokens >= self.data.seq_len:
+            raise ConfigError(f"on_policy_prompt_tokens: must be below data.seq_len ({self.data.seq_len}) so the "
+                              f"student writes at least one token, got {self.on_policy_prompt_tokens}")
 
     def _check_blockwise(self) -> None:
         """The blockwise stage's budget and needs (:mod:`minicompress.distillation.blockwise`)."""
@@ -1139,10 +1203,7 @@ class GenerateConfig:
         if self.prompt_tokens >= self.data.seq_len:
             raise ConfigError(f"prompt_tokens: must be below data.seq_len ({self.data.seq_len}), got {self.prompt_tokens}")
         _check_positive("greedy_tokens", self.greedy_tokens, allow_zero=True)
-        _check_positive("top_k", self.top_k, allow_zero=True)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
-        _check_positive("temperature", self.temperature)
+        check_sampling(self.top_k, self.top_p, self.temperature)
         _check_positive("samples", self.samples)
         _check_positive("batch_size", self.batch_size)
         _check_positive("shard_tokens", self.shard_tokens)

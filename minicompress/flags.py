@@ -19,7 +19,9 @@ and its nested sections and adds one flag per field:
 
 So a new setting of :class:`~minicompress.config.RecoverConfig` (a field and its
 docstring line) is a ``recover`` flag with no edit here or in :mod:`minicompress.cli`.
-:data:`FLAG_NAMES` keeps the older names that differ from the generated ones; a command
+:data:`FLAG_NAMES` keeps the older names that differ from the generated ones;
+:data:`FLAG_ALIASES` adds second flags for a field (``--divergence reverse`` sets
+``loss.kind=reverse_kl``, ``--jsd-beta`` sets ``loss.beta``); a command
 excludes fields that are not flags (by dotted key, with the reason). Two fields that
 would get the same flag stop the parser from being built, naming both.
 
@@ -65,6 +67,13 @@ FLAG_NAMES: dict[tuple[type | None, str], tuple[str, ...]] = {
     (DataConfig, "mixture"): ("--data-mix",),
     (LossConfig, "kind"): ("--loss",),
     (ScoreConfig, "autocast"): ("--score-autocast",),
+}
+#: Second flags of a field, each with its own names for the values: ``(config class, field) ->
+#: ((option, {typed value: config value} or None), ...)``. The mapped names are the flag's
+#: choices; the config keeps one key per knob (``--divergence reverse`` is ``loss.kind=reverse_kl``).
+FLAG_ALIASES: dict[tuple[type, str], tuple[tuple[str, dict[str, str] | None], ...]] = {
+    (LossConfig, "kind"): (("--divergence", {"forward": "forward_kl", "reverse": "reverse_kl", "jsd": "jsd"}),),
+    (LossConfig, "beta"): (("--jsd-beta", None),),
 }
 #: Sections whose flags carry the section's name (``--teacher-dtype``), unless it is ``model``.
 PREFIXED_SECTIONS = (ModelConfig,)
@@ -140,6 +149,33 @@ def summary(text: str, limit: int = HELP_CHARS) -> str:
 
 # ----------------------------------------------------------------------------------------
 # Generation
+
+
+class AliasAction(argparse.Action):
+    """Store a :data:`FLAG_ALIASES` flag: its value mapped to the config's (``forward`` ->
+    ``forward_kl``), and the option typed, which :func:`flag_names` then names in errors."""
+
+    def __init__(self, option_strings, dest, values_map: dict[str, str] | None = None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.values_map = dict(values_map or {})
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.values_map.get(values, values))
+        typed = dict(getattr(namespace, "_typed_flags", None) or {})
+        typed[self.dest[len(CFG_PREFIX):]] = option_string
+        namespace._typed_flags = typed
+
+
+def _aliases(cls: type, name: str, dotted: str, section: str, flag: str) -> Iterator[Flag]:
+    """The :data:`FLAG_ALIASES` flags of field ``name`` of ``cls`` (whose own flag is ``flag``)."""
+    for option, values in FLAG_ALIASES.get((cls, name), ()):
+        kwargs: dict[str, Any] = {"action": AliasAction}
+        if values:
+            names = ", ".join(f"{typed} ({value})" for typed, value in values.items())
+            kwargs.update(choices=tuple(values), values_map=values, help=f"{flag} by another name: {names}")
+        else:
+            kwargs.update(metavar=name.upper(), help=f"{flag} by another name")
+        yield Flag(dotted, (option,), kwargs, section)
 
 
 def _optional(tp: Any) -> Any:
@@ -233,6 +269,7 @@ def _walk(cls: type, defaults: dict, key: str, prefix: str, skip: set[str], repe
         names = FLAG_NAMES.get((cls, f.name)) or (FLAG_NAMES.get((None, f.name)) if not key else None) or names
         kwargs["help"] = help_text.replace("%", "%%")
         yield Flag(dotted, names, kwargs, section)
+        yield from _aliases(cls, f.name, dotted, section, names[0])
 
 
 def config_flags(cls: type, *, exclude: Mapping[str, str] | tuple = (), only: tuple[str, ...] | None = None
@@ -357,8 +394,9 @@ def flags_to_overrides(args: argparse.Namespace) -> dict:
 
 
 def flag_names(args: argparse.Namespace) -> dict[str, str]:
-    """``{dotted key: its flag}`` of the parsed subcommand (set by ``build_parser``)."""
-    return getattr(args, "_flag_names", {})
+    """``{dotted key: its flag}`` of the parsed subcommand (set by ``build_parser``), the
+    :data:`FLAG_ALIASES` flag instead where the user typed that one."""
+    return {**getattr(args, "_flag_names", {}), **(getattr(args, "_typed_flags", None) or {})}
 
 
 def build_from_args(cls: type, args: argparse.Namespace, *, output_needed_for: str | None = None):

@@ -29,6 +29,7 @@ from .config import RecoverConfig, to_dict
 from .data.rows import TrainingData
 from .distillation.distill import DistillState, distill
 from .distillation.loop import Schedule, StepRuntime
+from .distillation.onpolicy import Prompts
 from .distillation.metrics import CURVES_FILE, METRICS_FILE, append_metrics, plot_curves, read_metrics
 from .distillation.teacher_cache import TeacherCache
 from .errors import MinicompressError
@@ -95,7 +96,7 @@ def make_working_folder(work: Path, keep: bool) -> None:
 def distill_with_checkpoints(student: torch.nn.Module, teacher: torch.nn.Module | None, data: TrainingData,
                              config: RecoverConfig, schedule: Schedule, *, folder: WorkingFolder,
                              runtime: StepRuntime, cache: TeacherCache | None = None,
-                             callback: Callable[[dict], None] | None = None) -> dict:
+                             callback: Callable[[dict], None] | None = None, prompts: Prompts | None = None) -> dict:
     """:func:`~minicompress.distillation.distill.distill` with checkpoints, metrics and a progress bar.
 
     Resumes ``folder.checkpoint`` when there is one (refusing changed settings:
@@ -115,6 +116,8 @@ def distill_with_checkpoints(student: torch.nn.Module, teacher: torch.nn.Module 
         cache: a teacher cache (its targets replace a live teacher).
         callback: called with each step's record after the step (and its checkpoint); an
             exception from it stops the run, leaving the working folder to resume from.
+        prompts: the prompts file's rows of an on-policy run (``config.on_policy > 0``), or None:
+            prompts from the data rows.
 
     Returns:
         What ``distill`` returns, plus ``resumed_from_step`` (None on a fresh start).
@@ -124,6 +127,7 @@ def distill_with_checkpoints(student: torch.nn.Module, teacher: torch.nn.Module 
     metrics_path = work / METRICS_FILE
     resume_state = json.loads((checkpoint / "state.json").read_text()) if checkpoint is not None else None
     resumed_from = None
+    on_policy = getattr(config, "on_policy", 0) > 0
 
     def restore(state: DistillState) -> None:
         nonlocal resumed_from
@@ -132,6 +136,7 @@ def distill_with_checkpoints(student: torch.nn.Module, teacher: torch.nn.Module 
         check_resumable(resume_state["config"], config)
         saved = load_checkpoint(checkpoint, student=student, optimizer=state.optimizer, intermediate=state.intermediate)
         state.start_step, state.elapsed, state.before = saved["step"], saved["seconds"], saved["before"]
+        state.gen_elapsed = saved.get("gen_seconds", 0.0)
         resumed_from = state.start_step
         if main:
             with metrics_path.open("r+") as f:  # drop records of steps after the checkpoint
@@ -149,14 +154,16 @@ def distill_with_checkpoints(student: torch.nn.Module, teacher: torch.nn.Module 
             if done == 0:  # the evaluation before training
                 return
             bar.advance(schedule.tokens_per_step)
-            bar.update(description=f"{folder.command} loss {record['loss']:.4f}")
+            times = f" gen {record['gen_seconds']:.1f}s train {record['train_seconds']:.1f}s" if on_policy else ""
+            bar.update(description=f"{folder.command} loss {record['loss']:.4f}{times}")
             if done % config.log_every == 0 or done == schedule.total_steps:
-                log.info("step %d/%d loss %.4f kl %.4f ce %.4f lr %.2e grad %.3f %.0f tok/s", done,
+                log.info("step %d/%d loss %.4f kl %.4f ce %.4f lr %.2e grad %.3f %.0f tok/s%s", done,
                          schedule.total_steps, record["loss"], record["kl"], record["ce"], record["lr"],
-                         record["grad_norm"], record["tokens_per_s"])
+                         record["grad_norm"], record["tokens_per_s"], times)
             if done == schedule.total_steps or (config.save_every and done % config.save_every == 0):
                 save_checkpoint(work, student=student, optimizer=state.optimizer, intermediate=state.intermediate,
                                 state={"step": done, "tokens": record["tokens"], "seconds": state.elapsed,
+                                       "gen_seconds": state.gen_elapsed,
                                        "data_position": done * schedule.accum_steps * config.micro_batch_size * world,
                                        "scheduler": {"kind": "warmup_cosine", **dataclasses.asdict(schedule)},
                                        "config": to_dict(config), "before": state.before,
@@ -166,7 +173,7 @@ def distill_with_checkpoints(student: torch.nn.Module, teacher: torch.nn.Module 
                 callback(record)
 
         result = distill(student, teacher, data, config, schedule, cache=cache, restore=restore, on_step=on_step,
-                         runtime=runtime)
+                         runtime=runtime, prompts=prompts)
     return {**result, "resumed_from_step": resumed_from}
 
 

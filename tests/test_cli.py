@@ -215,6 +215,38 @@ def test_teacher_errors_name_the_teacher_flag(llama_dir, text_corpus, tmp_path, 
     assert error_line(capsys).startswith("error: --teacher: no such file or folder")
 
 
+# ---------------------------------------------------------------- recover --on-policy, --divergence
+
+
+def test_divergence_and_jsd_beta_are_loss_kind_and_beta_by_other_names():
+    parser = cli.build_parser()
+    for typed, kind in (("forward", "forward_kl"), ("reverse", "reverse_kl"), ("jsd", "jsd")):
+        args, _ = parser.parse_known_args(["recover", "--divergence", typed, "--jsd-beta", "0.25"])
+        assert flags_to_overrides(args) == {"loss": {"kind": kind, "beta": "0.25"}}
+    args, _ = parser.parse_known_args(["recover", "--loss", "reverse_kl", "--beta", "0.25"])
+    assert flags_to_overrides(args) == {"loss": {"kind": "reverse_kl", "beta": "0.25"}}
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--on-policy", "-0.1"], "error: --on-policy (on_policy): must be in [0, 1]"),
+    (["--on-policy", "1.5"], "error: --on-policy (on_policy): must be in [0, 1]"),
+    (["--divergence", "foo"], "argument --divergence: invalid choice: 'foo' (choose from forward, reverse, jsd)"),
+    (["--divergence", "reverse", "--teacher-cache", "c"], "error: --divergence (loss.kind): reverse_kl needs full"),
+    (["--loss", "reverse_kl", "--teacher-cache", "c"], "error: --loss (loss.kind): reverse_kl needs full"),
+    (["--on-policy", "0.5", "--teacher-cache", "c"], "error: --on-policy (on_policy): the teacher must score"),
+])
+def test_bad_on_policy_settings_exit_2_with_one_line_and_write_nothing(llama_dir, text_corpus, tmp_path, capsys,
+                                                                      extra, fragment):
+    out = tmp_path / "recovered"
+    argv = ["recover", "--student", llama_dir, "--teacher", llama_dir, "--data", str(text_corpus), "--seq-len", "16",
+            "--global-batch-tokens", "64", "--micro-batch-size", "4", "--tokens", "64", "--output", str(out), "-q",
+            *extra]
+    assert main(argv) == 2
+    assert fragment in error_line(capsys).replace("'forward'", "forward").replace("'reverse'", "reverse") \
+        .replace("'jsd'", "jsd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (Path(llama_dir), text_corpus))
+
+
 # ---------------------------------------------------------------- helpers and entry points
 
 

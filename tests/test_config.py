@@ -102,6 +102,36 @@ def test_recover_config_cross_checks():
         build_config(RecoverConfig, overrides=["teacher=t", "global_batch_tokens=1000"])
 
 
+@pytest.mark.parametrize("overrides, culprit", [
+    (["on_policy=-0.1"], "on_policy: must be in [0, 1]"),
+    (["on_policy=1.5"], "on_policy: must be in [0, 1]"),
+    (["on_policy=nan"], "on_policy: must be in [0, 1]"),
+    (["on_policy=0.5", "on_policy_prompt_tokens=512"], "on_policy_prompt_tokens: must be below data.seq_len (512)"),
+    (["on_policy=0.5", "on_policy_prompt_tokens=0"], "on_policy_prompt_tokens: must be a number > 0"),
+    (["on_policy=0.5", "on_policy_temperature=0"], "on_policy_temperature: must be a number > 0"),
+    (["on_policy=0.5", "on_policy_top_p=1.5"], "on_policy_top_p: must be in (0, 1]"),
+    (["on_policy=0.5", "on_policy_top_k=-1"], "on_policy_top_k: must be a number >= 0"),
+    (["on_policy_prompts=p.txt"], "on_policy_prompts: prompts the student's own samples; give on_policy > 0"),
+    (["on_policy=0.5", "teacher=null", "teacher_cache=c", "loss.kind=sampled_kl"], "on_policy: the teacher must "
+                                                                                   "score the student's own samples"),
+    (["on_policy=0.5", "loss.kl_weight=0", "loss.ce_weight=1"], "on_policy: the student's samples are scored by "
+                                                                "the teacher's divergence"),
+])
+def test_on_policy_settings_are_checked_in_one_line(overrides, culprit):
+    with pytest.raises(ConfigError) as info:
+        build_config(RecoverConfig, overrides=["teacher=t", *overrides])
+    assert str(info.value).startswith(culprit) and "\n" not in str(info.value), str(info.value)
+
+
+def test_on_policy_defaults_are_off_and_a_valid_setting_builds():
+    off = build_config(RecoverConfig, overrides=["teacher=t"])
+    assert (off.on_policy, off.on_policy_prompt_tokens, off.on_policy_prompts) == (0.0, 64, None)
+    assert (off.on_policy_temperature, off.on_policy_top_k, off.on_policy_top_p) == (1.0, 0, 1.0)
+    on = build_config(RecoverConfig, overrides=["teacher=t", "on_policy=1", "on_policy_prompts=p.jsonl",
+                                                "loss.kind=reverse_kl"])
+    assert on.on_policy == 1.0 and on.on_policy_prompts == "p.jsonl"
+
+
 def test_to_dict_round_trips():
     cfg = build_config(EvalConfig, overrides=["data.source=x", "teacher=t", "stride=16", "data.seq_len=32"])
     again = build_config(EvalConfig, overrides=to_dict(cfg))

@@ -19,12 +19,13 @@ from typing import Any, Callable
 
 import torch
 
-from .. import distributed
+from .. import arch, distributed
 from ..config import RecoverConfig
 from ..data.mixture import source_epoch_index
 from ..data.rows import TrainingData
 from ..errors import MinicompressError
 from . import attention, losses
+from .onpolicy import OnPolicy, Prompts, on_policy_batches
 from .loop import (Batches, MixtureBatch, Schedule, StepRuntime, Teacher, Teachers, batch_positions, compile_layers_,
                    default_warmup_steps, evaluate_on_ranks, make_optimizer, train)
 from .teacher_cache import TeacherCache
@@ -41,6 +42,8 @@ class DistillState:
         intermediate: Minitron's intermediate-state loss module, or None.
         start_step: the first optimizer step to run (a restored checkpoint's step).
         elapsed: training seconds so far (restored runs continue the count).
+        gen_elapsed: of those, seconds making the steps' micro batches (the student's own
+            continuations with ``on_policy``).
         before: held-out metrics before training (restored from a checkpoint, or measured).
         after: held-out metrics of the last evaluation.
     """
@@ -49,6 +52,7 @@ class DistillState:
     intermediate: losses.IntermediateStateLoss | None = None
     start_step: int = 0
     elapsed: float = 0.0
+    gen_elapsed: float = 0.0
     before: dict | None = None
     after: dict = field(default_factory=dict)
 
@@ -158,7 +162,7 @@ def micro_batches(data: TrainingData, cache: TeacherCache | None, *, micro_batch
 def distill(student: torch.nn.Module, teacher: Teacher, data: TrainingData, config: RecoverConfig,
             schedule: Schedule, *, runtime: StepRuntime, cache: TeacherCache | None = None,
             restore: Callable[[DistillState], None] | None = None,
-            on_step: Callable[[dict, DistillState], None] | None = None) -> dict:
+            on_step: Callable[[dict, DistillState], None] | None = None, prompts: Prompts | None = None) -> dict:
     """Distil ``student`` (placed, in train mode) from ``teacher`` (placed, frozen) in memory.
 
     Evaluates the held-out rows of ``data`` before training (unless ``restore`` set
@@ -181,12 +185,21 @@ def distill(student: torch.nn.Module, teacher: Teacher, data: TrainingData, conf
         on_step: called with each step's record (``eval_*`` keys after an evaluation;
             ``elapsed_s``) and the state, after the step; on a fresh start first with the
             step-0 record of the evaluation before training.
+        prompts: with ``config.on_policy``, prompts that replace the data rows' starts
+            (:class:`~minicompress.distillation.onpolicy.Prompts`; None: the rows').
+
+    With ``config.on_policy > 0`` a share of each step's rows is written by the student
+    first (:func:`~minicompress.distillation.onpolicy.on_policy_batches`).
 
     Returns:
-        ``{"before", "after", "elapsed", "start_step", "compiled", "attention"}``: the held-out
-        metrics before training and at the last evaluation, training seconds, the first step
-        run, whether layers were compiled, and the attention kernel used (or None).
+        ``{"before", "after", "elapsed", "gen_seconds", "start_step", "compiled", "attention"}``:
+        the held-out metrics before training and at the last evaluation, training seconds
+        (of them ``gen_seconds`` making the micro batches), the first step run, whether
+        layers were compiled, and the attention kernel used (or None).
     """
+    if config.on_policy and config.on_policy_prompts is not None and prompts is None:
+        raise MinicompressError("on_policy_prompts: distill takes the prompts tokenised (prompts=, "
+                                "onpolicy.tokenize_prompts); the recover recipe reads the file")
     compiled, intermediate, optimizer, attention_name = prepare_training_(student, teacher, config, runtime=runtime)
     state = DistillState(optimizer=optimizer, intermediate=intermediate)
     eval_ids = data.eval_ids
@@ -199,6 +212,7 @@ def distill(student: torch.nn.Module, teacher: Teacher, data: TrainingData, conf
 
     def step_done(record: dict) -> None:
         state.elapsed += record.pop("step_seconds")
+        state.gen_elapsed += record["gen_seconds"]
         record["elapsed_s"] = state.elapsed
         done = record["step"]
         if done == schedule.total_steps or (config.eval_every and done % config.eval_every == 0):
@@ -217,11 +231,15 @@ def distill(student: torch.nn.Module, teacher: Teacher, data: TrainingData, conf
         batches = micro_batches(data, cache, micro_batch_size=config.micro_batch_size,
                                 accum_steps=schedule.accum_steps, seed=config.seed,
                                 teachers=teacher if isinstance(teacher, Teachers) else None)
+        if config.on_policy > 0:  # the student writes a share of each step's rows, uncompiled
+            own = {id(layer) for layer in arch.decoder_layers(student)}
+            batches = on_policy_batches(batches, student, OnPolicy.from_config(config, prompts), runtime=runtime,
+                                        compiled=[layer for layer in compiled if id(layer) in own])
         train(student, teacher, batches, optimizer, schedule, step_done, loss=config.loss, runtime=runtime,
               start_step=state.start_step, intermediate=intermediate)
     finally:
         for layer in compiled:  # the caller's in-memory models go back as they came
             layer._compiled_call_impl = None  # what nn.Module.compile set
         attention.restore_attention_(student)
-    return {"before": state.before, "after": state.after, "elapsed": state.elapsed, "start_step": state.start_step,
-            "compiled": bool(compiled), "attention": attention_name}
+    return {"before": state.before, "after": state.after, "elapsed": state.elapsed, "gen_seconds": state.gen_elapsed,
+            "start_step": state.start_step, "compiled": bool(compiled), "attention": attention_name}

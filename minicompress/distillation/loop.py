@@ -292,7 +292,7 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
                      teacher_topk: tuple | MixtureBatch | None = None,
                      intermediate: losses.IntermediateStateLoss | None = None,
                      normalizer: int | None = None, autocast: str = "none",
-                     compiled: bool = False) -> tuple[torch.Tensor, dict]:
+                     compiled: bool = False, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Distillation loss of one micro batch, scaled for accumulation.
 
     The student's final post-norm hidden states ``student.model(input_ids)`` and the
@@ -323,6 +323,9 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
         compiled: the loss's compiled chunk kernel (``LossNumerics(compiled=True)`` of
             :func:`losses.chunked_distill_loss`; what ``recover`` passes when it compiles
             the decoder layers).
+        labels: ``[B, L]`` next-token labels, ``IGNORE_INDEX`` where nothing is scored (None:
+            :func:`shift_labels` of ``input_ids``, every position). On-policy rows ignore
+            their prompt (:mod:`minicompress.distillation.onpolicy`).
 
     Under torchrun the whole computation runs as a forward of the student's FSDP root
     (:func:`distributed.run_in_root`), so ``lm_head_weight(student)`` is the gathered
@@ -338,13 +341,13 @@ def micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss:
     """
     return distributed.run_in_root(student, lambda: _micro_batch_loss(
         student, input_ids, loss=loss, teacher=teacher, teacher_topk=teacher_topk, intermediate=intermediate,
-        normalizer=normalizer, autocast=autocast, compiled=compiled))
+        normalizer=normalizer, autocast=autocast, compiled=compiled, labels=labels))
 
 
 def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss: LossConfig,
                       teacher: Teacher, teacher_topk: tuple | MixtureBatch | None,
                       intermediate: losses.IntermediateStateLoss | None, normalizer: int | None,
-                      autocast: str, compiled: bool) -> tuple[torch.Tensor, dict]:
+                      autocast: str, compiled: bool, labels: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
     """The body of :func:`micro_batch_loss` (inside the student's FSDP root forward)."""
     mixture = teacher if isinstance(teacher, Teachers) else None
     if mixture is not None:
@@ -357,7 +360,7 @@ def _micro_batch_loss(student: torch.nn.Module, input_ids: torch.Tensor, *, loss
     if intermediate is not None and teacher is None:
         raise MinicompressError("teacher: loss.intermediate_weight > 0 needs a live teacher")
     device = input_ids.device
-    labels = shift_labels(input_ids)
+    labels = shift_labels(input_ids) if labels is None else labels.to(device)
     targets = int((labels != IGNORE_INDEX).sum())
     want_states = intermediate is not None
     use_teacher = teacher is not None and teacher_topk is None and (loss.kl_weight > 0 or want_states)
@@ -644,9 +647,16 @@ class StepRuntime:
 
 
 #: ``batches(step)`` -> this rank's micro batches of optimizer step ``step``: ``[(input_ids [B, L],
-#: cached teacher targets, a MixtureBatch of several teachers, or None)]``, a pure function of the
-#: step (resume needs no loader state).
-Batches = Callable[[int], list[tuple[torch.Tensor, Any]]]
+#: cached teacher targets, a MixtureBatch of several teachers, or None)]``, a pure function of
+#: the step (resume needs no loader state);
+#: a micro batch may carry ``labels [B, L]`` third (``IGNORE_INDEX`` where nothing is scored: the
+#: prompts of on-policy rows, :func:`~minicompress.distillation.onpolicy.on_policy_batches`).
+Batches = Callable[[int], list[tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, torch.Tensor]]]
+
+
+def micro_labels(micro: tuple) -> torch.Tensor:
+    """The ``[B, L]`` next-token labels of a micro batch of :data:`Batches` (its own, or every position)."""
+    return micro[2] if len(micro) > 2 else shift_labels(micro[0])
 
 
 def train(student: torch.nn.Module, teacher: Teacher, batches: Batches,
@@ -659,7 +669,9 @@ def train(student: torch.nn.Module, teacher: Teacher, batches: Batches,
     share of the step's targets (summed over ranks), accumulate gradients, clip the global
     norm, take an AdamW step. Nothing here loads, saves or evaluates: ``on_step`` gets
     each step's record (``step``, ``tokens``, ``lr``, ``loss``, ``kl``, ``ce``, ``grad_norm``,
-    ``tokens_per_s``, ``step_seconds``) and does that.
+    ``tokens_per_s``, ``gen_seconds``, ``train_seconds``, ``step_seconds``) and does that.
+    ``gen_seconds`` is the time ``batches(step)`` took (the student's own continuations
+    under on-policy distillation; reading rows otherwise), ``train_seconds`` the rest.
 
     Args:
         student: the student in train mode (FSDP2-sharded under torchrun).
@@ -686,15 +698,18 @@ def train(student: torch.nn.Module, teacher: Teacher, batches: Batches,
             group["lr"] = lr
 
         micro = batches(step)  # this step's micro batches and the targets they score, over all ranks
-        normalizer = sum(count_targets(ids) for ids, _ in micro)
+        gen_seconds = time.perf_counter() - t0
+        labels = [micro_labels(m) for m in micro]
+        normalizer = sum(int((lab != IGNORE_INDEX).sum()) for lab in labels)
         if distributed.world_size() > 1:
             normalizer = int(distributed.all_reduce_sum(torch.tensor(normalizer, dtype=torch.int64)))
 
         sums = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
-        for input_ids, targets in micro:
+        for (input_ids, targets, *_), labels_m in zip(micro, labels):
             value, stats = micro_batch_loss(student, input_ids.to(device), loss=loss, teacher=teacher,
                                             teacher_topk=targets, intermediate=intermediate, normalizer=normalizer,
-                                            autocast=runtime.autocast, compiled=runtime.compiled)
+                                            autocast=runtime.autocast, compiled=runtime.compiled,
+                                            labels=labels_m)
             value.backward()
             share = stats["targets"] / normalizer
             for key in ("loss", "kl", "ce", "is"):
@@ -715,4 +730,4 @@ def train(student: torch.nn.Module, teacher: Teacher, batches: Batches,
         if on_step is not None:
             on_step({"step": step + 1, "tokens": (step + 1) * schedule.tokens_per_step, "lr": lr, **sums,
                      "grad_norm": grad_norm, "tokens_per_s": schedule.tokens_per_step / seconds,
-                     "step_seconds": seconds})
+                     "gen_seconds": gen_seconds, "train_seconds": seconds - gen_seconds, "step_seconds": seconds})

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from ..arch import compute_logits, lm_head_weight
+from ..config import check_sampling
 from ..runtime import autocast_context, model_device
 
 __all__ = ["start_tokens", "prompt_starts", "sample_batch", "SamplingConfig", "DecodeOptions", "special_token_ids",
@@ -422,11 +423,12 @@ class SamplingConfig:
         top_k: the continuation is drawn from the ``top_k`` largest logits (0: all).
         top_p: nucleus mass kept of those (1.0: all).
         temperature: of the continuation's distribution (the targets use 1).
-        samples: sparse draws per position (Anshumann et al. use 12).
+        samples: sparse draws per position (Anshumann et al. use 12; 0: none, the
+            continuation alone, as on-policy distillation samples its student).
 
     Raises:
         ValueError: ``temperature <= 0``, ``top_p`` outside ``(0, 1]``, a negative
-            ``top_k`` or ``greedy_tokens``, or ``samples < 1``.
+            ``top_k``, ``greedy_tokens`` or ``samples`` (:func:`~minicompress.config.check_sampling`).
     """
 
     greedy_tokens: int = 3
@@ -436,12 +438,9 @@ class SamplingConfig:
     samples: int = 12
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: {self.temperature} must be > 0 (use greedy_tokens for greedy text)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: {self.top_p} must be in (0, 1]")
-        if self.top_k < 0 or self.samples < 1 or self.greedy_tokens < 0:
-            raise ValueError("top_k and greedy_tokens must be >= 0 and samples >= 1")
+        check_sampling(self.top_k, self.top_p, self.temperature, error=ValueError)
+        if self.samples < 0 or self.greedy_tokens < 0:
+            raise ValueError(f"greedy_tokens and samples must be >= 0, got {self.greedy_tokens} and {self.samples}")
 
     @classmethod
     def from_config(cls, config: Any) -> "SamplingConfig":
@@ -520,7 +519,8 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         ``{"input_ids": [B, L]`` int64, ``"sample_indices": [B, L, samples]`` int32,
         ``"sample_logprobs": [B, L, samples]`` float32``}`` on the model's device; entry
         ``[b, t]`` holds draws from the teacher's distribution of token ``t + 1`` -- the
-        layout of a ``sampled`` teacher cache.
+        layout of a ``sampled`` teacher cache. With ``sampling.samples == 0`` only
+        ``input_ids`` (and only the newest position's logits are ever computed).
 
     Raises:
         ValueError: prompts not ``[B, P]`` or ``seq_len`` shorter than the prompt (bad
@@ -539,14 +539,17 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         raise ValueError(f"seq_len: {seq_len} is shorter than the prompt ({prompt_len} tokens)")
     input_ids = torch.empty(batch, seq_len, dtype=torch.long, device=device)
     input_ids[:, :prompt_len] = prompts
-    indices = torch.empty(batch, seq_len, samples, dtype=torch.int32, device=device)
-    logprobs = torch.empty(batch, seq_len, samples, dtype=torch.float32, device=device)
+    if samples:
+        indices = torch.empty(batch, seq_len, samples, dtype=torch.int32, device=device)
+        logprobs = torch.empty(batch, seq_len, samples, dtype=torch.float32, device=device)
     kv = make_cache(model, seq_len, decode.cache)
     scratch: dict[int, torch.Tensor] = {}  # [rows, V] float32 work buffers by row count
 
     def targets(hidden: torch.Tensor, pos: slice) -> torch.Tensor:
         """Draws at positions ``pos`` from ``[B, n, H]`` hidden states; returns the last
-        position's shifted float32 logits ``[B, V]``."""
+        position's shifted float32 logits ``[B, V]`` (without draws: its plain logits)."""
+        if not samples:
+            return compute_logits(model, hidden[:, -1]).float()
         flat = hidden.reshape(-1, hidden.shape[-1])
         logits = compute_logits(model, flat)
         if logits.dtype != torch.float32:
@@ -566,7 +569,7 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
         vocab = lm_head_weight(model).shape[0]
         step = max(1, PROMPT_CHUNK_BYTES // (8 * batch * vocab))  # prompt positions per [B * n, V] block
         last = None
-        for start in range(0, prompt_len, step):
+        for start in range(0, prompt_len, step) if samples else range(prompt_len - 1, prompt_len):
             stop = min(start + step, prompt_len)
             last = targets(hidden[:, start:stop], slice(start, stop))
         if on_tokens is not None:
@@ -579,8 +582,11 @@ def sample_batch(model: torch.nn.Module, prompts: torch.Tensor, seq_len: int, *,
                 token = _next_token(last, top_k=sampling.top_k, top_p=sampling.top_p,
                                     temperature=sampling.temperature, generator=generator)
             input_ids[:, t] = token
-            hidden = body(input_ids=input_ids[:, t:t + 1], cache=kv, use_cache=True).last_hidden_state
-            last = targets(hidden[:, -1:], slice(t, t + 1))
+            if samples or t + 1 < seq_len:  # without draws the last token needs no forward
+                hidden = body(input_ids=input_ids[:, t:t + 1], cache=kv, use_cache=True).last_hidden_state
+                last = targets(hidden[:, -1:], slice(t, t + 1))
             if on_tokens is not None:
                 on_tokens(batch)
+    if not samples:
+        return {"input_ids": input_ids}
     return {"input_ids": input_ids, "sample_indices": indices, "sample_logprobs": logprobs}

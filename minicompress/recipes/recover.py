@@ -14,6 +14,10 @@ teachers' distributions (:class:`~minicompress.distillation.loop.Teachers`); eve
 teacher must have the student's tokenizer (checked before its weights are read) and
 vocabulary, and a teacher cache per teacher works as ``teacher_cache`` does.
 
+With ``on_policy`` a share of each step's rows is written by the student itself and scored
+by the teacher (on-policy distillation, GKD: Agarwal et al., arXiv 2306.13649;
+:mod:`minicompress.distillation.onpolicy`); this recipe reads the optional prompts file.
+
 With ``blockwise_tokens`` a blockwise local distillation stage (Puzzle, Bercovich et al.,
 arXiv 2411.19146; :mod:`minicompress.distillation.blockwise`) runs first on that share of the
 budget, with checkpoints of its own in ``<output>.partial/blockwise``; the global stage gets
@@ -33,6 +37,7 @@ import torch
 from .. import arch, distributed
 from ..config import ModelConfig, RecoverConfig, to_dict
 from ..data.rows import TrainingData, load_training_data
+from ..data.sources import bos_token_id, read_documents
 from ..errors import MinicompressError
 from ..hardware import describe_precision, keep_freed_memory, resolve_compile
 from ..runtime import model_device
@@ -44,6 +49,7 @@ from ..progress import progress_bar
 from ..distillation.distill import make_schedule
 from ..distillation.loop import Schedule, StepRuntime, Teachers, num_held_out
 from ..distillation.teacher_cache import TeacherCache
+from ..distillation.onpolicy import Prompts, generated_rows, tokenize_prompts
 from ..distillation.blockwise import BlockMap, BlockwiseState, block_map, blockwise_distill, blockwise_schedule
 from ..training import (TRAINING_FILES, WorkingFolder, distill_with_checkpoints, finish_metrics, make_working_folder,
                         open_working_folder, write_model_folder)
@@ -178,6 +184,32 @@ def _training_data(config: RecoverConfig, cache: TeacherCache | None, student, t
     first = config.teacher_cache is not None and cache.folder == Path(config.teacher_cache).expanduser()
     return TrainingData([cache.input_ids], None, n_eval, names=[str(config.teacher_cache if first else cache.folder)],
                         seed=config.seed)
+
+
+def _on_policy_prompts(config: RecoverConfig, tokenizer) -> Prompts | None:
+    """The prompts file of ``on_policy_prompts``, tokenised like the data rows (BOS first when
+    the tokenizer adds one) and cut to ``on_policy_prompt_tokens``; None without one."""
+    if not config.on_policy or config.on_policy_prompts is None:
+        return None
+    path = Path(config.on_policy_prompts).expanduser()
+    if not path.exists():
+        raise MinicompressError(f"on_policy_prompts: no such file or folder: {path}")
+    try:
+        texts = read_documents(str(path), text_field=config.data.text_field)
+    except MinicompressError as err:  # its errors name --data
+        raise MinicompressError(f"on_policy_prompts: {str(err).partition(': ')[2]}") from None
+    return tokenize_prompts(texts, tokenizer, config.on_policy_prompt_tokens, bos_token_id(tokenizer))
+
+
+def _on_policy_record(config: RecoverConfig, schedule: Schedule, gen_seconds: float) -> dict:
+    """``recovery.on_policy``: the share, prompts, divergence, sampling and generation seconds."""
+    rows = schedule.accum_steps * config.micro_batch_size
+    return {"on_policy": config.on_policy, "prompt_tokens": config.on_policy_prompt_tokens,
+            "prompts": config.on_policy_prompts, "divergence": config.loss.kind,
+            **({"beta": config.loss.beta} if config.loss.kind == "jsd" else {}),
+            "temperature": config.on_policy_temperature, "top_k": config.on_policy_top_k,
+            "top_p": config.on_policy_top_p, "generated_rows_per_step": generated_rows(config.on_policy, rows),
+            "rows_per_step": rows, "generation_seconds": gen_seconds}
 
 
 def _shard_for_training(config: RecoverConfig, student, teacher, *, device, t_device, autocast: str,
@@ -331,7 +363,9 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
         held-out metrics (``perplexity``, ``kl_to_teacher`` ...). With ``blockwise_tokens``
         also ``"blockwise"`` (the stage's record, ``recovery.blockwise`` of the output);
         ``steps`` and ``metrics`` are then the global stage's, ``tokens`` and ``seconds``
-        both stages', and ``before`` is the student as it came.
+        both stages', and ``before`` is the student as it came. With ``on_policy`` also
+        ``"generation_seconds"`` (of ``seconds``, the student's own continuations;
+        ``recovery.on_policy`` of the output holds it with the share, prompts and divergence).
 
     Raises:
         MinicompressError: an existing output without ``overwrite``, a stale working
@@ -343,6 +377,10 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
     if world > 1 and config.loss.intermediate_weight > 0:
         raise MinicompressError("loss.intermediate_weight: the intermediate-state loss runs in one process only, "
                                 "not under torchrun; set it to 0 or drop torchrun")
+    if world > 1 and config.on_policy > 0:
+        raise MinicompressError("on_policy: on-policy distillation runs in one process only, not under torchrun "
+                                "(decoding from an FSDP2-sharded student would all-gather every layer per token); "
+                                "set it to 0 or drop torchrun")
     if world > 1 and config.teachers:
         raise MinicompressError("teachers: several teachers run in one process only, not under torchrun; give one "
                                 "teacher or drop torchrun")
@@ -374,6 +412,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                                                         tokenizer)
     teachers = _place_teachers(config, teacher, cache, student, tokenizer, device=device, teacher_dtype=teacher_dtype)
     data = _training_data(config, teachers.rows_cache if teachers is not None else cache, student, tokenizer)
+    prompts = _on_policy_prompts(config, tokenizer)
     bmap = _blockwise_map(config, student, teacher)  # before anything is written: a map that does not fit refuses
     schedule = make_schedule(_global_stage(config), world, data.num_train)
     _shard_for_training(config, student, teacher, device=device, t_device=t_device, autocast=autocast,
@@ -397,7 +436,7 @@ def recover(config: RecoverConfig, *, student: torch.nn.Module | None = None,
                                             global_checkpoint=checkpoint, callback=callback)
     result = distill_with_checkpoints(student, teachers if teachers is not None else teacher, data, config, schedule,
                                       folder=folder, cache=cache if teachers is None else None,
-                                      callback=callback,
+                                      callback=callback, prompts=prompts,
                                       runtime=StepRuntime(device, autocast, bool(precision["compile"])))
     if result["attention"]:
         precision["attention"] = result["attention"]
@@ -423,7 +462,7 @@ def _write_student(config: RecoverConfig, folder: WorkingFolder, student, tokeni
         data: the held-out and training rows (their counts and sources go into the record).
         schedule: the global stage's step arithmetic.
         result: what :func:`~minicompress.training.distill_with_checkpoints` returned (``before``,
-            ``elapsed``, ``resumed_from_step``), with ``blockwise``: the blockwise stage's record
+            ``elapsed``, ``gen_seconds``, ``resumed_from_step``), with ``blockwise``: the blockwise stage's record
             (``recovery.blockwise``) when there was one; ``before`` is then the student as it came in and the seconds
             and tokens cover both stages; ``teachers``: the teachers' record of a multi-teacher run
             (``recovery.teachers``, ``recovery.source_teachers``).
@@ -453,6 +492,7 @@ def _write_student(config: RecoverConfig, folder: WorkingFolder, student, tokeni
         precision=precision, **({"world_size": world} if world > 1 else {}),
         final_train_loss=final_loss, seconds=elapsed, **({"blockwise": blockwise} if blockwise else {}),
         **result.get("teachers", {}),
+        **({"on_policy": _on_policy_record(config, schedule, result["gen_seconds"])} if config.on_policy else {}),
     )
     source = _student_folder(student)
     previous = read_provenance(source) if source is not None else None
@@ -466,4 +506,5 @@ def _write_student(config: RecoverConfig, folder: WorkingFolder, student, tokeni
     return {"output": str(out), "steps": schedule.total_steps, "tokens": tokens, "before": before, "after": after,
             "final_loss": final_loss, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
             "resumed_from_step": result["resumed_from_step"], "metrics": records,
-            **({"blockwise": blockwise} if blockwise else {})}
+            **({"blockwise": blockwise} if blockwise else {}),
+            **({"generation_seconds": result["gen_seconds"]} if config.on_policy else {})}

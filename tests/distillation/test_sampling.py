@@ -307,7 +307,7 @@ def test_on_tokens_counts_every_position_once_as_it_is_produced(model):
 
 
 def test_sampling_and_decode_settings_are_checked_when_built():
-    for bad in (dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(samples=0),
+    for bad in (dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1), dict(samples=-1),
                 dict(greedy_tokens=-1)):
         with pytest.raises(ValueError):
             sampling.SamplingConfig(**bad)
