@@ -34,6 +34,7 @@ import random
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import DATA, OUT, make_console, print_table, run_record, write_json
@@ -70,6 +71,56 @@ def stdlib_docstrings(min_chars: int = 200) -> str:
     return "\n\n".join(parts)
 
 
+def docstrings_file(work: str | Path, min_chars: int = 200) -> Path:
+    """The :func:`stdlib_docstrings` text in ``work`` (written once per Python version and ``min_chars``)."""
+    work = Path(work).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    docs = work / f"stdlib-docstrings-py{sys.version_info.major}.{sys.version_info.minor}-min{min_chars}.txt"
+    if not docs.is_file():
+        docs.write_text(stdlib_docstrings(min_chars), encoding="utf-8")
+    return docs
+
+
+@dataclass(frozen=True)
+class DomainTexts:
+    """Where the four domains come from and how much of each is scored.
+
+    Attributes:
+        wikitext: WikiText-2 test (a text file, read as one document).
+        data: the recovery corpus (its held-out rows are the ``corpus`` domain).
+        generated: teacher-generated text (JSONL of ``minicompress generate``); None leaves it out.
+        docstrings: the :func:`docstrings_file` text.
+        tokens: tokens of WikiText-2, generated text and docstrings.
+        corpus_tokens: held-out corpus tokens (within ``recover``'s ``eval_tokens``).
+        seed: the recovery runs' data seed (which rows are held out).
+        seq_len: window length.
+    """
+
+    wikitext: str
+    data: str
+    generated: str | None
+    docstrings: str
+    tokens: int = 16384
+    corpus_tokens: int = 8192
+    seed: int = 0
+    seq_len: int = 512
+
+
+def domain_windows(tokenizer, texts: DomainTexts) -> dict:
+    """``{domain: [(ids [L], scored tokens), ...]}``: non-overlapping windows of the four texts
+    (``wikitext``, ``corpus``, ``generated`` when given, ``docstrings``), in this order."""
+    from recover_quality import corpus_held_out_windows, wikitext_windows
+
+    domains = {"wikitext": wikitext_windows(texts.wikitext, tokenizer, texts.tokens, texts.seq_len),
+               "corpus": corpus_held_out_windows(texts.data, tokenizer, texts.corpus_tokens, texts.seed,
+                                                 texts.seq_len)}
+    if texts.generated:
+        domains["generated"] = wikitext_windows(str(Path(texts.generated).expanduser()), tokenizer, texts.tokens,
+                                                texts.seq_len)
+    domains["docstrings"] = wikitext_windows(texts.docstrings, tokenizer, texts.tokens, texts.seq_len)
+    return domains
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", required=True, help="label=folder,... (recovered students)")
@@ -92,7 +143,7 @@ def main() -> None:
     args = parse_args()
     import torch
     from peers import eval_teacher
-    from recover_quality import corpus_held_out_windows, evaluate_wikitext, wikitext_windows
+    from recover_quality import evaluate_wikitext
 
     from minicompress.models import load_model
 
@@ -103,21 +154,13 @@ def main() -> None:
             sys.exit(f"error: --models {label}={folder}: no such folder")
     if args.generated and not Path(args.generated).expanduser().is_file():
         sys.exit(f"error: --generated {args.generated}: no such file")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    docs = work / (f"stdlib-docstrings-py{sys.version_info.major}.{sys.version_info.minor}"
-                   f"-min{args.min_docstring_chars}.txt")  # rebuilt when either changes
-    if not docs.is_file():
-        docs.write_text(stdlib_docstrings(args.min_docstring_chars), encoding="utf-8")
-
+    docs = docstrings_file(args.work, args.min_docstring_chars)
     console = make_console()
     teacher, tokenizer = eval_teacher(args.teacher)
-    domains = {"wikitext": wikitext_windows(args.wikitext, tokenizer, args.tokens, args.seq_len),
-               "corpus": corpus_held_out_windows(args.data, tokenizer, args.corpus_tokens, args.seed, args.seq_len)}
-    if args.generated:
-        domains["generated"] = wikitext_windows(str(Path(args.generated).expanduser()), tokenizer, args.tokens,
-                                                args.seq_len)
-    domains["docstrings"] = wikitext_windows(str(docs), tokenizer, args.tokens, args.seq_len)
+    domains = domain_windows(tokenizer, DomainTexts(wikitext=args.wikitext, data=args.data, generated=args.generated,
+                                                    docstrings=str(docs), tokens=args.tokens,
+                                                    corpus_tokens=args.corpus_tokens, seed=args.seed,
+                                                    seq_len=args.seq_len))
     teacher_ppl = {name: evaluate_wikitext(teacher, windows, None)["perplexity"] for name, windows in domains.items()}
 
     results = {}

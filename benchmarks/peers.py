@@ -25,6 +25,8 @@ over float32 master weights where the CPU has native bf16 (as ``autocast: auto``
   system prompt) and cut by the collator to the last ``max_length=512`` tokens, so every
   example is 512 real tokens (no padding): 62 prompt positions (the last ~57 user tokens and
   the turn markers) and 450 trained ones (the 448 assistant tokens and the closing marker);
+* (on-policy GKD, ``lmbda > 0``, and TRL's ``DistillationTrainer`` run from
+  ``benchmarks/peers_gkd.py``, beside ``minicompress recover --on-policy``: issue 29);
 * ``trl-gkd-liger``: the same with ``use_liger_kernel=True`` (Liger's kernels are Triton: it
   runs from its own environment, ``--liger-python``; on a CPU the row records the error);
 * ``trl-sft``: TRL ``SFTTrainer``, cross-entropy only, on the very same token rows
@@ -302,13 +304,65 @@ def trl_arguments(cfg, output_dir: Path, *, bf16: bool, gradient_checkpointing: 
                 dataloader_num_workers=0, dataloader_pin_memory=False, use_liger_kernel=liger)
 
 
+def new_clock() -> dict:
+    """The training clock a TRL run keeps (and writes into each of its checkpoints)."""
+    return {"seconds": 0.0, "real_tokens": 0, "padded_tokens": 0, "loss_tokens": 0, "steps": 0, "step_seconds": []}
+
+
+def clock_callback(clock: dict):
+    """A ``TrainerCallback`` that sums optimizer steps (data, generation, forward, backward,
+    update) into ``clock``, not checkpoint writing, and writes ``clock`` into each checkpoint."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        t = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            clock["seconds"] += now - self.t
+            clock.setdefault("step_seconds", []).append(now - self.t)
+            clock["steps"] = state.global_step
+            self.t = now
+
+        def on_save(self, args, state, control, **kw):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / "peers_clock.json").write_text(json.dumps(clock))
+            self.t = time.perf_counter()
+
+    return Clock()
+
+
+def counting(cls, clock: dict):
+    """``cls`` (a TRL trainer) counting what each micro batch trains on into ``clock``; the loss is TRL's own."""
+
+    class Counting(cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "completion_ids" in inputs:  # DistillationTrainer: prompt and generated completion apart
+                clock["padded_tokens"] += inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
+                clock["real_tokens"] += int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+                clock["loss_tokens"] += int(inputs["completion_mask"].sum())
+            else:
+                ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
+                clock["padded_tokens"] += ids.numel()
+                clock["real_tokens"] += int(mask.sum()) if mask is not None else ids.numel()
+                clock["loss_tokens"] += int((labels[:, 1:] != -100).sum()) if labels is not None else 0
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return Counting
+
+
 def train_trl(spec: dict, out: Path, teacher, tokenizer) -> dict:
-    """TRL's GKDTrainer or SFTTrainer on the rows ``recover`` trains on, in the same order."""
+    """TRL's GKDTrainer (``spec``'s ``lmbda``, ``beta``, ``max_new_tokens``; 0, 0, 128 unless
+    given) or SFTTrainer on the rows ``recover`` trains on, in the same order."""
     import torch
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     from minicompress.data.rows import load_training_data
@@ -325,55 +379,41 @@ def train_trl(spec: dict, out: Path, teacher, tokenizer) -> dict:
     data = load_training_data(cfg.data, tokenizer, cfg.eval_tokens, seed=cfg.seed)
     rows = data.rows(torch.arange(steps * accum * mbs)).tolist()
     kind = spec["kind"]
-    dataset = Dataset.from_list(chat_rows(rows, tokenizer, spec["prompt_tokens"]) if kind == "gkd"
-                                else [{"input_ids": r} for r in rows])
+    if kind == "gkd":
+        dataset = Dataset.from_list(chat_rows(rows, tokenizer, spec["prompt_tokens"]))
+    elif kind == "distillation":  # prompts only: every completion is the student's own (on-policy)
+        dataset = Dataset.from_list([{"prompt": r["messages"][:1]}
+                                     for r in chat_rows(rows, tokenizer, spec["prompt_tokens"])])
+    else:
+        dataset = Dataset.from_list([{"input_ids": r} for r in rows])
     ckpt = get_last_checkpoint(str(work)) if work.is_dir() else None
-    clock = json.loads((Path(ckpt) / "peers_clock.json").read_text()) if ckpt else \
-        {"seconds": 0.0, "real_tokens": 0, "padded_tokens": 0, "loss_tokens": 0, "steps": 0}
-
-    class Clock(TrainerCallback):
-        """Sums optimizer steps (data, forward, backward, update), not checkpoint writing."""
-
-        t = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            clock["seconds"] += now - self.t
-            clock["steps"] = state.global_step
-            self.t = now
-
-        def on_save(self, args, state, control, **kw):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / "peers_clock.json").write_text(json.dumps(clock))
-            self.t = time.perf_counter()
-
-    def counting(cls):
-        class Counting(cls):  # counts what each micro batch trains on; the loss is TRL's own
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels")
-                clock["padded_tokens"] += ids.numel()
-                clock["real_tokens"] += int(mask.sum()) if mask is not None else ids.numel()
-                clock["loss_tokens"] += int((labels[:, 1:] != -100).sum()) if labels is not None else 0
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-        return Counting
-
+    clock = json.loads((Path(ckpt) / "peers_clock.json").read_text()) if ckpt else new_clock()
     if kind == "gkd":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-        args = GKDConfig(**common, lmbda=0.0, beta=0.0, temperature=1.0)
-        trainer = counting(GKDTrainer)(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
-                                       processing_class=tokenizer, callbacks=[Clock()])
+        args = GKDConfig(**common, lmbda=spec.get("lmbda", 0.0), beta=spec.get("beta", 0.0), temperature=1.0,
+                         max_new_tokens=spec.get("max_new_tokens", 128))
+        trainer = counting(GKDTrainer, clock)(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                              processing_class=tokenizer, callbacks=[clock_callback(clock)])
+    elif kind == "distillation":
+        import dataclasses
+
+        from trl import DistillationConfig, DistillationTrainer
+
+        known = {f.name for f in dataclasses.fields(DistillationConfig)}
+        tokenizer.padding_side = "left"  # DistillationTrainer generates from left-padded prompts
+        args = DistillationConfig(**{k: v for k, v in common.items() if k in known}, beta=spec.get("beta", 0.0),
+                                  temperature=1.0, top_k=0, top_p=1.0,
+                                  max_completion_length=spec.get("max_new_tokens", 128), shuffle_dataset=False)
+        trainer = counting(DistillationTrainer, clock)(model=student, teacher_model=teacher, args=args,
+                                                       train_dataset=dataset, processing_class=tokenizer,
+                                                       callbacks=[clock_callback(clock)])
     else:
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(**common, packing=False)
-        trainer = counting(SFTTrainer)(model=student, args=args, train_dataset=dataset, processing_class=tokenizer,
-                                       callbacks=[Clock()])
+        trainer = counting(SFTTrainer, clock)(model=student, args=args, train_dataset=dataset,
+                                              processing_class=tokenizer, callbacks=[clock_callback(clock)])
     metrics = trainer.train(resume_from_checkpoint=ckpt).metrics
     model_dir = out / "model"
     trainer.model.save_pretrained(model_dir)
@@ -410,7 +450,7 @@ def child_main(spec_path: str) -> None:
         else:  # only GKD holds a teacher while training (in bf16 where bf16 autocast runs, as ours)
             from transformers import AutoTokenizer
 
-            if spec["kind"] == "gkd":
+            if spec["kind"] in ("gkd", "distillation"):
                 teacher, tokenizer = eval_teacher(spec["teacher"])
             else:
                 tokenizer = AutoTokenizer.from_pretrained(spec["student"])
@@ -425,6 +465,8 @@ def child_main(spec_path: str) -> None:
                      method=spec["method"], kind=spec["kind"], student=spec["student"], threads=spec["threads"])
         write_json(stats_path, stats)
     stats = json.loads(stats_path.read_text())
+    if spec.get("evaluate") is False:  # the caller evaluates (benchmarks/peers_gkd.py)
+        return
     evaluate = Evaluator(spec, teacher, tokenizer)
     model, _ = load_model(stats["model"])
     write_json(out / "result.json", run_record(**stats, **evaluate(model), status="done"))

@@ -107,3 +107,47 @@ def test_chat_rows_split_each_row_at_the_prompt(peers, tiny_tokenizer):
     assert (user["role"], assistant["role"]) == ("user", "assistant")
     assert user["content"] == tiny_tokenizer.decode(rows[0][:3], skip_special_tokens=False)
     assert assistant["content"] == tiny_tokenizer.decode(rows[0][3:], skip_special_tokens=False)
+
+
+@pytest.fixture
+def peers_gkd(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("peers_gkd", None)
+    import peers_gkd as module
+
+    return module
+
+
+def test_gkd_rows_and_their_probes(peers_gkd):
+    rows = peers_gkd.rows_of(["gkd", "distillation"], [0.0, 0.25], [0.0, 0.5])
+    assert rows["trl-gkd-fkl-l25"] == {"kind": "gkd", "lmbda": 0.25, "beta": 0.0}
+    assert rows["trl-gkd-jsd0.5-l0"] == {"kind": "gkd", "lmbda": 0.0, "beta": 0.5}
+    assert rows["trl-distill-jsd0.5-l100"] == {"kind": "distillation", "lmbda": 1.0, "beta": 0.5}
+    assert len(rows) == 6
+    with pytest.raises(ValueError, match="gkd or distillation"):
+        peers_gkd.rows_of(["sft"], [0.0], [0.0])
+    # GKD flips a coin per micro batch: probed off- and on-policy, weighted by lambda
+    assert peers_gkd.probe_points(rows["trl-gkd-fkl-l25"]) == [(0.0, 0.75), (1.0, 0.25)]
+    assert peers_gkd.probe_points(rows["trl-gkd-jsd0.5-l0"]) == [(0.0, 1.0)]
+    assert peers_gkd.probe_points(rows["trl-distill-jsd0.5-l100"]) == [(1.0, 1.0)]
+    assert peers_gkd.mean_step_seconds([9.0, 2.0, 4.0]) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="probe-steps"):
+        peers_gkd.mean_step_seconds([9.0])
+
+
+def test_trl_counting_reads_both_batch_layouts(peers):
+    class Base:
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return 0.0
+
+    clock = peers.new_clock()
+    trainer = peers.counting(Base, clock)()
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, 8, -100]])
+    trainer.compute_loss(None, {"input_ids": torch.zeros(2, 4), "attention_mask": torch.tensor([[1, 1, 1, 1],
+                                                                                               [1, 1, 1, 0]]),
+                                "labels": labels})
+    assert (clock["padded_tokens"], clock["real_tokens"], clock["loss_tokens"]) == (8, 7, 4)
+    # DistillationTrainer: prompt and generated completion apart
+    trainer.compute_loss(None, {"prompt_ids": torch.zeros(2, 3), "prompt_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                                "completion_ids": torch.zeros(2, 2), "completion_mask": torch.tensor([[1, 1], [1, 0]])})
+    assert (clock["padded_tokens"], clock["real_tokens"], clock["loss_tokens"]) == (18, 15, 7)
