@@ -1331,6 +1331,9 @@ class RunConfig:
             ``search: {batches: ...}`` says the same and wins).
         recover: recovery defaults of every stage: keys of :class:`RecoverConfig`
             except those the run sets (:data:`RUN_SETS_RECOVER_KEYS`).
+        repair: the prune's closed-form repairs of every stage (:attr:`PruneConfig.repair`;
+            ``auto``, the default, refits ``down_proj`` wherever it can run: not under
+            torchrun, whose explicit-size stages prune tensor by tensor; ``none`` prunes plainly).
         search: architecture-search settings of every ``target_params`` stage (a stage's
             own ``search:`` overrides them), keys of :data:`RUN_SEARCH_KEYS`:
             ``batches``, ``distill_candidates``, ``distill_tokens`` and ``recover`` (the
@@ -1369,6 +1372,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=lambda: ScoreConfig(num_samples=256))
     search_batches: int = 4
     recover: dict[str, Any] = field(default_factory=dict)
+    repair: tuple[str, ...] = ("auto",)
     search: dict[str, Any] = field(default_factory=dict)
     stages: tuple[StageConfig, ...] = ()
     generate: dict[str, Any] = field(default_factory=dict)
@@ -1521,7 +1525,7 @@ class RunConfig:
             target = dataclasses.replace(target, width_multiple=resolved.width_multiple)
         data: dict[str, Any] = {"model": model, "data": self.data, "score": self.score, "target": target,
                                 "search_batches": merged.get("batches", self.search_batches), "output": output,
-                                "resume": resume, "overwrite": overwrite}
+                                "resume": resume, "overwrite": overwrite, "repair": self.repair}
         for key, name in (("distill_candidates", "search_distill_candidates"),
                           ("distill_tokens", "search_distill_tokens"), ("recover", "search_recover")):
             if key in merged:

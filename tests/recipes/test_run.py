@@ -297,6 +297,11 @@ def test_search_settings_reach_the_stage_prune_and_its_digest(tmp_path, tiny_lla
     override = _search_run(tiny_llama, text_corpus, tmp_path / "r", search=search,
                            stage_search={"distill_candidates": 1})
     assert override.stage_prune_config(0, model=config.model).search_distill_candidates == 1
+    # the run's repair reaches every stage's prune: auto by default, none when asked
+    assert pc.repair == ("auto",) and pc.repairs == ("refit",)
+    plain = _run_config(tiny_llama, text_corpus, tmp_path / "r", repair=["none"],
+                        stages=[{"name": "e", "target": {"intermediate_size": 32}, "tokens": 0}])
+    assert plain.stage_prune_config(0, model=config.model).repairs == ()
 
     seen = []
     monkeypatch.setattr(prune_recipe, "prune", lambda cfg, **kw: seen.append(cfg) or (_ for _ in ()).throw(
