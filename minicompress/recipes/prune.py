@@ -111,7 +111,7 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
     original_config = model.config.to_dict()
     original_params = count_parameters(model.config)
 
-    score_config = dataclasses.replace(config.score, model=config.model, data=config.data, output=None)
+    score_config = _score_config(config)
     work = _open_search_folder(config, *search_folder) if search_folder is not None else None
     if config.scores is not None:
         scores = ImportanceScores.load(config.scores)
@@ -189,6 +189,12 @@ def prune(config: PruneConfig, *, model=None, tokenizer=None,
 
 # ----------------------------------------------------------------------------------------
 # Repairs (issue 30): closed-form refits around apply_plan_ (minicompress.pruning.repair)
+
+
+def _score_config(config: PruneConfig):
+    """The prune's scoring settings with its own model and data (nothing written): what scores,
+    ranks candidates and feeds the repairs."""
+    return dataclasses.replace(config.score, model=config.model, data=config.data, output=None)
 
 
 def _repair_tokens(config: PruneConfig) -> tuple[int, str]:
@@ -522,7 +528,7 @@ def distill_candidates(config: PruneConfig, model, tokenizer, scores: Importance
                 schedule = make_schedule(recover_config, 1, data.num_train)
             model.eval().requires_grad_(False)  # the frozen teacher
             if batches is None and {"refit", "refit_o", "flap"} & set(config.repairs):
-                score_config = dataclasses.replace(config.score, model=config.model, data=config.data, output=None)
+                score_config = _score_config(config)
                 batches = _repair_batches(config, tokenizer, score_config)[0]
             torch.manual_seed(recover_config.seed)
             student = _candidate(config, model, make_plan(scores, model.config, row), batches)
@@ -602,7 +608,7 @@ def _prune_sharded(config: PruneConfig, chosen: dict[str, Any], record_extra: di
     (:func:`_prune_streaming`) while the others wait; every rank returns the report.
     """
     scores = ImportanceScores.load(config.scores) if config.scores is not None else score(
-        dataclasses.replace(config.score, model=config.model, data=config.data, output=None))
+        _score_config(config))
     report, error = None, None
     if distributed.is_main():
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import corpus_text
 
@@ -13,3 +14,13 @@ def corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(corpus_text(40) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on 2 shared cores run much faster on one thread (no OpenMP barrier waits):
+    a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,13 +24,7 @@ from minicompress.outputs import provenance, write_provenance
 SEQ = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on 2 shared cores run 30x faster on one thread (no OpenMP barrier waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -529,7 +529,7 @@ def test_default_repair_is_the_refit_where_it_can_run_and_none_elsewhere(tmp_pat
 def test_search_candidates_start_from_the_repair_the_chosen_one_gets(tmp_path, tiny_llama, text_corpus):
     from minicompress.models import load_model
     from minicompress.pruning.plan import make_plan, pruned_copy
-    from minicompress.recipes.prune import _apply_plan_and_repair, _candidate, _repair_batches
+    from minicompress.recipes.prune import _apply_plan_and_repair, _candidate, _repair_batches, _score_config
 
     scores_dir = _score(tmp_path, tiny_llama, text_corpus)
     cfg = build_config(PruneConfig, overrides={"model": {"source": str(tiny_llama)}, "scores": str(scores_dir),
@@ -539,7 +539,7 @@ def test_search_candidates_start_from_the_repair_the_chosen_one_gets(tmp_path, t
     model, tok = load_model(cfg.model)
     scores = ImportanceScores.load(scores_dir)
     plan = make_plan(scores, model.config, {"intermediate_size": 40, "num_attention_heads": 2})
-    score_config = cfg.score.__class__(**{**cfg.score.__dict__, "model": cfg.model, "data": cfg.data})
+    score_config = _score_config(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     candidate = _candidate(cfg, model, plan, _repair_batches(cfg, tok, score_config)[0])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the teacher is untouched
