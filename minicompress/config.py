@@ -1688,13 +1688,36 @@ def _build(cls: type, data: dict, prefix: str = ""):
         raise
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict, extra: dict, path: str = "") -> dict:
+    """``extra`` over ``base``, nested dicts merged key by key. A dict of index keys over a list
+    (``stages.0.tokens=32k`` parses to ``{"stages": {"0": {"tokens": "32k"}}}``) merges into
+    that item of the list and keeps the others.
+
+    Raises:
+        ConfigError: an index outside the list, or a key of a non-empty list without an index.
+    """
     out = dict(base)
     for key, value in extra.items():
+        where = f"{path}{key}"
         if isinstance(value, list) and isinstance(out.get(key), dict) and "mixture" in out[key]:
             value = {"mixture": value, "source": None}  # data: [{source, weight}, ...] keeps the other data keys
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, f"{where}.")
+        elif isinstance(value, dict) and value and isinstance(out.get(key), (list, tuple)) \
+                and all(isinstance(k, str) and k.isdigit() for k in value):
+            items = list(out[key])
+            for index, item in value.items():
+                i = int(index)
+                if i >= len(items):
+                    raise ConfigError(f"{where}.{index}: no such item; {where} has {len(items)} "
+                                      f"(indices 0 to {len(items) - 1})")
+                items[i] = (_merge(items[i], item, f"{where}.{index}.")
+                            if isinstance(item, dict) and isinstance(items[i], dict) else item)
+            out[key] = items
+        elif isinstance(value, dict) and value and isinstance(out.get(key), (list, tuple)) and out[key]:
+            sub = next(iter(value))
+            raise ConfigError(f"{where}.{sub}: {where} is a list; address one item by its index "
+                              f"({where}.0.{sub}=...)")
         else:
             out[key] = value
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import yaml
 
 from minicompress.config import (DataConfig, EvalConfig, ModelConfig, PruneConfig, RecoverConfig, build_config,
     parse_overrides, to_dict)
@@ -226,3 +227,21 @@ def test_the_search_distils_from_the_original_alone():
     for key, value in (("teachers", ["B"]), ("teacher_weights", [1.0])):
         with pytest.raises(ConfigError, match=f"^search_recover.{key}: the search distils every candidate from"):
             build_config(PruneConfig, overrides={"search_recover": {key: value}}).search_recover_config()
+
+
+def test_an_override_addresses_one_item_of_a_list(tmp_path):
+    from minicompress.config import RunConfig
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"source": "m"}, "data": {"source": "c.txt"}, "output": "out",
+        "stages": [{"name": "a", "target": {"num_hidden_layers": 4}, "tokens": 4096},
+                   {"name": "b", "target": {"num_hidden_layers": 2}, "tokens": 8192}]}))
+    cfg = build_config(RunConfig, path, ["stages.1.tokens=16384", "stages.0.target.intermediate_size=32"])
+    a, b = cfg.stages
+    assert (a.name, a.tokens, b.name, b.tokens) == ("a", 4096, "b", 16384)
+    assert (a.target.num_hidden_layers, a.target.intermediate_size, b.target.num_hidden_layers) == (4, 32, 2)
+    with pytest.raises(ConfigError, match=r"^stages\.2: no such item; stages has 2 \(indices 0 to 1\)$"):
+        build_config(RunConfig, path, ["stages.2.tokens=1"])
+    with pytest.raises(ConfigError, match=r"^stages\.tokens: stages is a list; address one item by its index "
+                                          r"\(stages\.0\.tokens=\.\.\.\)$"):
+        build_config(RunConfig, path, ["stages.tokens=1"])
